@@ -1,0 +1,77 @@
+"""The operator's settings: one typed object per process, read from DISTILLERY_* environment variables.
+
+`OperatorSettings` is built once at start-up (validated there, so a bad value stops the process with a
+clear message) and passed down; the renderer sees only the `RenderSettings` part, as an argument.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from . import constants
+
+
+class RenderSettings(BaseModel):
+    """What the pure renderer needs from the environment; never read from globals."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    runtime_name_cpu: str = Field(constants.RUNTIME_NAME_CPU, description="ClusterServingRuntime for CPU-only models")
+    runtime_name_gpu: str = Field(constants.RUNTIME_NAME_GPU, description="ClusterServingRuntime for GPU models")
+    runtime_image: str | None = Field(
+        None, description="Override of the runtime container image (empty: the ClusterServingRuntime's image)"
+    )
+    prometheus_url: str = Field(
+        "http://prometheus-operated.monitoring.svc:9090",
+        description="Prometheus address that KEDA queries for queueDepth/gpuUtilization autoscaling",
+    )
+    gpu_node_label: str = Field(
+        "cloud.google.com/gke-accelerator",
+        description="Node label whose value is the GPU type (spec.resources.gpu.type) in node selectors",
+    )
+
+
+class OperatorSettings(BaseSettings):
+    """Settings of the operator process (env prefix DISTILLERY_)."""
+
+    model_config = SettingsConfigDict(env_prefix="DISTILLERY_", extra="ignore", frozen=True)
+
+    namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Namespaces to watch (comma-separated or JSON list); empty means all namespaces",
+    )
+    runtime_name_cpu: str = constants.RUNTIME_NAME_CPU
+    runtime_name_gpu: str = constants.RUNTIME_NAME_GPU
+    runtime_image: str | None = None
+    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
+    gpu_node_label: str = "cloud.google.com/gke-accelerator"
+    resync_seconds: float = Field(300.0, gt=0, description="Periodic resync (drift backstop) interval")
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics_port: int = Field(9090, ge=0, le=65535, description="Port of the operator's Prometheus metrics (0: off)")
+    liveness_port: int = Field(8080, ge=0, le=65535, description="Port of kopf's liveness endpoint (/healthz)")
+    peering_name: str = Field("distillery", description="kopf peering object name (leader election)")
+    standalone: bool = Field(False, description="Run without peering (a single replica)")
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split_namespaces(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    def render_settings(self) -> RenderSettings:
+        return RenderSettings(
+            runtime_name_cpu=self.runtime_name_cpu,
+            runtime_name_gpu=self.runtime_name_gpu,
+            runtime_image=self.runtime_image or None,
+            prometheus_url=self.prometheus_url,
+            gpu_node_label=self.gpu_node_label,
+        )
