@@ -37,7 +37,11 @@ def _quantity_to_str(value: object) -> object:
 
 
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
-Quantity = Annotated[str, BeforeValidator(_quantity_to_str), Field(pattern=QUANTITY_PATTERN)]
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_to_str),
+    Field(pattern=QUANTITY_PATTERN, json_schema_extra={"x-kubernetes-int-or-string": True}),
+]
 
 
 # --------------------------------------------------------------------------------------------- model

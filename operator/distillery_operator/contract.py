@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Final
 
 # --- Runtime CLI flags (python -m model_runtime ...). KServe's own flags use snake_case too. ---
+# Value flags are rendered as "--flag=value". Bool flags (marked "bool flag") are argparse store_true,
+# off by default: the renderer passes the bare flag to turn one on and omits it to leave it off.
 FLAG_MODEL_NAME: Final = "--model_name"
 FLAG_MODEL_DIR: Final = "--model_dir"
 FLAG_HTTP_PORT: Final = "--http_port"

@@ -1,0 +1,228 @@
+"""Generate the DistilledModel CustomResourceDefinition from the pydantic API models.
+
+The pydantic JSON schema is turned into a structural OpenAPI v3 schema: $refs inlined, Optional[X]
+collapsed to X, enums and bounds kept, descriptions on every field (so `kubectl explain` works), and the
+cross-field rules that matter most repeated as CEL `x-kubernetes-validations`, so `kubectl apply` refuses
+them before the operator ever sees the object. Status and scale subresources and printer columns too.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from . import constants
+from .api import DistilledModelSpec, DistilledModelStatus
+
+# JSON-schema keywords that a structural CRD schema may carry (others, like title or const, are dropped).
+_KEEP = {
+    "type", "description", "properties", "items", "required", "enum", "minimum", "maximum",
+    "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "pattern", "minItems", "maxItems",
+    "additionalProperties", "default", "format", "nullable",
+}
+
+# Cross-field rules on spec (CEL). Each mirrors a rule in api.semantic_problems, with the same reason.
+SPEC_RULES: list[dict[str, str]] = [
+    {
+        "rule": "!has(self.autoscaling) || self.autoscaling.minReplicas <= self.autoscaling.maxReplicas",
+        "message": "autoscaling.minReplicas must not be greater than autoscaling.maxReplicas",
+        "fieldPath": ".autoscaling.minReplicas",
+    },
+    {
+        "rule": "!has(self.autoscaling) || !has(self.replicas)",
+        "message": "set either replicas (a fixed count) or autoscaling, not both",
+        "fieldPath": ".replicas",
+    },
+    {
+        "rule": (
+            "!has(self.autoscaling) || self.autoscaling.minReplicas > 0 || "
+            "(has(self.autoscaling.metric) && self.autoscaling.metric in ['queueDepth', 'gpuUtilization']) || "
+            "((!has(self.deploymentMode) || self.deploymentMode == 'Knative') && "
+            "(!has(self.autoscaling.metric) || self.autoscaling.metric in ['concurrency', 'rps']))"
+        ),
+        "message": "scale to zero (minReplicas 0) needs Knative with concurrency/rps, or KEDA with queueDepth/gpuUtilization",
+        "fieldPath": ".autoscaling.minReplicas",
+    },
+    {
+        "rule": (
+            "!has(self.autoscaling) || !has(self.autoscaling.metric) || "
+            "!(self.autoscaling.metric in ['concurrency', 'rps']) || "
+            "!has(self.deploymentMode) || self.deploymentMode == 'Knative'"
+        ),
+        "message": "concurrency and rps autoscaling need Knative's autoscaler (deploymentMode Knative)",
+        "fieldPath": ".autoscaling.metric",
+    },
+    {
+        "rule": (
+            "!has(self.autoscaling) || !has(self.autoscaling.metric) || "
+            "!(self.autoscaling.metric in ['queueDepth', 'gpuUtilization']) || "
+            "!has(self.deploymentMode) || self.deploymentMode == 'Standard'"
+        ),
+        "message": "queueDepth and gpuUtilization scale through KEDA, which KServe supports only in Standard mode",
+        "fieldPath": ".autoscaling.metric",
+    },
+    {
+        "rule": (
+            "!has(self.rollout) || !has(self.rollout.canaryTrafficPercent) || "
+            "(has(self.deploymentMode) && self.deploymentMode == 'Knative') || "
+            "(!has(self.deploymentMode) && has(self.autoscaling) && "
+            "(!has(self.autoscaling.metric) || self.autoscaling.metric in ['concurrency', 'rps']))"
+        ),
+        "message": "canary rollouts need Knative mode",
+        "fieldPath": ".rollout.canaryTrafficPercent",
+    },
+    {
+        "rule": "!has(self.quantization) || !self.quantization.prequantized || self.quantization.method != 'none'",
+        "message": "prequantized weights need quantization method int8 or int4",
+        "fieldPath": ".quantization.prequantized",
+    },
+    {
+        "rule": "!has(self.resources) || !has(self.resources.gpu) || !has(self.resources.gpu.type) || self.resources.gpu.count >= 1",
+        "message": "a GPU type needs gpu.count >= 1",
+        "fieldPath": ".resources.gpu.count",
+    },
+    {
+        "rule": (
+            "!has(self.serving) || !has(self.serving.sampling) || "
+            "self.serving.sampling.maxTokens <= self.serving.maxModelLen"
+        ),
+        "message": "serving.sampling.maxTokens must not exceed serving.maxModelLen",
+        "fieldPath": ".serving.sampling.maxTokens",
+    },
+    {
+        "rule": "self.model.uri.matches('^(hf|s3|gs|pvc|oci|https)://.+')",
+        "message": "model.uri must start with hf://, s3://, gs://, pvc://, oci:// or https://",
+        "fieldPath": ".model.uri",
+    },
+]
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "URL", "type": "string", "jsonPath": ".status.url"},
+    {"name": "GPU", "type": "string", "jsonPath": ".status.gpu"},
+    {"name": "Quant", "type": "string", "jsonPath": ".status.quantization"},
+    {"name": "Min", "type": "integer", "jsonPath": ".spec.autoscaling.minReplicas"},
+    {"name": "Max", "type": "integer", "jsonPath": ".spec.autoscaling.maxReplicas"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Convert one pydantic JSON-schema node into a structural OpenAPI v3 node."""
+    node = copy.deepcopy(node)
+    if "$ref" in node:
+        target = defs[node.pop("$ref").split("/")[-1]]
+        merged = {**copy.deepcopy(target), **node}  # the referring field's description/default win
+        return _structural(merged, defs)
+    if "anyOf" in node:
+        branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
+        types = {b.get("type") for b in branches}
+        if len(branches) == 1:
+            merged = {**branches[0], **node}
+            return _structural(merged, defs)
+        if types <= {"integer", "string", "number"}:  # int-or-string (quantities)
+            out = {k: v for k, v in node.items() if k in _KEEP and k != "default"}
+            out["x-kubernetes-int-or-string"] = True
+            return out
+        raise ValueError(f"cannot express anyOf {branches} structurally")
+    if "const" in node and "enum" not in node:
+        node["enum"] = [node.pop("const")]
+    out: dict[str, Any] = {k: v for k, v in node.items() if k in _KEEP}
+    if node.get("type") == "object" or "properties" in node:
+        out["type"] = "object"
+        if "properties" in node:
+            out["properties"] = {k: _structural(v, defs) for k, v in node["properties"].items()}
+        extra = node.get("additionalProperties")
+        if isinstance(extra, dict):
+            out["additionalProperties"] = _structural(extra, defs)
+        else:
+            out.pop("additionalProperties", None)
+    if node.get("type") == "array" and "items" in node:
+        out["items"] = _structural(node["items"], defs)
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out.pop("pattern", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        out["x-kubernetes-int-or-string"] = True
+    if isinstance(out.get("default"), dict | list):
+        out.pop("default")  # object defaults come from the leaves; keeps `kubectl get -o yaml` honest
+    if out.get("default") is None:
+        out.pop("default", None)
+    if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
+        out["x-kubernetes-preserve-unknown-fields"] = True
+    return out
+
+
+def model_schema(model: type[Any]) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    return _structural(raw, defs)
+
+
+def _require_descriptions(schema: dict[str, Any], path: str = "spec") -> None:
+    for name, prop in schema.get("properties", {}).items():
+        if not prop.get("description"):
+            raise ValueError(f"{path}.{name} has no description: add Field(description=...) in api.py")
+        _require_descriptions(prop, f"{path}.{name}")
+        if "items" in prop:
+            _require_descriptions(prop["items"], f"{path}.{name}[]")
+
+
+def build_crd() -> dict[str, Any]:
+    """The DistilledModel CRD (apiextensions.k8s.io/v1)."""
+    spec_schema = model_schema(DistilledModelSpec)
+    spec_schema["description"] = DistilledModelSpec.__doc__
+    spec_schema["x-kubernetes-validations"] = SPEC_RULES
+    _require_descriptions(spec_schema)
+    status_schema = model_schema(DistilledModelStatus)
+    status_schema["description"] = DistilledModelStatus.__doc__
+    status_schema["x-kubernetes-preserve-unknown-fields"] = True  # kopf's own bookkeeping lives here too
+    schema = {
+        "type": "object",
+        "description": "A distilled, quantized LLM served by KServe through Distillery's runtime.",
+        "properties": {
+            "apiVersion": {"type": "string", "description": "API version of this object"},
+            "kind": {"type": "string", "description": "Kind of this object (DistilledModel)"},
+            "metadata": {"type": "object"},
+            "spec": spec_schema,
+            "status": status_schema,
+        },
+        "required": ["spec"],
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{constants.PLURAL}.{constants.GROUP}",
+            "labels": {constants.LABEL_PART_OF: constants.PART_OF},
+        },
+        "spec": {
+            "group": constants.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": constants.KIND,
+                "listKind": f"{constants.KIND}List",
+                "plural": constants.PLURAL,
+                "singular": constants.SINGULAR,
+                "shortNames": list(constants.SHORT_NAMES),
+                "categories": list(constants.CATEGORIES),
+            },
+            "versions": [
+                {
+                    "name": constants.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": schema},
+                    "subresources": {
+                        "status": {},
+                        "scale": {
+                            "specReplicasPath": ".spec.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                        },
+                    },
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                }
+            ],
+        },
+    }
