@@ -1,0 +1,121 @@
+"""Prometheus metrics of the runtime, named once in distillery_operator.contract.
+
+KServe's ModelServer already serves prometheus_client's default REGISTRY on /metrics, so the
+collectors are registered there (tests pass a private CollectorRegistry). Every series carries the
+`model_name` label the chart's KEDA query selects on.
+
+Two faces:
+- EngineMetrics.observe_step(stats): called by the engine after each step with its EngineStats
+  (queue_depth, running, kv_cache_usage, tokens_per_s); gauges only.
+- RuntimeMetrics: adds the per-request series the HTTP layer records (requests, errors, TTFT,
+  latency, tokens, in-flight, 429s).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from distillery_operator import contract
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+LABEL = contract.METRIC_LABEL_MODEL
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+_lock = threading.Lock()
+_collectors: dict[int, dict[str, Any]] = {}
+
+
+def _build(registry: CollectorRegistry) -> dict[str, Any]:
+    def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+        # prometheus_client appends "_total" to counters itself; give it the bare name.
+        return Counter(name.removesuffix("_total"), doc, (LABEL, *labels), registry=registry)
+
+    def gauge(name: str, doc: str) -> Gauge:
+        return Gauge(name, doc, (LABEL,), registry=registry)
+
+    return {
+        "requests": counter(contract.METRIC_REQUESTS_TOTAL, "HTTP requests served", ("endpoint", "status")),
+        "errors": counter(contract.METRIC_REQUEST_ERRORS_TOTAL, "Failed requests by error type", ("type",)),
+        "ttft": Histogram(
+            contract.METRIC_TIME_TO_FIRST_TOKEN, "Time from request arrival to its first generated token",
+            (LABEL,), buckets=TTFT_BUCKETS, registry=registry,
+        ),
+        "latency": Histogram(
+            contract.METRIC_REQUEST_LATENCY, "Time from request arrival to its last token",
+            (LABEL,), buckets=LATENCY_BUCKETS, registry=registry,
+        ),
+        "generated": counter(contract.METRIC_GENERATED_TOKENS_TOTAL, "Generated (completion) tokens"),
+        "prompt": counter(contract.METRIC_PROMPT_TOKENS_TOTAL, "Prompt tokens processed"),
+        "in_flight": gauge(contract.METRIC_REQUESTS_IN_FLIGHT, "Generation requests being served"),
+        "queue_depth": gauge(contract.METRIC_QUEUE_DEPTH, "Requests waiting for a batch slot"),
+        "running": gauge(contract.METRIC_RUNNING_SEQUENCES, "Sequences in the running batch"),
+        "kv_usage": gauge(contract.METRIC_KV_CACHE_USAGE, "KV cache use, 0..1"),
+        "tokens_per_s": gauge(contract.METRIC_TOKENS_PER_SECOND, "Decode rate over the last window"),
+        "rejected": counter(contract.METRIC_QUEUE_REJECTED_TOTAL, "Requests rejected with 429 (queue full)"),
+    }
+
+
+def collectors(registry: CollectorRegistry | None = None) -> dict[str, Any]:
+    """The runtime's collectors in `registry`, created once per registry."""
+    registry = REGISTRY if registry is None else registry
+    with _lock:
+        if id(registry) not in _collectors:
+            _collectors[id(registry)] = _build(registry)
+        return _collectors[id(registry)]
+
+
+class EngineMetrics:
+    """What the engine sees: one call per scheduler step."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+        self.model_name = model_name
+        c = collectors(registry)
+        self._queue_depth = c["queue_depth"].labels(model_name)
+        self._running = c["running"].labels(model_name)
+        self._kv_usage = c["kv_usage"].labels(model_name)
+        self._tokens_per_s = c["tokens_per_s"].labels(model_name)
+
+    def observe_step(self, stats: Any) -> None:
+        """Copy an EngineStats (queue_depth, running, kv_cache_usage, tokens_per_s) into the gauges."""
+        self._queue_depth.set(getattr(stats, "queue_depth", 0) or 0)
+        self._running.set(getattr(stats, "running", 0) or 0)
+        self._kv_usage.set(getattr(stats, "kv_cache_usage", 0.0) or 0.0)
+        self._tokens_per_s.set(getattr(stats, "tokens_per_s", 0.0) or 0.0)
+
+
+class RuntimeMetrics(EngineMetrics):
+    """Engine gauges plus the per-request series recorded by the serving layer."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(model_name, registry)
+        self._c = collectors(registry)
+        self._in_flight = self._c["in_flight"].labels(model_name)
+        self._ttft = self._c["ttft"].labels(model_name)
+        self._latency = self._c["latency"].labels(model_name)
+        self._generated = self._c["generated"].labels(model_name)
+        self._prompt = self._c["prompt"].labels(model_name)
+        self._rejected = self._c["rejected"].labels(model_name)
+
+    def request_started(self) -> None:
+        self._in_flight.inc()
+
+    def request_finished(self, endpoint: str, status: int, latency_s: float | None = None) -> None:
+        self._in_flight.dec()
+        self._c["requests"].labels(self.model_name, endpoint, str(status)).inc()
+        if latency_s is not None and status < 400:
+            self._latency.observe(latency_s)
+
+    def error(self, error_type: str) -> None:
+        self._c["errors"].labels(self.model_name, error_type).inc()
+
+    def rejected(self) -> None:
+        self._rejected.inc()
+
+    def first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
+
+    def tokens(self, prompt: int, generated: int) -> None:
+        self._prompt.inc(prompt)
+        self._generated.inc(generated)
