@@ -1,0 +1,169 @@
+"""The memory-bandwidth bound on decode speed.
+
+Decoding one token reads every non-embedding weight once, plus the lm_head (the embedding lookup reads
+one row, which is negligible). So tokens/s <= copy bandwidth / weight bytes read per token. The byte
+count depends on how each mode stores its weights (bf16, int8 + a per-output-channel scale, int4 + a
+scale and zero per group); `weight_bytes_per_token` is that arithmetic, pure and unit-tested.
+`measure_copy_bandwidth` is the one measuring function (numpy and torch copies of large arrays,
+counting read + write bytes); it runs in a benchmark subprocess.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# Bytes of one stored weight element per mode (codes only; scales/zeros are added separately).
+_CODE_BYTES = {"fp32": 4.0, "bf16": 2.0, "none": 2.0, "int8": 1.0, "int4": 0.5}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The parts of a decoder's config that decide how many weight bytes a token reads."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    head_dim: int | None = None  # defaults to hidden // heads
+    qkv_bias: bool = True  # Qwen2 has q/k/v biases; Llama does not
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.head_dim or self.hidden // self.heads)
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * (self.head_dim or self.hidden // self.heads)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelShape:
+        model_type = cfg.get("model_type", "qwen2")
+        return cls(
+            hidden=int(cfg["hidden_size"]),
+            layers=int(cfg["num_hidden_layers"]),
+            heads=int(cfg["num_attention_heads"]),
+            kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+            intermediate=int(cfg["intermediate_size"]),
+            vocab=int(cfg["vocab_size"]),
+            head_dim=cfg.get("head_dim"),
+            qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+        )
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(out_features, in_features) of every decoder Linear, all layers, lm_head excluded."""
+        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        per_layer = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+        return per_layer * self.layers
+
+    def non_embedding_params(self) -> int:
+        linear = sum(n * k for n, k in self.linear_shapes())
+        bias = (self.q_dim + 2 * self.kv_dim) * self.layers if self.qkv_bias else 0
+        norms = 2 * self.hidden * self.layers + self.hidden
+        return linear + bias + norms
+
+
+def linear_bytes(out_features: int, in_features: int, mode: str, group_size: int = 128,
+                 scale_bytes: int = 2) -> float:
+    """Stored bytes of one Linear weight: codes plus quantization parameters.
+
+    int8: one scale per output channel. int4: a scale and a zero per group of `group_size` inputs
+    per output channel (the layout `_weight_int4pack_mm_for_cpu` reads). fp32/bf16/none: plain.
+    """
+    if mode not in _CODE_BYTES:
+        raise ValueError(f"unknown weight mode {mode!r}; expected one of {sorted(_CODE_BYTES)}")
+    codes = out_features * in_features * _CODE_BYTES[mode]
+    if mode == "int8":
+        return codes + out_features * scale_bytes
+    if mode == "int4":
+        groups = -(-in_features // group_size)
+        return codes + out_features * groups * 2 * scale_bytes
+    return codes
+
+
+def weight_bytes_per_token(shape: ModelShape, mode: str, *, group_size: int = 128,
+                           lm_head_mode: str | None = None, float_mode: str | None = None) -> float:
+    """Bytes of weights one decode step reads: decoder Linears at `mode`, norms and biases at the
+    float width, and the lm_head at `lm_head_mode` (default: the float width, i.e. not quantized;
+    our runtime keeps lm_head in bf16 unless told otherwise). The embedding table is not read whole.
+    """
+    float_mode = float_mode or ("fp32" if mode == "fp32" else "bf16")
+    lm_head_mode = lm_head_mode or float_mode
+    fbytes = _CODE_BYTES[float_mode]
+    total = sum(linear_bytes(n, k, mode, group_size) for n, k in shape.linear_shapes())
+    linear_params = sum(n * k for n, k in shape.linear_shapes())
+    total += (shape.non_embedding_params() - linear_params) * fbytes  # biases and norms
+    total += linear_bytes(shape.vocab, shape.hidden, lm_head_mode, group_size)
+    return total
+
+
+def bound_tok_s(bandwidth_bytes_s: float, bytes_per_token: float) -> float:
+    """The decode rate that memory bandwidth allows: one full read of the weights per token."""
+    if bytes_per_token <= 0:
+        raise ValueError("bytes_per_token must be positive")
+    return bandwidth_bytes_s / bytes_per_token
+
+
+def fraction_of_bound(measured_tok_s: float | None, bound: float) -> float | None:
+    return None if measured_tok_s is None else measured_tok_s / bound
+
+
+def gguf_bytes_per_token(path: str) -> dict[str, Any]:
+    """Weight bytes llama.cpp reads per token for a GGUF: every tensor except the token embedding,
+    which is read whole only when it doubles as the output matrix (no separate `output.weight`)."""
+    import gguf  # the runtime extra ships it
+
+    reader = gguf.GGUFReader(path)
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    total = sum(sizes.values())
+    tied = "output.weight" not in sizes
+    embd = sizes.get("token_embd.weight", 0)
+    return {"bytes_per_token": total if tied else total - embd, "file_tensor_bytes": total,
+            "tied_output": tied}
+
+
+@dataclass
+class Bandwidth:
+    numpy_gb_s: float
+    torch_gb_s: float
+    array_mib: int
+    threads: int
+
+    @property
+    def best_gb_s(self) -> float:
+        return max(self.numpy_gb_s, self.torch_gb_s)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "best_gb_s": round(self.best_gb_s, 3)}
+
+
+def measure_copy_bandwidth(array_mib: int = 512, repeats: int = 5, threads: int = 2) -> Bandwidth:
+    """Best-of-`repeats` copy bandwidth of an `array_mib` array; read + write bytes are counted."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    n = array_mib * (1 << 20) // 8
+    src = np.ones(n, dtype=np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in before timing
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    numpy_gb_s = 2 * src.nbytes / best / 1e9
+
+    tsrc = torch.from_numpy(src)
+    tdst = torch.from_numpy(dst)
+    tdst.copy_(tsrc)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tdst.copy_(tsrc)
+        best = min(best, time.perf_counter() - t0)
+    torch_gb_s = 2 * src.nbytes / best / 1e9
+    return Bandwidth(round(numpy_gb_s, 3), round(torch_gb_s, 3), array_mib, threads)

@@ -1,0 +1,135 @@
+"""Turn the results dict into derived figures (bandwidth bound, targets) and a Markdown table (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+CONCURRENCY_LEVELS = ("1", "4", "8", "16")
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def single_rate(run: dict[str, Any]) -> float | None:
+    return (run.get("single_stream") or {}).get("decode_tok_s")
+
+
+def agg_rate(run: dict[str, Any], level: str) -> float | None:
+    return ((run.get("concurrency") or {}).get(level) or {}).get("aggregate_tok_s")
+
+
+def add_bounds(runs: dict[str, dict[str, Any]], bandwidth_gb_s: float | None) -> None:
+    """Fill bound_tok_s and fraction_of_bound for every run that knows its bytes per token."""
+    if not bandwidth_gb_s:
+        return
+    for run in runs.values():
+        per_token = run.get("bytes_per_token")
+        if not per_token:
+            continue
+        bound = bandwidth_gb_s * 1e9 / per_token
+        run["bound_tok_s"] = round(bound, 2)
+        rate = single_rate(run)
+        run["fraction_of_bound"] = None if rate is None else round(rate / bound, 3)
+
+
+def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
+    header = ("| model | engine | mode | via | load s | peak RSS MiB | 1-stream tok/s | TTFT s "
+              "| agg tok/s @1 | @4 | @8 | @16 | TTFT p50/p99 @8 s | bound tok/s | % of bound |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for run in runs.values():
+        if run.get("error") and not run.get("single_stream"):
+            lines.append(f"| {run.get('model', '?')} | {run.get('engine', '?')} | {run.get('mode', '?')} "
+                         f"| {run.get('interface', '')} | error: {str(run['error'])[:80]} |" + " |" * 10)
+            continue
+        c8 = (run.get("concurrency") or {}).get("8") or {}
+        ttft8 = "-" if not c8 else f"{_fmt(c8.get('ttft_p50_s'), 2)}/{_fmt(c8.get('ttft_p99_s'), 2)}"
+        frac = run.get("fraction_of_bound")
+        cells = [
+            run.get("model", "?"), run.get("engine", "?"), run.get("mode", "?"), run.get("interface", ""),
+            _fmt(run.get("load_s")), _fmt(run.get("peak_rss_mb"), 0), _fmt(single_rate(run), 2),
+            _fmt((run.get("single_stream") or {}).get("ttft_s"), 3),
+            *(_fmt(agg_rate(run, level), 2) for level in CONCURRENCY_LEVELS),
+            ttft8, _fmt(run.get("bound_tok_s"), 1), "-" if frac is None else f"{frac * 100:.0f}%",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _target(name: str, value: float | None, op: str, threshold: float, detail: str) -> dict[str, Any]:
+    met = None if value is None else (value <= threshold if op == "<=" else value >= threshold)
+    return {"target": name, "value": None if value is None else round(value, 4), "op": op,
+            "threshold": threshold, "met": met, "detail": detail}
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 3/6 targets from whatever sections the results hold; a missing figure gives met=None."""
+    runs: dict[str, dict[str, Any]] = results.get("runs", {})
+    small = "qwen2.5-0.5b"
+    ours = {m: runs.get(f"{small}/ours/{m}") or {} for m in ("bf16", "int8", "int4")}
+    quant = {m: single_rate(r) for m, r in ours.items() if m != "bf16" and single_rate(r)}
+    best_mode = max(quant, key=lambda m: quant[m]) if quant else None
+    best = quant.get(best_mode) if best_mode else None
+    llama = single_rate(runs.get(f"{small}/llama.cpp/Q4_K_M") or {})
+    hf_bf16 = single_rate(runs.get(f"{small}/transformers-generate/bf16") or {})
+    out = [
+        _target("ours best quantized vs llama.cpp Q4_K_M (single stream)",
+                best / llama if best and llama else None, ">=", 0.8, f"ours {best_mode}: {best} tok/s, llama.cpp: {llama}"),
+        _target("ours best quantized vs transformers bf16 generate",
+                best / hf_bf16 if best and hf_bf16 else None, ">=", 2.5, f"ours {best_mode}: {best}, transformers: {hf_bf16}"),
+    ]
+    if best_mode:
+        out.append(_target(f"ours {best_mode} single stream / bandwidth bound",
+                           ours[best_mode].get("fraction_of_bound"), ">=", 0.7,
+                           f"bound {ours[best_mode].get('bound_tok_s')} tok/s"))
+        a1, a8 = agg_rate(ours[best_mode], "1"), agg_rate(ours[best_mode], "8")
+        out.append(_target(f"ours {best_mode}: aggregate @8 streams / @1 stream", a8 / a1 if a1 and a8 else None,
+                           ">=", 2.5, f"@1 {a1} tok/s, @8 {a8} tok/s (same request shape)"))
+    over = results.get("overload") or {}
+    if over:
+        ok = over.get("http_429", 0) > 0 and over.get("errors", 1) == 0 and over.get("healthy_after") is True
+        out.append({"target": "16 streams, max_queue 8: 429s, no errors, still healthy", "value": None,
+                    "op": "==", "threshold": None, "met": ok if "error" not in over else None,
+                    "detail": f"429: {over.get('http_429')}, errors: {over.get('errors')}, "
+                              f"healthy after: {over.get('healthy_after')}"})
+    mem = results.get("memory_1p5b") or {}
+    if mem.get("int4_over_bf16") is not None or mem:
+        out.append(_target("1.5B shape: int4 peak RSS / bf16 peak RSS", mem.get("int4_over_bf16"), "<=", 0.4,
+                           f"bf16 {mem.get('bf16_peak_rss_mb')} MiB, int4 {mem.get('int4_peak_rss_mb')} MiB"))
+    ppl = results.get("perplexity") or {}
+    for mode, limit in (("int8", 0.01), ("int4", 0.10)):
+        rise = (ppl.get(mode) or {}).get("rise_vs_bf16")
+        if ppl:
+            out.append(_target(f"perplexity rise {mode} vs bf16", rise, "<=", limit,
+                               f"bf16 {(ppl.get('bf16') or {}).get('perplexity')}, "
+                               f"{mode} {(ppl.get(mode) or {}).get('perplexity')}"))
+    return out
+
+
+def targets_table(targets: list[dict[str, Any]]) -> str:
+    lines = ["| target | value | goal | met |", "|---|---|---|---|"]
+    for t in targets:
+        goal = f"{t['op']} {t['threshold']}" if t["threshold"] is not None else "yes"
+        met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
+        lines.append(f"| {t['target']} | {_fmt(t['value'], 3)} | {goal} | {met} ({t['detail']}) |")
+    return "\n".join(lines)
+
+
+def perplexity_table(ppl: dict[str, Any]) -> str:
+    lines = ["| mode | perplexity | rise vs bf16 | tokens | stored decode bytes/token |", "|---|---|---|---|---|"]
+    for mode in ("bf16", "int8", "int4"):
+        row = ppl.get(mode) or {}
+        if not row:
+            continue
+        if row.get("error"):
+            lines.append(f"| {mode} | error: {str(row['error'])[:80]} | | | |")
+            continue
+        rise = row.get("rise_vs_bf16")
+        lines.append(f"| {mode} | {_fmt(row.get('perplexity'), 4)} | "
+                     f"{'-' if rise is None else f'{rise * 100:+.2f}%'} | {row.get('tokens_scored')} | "
+                     f"{_fmt(row.get('decode_bytes_per_token'))} |")
+    return "\n".join(lines)

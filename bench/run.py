@@ -1,0 +1,386 @@
+"""`make bench`: every engine on the same machine in one run -> bench/results/results.json + tables.
+
+    python -m bench.run [--quick] [--only SECTION[,SECTION]] [--out FILE] [--threads 2]
+
+Sections (in run order): prepare, bandwidth, llamacpp, hf, hf_serve, ours, ours_1p5b, overload,
+perplexity, operator. `--only` runs some of them and merges into the existing results file, so a
+partial rerun keeps the other numbers. Each engine runs in its own subprocess (servers too), so peak
+RSS is its own and a crash is recorded as an error in the JSON without stopping the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.bandwidth import ModelShape, weight_bytes_per_token
+from bench.loadgen import run_http_benchmark, run_overload
+from bench.procs import REPO_ROOT, ServerUnderTest, free_port, run_step
+
+SECTIONS = ["prepare", "bandwidth", "llamacpp", "hf", "hf_serve", "ours", "ours_1p5b", "overload",
+            "perplexity", "operator"]
+MODELS = REPO_ROOT / "models"
+GGUF_Q4 = MODELS / "qwen2.5-0.5b-q4_k_m.gguf"
+GGUF_Q8 = MODELS / "qwen2.5-0.5b-q8_0.gguf"
+ST_0P5B = MODELS / "qwen2.5-0.5b-st"
+R1_1P5B = MODELS / "r1-distill-qwen-1.5b-shape-random"
+R1_TOKENIZER_CANDIDATES = [REPO_ROOT / "shared", REPO_ROOT.parent / "shared"]
+SMALL, BIG = "qwen2.5-0.5b", "r1-1.5b-shape"
+
+# A raw completion prompt (no chat template, so every engine sees the same tokens) that a code model
+# continues for hundreds of tokens; greedy decoding everywhere.
+PROMPT = (
+    "# Python: a small library for parsing and evaluating arithmetic expressions.\n"
+    "# It has a tokenizer, a recursive-descent parser that builds an AST, an evaluator,\n"
+    "# and unit tests for every feature.\n\nimport re\nfrom dataclasses import dataclass\n\n"
+)
+
+
+@dataclass
+class Settings:
+    threads: int = 2
+    single_tokens: int = 128  # new tokens for single-stream decode rate
+    repeats: int = 2  # single-stream repeats (median reported), after one warm-up
+    conc_tokens: int = 32  # new tokens per request in the concurrency sweep
+    levels: tuple[int, ...] = (1, 4, 8, 16)
+    big_tokens: int = 64  # single-stream tokens on the 1.5B-shaped model
+    overload_streams: int = 16
+    overload_max_queue: int = 8
+    overload_max_batch: int = 4  # 4 running + 8 queued admits 12 of 16: the rest must get 429
+    overload_tokens: int = 16
+    ppl_max_tokens: int | None = None  # the whole fixed text
+    ppl_window: int = 512
+    bandwidth_mib: int = 512
+    step_timeout_s: float = 900.0
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(single_tokens=16, repeats=1, conc_tokens=8, levels=(1, 4), big_tokens=8, overload_tokens=4,
+                   ppl_max_tokens=256, ppl_window=128, bandwidth_mib=128)
+
+
+def _r1_tokenizer_dir() -> Path:
+    for base in R1_TOKENIZER_CANDIDATES:
+        path = base / "reference" / "deepseek-r1-distill-qwen-tokenizer"
+        if path.is_dir():
+            return path
+    raise FileNotFoundError("shared/reference/deepseek-r1-distill-qwen-tokenizer not found beside the repo")
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Bench:
+    def __init__(self, settings: Settings, results: dict[str, Any]) -> None:
+        self.s = settings
+        self.results = results
+        self.runs: dict[str, dict[str, Any]] = results.setdefault("runs", {})
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def step(self, name: str, step: str, args: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+        _log(f"{name} ...")
+        res = run_step(name.replace("/", "_"), step, args, threads=self.s.threads,
+                       timeout_s=timeout_s or self.s.step_timeout_s)
+        _log(f"{name}: {'ok' if res.ok else 'FAILED: ' + str(res.error)[:300]} ({res.wall_s:.0f}s)")
+        return res.as_dict()
+
+    def shape(self, model: str) -> ModelShape | None:
+        cfg = (ST_0P5B if model == SMALL else R1_1P5B) / "config.json"
+        return ModelShape.from_hf_config(json.loads(cfg.read_text())) if cfg.exists() else None
+
+    def bytes_for(self, model: str, mode: str) -> float | None:
+        shape = self.shape(model)
+        return None if shape is None else weight_bytes_per_token(shape, mode)
+
+    # ---- sections ------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        if not GGUF_Q4.exists():
+            import subprocess
+
+            _log("fetching the real 0.5B GGUF (scripts/fetch_model.py) ...")
+            subprocess.run([sys.executable, "scripts/fetch_model.py", "--dest", str(GGUF_Q4)], cwd=REPO_ROOT,
+                           check=False)
+        prep = self.results.setdefault("prepare", {})
+        prep["safetensors_0p5b"] = self.step("prepare/st", "prepare_st", {"gguf": str(GGUF_Q4), "dest": str(ST_0P5B)})
+        prep["r1_1p5b_shape"] = self.step("prepare/r1", "prepare_r1",
+                                          {"dest": str(R1_1P5B), "tokenizer_dir": str(_r1_tokenizer_dir())})
+        prep["q8_0"] = self.step("prepare/q8_0", "prepare_q8", {"src": str(GGUF_Q4), "dest": str(GGUF_Q8)})
+
+    def bandwidth(self) -> None:
+        bw = self.step("bandwidth", "bandwidth", {"array_mib": self.s.bandwidth_mib})
+        per_token: dict[str, Any] = {}
+        for model in (SMALL, BIG):
+            shape = self.shape(model)
+            if shape:
+                per_token[model] = {m: weight_bytes_per_token(shape, m) for m in ("fp32", "bf16", "int8", "int4")}
+        for name, path in (("Q4_K_M", GGUF_Q4), ("Q8_0", GGUF_Q8)):
+            if path.exists():
+                g = self.step(f"gguf-bytes/{name}", "gguf_bytes", {"path": str(path)})
+                per_token.setdefault(SMALL, {})[f"gguf-{name}"] = g.get("bytes_per_token")
+        self.results["bandwidth"] = {"copy": bw, "weight_bytes_per_token": per_token,
+                                     "note": "bytes = decoder Linears at the mode's stored width (int8: +1 scale "
+                                             "per output channel, int4: +scale+zero per group of 128) + norms/"
+                                             "biases at bf16 + lm_head at bf16 (not quantized); embedding excluded"}
+
+    def llamacpp(self) -> None:
+        for mode, path in (("Q4_K_M", GGUF_Q4), ("Q8_0", GGUF_Q8)):
+            key = f"{SMALL}/llama.cpp/{mode}"
+            base = {"model": SMALL, "engine": "llama.cpp", "mode": mode, "interface": "in-process"}
+            if not path.exists():
+                self.runs[key] = {**base, "error": f"{path.name} missing (see prepare.q8_0)"}
+                continue
+            res = self.step(key, "llamacpp", {"gguf": str(path), "prompt": PROMPT,
+                                              "new_tokens": self.s.single_tokens, "repeats": self.s.repeats})
+            per_token = ((self.results.get("bandwidth") or {}).get("weight_bytes_per_token") or {}).get(
+                SMALL, {}).get(f"gguf-{mode}")
+            self.runs[key] = {**base, **res, "bytes_per_token": per_token}
+
+    def hf(self) -> None:
+        plan = [(SMALL, ST_0P5B, "fp32", self.s.single_tokens), (SMALL, ST_0P5B, "bf16", self.s.single_tokens),
+                (BIG, R1_1P5B, "bf16", self.s.big_tokens)]
+        for model, path, dtype, tokens in plan:
+            key = f"{model}/transformers-generate/{dtype}"
+            res = self.step(key, "hf_generate", {"model_dir": str(path), "dtype": dtype, "prompt": PROMPT,
+                                                 "new_tokens": tokens, "repeats": self.s.repeats if model == SMALL else 1})
+            self.runs[key] = {"model": model, "engine": "transformers-generate", "mode": dtype,
+                              "interface": "in-process", **res, "bytes_per_token": self.bytes_for(model, dtype)}
+
+    def _http_run(self, key: str, base: dict[str, Any], cmd: list[str], ready_path: str, model_name: str,
+                  port: int, *, levels: tuple[int, ...], single_tokens: int, repeats: int) -> dict[str, Any]:
+        out = dict(base)
+        _log(f"{key} ...")
+        t0 = time.monotonic()
+        server = ServerUnderTest(key.replace("/", "_"), cmd, f"http://127.0.0.1:{port}{ready_path}",
+                                 threads=self.s.threads)
+        try:
+            with server:
+                out["load_s"] = server.load_s
+                out["rss_after_load_mb"] = server.rss_after_load_mb
+                out.update(run_http_benchmark(f"http://127.0.0.1:{port}", model_name, PROMPT,
+                                              single_tokens=single_tokens, repeats=repeats,
+                                              conc_tokens=self.s.conc_tokens, levels=list(levels)))
+                out["server_alive_after"] = server.alive()
+        except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+            out["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+        out["peak_rss_mb"] = server.peak_rss_mb
+        out["log"] = str(server.log_path)
+        _log(f"{key}: {'FAILED: ' + out['error'][:300] if 'error' in out else 'ok'} ({time.monotonic() - t0:.0f}s)")
+        return out
+
+    def hf_serve(self) -> None:
+        for cb in (False, True):
+            mode = "bf16+cb" if cb else "bf16"
+            key = f"{SMALL}/transformers-serve/{mode}"
+            port = free_port()
+            cmd = [str(Path(sys.executable).with_name("transformers")), "serve", str(ST_0P5B), "--host", "127.0.0.1",
+                   "--port", str(port), "--dtype", "bfloat16", "--device", "cpu", "--log-level", "warning",
+                   "--continuous-batching" if cb else "--no-continuous-batching"]
+            base = {"model": SMALL, "engine": "transformers-serve", "mode": mode, "interface": "http",
+                    "bytes_per_token": self.bytes_for(SMALL, "bf16")}
+            self.runs[key] = self._http_run(key, base, cmd, "/health", str(ST_0P5B), port, levels=self.s.levels,
+                                            single_tokens=self.s.single_tokens, repeats=self.s.repeats)
+
+    def _ours_cmd(self, model_dir: Path, name: str, port: int, quant: str, *, max_batch: int,
+                  max_queue: int) -> list[str]:
+        from distillery_operator import contract as c
+
+        return [sys.executable, "-m", c.RUNTIME_MODULE, c.FLAG_MODEL_NAME, name, c.FLAG_MODEL_DIR, str(model_dir),
+                c.FLAG_HTTP_PORT, str(port), "--grpc_port", str(free_port()), "--enable_grpc", "false",
+                c.FLAG_QUANTIZATION, quant, c.FLAG_MAX_BATCH_SIZE, str(max_batch), c.FLAG_MAX_QUEUE, str(max_queue)]
+
+    def _ours(self, model: str, model_dir: Path, *, levels: tuple[int, ...], tokens: int, repeats: int) -> None:
+        from distillery_operator import contract as c
+
+        for mode, quant in (("bf16", "none"), ("int8", "int8"), ("int4", "int4")):
+            key = f"{model}/ours/{mode}"
+            port = free_port()
+            max_batch = max(levels) if levels else 8
+            cmd = self._ours_cmd(model_dir, model, port, quant, max_batch=max_batch, max_queue=4 * max_batch)
+            base = {"model": model, "engine": "ours", "mode": mode, "interface": "http",
+                    "bytes_per_token": self.bytes_for(model, mode), "max_batch_size": max_batch}
+            self.runs[key] = self._http_run(key, base, cmd, c.HEALTH_READY_PATH_TEMPLATE.format(model_name=model),
+                                            model, port, levels=levels, single_tokens=tokens, repeats=repeats)
+
+    def ours(self) -> None:
+        self._ours(SMALL, ST_0P5B, levels=self.s.levels, tokens=self.s.single_tokens, repeats=self.s.repeats)
+
+    def ours_1p5b(self) -> None:
+        self._ours(BIG, R1_1P5B, levels=(), tokens=self.s.big_tokens, repeats=1)
+        bf16 = (self.runs.get(f"{BIG}/ours/bf16") or {}).get("peak_rss_mb")
+        int4 = (self.runs.get(f"{BIG}/ours/int4") or {}).get("peak_rss_mb")
+        int8 = (self.runs.get(f"{BIG}/ours/int8") or {}).get("peak_rss_mb")
+        self.results["memory_1p5b"] = {
+            "bf16_peak_rss_mb": bf16, "int8_peak_rss_mb": int8, "int4_peak_rss_mb": int4,
+            "int4_over_bf16": round(int4 / bf16, 3) if bf16 and int4 else None,
+            "int8_over_bf16": round(int8 / bf16, 3) if bf16 and int8 else None,
+            "note": "peak RSS of the whole server process tree (our runtime over HTTP), load + generation",
+        }
+
+    def overload(self) -> None:
+        from distillery_operator import contract as c
+
+        port = free_port()
+        key = f"{SMALL}/ours/int8-overload"
+        cmd = self._ours_cmd(ST_0P5B, SMALL, port, "int8", max_batch=self.s.overload_max_batch,
+                             max_queue=self.s.overload_max_queue)
+        out: dict[str, Any] = {"streams": self.s.overload_streams, "max_queue": self.s.overload_max_queue,
+                               "max_batch_size": self.s.overload_max_batch, "max_tokens": self.s.overload_tokens}
+        _log(f"{key} ...")
+        server = ServerUnderTest(key.replace("/", "_"), cmd,
+                                 f"http://127.0.0.1:{port}{c.HEALTH_READY_PATH_TEMPLATE.format(model_name=SMALL)}",
+                                 threads=self.s.threads)
+        try:
+            with server:
+                out.update(run_overload(f"http://127.0.0.1:{port}", SMALL, PROMPT,
+                                        streams=self.s.overload_streams, max_tokens=self.s.overload_tokens))
+                out["server_alive_after"] = server.alive()
+        except Exception as exc:  # noqa: BLE001
+            out["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+        out["log"] = str(server.log_path)
+        _log(f"{key}: {out.get('error') or 'ok'}")
+        self.results["overload"] = out
+
+    def perplexity(self) -> None:
+        ppl: dict[str, Any] = {}
+        for mode, quant in (("bf16", "none"), ("int8", "int8"), ("int4", "int4")):
+            ppl[mode] = self.step(f"perplexity/{mode}", "perplexity",
+                                  {"model_dir": str(ST_0P5B), "quantization": quant,
+                                   "max_tokens": self.s.ppl_max_tokens, "window": self.s.ppl_window})
+        base = (ppl.get("bf16") or {}).get("perplexity")
+        for mode in ("int8", "int4"):
+            value = (ppl.get(mode) or {}).get("perplexity")
+            if base and value:
+                ppl[mode]["rise_vs_bf16"] = round((value - base) / base, 5)
+        ppl["text"] = "bench/ppl_text.py (original CC0 prose + code, fixed)"
+        self.results["perplexity"] = ppl
+
+    def operator(self) -> None:
+        if not (REPO_ROOT / "bench" / "operator_bench.py").exists():
+            self.results["operator"] = {"error": "bench/operator_bench.py not present"}
+            return
+        self.results["operator"] = self.step("operator", "operator_bench", {})
+
+    # ---- derived -------------------------------------------------------------------------------
+    def finish(self) -> None:
+        bw = ((self.results.get("bandwidth") or {}).get("copy") or {}).get("best_gb_s")
+        report.add_bounds(self.runs, bw)
+        self.results["targets"] = report.evaluate_targets(self.results)
+
+
+def _meta(settings: Settings) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("torch", "transformers", "llama-cpp-python", "torchao", "kserve", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "host_cpu": cpu,
+            "cpus": os.cpu_count(), "python": platform.python_version(), "versions": versions,
+            "settings": asdict(settings), "prompt": PROMPT, "command": " ".join(["python -m bench.run", *sys.argv[1:]])}
+
+
+def parse_sections(only: list[str] | None) -> list[str]:
+    if not only:
+        return list(SECTIONS)
+    wanted: list[str] = []
+    for item in only:
+        for name in item.split(","):
+            name = name.strip()
+            if name == "peers":
+                wanted += ["llamacpp", "hf", "hf_serve"]
+            elif name in SECTIONS:
+                wanted.append(name)
+            elif name:
+                raise SystemExit(f"unknown section {name!r}; choose from {', '.join(SECTIONS)} or 'peers'")
+    return [s for s in SECTIONS if s in wanted]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny token counts, for development")
+    parser.add_argument("--only", action="append", help="run only these sections (comma list; 'peers' = "
+                        "llamacpp,hf,hf_serve); results merge into --out")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "results.json")
+    parser.add_argument("--threads", type=int, default=2)
+    ns = parser.parse_args(argv)
+    settings = Settings.quick() if ns.quick else Settings()
+    settings.threads = ns.threads
+    sections = parse_sections(ns.only)
+    results: dict[str, Any] = {}
+    if ns.only and ns.out.exists():
+        results = json.loads(ns.out.read_text())
+    results["meta"] = _meta(settings)
+    bench = Bench(settings, results)
+    if "prepare" not in sections and not (ST_0P5B / ".complete").exists():
+        sections.insert(0, "prepare")  # every other section needs the models
+    t0 = time.monotonic()
+    handlers: dict[str, Callable[[], None]] = {name: getattr(bench, name) for name in SECTIONS}
+    for name in sections:
+        try:
+            handlers[name]()
+        except Exception as exc:  # noqa: BLE001 - a harness bug in one section must not lose the rest
+            traceback.print_exc()
+            results.setdefault("section_errors", {})[name] = f"{type(exc).__name__}: {exc}"
+        bench.finish()
+        ns.out.parent.mkdir(parents=True, exist_ok=True)
+        ns.out.write_text(json.dumps(results, indent=2))  # after every section: a crash loses nothing
+    results["meta"]["total_s"] = round(time.monotonic() - t0, 1)
+    ns.out.write_text(json.dumps(results, indent=2))
+    print_report(results)
+    print(f"\nresults: {ns.out}")
+    return 0
+
+
+def print_report(results: dict[str, Any]) -> None:
+    bw = (results.get("bandwidth") or {}).get("copy") or {}
+    print("\n## Decode speed (greedy; single stream: new tokens after the first / time; aggregate: all "
+          "tokens / wall time of the batch)\n")
+    print(report.markdown_table(results.get("runs", {})))
+    if bw:
+        print(f"\nCopy bandwidth (read+write): numpy {bw.get('numpy_gb_s')} GB/s, torch {bw.get('torch_gb_s')} GB/s; "
+              f"bound = {bw.get('best_gb_s')} GB/s / weight bytes read per token.")
+    if results.get("perplexity"):
+        print("\n## Perplexity on bench/ppl_text.py (real 0.5B, our loader)\n")
+        print(report.perplexity_table(results["perplexity"]))
+    over = results.get("overload")
+    if over:
+        print(f"\nOverload ({over.get('streams')} streams, max_batch_size {over.get('max_batch_size')}, max_queue "
+              f"{over.get('max_queue')}): ok {over.get('ok')}, 429 {over.get('http_429')}, errors {over.get('errors')}, "
+              f"healthy after {over.get('healthy_after')} {over.get('error') or ''}")
+    mem = results.get("memory_1p5b")
+    if mem:
+        print(f"1.5B shape peak RSS: bf16 {mem.get('bf16_peak_rss_mb')} MiB, int8 {mem.get('int8_peak_rss_mb')} MiB, "
+              f"int4 {mem.get('int4_peak_rss_mb')} MiB (int4/bf16 {mem.get('int4_over_bf16')})")
+    if results.get("operator"):
+        print(f"operator bench: {json.dumps(results['operator'])[:400]}")
+    print("\n## Targets\n")
+    print(report.targets_table(results.get("targets", [])))
+    if results.get("section_errors"):
+        print(f"\nsection errors: {results['section_errors']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

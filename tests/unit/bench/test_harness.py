@@ -1,0 +1,149 @@
+"""Pure parts of the benchmark harness: percentile math, decode-rate timing, the bandwidth-bound
+arithmetic, perplexity windows and the report tables/targets (no models, no processes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench import report
+from bench.bandwidth import ModelShape, bound_tok_s, linear_bytes, weight_bytes_per_token
+from bench.perplexity import relative_rise, window_slices
+from bench.run import Settings, parse_sections
+from bench.stats import StreamTiming, decode_rate, percentile, summarize_streams
+
+QWEN_0P5B = {"model_type": "qwen2", "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
+             "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936}
+R1_1P5B = {"model_type": "qwen2", "hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
+           "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": 151936}
+
+
+@pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 99, 100])
+def test_percentile_matches_numpy_linear(q: float) -> None:
+    values = [0.31, 0.05, 1.7, 0.9, 0.42, 0.42, 3.3]
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_percentile_edge_cases() -> None:
+    assert percentile([], 50) is None
+    assert percentile([2.5], 99) == 2.5
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_decode_rate_excludes_the_first_token() -> None:
+    # first token at 1.0 s (prefill), then 4 tokens 0.1 s apart: 4 tokens / 0.4 s
+    assert decode_rate([1.0, 1.1, 1.2, 1.3, 1.4]) == pytest.approx(10.0)
+    assert decode_rate([1.0]) is None
+    assert StreamTiming(ttft_s=0.5, total_s=2.5, completion_tokens=21).decode_tok_s == pytest.approx(10.0)
+    assert StreamTiming(ttft_s=None, total_s=1.0, completion_tokens=0).decode_tok_s is None
+
+
+def test_summarize_streams_aggregates_over_wall_time() -> None:
+    timings = [StreamTiming(0.2, 2.0, 32), StreamTiming(0.4, 4.0, 32)]
+    s = summarize_streams(timings, wall_s=4.0)
+    assert s["completion_tokens"] == 64
+    assert s["aggregate_tok_s"] == pytest.approx(16.0)
+    assert s["ttft_p50_s"] == pytest.approx(0.3)
+
+
+def test_shape_counts_qwen2_0p5b_non_embedding_params() -> None:
+    shape = ModelShape.from_hf_config(QWEN_0P5B)
+    assert shape.kv_dim == 128
+    # Qwen2.5-0.5B: 494.0M parameters with a tied 136.2M embedding -> 357.9M non-embedding
+    assert shape.non_embedding_params() == 494_032_768 - 151936 * 896
+
+
+def test_bytes_per_token_by_mode() -> None:
+    shape = ModelShape.from_hf_config(R1_1P5B)
+    linear = sum(n * k for n, k in shape.linear_shapes())
+    other = shape.non_embedding_params() - linear
+    lm_head = shape.vocab * shape.hidden
+    assert weight_bytes_per_token(shape, "bf16") == 2 * (linear + other + lm_head)
+    assert weight_bytes_per_token(shape, "fp32") == 4 * (linear + other + lm_head)
+    scales8 = sum(n for n, _ in shape.linear_shapes()) * 2
+    assert weight_bytes_per_token(shape, "int8") == linear + scales8 + 2 * (other + lm_head)
+    int4 = weight_bytes_per_token(shape, "int4")
+    assert int4 < weight_bytes_per_token(shape, "int8") < weight_bytes_per_token(shape, "bf16")
+    # quantizing lm_head too shrinks the int4 read by most of the lm_head's bytes
+    assert weight_bytes_per_token(shape, "int4", lm_head_mode="int4") < int4 - lm_head
+
+
+def test_linear_bytes_int4_groups_round_up() -> None:
+    assert linear_bytes(10, 128, "int4", group_size=128) == 10 * 64 + 10 * 1 * 4
+    assert linear_bytes(10, 129, "int4", group_size=128) == 10 * 129 * 0.5 + 10 * 2 * 4
+    with pytest.raises(ValueError):
+        linear_bytes(1, 1, "int3")
+
+
+def test_bound_is_bandwidth_over_bytes() -> None:
+    assert bound_tok_s(26e9, 1e9) == pytest.approx(26.0)
+    with pytest.raises(ValueError):
+        bound_tok_s(1.0, 0)
+
+
+def test_window_slices_cover_text_and_drop_unscorable_tail() -> None:
+    assert window_slices(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert window_slices(9, 4) == [(0, 4), (4, 8)]  # a 1-token window scores nothing
+    assert relative_rise(10.1, 10.0) == pytest.approx(0.01)
+
+
+def _run(model: str, engine: str, mode: str, rate: float, **extra: object) -> dict[str, object]:
+    return {"model": model, "engine": engine, "mode": mode, "interface": "http",
+            "single_stream": {"decode_tok_s": rate, "ttft_s": 0.1}, **extra}
+
+
+def test_bounds_and_targets_from_results() -> None:
+    small = "qwen2.5-0.5b"
+    runs = {
+        f"{small}/ours/bf16": _run(small, "ours", "bf16", 10.0, bytes_per_token=1e9),
+        f"{small}/ours/int8": _run(small, "ours", "int8", 20.0, bytes_per_token=5e8,
+                                   concurrency={"1": {"aggregate_tok_s": 15.0}, "8": {"aggregate_tok_s": 45.0}}),
+        f"{small}/ours/int4": _run(small, "ours", "int4", 18.0, bytes_per_token=4e8),
+        f"{small}/llama.cpp/Q4_K_M": _run(small, "llama.cpp", "Q4_K_M", 25.0),
+        f"{small}/transformers-generate/bf16": _run(small, "transformers-generate", "bf16", 8.0),
+    }
+    report.add_bounds(runs, 26.0)
+    assert runs[f"{small}/ours/int8"]["bound_tok_s"] == pytest.approx(52.0)
+    assert runs[f"{small}/ours/int8"]["fraction_of_bound"] == pytest.approx(20 / 52, abs=1e-3)
+    results = {"runs": runs, "overload": {"http_429": 4, "errors": 0, "healthy_after": True},
+               "memory_1p5b": {"bf16_peak_rss_mb": 4000.0, "int4_peak_rss_mb": 1500.0, "int4_over_bf16": 0.375},
+               "perplexity": {"bf16": {"perplexity": 10.0}, "int8": {"perplexity": 10.05, "rise_vs_bf16": 0.005},
+                              "int4": {"perplexity": 11.5, "rise_vs_bf16": 0.15}}}
+    targets = {t["target"]: t for t in report.evaluate_targets(results)}
+    vs_llama = targets["ours best quantized vs llama.cpp Q4_K_M (single stream)"]
+    assert vs_llama["value"] == pytest.approx(0.8) and vs_llama["met"] is True
+    assert targets["ours best quantized vs transformers bf16 generate"]["met"] is True  # 20/8 = 2.5
+    assert targets["ours int8 single stream / bandwidth bound"]["met"] is False
+    assert targets["ours int8: aggregate @8 streams / @1 stream"]["value"] == pytest.approx(3.0)
+    assert targets["16 streams, max_queue 8: 429s, no errors, still healthy"]["met"] is True
+    assert targets["1.5B shape: int4 peak RSS / bf16 peak RSS"]["met"] is True
+    assert targets["perplexity rise int8 vs bf16"]["met"] is True
+    assert targets["perplexity rise int4 vs bf16"]["met"] is False
+    table = report.targets_table(list(targets.values()))
+    assert "| NO (" in table and "| yes (" in table
+
+
+def test_targets_without_figures_are_not_met_or_failed() -> None:
+    targets = report.evaluate_targets({"runs": {}})
+    assert targets and all(t["met"] is None for t in targets)
+
+
+def test_markdown_table_rows_and_errors() -> None:
+    runs = {"a": _run("m", "ours", "int8", 12.345, concurrency={"8": {"aggregate_tok_s": 30.0, "ttft_p50_s": 0.5,
+                                                                      "ttft_p99_s": 1.25}},
+                      peak_rss_mb=812.0, load_s=3.21, bound_tok_s=40.0, fraction_of_bound=0.3086),
+            "b": {"model": "m", "engine": "transformers-serve", "mode": "bf16", "error": "boom"}}
+    table = report.markdown_table(runs).splitlines()
+    assert table[0].count("|") == table[1].count("|") == table[2].count("|")
+    assert "| 12.35 |" in table[2] and "| 0.50/1.25 |" in table[2] and "| 31% |" in table[2]
+    assert "error: boom" in table[3]
+
+
+def test_parse_sections_and_quick_settings() -> None:
+    assert parse_sections(None)[0] == "prepare"
+    assert parse_sections(["peers"]) == ["llamacpp", "hf", "hf_serve"]
+    assert parse_sections(["perplexity,bandwidth"]) == ["bandwidth", "perplexity"]
+    with pytest.raises(SystemExit):
+        parse_sections(["nope"])
+    assert Settings.quick().single_tokens < Settings().single_tokens
