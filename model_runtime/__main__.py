@@ -1,0 +1,178 @@
+"""`python -m model_runtime --model_name NAME --model_dir DIR [...]`: the serving command.
+
+The ClusterServingRuntime runs this. The parser extends KServe's model_server.parser (so
+--http_port, --grpc_port, --workers ... keep KServe's meaning) with the flags named in
+distillery_operator.contract, which the operator's renderer writes into the InferenceService.
+The HTTP server comes up at once (liveness answers); the weights load in a background thread and
+the model turns ready (GET /v1/models/NAME -> 200) when they are in memory. A load failure ends
+the process with exit status 1 and a log line that says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+from distillery_operator import contract
+from kserve import model_server
+from kserve.utils.utils import strtobool
+
+from model_runtime.log_config import configure_logging
+from model_runtime.server import DistilleryModel, RuntimeOptions, add_openai_routes
+
+log = logging.getLogger("model_runtime")
+
+
+def _bool(value: str) -> bool:
+    return bool(strtobool(value))
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return number
+
+
+def _unit_float(value: str) -> float:
+    number = float(value)
+    if not 0.0 < number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return number
+
+
+def _temperature(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number <= 2.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2], got {value}")
+    return number
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """The contract's flags (and a few local ones) on top of KServe's parser."""
+    existing = {opt for action in parser._actions for opt in action.option_strings}
+    # KServe's parser already defines --model_name and --http_port; their meaning is the contract's.
+    assert contract.FLAG_MODEL_NAME in existing and contract.FLAG_HTTP_PORT in existing
+    flag = {"nargs": "?", "const": True, "type": _bool}  # `--x` or `--x=false`
+    parser.add_argument(contract.FLAG_MODEL_DIR, default=contract.MODEL_MOUNT_DIR,
+                        help="model directory (HF safetensors + tokenizer, our quantized artifact) or a .gguf file")
+    parser.add_argument(contract.FLAG_MODEL_FORMAT, default="auto", choices=["auto", "safetensors", "gguf"],
+                        help="format of --model_dir; auto detects it")
+    parser.add_argument(contract.FLAG_QUANTIZATION, default="none", choices=["none", "int8", "int4"],
+                        help="weight-only quantization applied at load")
+    parser.add_argument(contract.FLAG_GROUP_SIZE, default=128, type=int, choices=[32, 64, 128],
+                        help="int4 group size")
+    parser.add_argument(contract.FLAG_PREQUANTIZED, default=None, **flag,
+                        help="the weights are already our quantized artifact (default: detect its manifest)")
+    parser.add_argument(contract.FLAG_DTYPE, default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument(contract.FLAG_DEVICE, default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument(contract.FLAG_MAX_MODEL_LEN, default=None, type=_positive_int,
+                        help="context length (default: the model's)")
+    parser.add_argument(contract.FLAG_MAX_BATCH_SIZE, default=8, type=_positive_int,
+                        help="sequences decoded together")
+    parser.add_argument(contract.FLAG_MAX_QUEUE, default=32, type=_positive_int,
+                        help="waiting requests beyond this get HTTP 429")
+    parser.add_argument(contract.FLAG_DEFAULT_TEMPERATURE, default=None, type=_temperature,
+                        help="default temperature (default: the model's generation_config)")
+    parser.add_argument(contract.FLAG_DEFAULT_TOP_P, default=None, type=_unit_float,
+                        help="default top_p (default: the model's generation_config)")
+    parser.add_argument(contract.FLAG_DEFAULT_MAX_TOKENS, default=None, type=_positive_int,
+                        help="default max_tokens (default: up to the end of the context)")
+    parser.add_argument(contract.FLAG_THINK_PREFIX, default=False, **flag,
+                        help='force "<think>\\n" after the generation prompt (DeepSeek-R1)')
+    parser.add_argument(contract.FLAG_SEPARATE_REASONING, default=False, **flag,
+                        help="return the thinking as reasoning_content (DeepSeek API style)")
+    parser.add_argument("--request_timeout_s", default=600.0, type=float, help="per-request engine timeout")
+    parser.add_argument("--log_level", default=os.environ.get("LOG_LEVEL", "INFO"))
+    parser.add_argument("--log_prompts", default=False, **flag, help="log prompt text (debugging only)")
+    parser.add_argument("--allow_pickle", default=False, **flag, help="allow .bin/.pt (pickle) weights")
+    parser.add_argument("--trust_remote_code", default=False, **flag)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m model_runtime",
+        description="Serve a distilled, quantized LLM: KServe V1/V2 and an OpenAI-compatible API.",
+        parents=[model_server.parser],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_runtime_arguments(parser)
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
+    return RuntimeOptions(
+        model_name=args.model_name, model_dir=args.model_dir, model_format=args.model_format,
+        quantization=args.quantization, group_size=args.group_size, prequantized=args.prequantized,
+        dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        max_batch_size=args.max_batch_size, max_queue=args.max_queue, request_timeout_s=args.request_timeout_s,
+        default_temperature=args.default_temperature, default_top_p=args.default_top_p,
+        default_max_tokens=args.default_max_tokens, think_prefix=args.think_prefix,
+        separate_reasoning=args.separate_reasoning, log_prompts=args.log_prompts,
+        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+    )
+
+
+def check_model_dir(path: str, model_format: str) -> str | None:
+    """A clear message when --model_dir cannot hold a model of --model_format, else None."""
+    p = Path(path)
+    if not p.exists():
+        return f"--model_dir {path} does not exist"
+    files = [p] if p.is_file() else list(p.iterdir())
+    has_gguf = any(f.suffix == ".gguf" for f in files)
+    has_st = any(f.suffix == ".safetensors" for f in files)
+    if model_format == "gguf" and not has_gguf:
+        return f"--model_format gguf but no .gguf file in {path}"
+    if model_format == "safetensors" and not has_st:
+        return f"--model_format safetensors but no .safetensors file in {path}"
+    return None
+
+
+def _load_in_background(model: DistilleryModel) -> threading.Thread:
+    def run() -> None:
+        try:
+            model.load()
+        except Exception as exc:  # the pod must fail visibly, not serve 503 forever
+            log.error("model load failed: %s", exc, exc_info=not _is_user_error(exc))
+            logging.shutdown()
+            os._exit(1)
+
+    thread = threading.Thread(target=run, name="model-load", daemon=True)
+    thread.start()
+    return thread
+
+
+def _is_user_error(exc: Exception) -> bool:
+    return type(exc).__name__ == "ModelLoadError"
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    configure_logging(args.log_level.upper(), log_prompts=args.log_prompts)
+    problem = check_model_dir(args.model_dir, args.model_format)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    model = DistilleryModel(options_from_args(args))
+    server = model_server.ModelServer(
+        http_port=args.http_port, grpc_port=args.grpc_port, workers=1, enable_grpc=args.enable_grpc,
+        enable_docs_url=args.enable_docs_url, enable_latency_logging=args.enable_latency_logging,
+        max_asyncio_workers=args.max_asyncio_workers, timeout_keep_alive=args.timeout_keep_alive,
+    )
+    # Before ModelServer.start(): KServe adds its routes after ours, so ours win where paths overlap.
+    add_openai_routes(model_server.app, model)
+    server.register_model(model)  # registered while loading: readiness answers 503, not 404
+    _load_in_background(model)
+    try:
+        server.start([])
+    finally:
+        model.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
