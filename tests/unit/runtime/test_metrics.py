@@ -1,0 +1,47 @@
+"""Metric names and labels are the contract's; the engine's step stats land in the gauges."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from distillery_operator import contract
+from prometheus_client import CollectorRegistry, generate_latest
+
+from model_runtime.metrics import EngineMetrics, RuntimeMetrics
+
+
+def test_engine_step_stats_set_the_gauges():
+    registry = CollectorRegistry()
+    EngineMetrics("m", registry).observe_step(
+        SimpleNamespace(queue_depth=3, running=5, kv_cache_usage=0.25, tokens_per_s=42.0))
+    value = lambda name: registry.get_sample_value(name, {contract.METRIC_LABEL_MODEL: "m"})  # noqa: E731
+    assert value(contract.METRIC_QUEUE_DEPTH) == 3
+    assert value(contract.METRIC_RUNNING_SEQUENCES) == 5
+    assert value(contract.METRIC_KV_CACHE_USAGE) == 0.25
+    assert value(contract.METRIC_TOKENS_PER_SECOND) == 42.0
+
+
+def test_every_contract_metric_is_exported_with_the_model_label():
+    registry = CollectorRegistry()
+    metrics = RuntimeMetrics("m", registry)
+    metrics.request_started()
+    metrics.first_token(0.2)
+    metrics.tokens(prompt=7, generated=11)
+    metrics.rejected()
+    metrics.error("queue_full")
+    metrics.request_finished("chat", 200, 1.5)
+    metrics.observe_step(SimpleNamespace(queue_depth=0, running=0, kv_cache_usage=0.0, tokens_per_s=0.0))
+    text = generate_latest(registry).decode()
+    names = [v for k, v in vars(contract).items() if k.startswith("METRIC_") and v.startswith("distillery_")]
+    for name in names:
+        suffix = "_bucket" if name in (contract.METRIC_TIME_TO_FIRST_TOKEN, contract.METRIC_REQUEST_LATENCY) else ""
+        lines = [line for line in text.splitlines() if line.startswith(f"{name}{suffix}{{")]
+        assert lines and all(f'{contract.METRIC_LABEL_MODEL}="m"' in line for line in lines), name
+    assert registry.get_sample_value(contract.METRIC_GENERATED_TOKENS_TOTAL, {"model_name": "m"}) == 11
+    assert registry.get_sample_value(contract.METRIC_REQUESTS_IN_FLIGHT, {"model_name": "m"}) == 0
+
+
+def test_metrics_are_created_once_per_registry():
+    registry = CollectorRegistry()
+    RuntimeMetrics("a", registry)
+    RuntimeMetrics("b", registry)  # a second model (or a re-created server) must not raise "duplicated"
