@@ -1,0 +1,95 @@
+"""kopf handlers: thin glue between kopf's events and the Reconciler (reconcile.py does the work).
+
+`register()` puts every handler into a kopf registry, so each operator run (and each test) gets its own:
+- DistilledModel create / update / resume -> reconcile; delete -> forget (ownerReferences let the garbage
+  collector remove the InferenceService, so no finalizer is needed);
+- any change of a child InferenceService (label distillery.dev/model) -> mirror its status, restore it
+  when it was edited or deleted by hand;
+- a timer per DistilledModel -> periodic resync, the backstop for missed events;
+- startup: kopf settings, the API client, the metrics endpoint; cleanup: a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from typing import Any
+
+import kopf
+
+from . import constants, metrics
+from .reconcile import KopfClient, Reconciler
+from .settings import OperatorSettings
+
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+DM = (constants.GROUP, constants.VERSION, constants.PLURAL)
+ISVC = (constants.KSERVE_GROUP, constants.KSERVE_VERSION, constants.ISVC_PLURAL)
+CHILD_EVENT_ATTEMPTS = 4  # kopf never retries event handlers; a child event retries transient errors itself
+
+
+async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
+    config: OperatorSettings = memo.config
+    settings.posting.level = logging.WARNING  # kopf's own "handler succeeded" chatter is no Event
+    settings.networking.request_timeout = 60.0
+    settings.networking.connect_timeout = 10.0
+    settings.watching.server_timeout = 600
+    settings.persistence.finalizer = f"{constants.GROUP}/finalizer"
+    memo.reconciler = Reconciler(KopfClient(settings, logger), config.render_settings())
+    metrics.serve(config.metrics_port)
+    logger.info("distillery operator started (resync every %ss)", config.resync_seconds)
+
+
+async def on_cleanup(logger: Logger, **_: Any) -> None:
+    logger.info("distillery operator stopped")
+
+
+async def on_model(body: kopf.Body, reason: str, retry: int, memo: kopf.Memo, **_: Any) -> None:
+    """create / update / resume of a DistilledModel."""
+    reconciler: Reconciler = memo.reconciler
+    await reconciler.reconcile(body, trigger=str(reason), retry=retry)
+
+
+async def on_model_deleted(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    reconciler: Reconciler = memo.reconciler
+    reconciler.forget(namespace or "default", name)
+    metrics.forget_model(namespace or "default", name)
+
+
+async def on_resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    reconciler: Reconciler = memo.reconciler
+    with contextlib.suppress(kopf.PermanentError):  # recorded on the model already; the timer keeps running
+        await reconciler.reconcile(body, trigger="resync")
+
+
+async def on_child(type: str, body: kopf.Body, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
+    """Any event of a child InferenceService (None: seen in the initial listing)."""
+    reconciler: Reconciler = memo.reconciler
+    for attempt in range(CHILD_EVENT_ATTEMPTS):
+        try:
+            await reconciler.reconcile_child(type or "ADDED", body)
+            return
+        except kopf.TemporaryError as exc:
+            logger.warning("child %s: %s (attempt %d/%d)", body.get("metadata", {}).get("name"), exc, attempt + 1,
+                           CHILD_EVENT_ATTEMPTS)
+            await asyncio.sleep(min(exc.delay or 1.0, 5.0))
+
+
+def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> kopf.OperatorRegistry:
+    """Register every handler of the operator into `registry`."""
+    kopf.on.startup(registry=registry)(on_startup)
+    kopf.on.cleanup(registry=registry)(on_cleanup)
+    kopf.on.create(*DM, id="reconcile-create", registry=registry)(on_model)
+    kopf.on.update(*DM, id="reconcile-update", registry=registry)(on_model)
+    kopf.on.resume(*DM, id="reconcile-resume", registry=registry)(on_model)
+    kopf.on.delete(*DM, id="forget", optional=True, registry=registry)(on_model_deleted)
+    kopf.on.event(*ISVC, labels={constants.LABEL_MODEL: kopf.PRESENT}, registry=registry)(on_child)
+    kopf.timer(
+        *DM, id="resync", interval=config.resync_seconds, initial_delay=config.resync_seconds, registry=registry
+    )(on_resync)
+    # kopf puts a finalizer on objects with timers so it can stop them gracefully; the resync is stateless
+    # and idempotent, so a deleted model can simply drop it: no finalizer, no extra write per model.
+    spawning = registry._spawning
+    spawning._handlers = [dataclasses.replace(h, requires_finalizer=False) for h in spawning._handlers]
+    return registry

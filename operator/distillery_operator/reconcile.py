@@ -1,0 +1,511 @@
+"""All of the operator's I/O: keep each DistilledModel's InferenceService and status in line with its spec.
+
+One reconcile = read the child, create it or patch it when it differs from the render, compute our status
+from the child's, write the status only when it changed, post Events on transitions. The Kubernetes API
+sits behind `KubeClient` (four calls), so unit tests and the benchmark swap in an in-process fake; the
+operator uses `KopfClient`, which rides kopf's own aiohttp session and credentials (async, no extra
+dependency, no thread pool).
+
+Failure policy (kopf retries handlers that raise TemporaryError, never those that raise PermanentError):
+- 409 on create: someone created it first: re-read and compare. 409 on a patch: re-read and retry (3x).
+- 404 on a patch of the child: it vanished: create it. 404 on our status: the model is gone: stop.
+- 5xx, 429, timeouts, connection errors: `kopf.TemporaryError` with exponential backoff.
+- An invalid spec: Validated=False with every problem, one Warning Event per generation, the running
+  InferenceService untouched, then `kopf.PermanentError` (retrying cannot fix a spec).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, Protocol, cast
+
+import kopf
+
+from . import constants, metrics
+from .api import InvalidSpec, parse_distilled_model
+from .render import render_inference_service
+from .settings import RenderSettings
+from .status import COND_VALIDATED, compute_status, condition, status_changed
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------- the client
+@dataclass(frozen=True)
+class Ref:
+    """A namespaced resource of the API (group '' is the core group)."""
+
+    group: str
+    version: str
+    plural: str
+
+    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+        base = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        path = f"{base}/namespaces/{namespace}/{self.plural}"
+        if name:
+            path += f"/{name}"
+        if subresource:
+            path += f"/{subresource}"
+        return path
+
+
+DM = Ref(constants.GROUP, constants.VERSION, constants.PLURAL)
+ISVC = Ref(constants.KSERVE_GROUP, constants.KSERVE_VERSION, constants.ISVC_PLURAL)
+EVENTS = Ref("", "v1", "events")
+
+
+class ApiError(Exception):
+    """An API call that failed; status 0 means no HTTP answer (connection error, timeout)."""
+
+    def __init__(self, status: int, message: str = "") -> None:
+        self.status = status
+        self.message = message
+        super().__init__(f"HTTP {status}: {message}" if status else message or "no answer from the API server")
+
+    @property
+    def transient(self) -> bool:
+        return self.status == 0 or self.status == 429 or self.status >= 500
+
+
+class KubeClient(Protocol):
+    """The API calls the reconciler makes. Implementations raise ApiError; get returns None on 404."""
+
+    async def get(self, ref: Ref, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    async def create(self, ref: Ref, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    async def patch(
+        self, ref: Ref, namespace: str, name: str, patch: Mapping[str, Any], subresource: str | None = None
+    ) -> dict[str, Any]: ...
+
+    async def event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None: ...
+
+
+class KopfClient:
+    """KubeClient on kopf's API access: its aiohttp session and its login credentials.
+
+    kopf retries 5xx itself for a minute before giving up; here every call is tried once so that the
+    reconciler turns failures into kopf.TemporaryError and the handler, not the call, waits.
+    """
+
+    def __init__(
+        self, kopf_settings: kopf.OperatorSettings, logger: logging.Logger | logging.LoggerAdapter[Any] | None = None
+    ) -> None:
+        self._settings = kopf_settings
+        self._logger = logger or log
+
+    async def _request(self, method: str, url: str, payload: object | None, content_type: str | None) -> Any:
+        from kopf._cogs.clients import api, errors  # kopf's own client; private, pinned by kopf>=1.45
+
+        headers = {"Content-Type": content_type} if content_type else None
+        try:
+            response = await api.request(
+                method, url, payload=payload, headers=headers, settings=self._settings, backoffs=(),
+                logger=self._logger,
+            )
+            async with response:
+                return await response.json()
+        except errors.APIError as exc:
+            raise ApiError(exc.status, exc.message or str(exc)) from exc
+        except (TimeoutError, OSError) as exc:  # aiohttp's connection errors are OSErrors
+            raise ApiError(0, repr(exc)) from exc
+        except Exception as exc:  # aiohttp.ClientError that is not an OSError (payload, disconnect)
+            if type(exc).__module__.startswith("aiohttp"):
+                raise ApiError(0, repr(exc)) from exc
+            raise
+
+    async def get(self, ref: Ref, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = await self._request("get", ref.path(namespace, name), None, None)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return result
+
+    async def create(self, ref: Ref, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self._request("post", ref.path(namespace), body, "application/json")
+        return result
+
+    async def patch(
+        self, ref: Ref, namespace: str, name: str, patch: Mapping[str, Any], subresource: str | None = None
+    ) -> dict[str, Any]:
+        url = ref.path(namespace, name, subresource)
+        result: dict[str, Any] = await self._request("patch", url, patch, "application/merge-patch+json")
+        return result
+
+    async def event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        # kopf queues it and posts it from its own task (with its own retries): never blocks a reconcile.
+        kopf.event(cast(kopf.Body, dict(involved)), type=type_, reason=reason, message=message)
+
+
+# ------------------------------------------------------------------------------------ the logic
+def utcnow() -> str:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta = body.get("metadata") or {}
+    return {
+        "apiVersion": constants.API_VERSION,
+        "kind": constants.KIND,
+        "name": meta.get("name"),
+        "uid": meta.get("uid"),
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def contains(desired: Any, live: Any) -> bool:
+    """Whether `live` has every field of `desired` with the same value (dicts may carry extra keys,
+    which admission webhooks add as defaults; lists and scalars must be equal)."""
+    if isinstance(desired, Mapping):
+        if not isinstance(live, Mapping):
+            return False
+        return all(contains(value, live.get(key)) for key, value in desired.items())
+    if isinstance(desired, list):
+        return (
+            isinstance(live, list)
+            and len(desired) == len(live)
+            and all(contains(d, li) and contains(li, d) for d, li in zip(desired, live, strict=True))
+        )
+    return bool(desired == live)
+
+
+def merge_patch(live: Any, desired: Any) -> Any:
+    """A JSON merge patch turning `live` into `desired` (keys that `desired` lacks become null)."""
+    if not isinstance(desired, Mapping) or not isinstance(live, Mapping):
+        return desired
+    patch: dict[str, Any] = {key: None for key in live if key not in desired}
+    for key, value in desired.items():
+        patch[key] = merge_patch(live[key], value) if key in live else value
+    return patch
+
+
+# Label/annotation keys the renderer writes; stale ones (from an older render) are removed on patch.
+OWNED_META_PREFIXES = ("app.kubernetes.io/", f"{constants.GROUP}/", "serving.kserve.io/", "autoscaling.knative.dev/")
+
+
+def _owned_meta_patch(live: Mapping[str, str] | None, desired: Mapping[str, str]) -> dict[str, str | None]:
+    patch: dict[str, str | None] = {
+        key: None for key in (live or {}) if key not in desired and key.startswith(OWNED_META_PREFIXES)
+    }
+    patch.update(desired)
+    return patch
+
+
+def isvc_in_sync(desired: Mapping[str, Any], live: Mapping[str, Any], owner_uid: str | None) -> bool:
+    """Whether the live child is what we render: same hash, our fields unchanged, owned by this model."""
+    dmeta, lmeta = desired["metadata"], live.get("metadata") or {}
+    annotations = lmeta.get("annotations") or {}
+    if annotations.get(constants.ANN_SPEC_HASH) != dmeta["annotations"][constants.ANN_SPEC_HASH]:
+        return False
+    if not any(ref.get("uid") == owner_uid and ref.get("controller") for ref in lmeta.get("ownerReferences") or []):
+        return False
+    return (
+        contains(dmeta["labels"], lmeta.get("labels") or {})
+        and contains(dmeta["annotations"], annotations)
+        and contains(desired["spec"], live.get("spec") or {})
+    )
+
+
+def isvc_patch(desired: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch that restores our labels, annotations, ownerReference and spec on the live child."""
+    lmeta = live.get("metadata") or {}
+    ours = desired["metadata"]["ownerReferences"][0]
+    others = [r for r in lmeta.get("ownerReferences") or [] if r.get("uid") != ours["uid"] and not r.get("controller")]
+    return {
+        "metadata": {
+            "labels": _owned_meta_patch(lmeta.get("labels"), desired["metadata"]["labels"]),
+            "annotations": _owned_meta_patch(lmeta.get("annotations"), desired["metadata"]["annotations"]),
+            "ownerReferences": [*others, ours],
+        },
+        "spec": merge_patch(live.get("spec") or {}, desired["spec"]),
+    }
+
+
+def backoff(retry: int) -> float:
+    """Seconds before kopf retries a handler that hit a transient API error (1, 2, 4 ... 60)."""
+    return float(min(60, 2 ** max(0, retry)))
+
+
+@dataclass
+class Outcome:
+    """What a reconcile did (for logs, metrics, tests and the benchmark)."""
+
+    action: str  # created | patched | unchanged | invalid | deleting | gone
+    writes: int = 0
+    events: list[str] = field(default_factory=list)
+    phase: str | None = None
+
+
+class Unset:
+    pass
+
+
+UNSET = Unset()
+MAX_CONFLICT_RETRIES = 3
+
+
+class Reconciler:
+    """Reconciles DistilledModels through a KubeClient; one per operator process."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        settings: RenderSettings,
+        *,
+        clock: Callable[[], str] = utcnow,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.clock = clock
+        # One reconcile at a time per model: the DistilledModel handlers, the child watch and the resync
+        # timer run in different kopf workers and would otherwise race each other into duplicate writes.
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def lock(self, namespace: str, name: str) -> asyncio.Lock:
+        return self._locks.setdefault((namespace, name), asyncio.Lock())
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._locks.pop((namespace, name), None)
+
+    # ---------------------------------------------------------------------------- entry points
+    async def reconcile(
+        self,
+        body: Mapping[str, Any],
+        *,
+        trigger: str,
+        retry: int = 0,
+        live: Mapping[str, Any] | None | Unset = UNSET,
+    ) -> Outcome:
+        """Bring one DistilledModel's child and status in line; raise kopf errors on failure."""
+        meta = body.get("metadata") or {}
+        namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name"))
+        started = time.perf_counter()
+        result = "error"
+        try:
+            async with self.lock(namespace, name):
+                outcome = await self._reconcile(body, namespace, name, retry, live)
+            result = outcome.action
+            if outcome.phase:
+                metrics.set_phase(namespace, name, outcome.phase)
+            return outcome
+        except kopf.PermanentError:
+            result = "invalid"
+            raise
+        except kopf.TemporaryError:
+            result = "retry"
+            raise
+        finally:
+            metrics.observe_reconcile(trigger, result, time.perf_counter() - started)
+
+    async def reconcile_child(self, event_type: str, isvc: Mapping[str, Any], *, trigger: str = "child") -> Outcome | None:
+        """A change of a child InferenceService: mirror its status, restore it if edited or deleted by hand."""
+        meta = isvc.get("metadata") or {}
+        namespace = str(meta.get("namespace") or "default")
+        owner = (meta.get("labels") or {}).get(constants.LABEL_MODEL)
+        if not owner:
+            return None
+        body = await self._call(self.client.get(DM, namespace, owner), 0)
+        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+            return None  # an orphan, or its owner is going: garbage collection's business
+        live: Mapping[str, Any] | None | Unset = None if event_type == "DELETED" else isvc
+        try:
+            return await self.reconcile(body, trigger=trigger, live=live)
+        except kopf.PermanentError:
+            return Outcome("invalid")  # already recorded on the model; nothing to retry
+
+    # ---------------------------------------------------------------------------- internals
+    async def _call(self, awaitable: Any, retry: int) -> Any:
+        """Await a client call; transient API failures become kopf.TemporaryError with backoff."""
+        try:
+            return await awaitable
+        except ApiError as exc:
+            metrics.API_ERRORS.labels(str(exc.status)).inc()
+            if exc.transient:
+                raise kopf.TemporaryError(f"Kubernetes API: {exc}", delay=backoff(retry)) from exc
+            raise
+
+    async def _get_isvc(self, namespace: str, name: str, retry: int) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = await self._call(self.client.get(ISVC, namespace, name), retry)
+        return result
+
+    async def _reconcile(
+        self, body: Mapping[str, Any], namespace: str, name: str, retry: int, live_in: Mapping[str, Any] | None | Unset
+    ) -> Outcome:
+        meta = body.get("metadata") or {}
+        if meta.get("deletionTimestamp"):
+            return Outcome("deleting")
+        generation = meta.get("generation")
+        previous = body.get("status") or {}
+        live: Mapping[str, Any] | None = (
+            await self._get_isvc(namespace, name, retry) if isinstance(live_in, Unset) else live_in
+        )
+
+        try:
+            dm = parse_distilled_model(dict(body))
+        except InvalidSpec as invalid:
+            await self._record_invalid(body, namespace, name, invalid, live, previous, retry)
+
+        outcome = Outcome("unchanged")
+        desired = render_inference_service(dm, self.settings)
+        desired["metadata"]["ownerReferences"] = [owner_reference(body)]
+        uid = meta.get("uid")
+
+        if live is not None and not isvc_in_sync(desired, live, uid):
+            # The event's copy may be stale: decide on a fresh read before writing.
+            live = await self._get_isvc(namespace, name, retry)
+        if live is None:
+            live = await self._create(desired, namespace, name, retry, outcome)
+        if outcome.action != "created" and live is not None and not isvc_in_sync(desired, live, uid):
+            live = await self._patch_isvc(desired, live, namespace, name, retry, outcome)
+
+        new = compute_status(
+            name=name, generation=generation, spec=dm.spec, isvc=live, previous=previous, now=self.clock()
+        )
+        await self._write_status(body, namespace, name, previous, new, retry, outcome)
+        outcome.phase = new["phase"]
+        return outcome
+
+    async def _create(
+        self, desired: dict[str, Any], namespace: str, name: str, retry: int, outcome: Outcome
+    ) -> dict[str, Any]:
+        try:
+            created: dict[str, Any] = await self._call(self.client.create(ISVC, namespace, desired), retry)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise kopf.TemporaryError(f"creating InferenceService {name}: {exc}", delay=backoff(retry)) from exc
+            found = await self._get_isvc(namespace, name, retry)  # created meanwhile: compare with it
+            if found is None:
+                raise kopf.TemporaryError(f"InferenceService {name}: create conflicted, then not found", delay=1) from exc
+            return found
+        outcome.action = "created"
+        outcome.writes += 1
+        outcome.events.append("Created")
+        return created
+
+    async def _patch_isvc(
+        self, desired: dict[str, Any], live: Mapping[str, Any], namespace: str, name: str, retry: int, outcome: Outcome
+    ) -> dict[str, Any]:
+        lmeta = live.get("metadata") or {}
+        foreign = [r for r in lmeta.get("ownerReferences") or [] if r.get("controller") and r.get("uid") != desired[
+            "metadata"]["ownerReferences"][0]["uid"]]
+        if foreign:
+            # Another controller (or a deleted namesake of this model awaiting garbage collection) owns it.
+            raise kopf.TemporaryError(
+                f"InferenceService {name} is controlled by {foreign[0].get('kind')}/{foreign[0].get('name')} "
+                f"(uid {foreign[0].get('uid')}); waiting for it to go", delay=backoff(retry) * 5,
+            )
+        by_hand = (lmeta.get("annotations") or {}).get(constants.ANN_SPEC_HASH) == desired["metadata"]["annotations"][
+            constants.ANN_SPEC_HASH]
+        for attempt in range(MAX_CONFLICT_RETRIES + 1):
+            try:
+                patched: dict[str, Any] = await self._call(
+                    self.client.patch(ISVC, namespace, name, isvc_patch(desired, live)), retry
+                )
+                break
+            except ApiError as exc:
+                if exc.status == 404:  # deleted under our feet: create it again
+                    return await self._create(desired, namespace, name, retry, outcome)
+                if exc.status != 409 or attempt == MAX_CONFLICT_RETRIES:
+                    raise kopf.TemporaryError(f"patching InferenceService {name}: {exc}", delay=backoff(retry)) from exc
+                fresh = await self._get_isvc(namespace, name, retry)
+                if fresh is None:
+                    return await self._create(desired, namespace, name, retry, outcome)
+                live = fresh
+                if isvc_in_sync(desired, live, desired["metadata"]["ownerReferences"][0]["uid"]):
+                    return dict(live)
+        outcome.action = "patched"
+        outcome.writes += 1
+        outcome.events.append("DriftRepaired" if by_hand else "Updated")
+        return patched
+
+    async def _write_status(
+        self,
+        body: Mapping[str, Any],
+        namespace: str,
+        name: str,
+        previous: Mapping[str, Any],
+        new: dict[str, Any],
+        retry: int,
+        outcome: Outcome,
+    ) -> None:
+        # Events first: they describe what this reconcile did and saw, whether or not the status changes.
+        await self._post_events(body, previous, new, outcome)
+        if not status_changed(previous, new):
+            return
+        for attempt in range(MAX_CONFLICT_RETRIES + 1):
+            try:
+                await self._call(self.client.patch(DM, namespace, name, {"status": new}, "status"), retry)
+                outcome.writes += 1
+                return
+            except ApiError as exc:
+                if exc.status == 404:
+                    outcome.action = "gone"
+                    return
+                if exc.status != 409 or attempt == MAX_CONFLICT_RETRIES:
+                    raise kopf.TemporaryError(f"writing status of {name}: {exc}", delay=backoff(retry)) from exc
+
+    async def _post_events(
+        self, body: Mapping[str, Any], previous: Mapping[str, Any], new: Mapping[str, Any], outcome: Outcome
+    ) -> None:
+        name = (body.get("metadata") or {}).get("name")
+        messages = {
+            "Created": ("Normal", f"created InferenceService {name}"),
+            "Updated": ("Normal", f"updated InferenceService {name} to the new spec"),
+            "DriftRepaired": ("Warning", f"InferenceService {name} was changed by hand; restored it to the spec"),
+        }
+        for reason in outcome.events:
+            if reason in messages:
+                type_, message = messages[reason]
+                await self._event(body, type_, reason, message)
+        if new.get("phase") != previous.get("phase"):
+            if new["phase"] == "Ready":
+                await self._event(body, "Normal", "Ready", f"serving at {new.get('url') or '(no URL yet)'}")
+            elif new["phase"] == "Failed" and outcome.action != "invalid":
+                await self._event(body, "Warning", "Failed", str(new.get("message") or "the model failed"))
+            elif new["phase"] == "Degraded" and outcome.action != "invalid":
+                await self._event(body, "Warning", "Degraded", str(new.get("message") or "the model is degraded"))
+
+    async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        try:
+            await self.client.event(body, type_, reason, message)
+        except ApiError as exc:  # an Event is best effort: never fail a reconcile for one
+            log.warning("could not post Event %s on %s: %s", reason, (body.get("metadata") or {}).get("name"), exc)
+
+    async def _record_invalid(
+        self,
+        body: Mapping[str, Any],
+        namespace: str,
+        name: str,
+        invalid: InvalidSpec,
+        live: Mapping[str, Any] | None,
+        previous: Mapping[str, Any],
+        retry: int,
+    ) -> NoReturn:
+        """Validated=False with every problem, a Warning Event once per generation; the child stays as it is."""
+        generation = (body.get("metadata") or {}).get("generation")
+        outcome = Outcome("invalid")
+        new = compute_status(
+            name=name, generation=generation, spec=None, problems=invalid.problems, isvc=live, previous=previous,
+            now=self.clock(),
+        )
+        before = condition(previous, COND_VALIDATED)
+        already_reported = (
+            before is not None
+            and before.get("status") == "False"
+            and before.get("observedGeneration") == generation
+            and before.get("message") == condition(new, COND_VALIDATED)["message"]  # type: ignore[index]
+        )
+        if not already_reported:
+            await self._event(body, "Warning", "InvalidSpec", f"spec rejected, nothing changed: {invalid}")
+            outcome.events.append("InvalidSpec")
+        await self._write_status(body, namespace, name, previous, new, retry, outcome)
+        outcome.phase = new["phase"]
+        raise kopf.PermanentError(f"invalid spec: {invalid}")
