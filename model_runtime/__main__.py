@@ -22,7 +22,7 @@ from kserve import model_server
 from kserve.utils.utils import strtobool
 
 from model_runtime.log_config import configure_logging
-from model_runtime.server import DistilleryModel, RuntimeOptions, add_openai_routes
+from model_runtime.server import DistilleryModel, RuntimeModelServer, RuntimeOptions, add_openai_routes
 
 log = logging.getLogger("model_runtime")
 
@@ -86,6 +86,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                         help='force "<think>\\n" after the generation prompt (DeepSeek-R1)')
     parser.add_argument(contract.FLAG_SEPARATE_REASONING, default=False, **flag,
                         help="return the thinking as reasoning_content (DeepSeek API style)")
+    parser.add_argument("--http_host", default="0.0.0.0", help="address to listen on (127.0.0.1 for local use)")
     parser.add_argument("--request_timeout_s", default=600.0, type=float, help="per-request engine timeout")
     parser.add_argument("--log_level", default=os.environ.get("LOG_LEVEL", "INFO"))
     parser.add_argument("--log_prompts", default=False, **flag, help="log prompt text (debugging only)")
@@ -158,8 +159,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     model = DistilleryModel(options_from_args(args))
-    server = model_server.ModelServer(
-        http_port=args.http_port, grpc_port=args.grpc_port, workers=1, enable_grpc=args.enable_grpc,
+    server = RuntimeModelServer(
+        http_host=args.http_host, http_port=args.http_port, grpc_port=args.grpc_port, enable_grpc=args.enable_grpc,
         enable_docs_url=args.enable_docs_url, enable_latency_logging=args.enable_latency_logging,
         max_asyncio_workers=args.max_asyncio_workers, timeout_keep_alive=args.timeout_keep_alive,
     )

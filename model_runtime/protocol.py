@@ -38,7 +38,9 @@ def validation_error_param(exc: ValidationError) -> tuple[str, str | None]:
     errors = exc.errors(include_url=False)
     if not errors:
         return str(exc), None
-    first = errors[0]
+    # For a union (str | object) pydantic reports every branch; the deepest location is the branch
+    # the client meant ("instances.0.prompt: Field required", not "instances.0: not a string").
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
     loc = [str(part) for part in first.get("loc", ()) if not _is_union_tag(part)]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
@@ -47,7 +49,8 @@ def validation_error_param(exc: ValidationError) -> tuple[str, str | None]:
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic puts the union member's type name into loc ("str", "list[...]"): not a field name.
-    return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or "[" in part)
+    # (and a model's class name for a union of models); our field names are all lower case.
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or "[" in part or part[:1].isupper())
 
 
 # --------------------------------------------------------------------------- chat
@@ -239,7 +242,7 @@ def dump(model: BaseModel) -> dict[str, Any]:
     `reasoning_content` only exists when reasoning is separated.
     """
     data = model.model_dump(mode="json")
-    _drop_none(data, {"reasoning_content", "usage", "max_model_len"})
+    _drop_none(data, {"reasoning_content", "usage", "max_model_len", "role"})
     return data
 
 

@@ -26,7 +26,11 @@ from typing import Any
 import kserve
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from kserve import model_server
+from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
+from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from kserve.protocol.rest.server import RESTServer
 from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -419,3 +423,36 @@ def add_openai_routes(app: FastAPI, model: DistilleryModel) -> OpenAIRoutes:
     routes = OpenAIRoutes(model)
     routes.register(app)
     return routes
+
+
+class RuntimeModelServer(model_server.ModelServer):
+    """KServe's ModelServer, single-process, listening on a chosen host.
+
+    KServe binds 0.0.0.0 unconditionally; in a pod that is right (the default here too), but tests
+    and the demo bind 127.0.0.1. Otherwise this is ModelServer.start() for one worker.
+    """
+
+    def __init__(self, *, http_host: str = "0.0.0.0", **kwargs: Any) -> None:
+        kwargs["workers"] = 1  # the model and its engine live in this process
+        super().__init__(**kwargs)
+        self.http_host = http_host
+
+    def start(self, models: list[Any]) -> None:
+        self._register_and_check_atleast_one_model_is_ready(models)
+        self._rest_server = RESTServer(
+            FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension, self.http_port,
+            access_log_format=self.access_log_format, workers=1, grace_period=self.grace_period,
+            event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive,
+            ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile,
+        )
+        self._rest_server.config.host = self.http_host
+        self.servers.append(self._rest_server.start())
+        if self.enable_grpc:
+            self._grpc_server = GRPCServer(
+                self.grpc_port, self.dataplane, self.model_repository_extension,
+                kwargs=vars(model_server.args), grace_period=self.grace_period,
+            )
+            self.servers.append(self._grpc_server.start(self.max_threads))
+        self.setup_event_loop()
+        self.register_signal_handler()
+        asyncio.run(self._serve())

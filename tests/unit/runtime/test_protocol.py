@@ -63,7 +63,7 @@ def test_chat_request_accepts_text_parts_and_stop_forms():
         ({"messages": [{"role": "assistant", "content": "x", "reasoning_content": "thought"}]},
          "messages.0.reasoning_content"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-         "messages.0.content"),
+         "messages.0.content.0.type"),
     ],
 )
 def test_chat_request_rejections_name_the_field(overrides, param):
