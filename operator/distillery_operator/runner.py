@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import Any
 
 import kopf
@@ -62,8 +63,8 @@ async def operate(
     all_namespaces: bool = False,
     standalone: bool = False,
     login: kopf.ConnectionInfo | None = None,
-    stop_flag: asyncio.Event | None = None,
-    ready_flag: asyncio.Event | None = None,
+    stop_flag: asyncio.Event | threading.Event | None = None,
+    ready_flag: asyncio.Event | threading.Event | None = None,
 ) -> None:
     """Run the operator in the current event loop until `stop_flag` is set (or a signal arrives)."""
     clusterwide, names = scope(settings, namespaces, all_namespaces)
@@ -92,3 +93,47 @@ def run_operator(
     """`distillery run`: block until SIGINT/SIGTERM (kopf installs the signal handlers)."""
     configure_logging(settings)
     asyncio.run(operate(settings, namespaces=namespaces, all_namespaces=all_namespaces, standalone=standalone))
+
+
+class OperatorThread:
+    """The operator in a thread with its own event loop (the demo, the tests): kopf cancels every task
+    created in its loop after it started when it stops, so it must not share a loop with the caller."""
+
+    def __init__(
+        self, settings: OperatorSettings, login: kopf.ConnectionInfo, *, all_namespaces: bool = True,
+        namespaces: list[str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._kwargs: dict[str, Any] = dict(
+            namespaces=namespaces, all_namespaces=all_namespaces, standalone=True, login=login
+        )
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        ready = threading.Event()
+        self._stop = threading.Event()
+
+        def main() -> None:
+            try:
+                asyncio.run(operate(self.settings, stop_flag=self._stop, ready_flag=ready, **self._kwargs))
+            except BaseException as exc:  # surfaced by stop()
+                self.error = exc
+                ready.set()
+
+        self._thread = threading.Thread(target=main, name="distillery-operator", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout) or self.error is not None:
+            raise RuntimeError(f"the operator did not start: {self.error!r}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout)
+        alive, self._thread = self._thread.is_alive(), None
+        if alive:
+            raise RuntimeError(f"the operator did not stop within {timeout} s")
+        if self.error is not None and not isinstance(self.error, asyncio.CancelledError):
+            raise RuntimeError("the operator failed") from self.error
