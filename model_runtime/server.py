@@ -244,12 +244,18 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 @contextlib.asynccontextmanager
 async def abort_on_disconnect(request: Request, serving: Serving, job: Job) -> AsyncIterator[None]:
-    """While the body is open, a client disconnect aborts the job's engine request at once."""
+    """While the body is open, a client disconnect aborts the job's engine request at once.
+
+    (Without this a non-streaming request would run to max_tokens for nobody, and a stream would
+    only notice at its next write.) The request then ends as 499, nginx's "client closed request".
+    """
+    gone = asyncio.Event()
 
     async def watch() -> None:
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
+                gone.set()
                 log.info("client disconnected", extra={"request_id": job.request_id})
                 with contextlib.suppress(Exception):
                     serving.engine.abort(job.request_id)
@@ -258,6 +264,10 @@ async def abort_on_disconnect(request: Request, serving: Serving, job: Job) -> A
     watcher = asyncio.create_task(watch())
     try:
         yield
+    except ServingError as exc:
+        if gone.is_set():
+            raise ServingError(499, "client closed the request", type="client_closed", code="client_closed") from exc
+        raise
     finally:
         watcher.cancel()
 

@@ -1,0 +1,265 @@
+"""The real runtime (`python -m model_runtime`: KServe ModelServer + engine + tiny Qwen2 with the
+real R1 tokenizer) on a free 127.0.0.1 port, driven by real clients: the `openai` SDK for the OpenAI
+routes, httpx for KServe V1/V2, probes and /metrics; bad requests get the right 4xx and body.
+
+One server for the module (start-up dominates the cost): batch 1 and a queue of 1, so that the
+429 test can fill the queue with a few concurrent requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from distillery_operator import contract
+
+from model_runtime.reasoning import split_reasoning
+
+pytestmark = pytest.mark.integration
+
+MODEL = "tiny-r1"
+MAX_MODEL_LEN = 512
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_qwen2_dir, tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("runtime") / "server.log"
+    cmd = [
+        sys.executable, "-m", "model_runtime",
+        f"{contract.FLAG_MODEL_NAME}={MODEL}", f"{contract.FLAG_MODEL_DIR}={tiny_qwen2_dir}",
+        "--http_host=127.0.0.1", f"{contract.FLAG_HTTP_PORT}={port}", "--enable_grpc=false",
+        f"{contract.FLAG_MAX_MODEL_LEN}={MAX_MODEL_LEN}", f"{contract.FLAG_MAX_BATCH_SIZE}=1",
+        f"{contract.FLAG_MAX_QUEUE}=1", f"{contract.FLAG_DEVICE}=cpu", f"{contract.FLAG_DTYPE}=float32",
+        contract.FLAG_THINK_PREFIX, contract.FLAG_SEPARATE_REASONING,
+    ]
+    repo = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=repo, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        ready = False
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                live = httpx.get(f"{base}{contract.HEALTH_LIVE_PATH}", timeout=1)
+                ready_resp = httpx.get(base + contract.HEALTH_READY_PATH_TEMPLATE.format(model_name=MODEL), timeout=1)
+                if live.status_code == 200 and ready_resp.status_code == 200:
+                    ready = True
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        if not ready:
+            pytest.fail(f"runtime not ready (exit {proc.poll()}):\n{log_path.read_text()[-4000:]}")
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail("runtime did not stop within 20 s of SIGTERM")
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def r1_tokenizer(tiny_qwen2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_qwen2_dir))
+
+
+def metric(base: str, name: str, **labels: str) -> float:
+    text = httpx.get(f"{base}{contract.METRICS_PATH}", timeout=5).text
+    want = {contract.METRIC_LABEL_MODEL: MODEL, **labels}
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in want.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+MSGS = [{"role": "user", "content": "What is 2+2?"}]
+
+
+def test_models_list_and_probes(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{server}/openai/v1/models").json()["data"][0]["id"] == MODEL
+    assert httpx.get(f"{server}/v1/models").json()["models"] == [MODEL]  # KServe V1 shape on the same path
+    assert httpx.get(f"{server}/v1/models/{MODEL}").json() == {"name": MODEL, "ready": True}
+    assert httpx.get(f"{server}/").json() == {"status": "alive"}
+
+
+def test_chat_plain_and_streaming_agree(client):
+    plain = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=12, temperature=0)
+    choice = plain.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert plain.usage.completion_tokens <= 12 and plain.usage.prompt_tokens > 0
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+
+    stream = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+                        for c in chunks if c.choices)
+    assert content == (choice.message.content or "")
+    assert reasoning == (choice.message.model_extra.get("reasoning_content") or "")
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_reasoning_split_matches_the_raw_completion(client, r1_tokenizer):
+    """Greedy chat (think prefix + reasoning_content) == split_reasoning(raw greedy completion)."""
+    prompt = r1_tokenizer.apply_chat_template(MSGS, tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<｜Assistant｜>")  # the R1 template leaves "<think>\n" to the runtime
+    ids = r1_tokenizer(prompt + "<think>\n", add_special_tokens=False)["input_ids"]
+    raw = client.completions.create(model=MODEL, prompt=ids, max_tokens=16, temperature=0)
+    chat = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=16, temperature=0)
+    assert chat.usage.prompt_tokens == len(ids)
+    message = chat.choices[0].message
+    assert (message.model_extra.get("reasoning_content"), message.content) == split_reasoning(raw.choices[0].text)
+
+
+def test_completions_plain_streaming_stop_and_seed(client):
+    plain = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0)
+    text = plain.choices[0].text
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0, stream=True) if c.choices]
+    assert "".join(pieces) == text
+    if len(text) > 3:  # a stop string taken from the greedy output cuts it there
+        stop = text[2:4]
+        cut = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0,
+                                        stop=[stop])
+        assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    sampled = [client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, temperature=1.0, seed=123)
+               .choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_kserve_v1_predict_and_v2_infer(server):
+    v1 = httpx.post(f"{server}/v1/models/{MODEL}:predict",
+                    json={"instances": ["Hello", {"prompt": "Hi", "max_tokens": 3}], "parameters": {"max_tokens": 4,
+                                                                                                   "temperature": 0}})
+    assert v1.status_code == 200, v1.text
+    predictions = v1.json()["predictions"]
+    assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
+    v2 = httpx.post(f"{server}/v2/models/{MODEL}/infer", json={
+        "inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["Hello"]}],
+        "parameters": {"max_tokens": 4, "temperature": 0}})
+    assert v2.status_code == 200, v2.text
+    output = v2.json()["outputs"][0]
+    assert output["datatype"] == "BYTES" and output["shape"] == [1]
+    assert output["data"] == [predictions[0]]  # same prompt, same greedy path
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400,
+         "messages.0.role"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": MSGS, "n": 2}, 400, "n"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": MSGS, "temperature": 5}, 400, "temperature"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 600}]}, 400,
+         "messages"),
+        ("/openai/v1/chat/completions", {"model": MODEL, "messages": MSGS, "max_tokens": MAX_MODEL_LEN}, 400,
+         "max_tokens"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "assistant", "content": "a",
+                                                                "reasoning_content": "b"}, *MSGS]}, 400,
+         "messages.0.reasoning_content"),
+        ("/v1/chat/completions", {"model": "gpt-4", "messages": MSGS}, 404, "model"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
+        ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
+        (f"/v1/models/{MODEL}:predict", {"instances": [{"prompt": "x", "max_tokens": 10**6}]}, 400,
+         "instances.0.max_tokens"),
+        (f"/v2/models/{MODEL}/infer", {"inputs": [{"name": "t", "shape": [1], "datatype": "FP32", "data": [1]}]},
+         400, None),
+    ],
+)
+def test_bad_requests_get_4xx_and_an_error_body(server, path, body, status, param):
+    resp = httpx.post(f"{server}{path}", json=body, timeout=30)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    if path.startswith(("/v1/chat", "/v1/completions", "/openai")) or param:
+        assert error["message"] and error["param"] == param
+    else:
+        assert error
+
+
+def test_malformed_json_is_400(server):
+    for path in ("/v1/chat/completions", "/openai/v1/completions"):
+        resp = httpx.post(f"{server}{path}", content=b'{"model": ', headers={"content-type": "application/json"})
+        assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_sdk_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=MSGS)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=MSGS, n=2)
+    assert err.value.body["param"] == "n"
+
+
+async def test_full_queue_answers_429_with_retry_after(server):
+    """Batch 1 + queue 1: of six concurrent long requests, some must be turned away with 429."""
+    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 200, "temperature": 1.0}
+    async with httpx.AsyncClient(base_url=server, timeout=60) as h:
+        responses = await asyncio.gather(*(h.post("/v1/completions", json=body) for _ in range(6)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) >= 1 and 429 in statuses and set(statuses) <= {200, 429}, statuses
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert int(rejected.headers["retry-after"]) >= 1
+    assert rejected.json()["error"]["code"] == "queue_full"
+    assert metric(server, contract.METRIC_QUEUE_REJECTED_TOTAL) >= statuses.count(429)
+
+
+def test_client_disconnect_aborts_the_stream(server):
+    """Closing a stream mid-way frees the request (in-flight back to 0) long before max_tokens."""
+    body = {"model": MODEL, "prompt": "Go", "max_tokens": MAX_MODEL_LEN - 8, "temperature": 1.0, "stream": True,
+            "seed": 1}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["object"] == "text_completion"
+    deadline = time.monotonic() + 10
+    while metric(server, contract.METRIC_REQUESTS_IN_FLIGHT) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(server, contract.METRIC_REQUESTS_IN_FLIGHT) == 0
+    # the server still serves
+    ok = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_metrics_exported_with_contract_names(server):
+    text = httpx.get(f"{server}{contract.METRICS_PATH}").text
+    for name in (contract.METRIC_REQUESTS_TOTAL, contract.METRIC_TIME_TO_FIRST_TOKEN + "_bucket",
+                 contract.METRIC_GENERATED_TOKENS_TOTAL, contract.METRIC_QUEUE_DEPTH,
+                 contract.METRIC_REQUESTS_IN_FLIGHT, contract.METRIC_RUNNING_SEQUENCES):
+        assert f"\n{name}{{" in text, name
+    assert metric(server, contract.METRIC_GENERATED_TOKENS_TOTAL) > 0
+    assert metric(server, contract.METRIC_REQUESTS_TOTAL, endpoint="chat", status="200") >= 3
