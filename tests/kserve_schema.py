@@ -6,7 +6,7 @@ misspelled field would pass plain validation (the API server prunes it silently 
 preserve unknown fields, and map OpenAPI's `nullable` and `x-kubernetes-int-or-string` onto JSON
 Schema, so a typo fails the test with its path.
 
-Usage (pytest runs from the repo root, so `tests` imports as a namespace package):
+Usage (pyproject sets pytest's pythonpath to the repo root, so `tests` imports as a namespace package):
     from tests.kserve_schema import assert_valid, kserve_validator
     validator = kserve_validator(kserve_reference_dir / "serving.kserve.io_inferenceservices.yaml")
     assert_valid(validator, isvc_dict)

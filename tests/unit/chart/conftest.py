@@ -27,11 +27,6 @@ INVALID_DIR = HERE / "invalid"
 RELEASE = "distillery"
 NAMESPACE = "distillery-system"
 
-# tests/kserve_schema.py is shared as `tests.kserve_schema`; `python -m pytest` from the repo root puts
-# the root on sys.path, and this keeps a bare `pytest` run working too.
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 SCENARIOS = ["default", *sorted(p.stem for p in VALUES_DIR.glob("*.yaml"))]
 INVALID = sorted(p.stem for p in INVALID_DIR.glob("*.yaml"))
 

@@ -164,6 +164,14 @@ def test_lint_strict(helm_run, chart_dir, rendered) -> None:
     assert "0 chart(s) failed" in result.stdout, result.stdout
 
 
+def test_renders_on_the_oldest_supported_kubernetes(helm_run, chart_dir) -> None:
+    kube_version = yaml.safe_load((chart_dir / "Chart.yaml").read_text())["kubeVersion"]
+    oldest = re.match(r">=\s*([0-9.]+)", kube_version).group(1)
+    helm_run("template", "x", str(chart_dir), "--kube-version", oldest)
+    too_old = helm_run("template", "x", str(chart_dir), "--kube-version", "1.20.0", check=False)
+    assert too_old.returncode != 0 and "kubeVersion" in too_old.stderr
+
+
 def test_every_rendered_object_validates_against_its_schema(rendered, crd_validators) -> None:
     assert rendered.objects
     for obj in rendered.objects:
