@@ -328,8 +328,8 @@ class DistilledModel(BaseModel):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
-    api_version: Literal["distillery.dev/v1alpha1"] = Field(constants.API_VERSION, alias="apiVersion")
-    kind: Literal["DistilledModel"] = constants.KIND
+    api_version: Literal["distillery.dev/v1alpha1"] = Field("distillery.dev/v1alpha1", alias="apiVersion")
+    kind: Literal["DistilledModel"] = "DistilledModel"
     metadata: ObjectMeta
     spec: DistilledModelSpec
     status: DistilledModelStatus | None = None

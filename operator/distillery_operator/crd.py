@@ -122,9 +122,10 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             merged = {**branches[0], **node}
             return _structural(merged, defs)
         if types <= {"integer", "string", "number"}:  # int-or-string (quantities)
-            out = {k: v for k, v in node.items() if k in _KEEP and k != "default"}
-            out["x-kubernetes-int-or-string"] = True
-            return out
+            return {
+                **{k: v for k, v in node.items() if k in _KEEP and k != "default"},
+                "x-kubernetes-int-or-string": True,
+            }
         raise ValueError(f"cannot express anyOf {branches} structurally")
     if "const" in node and "enum" not in node:
         node["enum"] = [node.pop("const")]
