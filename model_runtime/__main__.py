@@ -15,12 +15,13 @@ import logging
 import os
 import sys
 import threading
+import warnings
 from pathlib import Path
 
-from distillery_operator import contract
 from kserve import model_server
 from kserve.utils.utils import strtobool
 
+from distillery_operator import contract
 from model_runtime.log_config import configure_logging
 from model_runtime.server import DistilleryModel, RuntimeModelServer, RuntimeOptions, add_openai_routes
 
@@ -153,6 +154,9 @@ def _is_user_error(exc: Exception) -> bool:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
+    # KServe's own routes use ORJSONResponse, which FastAPI now flags on every call: keep the JSON
+    # log stream free of that non-JSON warning text.
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
     configure_logging(args.log_level.upper(), log_prompts=args.log_prompts)
     problem = check_model_dir(args.model_dir, args.model_format)
     if problem:

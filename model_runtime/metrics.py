@@ -16,8 +16,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from distillery_operator import contract
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from distillery_operator import contract
 
 LABEL = contract.METRIC_LABEL_MODEL
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from distillery_operator import contract
 
+from distillery_operator import contract
 from model_runtime.reasoning import split_reasoning
 
 pytestmark = pytest.mark.integration

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from distillery_operator import contract
 
+from distillery_operator import contract
 from model_runtime.__main__ import build_parser, check_model_dir, main, options_from_args
 from model_runtime.cli import main as cli_main
 

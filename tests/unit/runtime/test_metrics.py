@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from distillery_operator import contract
 from prometheus_client import CollectorRegistry, generate_latest
 
+from distillery_operator import contract
 from model_runtime.metrics import EngineMetrics, RuntimeMetrics
 
 
