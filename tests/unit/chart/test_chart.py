@@ -10,6 +10,7 @@ settings and CLI, the runtime contract, the renderer's runtime names, model form
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,13 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+
 from distillery_operator import constants, contract
 from distillery_operator.api import parse_distilled_model
 from distillery_operator.cli import build_parser
 from distillery_operator.crd import build_crd
 from distillery_operator.render import render_inference_service
 from distillery_operator.settings import OperatorSettings
-
 from tests.kserve_schema import assert_valid, kserve_validator
 
 HERE = Path(__file__).resolve().parent
@@ -263,7 +264,7 @@ def test_operator_env_builds_valid_settings(rendered, monkeypatch) -> None:
     for name in rendered.env:
         if name.startswith("DISTILLERY_"):
             assert name.removeprefix("DISTILLERY_").lower() in fields, f"{name}: no such operator setting"
-    for name in [n for n in __import__("os").environ if n.startswith("DISTILLERY_")]:
+    for name in [n for n in os.environ if n.startswith("DISTILLERY_")]:
         monkeypatch.delenv(name)
     for name, value in rendered.env.items():
         monkeypatch.setenv(name, value)
