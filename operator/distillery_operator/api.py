@@ -127,7 +127,7 @@ class Serving(ApiModel):
 
     max_model_len: int = Field(4096, ge=128, le=1_048_576, description="Context length (prompt + generated tokens)")
     max_batch_size: int = Field(8, ge=1, le=1024, description="Sequences decoded together (continuous batching)")
-    max_queue: int = Field(32, ge=0, le=100_000, description="Requests waiting for a batch slot before 429s")
+    max_queue: int = Field(32, ge=1, le=100_000, description="Requests waiting for a batch slot before 429s")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Activation dtype (auto: bfloat16 on CPU and recent GPUs, float16 on GPUs without bf16)"
     )

@@ -154,7 +154,7 @@ def valid_specs(draw):
         spec["quantization"]["prequantized"] = draw(st.booleans())
     max_len = draw(st.integers(512, 32768))
     spec["serving"] = {
-        "maxModelLen": max_len, "maxBatchSize": draw(st.integers(1, 64)), "maxQueue": draw(st.integers(0, 256)),
+        "maxModelLen": max_len, "maxBatchSize": draw(st.integers(1, 64)), "maxQueue": draw(st.integers(1, 256)),
         "dtype": draw(st.sampled_from(["auto", "float16", "float32"])),
         "sampling": {"temperature": draw(st.floats(0, 2)), "topP": draw(st.floats(0.01, 1)),
                      "maxTokens": draw(st.integers(1, max_len))},
