@@ -135,12 +135,53 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     # OpenAI's newer name for max_tokens; max_tokens wins when both are set.
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    # Features this runtime does not implement: a clear 400 beats silently ignoring them.
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("logprobs are not supported by this runtime")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise ValueError("tool calling is not supported by this runtime")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value and value.get("type", "text") != "text":
+            raise ValueError("only response_format type 'text' is supported by this runtime")
+        return value
 
 
 class CompletionRequest(_SamplingFields):
     # A string, a one-element list of strings, or a list of token ids.
     prompt: str | list[str] | list[int]
     echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: int | None) -> int | None:
+        if value:
+            raise ValueError("logprobs are not supported by this runtime")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("suffix (insertion) is not supported by this runtime")
+        return value
 
     @field_validator("prompt")
     @classmethod

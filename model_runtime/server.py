@@ -166,7 +166,7 @@ class DistilleryModel(kserve.Model):
             except ServingError as exc:
                 exc.param = f"instances.{i}.{exc.param or 'prompt'}"
                 raise
-        texts = await asyncio.gather(*(self._text(serving, job) for job in jobs))
+        texts = await _gather_or_cancel([self._text(serving, job) for job in jobs])
         return V1Response(predictions=list(texts)).model_dump()
 
     async def _infer_v2(self, serving: Serving, request: InferRequest) -> InferResponse:
@@ -183,7 +183,7 @@ class DistilleryModel(kserve.Model):
         }
         req = _validate(V2Request, body)
         jobs = [serving.prepare_text(text, req.parameters) for text in req.inputs[0].data]
-        texts = await asyncio.gather(*(self._text(serving, job) for job in jobs))
+        texts = await _gather_or_cancel([self._text(serving, job) for job in jobs])
         output = InferOutput(name="text_output", shape=[len(texts)], datatype="BYTES", data=list(texts))
         return InferResponse(response_id=request.id or jobs[0].request_id, model_name=self.name,
                              infer_outputs=[output])
@@ -198,6 +198,19 @@ class DistilleryModel(kserve.Model):
             raise ServingError(503, f"The model '{self.name}' is not ready yet (loading weights).",
                                type="service_unavailable", code="model_not_ready", headers={"Retry-After": "5"})
         return self.serving
+
+
+async def _gather_or_cancel(coros: list[Any]) -> list[Any]:
+    """asyncio.gather, but one failure (e.g. a 429) cancels the siblings instead of leaving them
+    generating for a response nobody will read."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _plain_parameters(parameters: Any) -> dict[str, Any]:

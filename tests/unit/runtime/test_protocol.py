@@ -62,6 +62,9 @@ def test_chat_request_accepts_text_parts_and_stop_forms():
         ({"stop": ["ok", ""]}, "stop"),
         ({"messages": [{"role": "assistant", "content": "x", "reasoning_content": "thought"}]},
          "messages.0.reasoning_content"),
+        ({"logprobs": True}, "logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          "messages.0.content.0.type"),
     ],
@@ -78,6 +81,10 @@ def test_completion_prompt_forms():
     for bad in (["a", "b"], []):
         with pytest.raises(ValidationError):
             CompletionRequest.model_validate({"model": "m", "prompt": bad})
+    for field, value in (("logprobs", 2), ("suffix", "end")):
+        with pytest.raises(ValidationError):
+            CompletionRequest.model_validate({"model": "m", "prompt": "x", field: value})
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "x", "logprobs": None}).logprobs is None
 
 
 def test_dump_keeps_null_content_but_drops_unset_reasoning():
