@@ -395,3 +395,17 @@ async def test_not_ready_is_503(r1_tokenizer):
     async with http(app) as h:
         resp = await h.post("/v1/completions", json={"model": "r1", "prompt": "x"})
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "model_not_ready"
+
+
+async def test_a_failing_request_gets_an_error_body_not_a_hang(r1_tokenizer):
+    """finish_reason "error" from the engine: 500 with a body, or an SSE error event + [DONE] mid-stream."""
+    tokens = r1_tokenizer.encode("partial output", add_special_tokens=False)
+    app, _, _ = make_app(r1_tokenizer, engine=ScriptedEngine(tokens, finish="error"))
+    async with http(app) as h:
+        body = {"model": "r1", "messages": [{"role": "user", "content": "x"}]}
+        resp = await h.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 500 and resp.json()["error"]["code"] == "generation_error"
+        resp = await h.post("/v1/chat/completions", json={**body, "stream": True})
+        assert resp.status_code == 200  # headers were sent with the first token
+        events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and '"generation_error"' in events[-2]
