@@ -412,6 +412,9 @@ def test_samples_render_onto_an_installed_runtime_and_format(rendered_default, m
             assert model["modelFormat"]["name"] in {f["name"] for f in formats}
             # The PodMonitor (metrics.runtime.podMonitor) finds runtime pods by this label.
             assert constants.LABEL_MODEL in isvc["metadata"]["labels"]
+            # KServe appends the model's args to the runtime's: each side owns its own flags.
+            base = {a.split("=", 1)[0] for a in runtimes[model["runtime"]]["spec"]["containers"][0]["args"]}
+            assert not base & {a.split("=", 1)[0] for a in model.get("args", [])}, sample.name
 
 
 # --- monitoring -----------------------------------------------------------------------------------------
