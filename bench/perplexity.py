@@ -77,9 +77,9 @@ def stored_decode_bytes(model: Any) -> dict[str, int]:
 def runtime_perplexity(model_dir: str, quantization: str, *, max_tokens: int | None = None,
                        window: int = 512, threads: int = 2) -> dict[str, Any]:
     import torch
-    from model_runtime.loader import load_model
 
     from bench.ppl_text import PPL_TEXT
+    from model_runtime.loader import load_model
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()

@@ -196,7 +196,8 @@ class Bench:
         from distillery_operator import contract as c
 
         return [sys.executable, "-m", c.RUNTIME_MODULE, c.FLAG_MODEL_NAME, name, c.FLAG_MODEL_DIR, str(model_dir),
-                c.FLAG_HTTP_PORT, str(port), "--grpc_port", str(free_port()), "--enable_grpc", "false",
+                c.FLAG_HTTP_PORT, str(port), "--http_host", "127.0.0.1", "--grpc_port", str(free_port()),
+                "--enable_grpc", "false", "--log_level", "WARNING",
                 c.FLAG_QUANTIZATION, quant, c.FLAG_MAX_BATCH_SIZE, str(max_batch), c.FLAG_MAX_QUEUE, str(max_queue)]
 
     def _ours(self, model: str, model_dir: Path, *, levels: tuple[int, ...], tokens: int, repeats: int) -> None:
