@@ -130,6 +130,11 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if "const" in node and "enum" not in node:
         node["enum"] = [node.pop("const")]
     out: dict[str, Any] = {k: v for k, v in node.items() if k in _KEEP}
+    # JSON Schema 2020 writes exclusive bounds as numbers; OpenAPI v3 (what CRDs speak) as booleans.
+    for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(out.get(exclusive), int | float) and not isinstance(out[exclusive], bool):
+            out[bound] = out.pop(exclusive)
+            out[exclusive] = True
     if node.get("type") == "object" or "properties" in node:
         out["type"] = "object"
         if "properties" in node:

@@ -43,6 +43,8 @@ def test_schema_is_structural_and_described(version):
     schema = version["schema"]["openAPIV3Schema"]
     for path, node in walk(schema):
         assert not FORBIDDEN_IN_STRUCTURAL & set(node), f"{path} uses {FORBIDDEN_IN_STRUCTURAL & set(node)}"
+        for exclusive in ("exclusiveMinimum", "exclusiveMaximum"):  # OpenAPI v3: booleans, not bounds
+            assert isinstance(node.get(exclusive, False), bool), f"{path}.{exclusive} must be a boolean"
         int_or_string = node.get("x-kubernetes-int-or-string")
         assert "type" in node or int_or_string, f"{path} has no type"
         if int_or_string:
