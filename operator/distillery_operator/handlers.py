@@ -36,6 +36,10 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: L
     settings.networking.connect_timeout = 10.0
     settings.watching.server_timeout = 600
     settings.persistence.finalizer = f"{constants.GROUP}/finalizer"
+    # After its own patch kopf waits for the watch to deliver that version before it trusts the object's
+    # state again; past the timeout it handles a stale copy and re-runs `create` (one extra write). A busy
+    # API server delivers watch events late, so wait longer than kopf's default 5 s.
+    settings.persistence.consistency_timeout = 30.0
     memo.reconciler = Reconciler(KopfClient(settings, logger), config.render_settings())
     metrics.serve(config.metrics_port)
     logger.info("distillery operator started (resync every %ss)", config.resync_seconds)
@@ -48,7 +52,7 @@ async def on_cleanup(logger: Logger, **_: Any) -> None:
 async def on_model(body: kopf.Body, reason: str, retry: int, memo: kopf.Memo, **_: Any) -> None:
     """create / update / resume of a DistilledModel."""
     reconciler: Reconciler = memo.reconciler
-    await reconciler.reconcile(body, trigger=str(reason), retry=retry)
+    await reconciler.reconcile(body, trigger=str(reason), retry=retry, assume_absent=reason == "create")
 
 
 async def on_model_deleted(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:

@@ -283,15 +283,19 @@ class Reconciler:
         trigger: str,
         retry: int = 0,
         live: Mapping[str, Any] | None | Unset = UNSET,
+        assume_absent: bool = False,
     ) -> Outcome:
-        """Bring one DistilledModel's child and status in line; raise kopf errors on failure."""
+        """Bring one DistilledModel's child and status in line; raise kopf errors on failure.
+
+        `live` is the child as an event just delivered it (UNSET: read it); `assume_absent` skips that read
+        for a model that was just created (a 409 on the create falls back to reading it)."""
         meta = body.get("metadata") or {}
         namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name"))
         started = time.perf_counter()
         result = "error"
         try:
             async with self.lock(namespace, name):
-                outcome = await self._reconcile(body, namespace, name, retry, live)
+                outcome = await self._reconcile(body, namespace, name, retry, live, assume_absent)
             result = outcome.action
             if outcome.phase:
                 metrics.set_phase(namespace, name, outcome.phase)
@@ -337,16 +341,25 @@ class Reconciler:
         return result
 
     async def _reconcile(
-        self, body: Mapping[str, Any], namespace: str, name: str, retry: int, live_in: Mapping[str, Any] | None | Unset
+        self,
+        body: Mapping[str, Any],
+        namespace: str,
+        name: str,
+        retry: int,
+        live_in: Mapping[str, Any] | None | Unset,
+        assume_absent: bool,
     ) -> Outcome:
         meta = body.get("metadata") or {}
         if meta.get("deletionTimestamp"):
             return Outcome("deleting")
         generation = meta.get("generation")
         previous = body.get("status") or {}
-        live: Mapping[str, Any] | None = (
-            await self._get_isvc(namespace, name, retry) if isinstance(live_in, Unset) else live_in
-        )
+        live: Mapping[str, Any] | None
+        if isinstance(live_in, Unset):
+            # A brand-new model's child rarely exists: try the create first and read only on a 409.
+            live = None if assume_absent and retry == 0 else await self._get_isvc(namespace, name, retry)
+        else:
+            live = live_in
 
         try:
             dm = parse_distilled_model(dict(body))

@@ -247,3 +247,14 @@ def test_in_sync_needs_the_hash_the_fields_and_our_controller_reference() -> Non
     assert not isvc_in_sync(desired, live, "another-uid")
     live["metadata"]["annotations"][constants.ANN_SPEC_HASH] = "0"
     assert not isvc_in_sync(desired, live, "u1")
+
+
+async def test_a_new_model_creates_its_child_without_reading_first(client, reconciler) -> None:
+    body = client.put(DM, dm_object())
+    await reconciler.reconcile(body, trigger="create", assume_absent=True)
+    assert [c.verb for c in client.calls if c.plural == "inferenceservices"] == ["create"]
+    # ... and when the child is there after all, the 409 leads to a read and nothing else.
+    client.calls.clear()
+    outcome = await reconciler.reconcile(stored_dm(client), trigger="create", assume_absent=True)
+    assert [c.verb for c in client.calls if c.plural == "inferenceservices"] == ["create", "get"]
+    assert outcome.action == "unchanged" and client.writes() == [c for c in client.writes() if c.verb == "create"]
