@@ -32,6 +32,21 @@ def relative_rise(ppl: float, baseline: float) -> float:
     return (ppl - baseline) / baseline
 
 
+def _forward_all_logits(model: Any, x: Any) -> Any:
+    """[1, T] ids -> [1, T, vocab] logits through the runtime's Transformer (fresh KV cache per window)."""
+    import inspect
+
+    import torch
+
+    params = inspect.signature(model.forward).parameters
+    if "positions" in params:  # model_runtime.model.Transformer(input_ids, positions, cache, slots, ...)
+        T = x.shape[1]
+        cache = model.new_cache(1, T)
+        positions = torch.arange(T, device=x.device)[None, :]
+        return model(x, positions, cache, slice(0, 1), kv_len=T, logits="all")
+    return _logits_of(model(x))
+
+
 def _logits_of(output: Any) -> Any:
     if hasattr(output, "logits"):
         return output.logits
@@ -51,7 +66,9 @@ def stored_decode_bytes(model: Any) -> dict[str, int]:
     embed_ptrs: set[int] = set()
     for name, module in model.named_modules():
         tensors = list(module._parameters.values()) + list(module._buffers.values())
-        tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+        # tensor attributes (e.g. packed quantized weights); not the rope cos/sin tables, which a
+        # decode step indexes one row of
+        tensors += [v for k, v in vars(module).items() if isinstance(v, torch.Tensor) and not k.startswith("rope")]
         is_embed = isinstance(module, torch.nn.Embedding) or name.endswith(("embed_tokens", "wte", "tok_embeddings"))
         for t in tensors:
             if t is None or not isinstance(t, torch.Tensor):
@@ -94,7 +111,7 @@ def runtime_perplexity(model_dir: str, quantization: str, *, max_tokens: int | N
     with torch.inference_mode():
         for start, end in window_slices(len(ids), window):
             x = torch.tensor([ids[start:end]], dtype=torch.long, device=loaded.device)
-            logits = _logits_of(loaded.model(x)).float()  # [1, T, vocab]
+            logits = _forward_all_logits(loaded.model, x).float()  # [1, T, vocab]
             logp = torch.log_softmax(logits[0, :-1], dim=-1)
             target = x[0, 1:]
             nll -= float(logp.gather(1, target[:, None]).sum())

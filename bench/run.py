@@ -221,11 +221,16 @@ class Bench:
         bf16 = (self.runs.get(f"{BIG}/ours/bf16") or {}).get("peak_rss_mb")
         int4 = (self.runs.get(f"{BIG}/ours/int4") or {}).get("peak_rss_mb")
         int8 = (self.runs.get(f"{BIG}/ours/int8") or {}).get("peak_rss_mb")
+        ready = {m: (self.runs.get(f"{BIG}/ours/{m}") or {}).get("rss_after_load_mb") for m in ("bf16", "int4")}
         self.results["memory_1p5b"] = {
             "bf16_peak_rss_mb": bf16, "int8_peak_rss_mb": int8, "int4_peak_rss_mb": int4,
             "int4_over_bf16": round(int4 / bf16, 3) if bf16 and int4 else None,
             "int8_over_bf16": round(int8 / bf16, 3) if bf16 and int8 else None,
-            "note": "peak RSS of the whole server process tree (our runtime over HTTP), load + generation",
+            "bf16_rss_when_ready_mb": ready["bf16"], "int4_rss_when_ready_mb": ready["int4"],
+            "int4_over_bf16_when_ready": round(ready["int4"] / ready["bf16"], 3)
+            if ready["bf16"] and ready["int4"] else None,
+            "note": "peak RSS of the whole server process tree (our runtime over HTTP) over load + generation; "
+                    "'when ready' = RSS at the moment the model turned ready",
         }
 
     def overload(self) -> None:
