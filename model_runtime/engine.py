@@ -1,0 +1,434 @@
+"""Continuous-batching generation engine: one thread owns the model and its KV cache.
+
+Each step of the loop:
+1. drop aborted / timed-out requests (their slots are free for this very step);
+2. admit waiting requests into free KV-cache slots (caps: max_batch_size, max_tokens_in_flight);
+3. run one prefill chunk (<= prefill_chunk tokens) of one admitted request, so a long prompt
+   never stalls the running batch for long;
+4. run ONE decode forward for every running sequence (each at its own position) and sample each
+   row with its own parameters and torch.Generator.
+Requests join and leave between steps. A request whose logits are NaN/inf, or whose step raised,
+fails alone with finish_reason "error"; the thread itself never dies of a step's exception.
+
+The asyncio side (generate()) only enqueues and awaits events: torch never runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model_runtime.model import KVCache
+
+log = logging.getLogger("model_runtime.engine")
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.6        # 0 => greedy
+    top_p: float = 0.95
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)   # eos ids are added by the engine
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 8
+    max_queue: int = 32             # waiting requests beyond this => QueueFullError
+    max_model_len: int = 4096
+    max_tokens_in_flight: int | None = None
+    request_timeout_s: float | None = 600
+    prefill_chunk: int = 256        # prompt tokens per step for one prefilling request
+
+
+@dataclass
+class TokenEvent:
+    token_id: int | None            # None on the final event when nothing new was produced
+    finish_reason: str | None       # None while running; "stop" | "length" | "abort" | "timeout" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class EngineStats:
+    queue_depth: int = 0
+    running: int = 0
+    kv_cache_usage: float = 0.0
+    tokens_per_s: float = 0.0
+    generated_tokens: int = 0
+    steps: int = 0
+
+
+class QueueFullError(Exception):
+    def __init__(self, message: str = "queue full", retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeoutError(Exception):
+    pass
+
+
+class GenerationError(Exception):
+    """This request failed (e.g. NaN logits, or a bad prompt); other requests are unaffected."""
+
+
+class _Request:
+    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, stop_ids: set[int],
+                 eos_ids: set[int], deliver: Callable[[TokenEvent], None], deadline: float | None) -> None:
+        self.id = request_id
+        self.prompt = prompt
+        self.params = params
+        self.stop_ids = stop_ids
+        self.eos_ids = eos_ids
+        self.deliver = deliver
+        self.deadline = deadline
+        self.slot: int | None = None
+        self.pos = 0                   # tokens already in the KV cache
+        self.next_token: int | None = None  # sampled, not yet fed back
+        self.generated = 0
+        self.done = False
+        self.generator: torch.Generator | None = None
+        if params.temperature > 0:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(params.seed if params.seed is not None else
+                                       int(torch.randint(0, 2**62, ()).item()))
+
+    @property
+    def prefilling(self) -> bool:
+        return self.pos < len(self.prompt)
+
+    def budget(self) -> int:
+        return len(self.prompt) + self.params.max_tokens
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Zeros whose pages are only committed when written (calloc -> fresh zero pages for big sizes),
+    so a large reserved KV cache costs memory only for the positions actually used."""
+    nbytes_per = torch.empty((), dtype=dtype).element_size()
+    np_dtype = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[nbytes_per]
+    return torch.from_numpy(np.zeros(shape, dtype=np_dtype)).view(dtype)
+
+
+class Engine:
+    def __init__(self, loaded: Any, config: EngineConfig, metrics: Any | None = None) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.config = config
+        self.metrics = metrics
+        self.max_len = min(int(config.max_model_len), int(loaded.max_model_len))
+        self.eos_ids = set(int(e) for e in (loaded.eos_token_ids or []))
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._running: list[_Request] = []
+        self._aborts: set[str] = set()
+        self._by_id: dict[str, _Request] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._cache: KVCache | None = None
+        self._free_slots: list[int] = list(range(config.max_batch_size))
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._stats = EngineStats()
+        self._ids = itertools.count()
+        # test hook: called with (logits [B, V], request ids) before sampling; may edit logits in place
+        self.logits_hook: Callable[[Tensor, list[str]], None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def _allocate_cache(self) -> KVCache:
+        cfg = self.model.config
+        dtype = self.model.embed.weight.dtype
+        device = self.model.embed.weight.device
+        cache = KVCache.__new__(KVCache)
+        shape = (self.config.max_batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)
+        if device.type == "cpu":
+            cache.k = [_lazy_zeros(shape, dtype) for _ in range(cfg.n_layers)]
+            cache.v = [_lazy_zeros(shape, dtype) for _ in range(cfg.n_layers)]
+        else:
+            cache.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+            cache.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        cache.max_batch, cache.max_len = self.config.max_batch_size, self.max_len
+        return cache
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        if self.max_len > getattr(self.model, "rope_len", self.max_len):
+            self.model.set_rope(self.max_len, self.model.embed.weight.device)
+        self._cache = self._allocate_cache()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id in self._by_id:
+                self._aborts.add(request_id)
+                self._lock.notify_all()
+
+    def _retry_after(self) -> float:
+        rate = max(self._stats.tokens_per_s, 1.0)
+        pending = sum(r.params.max_tokens - r.generated for r in self._running) + sum(
+            r.params.max_tokens for r in self._waiting)
+        return float(min(60.0, max(1.0, pending / rate / max(1, self.config.max_batch_size))))
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+               deliver: Callable[[TokenEvent], None]) -> None:
+        """Thread-safe enqueue; `deliver` is called from the engine thread with each event."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise GenerationError("the prompt is empty (at least one token is needed)")
+        if len(prompt) >= self.max_len:
+            raise GenerationError(f"the prompt has {len(prompt)} tokens; the context is {self.max_len}")
+        if params.max_tokens < 1:
+            raise GenerationError("max_tokens must be >= 1")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise GenerationError(f"prompt token ids must be in [0, {vocab})")
+        timeout = self.config.request_timeout_s
+        deadline = time.monotonic() + timeout if timeout else None
+        req = _Request(request_id, prompt, params, set(params.stop_token_ids) | self.eos_ids, self.eos_ids,
+                       deliver, deadline)
+        with self._lock:
+            if self._stopping or self._thread is None:
+                raise GenerationError("the engine is not running")
+            if len(self._waiting) >= self.config.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue "
+                                     f"{self.config.max_queue})", retry_after_s=self._retry_after())
+            if request_id in self._by_id:
+                raise GenerationError(f"request id {request_id!r} is already in use")
+            self._by_id[request_id] = req
+            self._waiting.append(req)
+            self._stats.queue_depth = len(self._waiting)
+            self._lock.notify_all()
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[TokenEvent]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+
+        def deliver(event: TokenEvent) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                self.abort(request_id)
+
+        self.submit(prompt_ids, params, request_id, deliver)
+        finished = False
+        try:
+            while True:
+                event = await queue.get()
+                if event.finish_reason is not None:
+                    finished = True
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    # ------------------------------------------------------------------ engine thread
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._waiting and not self._running:
+                        self._lock.wait(timeout=1.0)
+                    if self._stopping:
+                        break
+                try:
+                    self._step()
+                except Exception:  # noqa: BLE001 - the thread must survive anything a step throws
+                    log.exception("engine step failed outside a forward; continuing")
+                    time.sleep(0.01)
+        for req in list(self._running) + list(self._waiting):
+            self._finish(req, None, "abort")
+        self._running.clear()
+        self._waiting.clear()
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            aborts, self._aborts = self._aborts, set()
+            for req in [r for r in self._waiting if r.id in aborts or (r.deadline and now > r.deadline)]:
+                self._waiting.remove(req)
+                self._finish(req, None, "abort" if req.id in aborts else "timeout")
+            admitted = self._admit()
+        for req in [r for r in self._running if r.id in aborts or (r.deadline and now > r.deadline)]:
+            self._finish(req, None, "abort" if req.id in aborts else "timeout")
+        del admitted
+        prefill = next((r for r in self._running if r.prefilling), None)
+        if prefill is not None:
+            self._guarded([prefill], self._prefill_chunk, prefill)
+        decoding = [r for r in self._running if not r.prefilling and not r.done]
+        if decoding:
+            self._guarded(decoding, self._decode, decoding)
+        self._update_stats()
+
+    def _admit(self) -> list[_Request]:
+        admitted = []
+        in_flight = sum(r.budget() for r in self._running)
+        cap = self.config.max_tokens_in_flight
+        while self._waiting and self._free_slots:
+            req = self._waiting[0]
+            if cap is not None and self._running and in_flight + req.budget() > cap:
+                break
+            self._waiting.popleft()
+            self._free_slots.sort()
+            req.slot = self._free_slots.pop(0)
+            self._running.append(req)
+            in_flight += req.budget()
+            admitted.append(req)
+        self._running.sort(key=lambda r: r.slot)
+        return admitted
+
+    def _guarded(self, reqs: list[_Request], fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the others
+            log.exception("engine step failed for %d request(s): %s", len(reqs), exc)
+            for r in reqs:
+                if not r.done:
+                    self._finish(r, None, "error")
+
+    def _prefill_chunk(self, req: _Request) -> None:
+        assert self._cache is not None and req.slot is not None
+        start = req.pos
+        end = min(len(req.prompt), start + self.config.prefill_chunk)
+        device = self.model.embed.weight.device
+        ids = torch.tensor([req.prompt[start:end]], device=device)
+        positions = torch.arange(start, end, device=device)[None]
+        last = end == len(req.prompt)
+        logits = self.model(ids, positions, self._cache, slice(req.slot, req.slot + 1), kv_len=end,
+                            logits="last" if last else "none")
+        req.pos = end
+        if last:
+            self._sample_and_emit([req], logits)
+
+    def _decode(self, reqs: list[_Request]) -> None:
+        assert self._cache is not None
+        device = self.model.embed.weight.device
+        ids = torch.tensor([[r.next_token] for r in reqs], device=device)          # [B, 1]
+        positions = torch.tensor([[r.pos] for r in reqs], device=device)           # [B, 1]
+        slot_list = [r.slot for r in reqs]
+        if slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list))):
+            slots: Tensor | slice = slice(slot_list[0], slot_list[0] + len(slot_list))
+        else:
+            slots = torch.tensor(slot_list, device=device)
+        kv_len = max(r.pos for r in reqs) + 1
+        logits = self.model(ids, positions, self._cache, slots, kv_len=kv_len, logits="last")  # [B, V]
+        for r in reqs:
+            r.pos += 1
+        self._sample_and_emit(reqs, logits)
+
+    def _sample_and_emit(self, reqs: list[_Request], logits: Tensor) -> None:
+        if self.logits_hook is not None:
+            self.logits_hook(logits, [r.id for r in reqs])
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        greedy_rows = [i for i, r in enumerate(reqs) if r.params.temperature <= 0]
+        tokens: list[int | None] = [None] * len(reqs)
+        if greedy_rows:
+            argmax = logits[greedy_rows].argmax(dim=-1).tolist()
+            for i, t in zip(greedy_rows, argmax, strict=True):
+                tokens[i] = t
+        for i, r in enumerate(reqs):
+            if tokens[i] is None and finite[i]:
+                tokens[i] = _sample(logits[i], r.params.temperature, r.params.top_p, r.generator)
+        for i, r in enumerate(reqs):
+            if not finite[i]:
+                log.error("request %s produced non-finite logits; failing it alone", r.id)
+                self._finish(r, None, "error")
+                continue
+            tok = int(tokens[i])  # type: ignore[arg-type]
+            r.generated += 1
+            self._recent.append((time.monotonic(), 1))
+            if tok in r.stop_ids:
+                self._finish(r, tok if tok in r.eos_ids else None, "stop")
+            elif r.generated >= r.params.max_tokens or r.pos >= self.max_len:
+                self._finish(r, tok, "length")
+            else:
+                r.next_token = tok
+                r.deliver(TokenEvent(tok, None, len(r.prompt), r.generated))
+
+    def _finish(self, req: _Request, token: int | None, reason: str) -> None:
+        if req.done:
+            return
+        req.done = True
+        if req in self._running:
+            self._running.remove(req)
+        if req.slot is not None:
+            self._release_slot(req)
+        with self._lock:
+            self._by_id.pop(req.id, None)
+        try:
+            req.deliver(TokenEvent(token, reason, len(req.prompt), req.generated))
+        except Exception:  # noqa: BLE001 - a dead consumer must not hurt the engine
+            log.debug("could not deliver the final event of %s", req.id)
+
+    def _release_slot(self, req: _Request) -> None:
+        slot, used = req.slot, min(req.pos + 1, self.max_len)
+        req.slot = None
+        if self._cache is not None and used > 0:
+            # wipe what this request wrote (a NaN left behind would poison the slot's next user)
+            for t in itertools.chain(self._cache.k, self._cache.v):
+                t[slot, :, :used].zero_()
+        with self._lock:
+            self._free_slots.append(slot)  # type: ignore[arg-type]
+
+    def _update_stats(self) -> None:
+        now = time.monotonic()
+        window = 5.0
+        while self._recent and now - self._recent[0][0] > window:
+            self._recent.popleft()
+        n = sum(c for _, c in self._recent)
+        span = (now - self._recent[0][0]) if len(self._recent) > 1 else 0.0
+        s = self._stats
+        s.tokens_per_s = n / span if span > 0.05 else s.tokens_per_s if self._running else 0.0
+        s.generated_tokens += 0
+        s.queue_depth = len(self._waiting)
+        s.running = len(self._running)
+        capacity = self.config.max_batch_size * self.max_len
+        s.kv_cache_usage = sum(r.pos for r in self._running) / capacity if capacity else 0.0
+        s.steps += 1
+        if self.metrics is not None:
+            try:
+                self.metrics.observe_step(s)
+            except Exception:  # noqa: BLE001
+                log.debug("metrics.observe_step failed", exc_info=True)
+
+
+def _sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """One token from logits [V] with temperature and nucleus (top_p) sampling."""
+    probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
+    if 0 < top_p < 1:
+        sorted_p, idx = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_p, dim=-1)
+        keep = cum - sorted_p < top_p           # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        choice = torch.multinomial(sorted_p, 1, generator=generator)
+        return int(idx[choice].item())
+    return int(torch.multinomial(probs, 1, generator=generator).item())

@@ -1,0 +1,159 @@
+"""Weight-only int8/int4 linear layers and the matmul path each device uses (measured choices).
+
+CPU (AVX2, see shared notes/cpu-inference.md; 1x4096 @ 4096x4096, 2 threads):
+  bf16 nn.Linear 2.3 ms; int8 `aten._weight_int8pack_mm` with bf16 activations 1.35-1.46 ms (the
+  same kernel with fp32 activations is 9-14 ms, torchao's eager int8 21-40 ms); int4
+  `aten._weight_int4pack_mm_for_cpu` g128 1.34-1.48 ms (compute-bound, no gain over int8 here).
+  So activations entering a quantized linear are cast to bf16 on CPU.
+CUDA: dequantize-then-matmul in the activation dtype (simple and correct; not tuned: no GPU here).
+
+What is stored (and saved by quant.py) is the portable form: int8 codes + scales, or int4 codes
+(0..15) + scales + zeros; the CPU int4 packed layout is derived from the codes at load time,
+deterministically, so a saved artifact reloads bit-exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+def quantize_int8(w: Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel: w [N, K] -> (codes int8 [N, K], scales [N]); w ~ codes * scales[:, None].
+
+    The scale is rounded to its storage dtype first, and the codes computed against that rounded
+    scale, so the stored pair is self-consistent."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).to(scale_dtype)
+    codes = torch.round(w / scales.float()[:, None]).clamp(-128, 127).to(torch.int8)
+    return codes, scales
+
+
+def int4_group_size(k: int, group_size: int) -> int:
+    """The requested group size, or the largest smaller supported one dividing K (tiny models)."""
+    for g in sorted({group_size, *INT4_GROUP_SIZES}, reverse=True):
+        if g <= group_size and k % g == 0:
+            return g
+    raise ValueError(f"in_features {k} is not a multiple of any int4 group size {INT4_GROUP_SIZES}")
+
+
+def quantize_int4(w: Tensor, group_size: int, scale_dtype: torch.dtype = torch.bfloat16
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric group-wise (tinygemm convention): w [N, K] -> (codes uint8 0..15 [N, K],
+    scales [N, K/g], zeros [N, K/g]) with w ~ (codes - 8) * scale + zero per group."""
+    n, k = w.shape
+    g = int4_group_size(k, group_size)
+    wg = w.float().view(n, k // g, g)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    scales = ((hi - lo) / 15.0).clamp(min=1e-6).to(scale_dtype)
+    zeros = (lo + 8.0 * scales.float()).to(scale_dtype)
+    codes = torch.round((wg - zeros.float()[..., None]) / scales.float()[..., None] + 8.0).clamp(0, 15)
+    return codes.to(torch.uint8).view(n, k), scales, zeros
+
+
+def dequantize_int4(codes: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    n, k = codes.shape
+    g = k // scales.shape[1]
+    w = (codes.view(n, k // g, g).float() - 8.0) * scales.float()[..., None] + zeros.float()[..., None]
+    return w.view(n, k)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (codes * scales)^T + bias, codes int8 [N, K], one scale per output channel."""
+
+    def __init__(self, codes: Tensor, scales: Tensor, bias: Tensor | None, act_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.to(act_dtype))
+        self.act_dtype = act_dtype
+        self._mm_scales = scales.to(torch.bfloat16)  # the CPU kernel wants scales in the activation dtype
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, act_dtype: torch.dtype) -> Int8Linear:
+        codes, scales = quantize_int8(linear.weight.data)
+        return cls(codes, scales, None if linear.bias is None else linear.bias.data, act_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.codes, self._mm_scales)
+            y = y.to(x.dtype)
+        else:
+            w = self.codes.to(x.dtype) * self.scales.to(x.dtype)[:, None]
+            y = F.linear(x2, w)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """uint8 codes 0..15 [N, K] -> [N, K/2] (even k in the low nibble): the portable int4 form."""
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    n, half = packed.shape
+    out = torch.empty(n, half * 2, dtype=torch.uint8, device=packed.device)
+    out[:, 0::2] = packed & 0x0F
+    out[:, 1::2] = packed >> 4
+    return out
+
+
+class Int4Linear(nn.Module):
+    """Group-wise int4: y = x @ dequant(codes, scales, zeros)^T + bias.
+
+    qweight: the portable nibble-packed codes [N, K/2]. On CPU they are repacked once into the
+    kernel's layout and, unless keep_codes (quantize_cli saves them), dropped to save memory."""
+
+    def __init__(self, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None,
+                 act_dtype: torch.dtype, keep_codes: bool = False) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
+        self.group_size = self.in_features // scales.shape[1]
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.contiguous())  # [N, K/g]
+        self.register_buffer("zeros", zeros.contiguous())    # [N, K/g]
+        self.register_buffer("bias", None if bias is None else bias.to(act_dtype))
+        self.act_dtype = act_dtype
+        self._packed: Tensor | None = None
+        self._sz: Tensor | None = None
+        if qweight.device.type == "cpu":
+            # [N, K/2] uint8 in the CPU kernel's layout; scale_and_zero [K/g, N, 2] bf16
+            codes = unpack_nibbles(self.qweight).to(torch.int32)
+            self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            self._sz = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            if not keep_codes:
+                self.qweight = None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int, act_dtype: torch.dtype,
+                   keep_codes: bool = False) -> Int4Linear:
+        codes, scales, zeros = quantize_int4(linear.weight.data, group_size)
+        bias = None if linear.bias is None else linear.bias.data
+        return cls(pack_nibbles(codes), scales, zeros, bias, act_dtype, keep_codes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self._packed is not None and x2.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self._packed,
+                                                            self.group_size, self._sz).to(x.dtype)
+        else:
+            w = dequantize_int4(unpack_nibbles(self.qweight), self.scales, self.zeros)
+            y = F.linear(x2, w.to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}"

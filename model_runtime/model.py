@@ -1,0 +1,184 @@
+"""A nanoGPT-style Qwen2/Llama decoder with a per-slot KV cache for batched decoding.
+
+No I/O here: loader.py builds the weights, engine.py drives forward().
+
+One forward() serves both phases:
+- prefill (or a chunk of it): input_ids [1, T] at positions start..start+T-1 of one slot;
+- decode: input_ids [B, 1], every running sequence at its own position, in one batch.
+Keys/values are written into the preallocated cache at (slot, position) and attention reads the
+first `kv_len` positions of each slot under a mask (position p attends to cache positions <= p),
+so sequences of different lengths share one forward without padding the inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model_runtime.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 like the reference implementations, then scale in the input dtype.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    """[head_dim/2] inverse frequencies, with llama3 scaling when the config asks for it."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = cfg.rope_scaling
+    if not s:
+        return inv_freq
+    factor = float(s["factor"])
+    low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+    old_len = float(s.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class KVCache:
+    """Preallocated keys/values: per layer [max_batch, n_kv_heads, max_len, head_dim] (one slot per sequence)."""
+
+    def __init__(self, cfg: ModelConfig, max_batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        shape = (max_batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.max_batch, self.max_len = max_batch, max_len
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=cfg.qkv_bias)
+        self.o = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kc: Tensor, vc: Tensor,
+                slots: Tensor | slice, slot_idx: Tensor, positions: Tensor, kv_len: int) -> Tensor:
+        B, T, _ = x.shape
+        qkv = self.qkv(x)                                             # [B, T, (nh + 2 nkv) * hd]
+        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)       # [B, nh, T, hd]
+        k = k.view(B, T, self.n_kv, self.hd)                          # [B, T, nkv, hd]
+        v = v.view(B, T, self.n_kv, self.hd)
+        q = q * cos + rotate_half(q) * sin                            # cos/sin [B, 1, T, hd]
+        k = k * cos.transpose(1, 2) + rotate_half(k) * sin.transpose(1, 2)
+        # write this step's keys/values at (slot, position): cache[slot, :, pos] is [nkv, hd]
+        kc[slot_idx[:, None], :, positions] = k.to(kc.dtype)
+        vc[slot_idx[:, None], :, positions] = v.to(vc.dtype)
+        keys, values = kc[slots, :, :kv_len], vc[slots, :, :kv_len]   # [B, nkv, L, hd]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B, nh, T, hd]
+        return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # [gate; up]
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).split(self.inter, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, *attn_args) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), *attn_args)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Token ids -> next-token logits, reading and writing a KVCache."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rope_len = 0
+        if not self.embed.weight.is_meta:  # the loader builds on "meta" and calls set_rope itself
+            self.set_rope(max_len or cfg.max_position)
+
+    def set_rope(self, max_len: int, device: torch.device | str = "cpu") -> None:
+        """float32 cos/sin tables [max_len, head_dim] (plain attributes: not weights, not saved)."""
+        t = torch.arange(max_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, rope_inv_freq(self.config).to(device))  # [max_len, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+        self.rope_len = max_len
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
+            self.lm_head.weight = self.embed.weight
+
+    def new_cache(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        dtype = dtype or self.embed.weight.dtype
+        return KVCache(self.config, max_batch, min(max_len, self.rope_len), dtype, self.embed.weight.device)
+
+    def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache, slots: Tensor | slice,
+                kv_len: int | None = None, logits: str = "last") -> Tensor | None:
+        """input_ids/positions [B, T]; slots: B cache slots (a tensor, or a slice when contiguous).
+
+        kv_len: attend over cache positions [0, kv_len) (default: max(positions) + 1).
+        logits: "last" -> [B, vocab] float32 for each row's last token, "all" -> [B, T, vocab], "none".
+        """
+        B, T = input_ids.shape
+        if kv_len is None:
+            kv_len = int(positions.max()) + 1
+        if isinstance(slots, slice):
+            slot_idx = torch.arange(slots.start, slots.stop, device=input_ids.device)
+        else:
+            slot_idx = slots
+        x = self.embed(input_ids)                                        # [B, T, C]
+        dtype = x.dtype
+        cos = self.rope_cos[positions].to(dtype).unsqueeze(1)            # [B, 1, T, hd]
+        sin = self.rope_sin[positions].to(dtype).unsqueeze(1)
+        # mask[b, 0, t, l]: cache position l is visible to the token at positions[b, t]
+        ar = torch.arange(kv_len, device=input_ids.device)
+        mask = (ar[None, None, None, :] <= positions[:, None, :, None])  # [B, 1, T, L]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache.k[i], cache.v[i], slots, slot_idx, positions, kv_len)
+        if logits == "none":
+            return None
+        if logits == "last":
+            x = x[:, -1, :]                                              # [B, C]
+        return self.lm_head(self.norm(x)).float()

@@ -1,0 +1,156 @@
+"""Quantize a Transformer's Linear layers (int8 per-channel / int4 group-wise, weight-only) and
+save/load the portable artifact: one model.safetensors of codes + scales (+ zeros) and float
+tensors, plus quantization.json (method, group size, source checksum, tool version, config).
+
+Loading an artifact rebuilds the same modules from the stored codes: no re-quantization, so the
+weights (and therefore the outputs) are bit-identical to the model that was saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from model_runtime.kernels import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+
+MANIFEST = "quantization.json"
+FORMAT = "distillery-quantized"
+FORMAT_VERSION = 1
+METHODS = ("int8", "int4")
+
+
+def tool_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"distillery {version('distillery')}, torch {torch.__version__}"
+    except Exception:  # noqa: BLE001 - not installed as a distribution (source checkout)
+        return f"distillery (source), torch {torch.__version__}"
+
+
+def is_quantized_linear(m: nn.Module) -> bool:
+    return isinstance(m, (Int8Linear, Int4Linear))
+
+
+def quantize_linear(weight: Tensor, bias: Tensor | None, method: str, group_size: int,
+                    act_dtype: torch.dtype, keep_codes: bool = False) -> nn.Module:
+    """A weight [N, K] (any float dtype; quantized from its float32 value) -> Int8Linear/Int4Linear."""
+    if method == "int8":
+        codes, scales = quantize_int8(weight)
+        return Int8Linear(codes, scales, bias, act_dtype)
+    if method == "int4":
+        from model_runtime.kernels import pack_nibbles
+
+        codes, scales, zeros = quantize_int4(weight, group_size)
+        return Int4Linear(pack_nibbles(codes), scales, zeros, bias, act_dtype, keep_codes)
+    raise ValueError(f"unknown quantization method {method!r} (int8, int4)")
+
+
+def quantizable(model: nn.Module, quantize_lm_head: bool) -> list[str]:
+    """Names of the Linear layers that get quantized: the decoder's, plus lm_head when asked."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (n != "lm_head" or quantize_lm_head)]
+
+
+def quantize_model(model: nn.Module, method: str, group_size: int = 128, *, quantize_lm_head: bool = False,
+                   act_dtype: torch.dtype = torch.bfloat16, keep_codes: bool = False,
+                   progress: Callable[[Iterable[str]], Iterable[str]] | None = None) -> nn.Module:
+    """Replace Linear layers in place (a tied lm_head gets its own quantized copy)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r} (int8, int4)")
+    names = quantizable(model, quantize_lm_head)
+    for name in progress(names) if progress else names:
+        linear = model.get_submodule(name)
+        bias = None if linear.bias is None else linear.bias.data
+        model.set_submodule(name, quantize_linear(linear.weight.data, bias, method, group_size, act_dtype, keep_codes))
+    return model
+
+
+def file_checksum(paths: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(Path(p) for p in paths):
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def artifact_state(model: nn.Module) -> dict[str, Tensor]:
+    """Everything needed to rebuild the model: float params, and codes/scales/zeros/bias of quantized layers."""
+    state: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, Int8Linear):
+            state[prefix + "codes"] = module.codes
+            state[prefix + "scales"] = module.scales
+        elif isinstance(module, Int4Linear):
+            if module.qweight is None:
+                raise ValueError(f"{name}: int4 codes were dropped after packing; quantize with keep_codes=True")
+            state[prefix + "qweight"] = module.qweight
+            state[prefix + "scales"] = module.scales
+            state[prefix + "zeros"] = module.zeros
+        if is_quantized_linear(module):
+            if module.bias is not None:
+                state[prefix + "bias"] = module.bias
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # tied lm_head: stored once, as embed.weight
+                continue
+            seen.add(id(p))
+            state[prefix + pname] = p.data
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_quantized(model: nn.Module, dst: Path, *, method: str, group_size: int, quantize_lm_head: bool,
+                   source: str, source_checksum: str, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write dst/model.safetensors, dst/quantization.json, dst/config.json (+ tokenizer files given)."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    state = artifact_state(model)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": FORMAT})
+    cfg = model.config
+    (dst / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "method": method,
+        "group_size": group_size if method == "int4" else None, "quantize_lm_head": quantize_lm_head,
+        "source": source, "source_checksum": source_checksum, "tool_version": tool_version(),
+        "weights_checksum": file_checksum([dst / "model.safetensors"]), "config": cfg.as_dict(),
+        "float_dtype": str(model.embed.weight.dtype).removeprefix("torch."),
+    }
+    for name, data in (extra_files or {}).items():
+        (dst / name).write_bytes(data)
+    (dst / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return dst
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        return None
+    manifest = json.loads(f.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{f}: not a {FORMAT} manifest")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{f}: format version {manifest['format_version']} is newer than this runtime "
+                         f"supports ({FORMAT_VERSION}); upgrade the runtime")
+    return manifest
+
+
+def linear_from_state(name: str, keys: set[str], get: Callable[[str], Tensor], act_dtype: torch.dtype,
+                      device: torch.device) -> nn.Module | None:
+    """Rebuild a quantized Linear stored under `name` (None when it was stored as a float weight)."""
+    bias = get(f"{name}.bias").to(device) if f"{name}.bias" in keys else None
+    if f"{name}.codes" in keys:
+        return Int8Linear(get(f"{name}.codes").to(device), get(f"{name}.scales").to(device), bias, act_dtype)
+    if f"{name}.qweight" in keys:
+        return Int4Linear(get(f"{name}.qweight").to(device), get(f"{name}.scales").to(device),
+                          get(f"{name}.zeros").to(device), bias, act_dtype)
+    return None
