@@ -65,6 +65,7 @@ def build_tiny_gguf(path: Path, hf_dir: Path, *, quant: str = "F32", with_tokeni
     hf_dir = Path(hf_dir)
     cfg = json.loads((hf_dir / "config.json").read_text())
     sd = load_file(str(next(hf_dir.glob("*.safetensors"))))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), "qwen2")
     w.add_name("tiny-qwen2")
     w.add_context_length(cfg["max_position_embeddings"])
@@ -114,8 +115,8 @@ def _add_tokenizer(w, hf_dir: Path) -> None:
     types = [5] * size  # UNUSED
     for t, i in vocab.items():
         tokens[i], types[i] = t, 1  # NORMAL
-    for t, i in special.items():
-        tokens[i], types[i] = t, 3  # CONTROL
+    for a in tok.get("added_tokens", []):
+        tokens[a["id"]], types[a["id"]] = a["content"], 3 if a.get("special") else 4  # CONTROL / USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("deepseek-r1-qwen")
@@ -124,7 +125,7 @@ def _add_tokenizer(w, hf_dir: Path) -> None:
     w.add_token_merges(merges)
     w.add_bos_token_id(151646)
     w.add_eos_token_id(151643)
-    w.add_add_bos_token(True)
+    w.add_add_bos_token(False)  # the R1 chat template writes the bos itself
     template = hf_dir / "chat_template.jinja"
     if template.exists():
         w.add_chat_template(template.read_text())
