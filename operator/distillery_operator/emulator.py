@@ -5,7 +5,8 @@ no metadata. `ClusterEmulator` adds what an operator relies on, as a real API se
 uid, resourceVersion (one counter), generation (bumped by spec changes only), creationTimestamp,
 generateName, the status subresource (a status patch changes only status; a main patch never does),
 optimistic concurrency (a stale metadata.resourceVersion in a patch is a 409), garbage collection of
-objects whose controller owner was deleted, plus fault injection (`fail`) and per-object write counts.
+objects whose controller owner was deleted, plus fault injection (`fail`) and per-object write counts,
+and a bounded request log (kmock's own grows without end and makes every request slower than the last).
 It needs kmock (the dev extra); the operator itself never imports this module.
 """
 
@@ -57,7 +58,13 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     _rv: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
     faults: list[Fault] = attrs.field(factory=list, init=False)
     writes: Counter[tuple[str, str, str]] = attrs.field(factory=Counter, init=False)  # (plural, ns, name)
+    requests: Counter[tuple[str, str]] = attrs.field(factory=Counter, init=False)  # (method, plural)
     first_seen: dict[tuple[str, str, str], float] = attrs.field(factory=dict, init=False)
+    # kmock records every request and, to route each new one, scans that whole record once per reaction:
+    # O(requests so far) per request, which is why it slows down as a run goes on. With `bounded_log` the
+    # record keeps only the requests still in flight (all that routing needs); False keeps kmock's.
+    bounded_log: bool = True
+    _inflight: dict[int, rendering.Request] = attrs.field(factory=dict, init=False)
 
     # --------------------------------------------------------------------------------- set-up
     def register_distillery(self) -> None:
@@ -143,6 +150,17 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     # --------------------------------------------------------------------------------- the API
     async def _handle(self, request: rendering.Request) -> Any:
+        self._inflight[id(request)] = request
+        try:
+            if self.bounded_log and len(self._requests) > 2 * len(self._inflight) + 16:
+                self._requests[:] = [r for r in self._requests if id(r) in self._inflight]
+            return await self._handle_stamped(request)
+        finally:
+            self._inflight.pop(id(request), None)
+
+    async def _handle_stamped(self, request: rendering.Request) -> Any:
+        if request.resource is not None:
+            self.requests[(_method(request), str(request.resource.plural))] += 1
         fault = self._fault(request)
         if fault is not None:
             raise kmock.KubernetesError(status=fault.status, reason="Injected", message=f"injected HTTP {fault.status}")

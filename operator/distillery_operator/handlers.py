@@ -40,6 +40,10 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: L
     # state again; past the timeout it handles a stale copy and re-runs `create` (one extra write). A busy
     # API server delivers watch events late, so wait longer than kopf's default 5 s.
     settings.persistence.consistency_timeout = 30.0
+    # kopf's bookkeeping (the last handled spec, retry progress) in status, beside ours: one status patch
+    # per handled change carries both, instead of an annotation patch plus a status patch.
+    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf.lastHandledConfiguration")
+    settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
     memo.reconciler = Reconciler(KopfClient(settings, logger), config.render_settings())
     metrics.serve(config.metrics_port)
     logger.info("distillery operator started (resync every %ss)", config.resync_seconds)
@@ -49,10 +53,14 @@ async def on_cleanup(logger: Logger, **_: Any) -> None:
     logger.info("distillery operator stopped")
 
 
-async def on_model(body: kopf.Body, reason: str, retry: int, memo: kopf.Memo, **_: Any) -> None:
-    """create / update / resume of a DistilledModel."""
+async def on_model(
+    body: kopf.Body, reason: str, retry: int, patch: kopf.Patch, memo: kopf.Memo, **_: Any
+) -> None:
+    """create / update / resume of a DistilledModel; a changed status rides along in kopf's own patch."""
     reconciler: Reconciler = memo.reconciler
-    await reconciler.reconcile(body, trigger=str(reason), retry=retry, assume_absent=reason == "create")
+    await reconciler.reconcile(
+        body, trigger=str(reason), retry=retry, assume_absent=reason == "create", status_sink=patch.status
+    )
 
 
 async def on_model_deleted(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:

@@ -20,14 +20,14 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol, cast
 
 import kopf
 
 from . import constants, metrics
-from .api import InvalidSpec, parse_distilled_model
+from .api import DistilledModelSpec, InvalidSpec, parse_distilled_model
 from .render import render_inference_service
 from .settings import RenderSettings
 from .status import COND_VALIDATED, compute_status, condition, status_changed
@@ -244,6 +244,17 @@ class Outcome:
     phase: str | None = None
 
 
+@dataclass
+class Seen:
+    """What the last successful reconcile of a model rendered and wrote: lets a child event that changes
+    nothing be recognised without reading the model back."""
+
+    desired: dict[str, Any]
+    spec: DistilledModelSpec
+    generation: int | None
+    status: dict[str, Any]
+
+
 class Unset:
     pass
 
@@ -268,12 +279,14 @@ class Reconciler:
         # One reconcile at a time per model: the DistilledModel handlers, the child watch and the resync
         # timer run in different kopf workers and would otherwise race each other into duplicate writes.
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._seen: dict[tuple[str, str], Seen] = {}
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self._locks.setdefault((namespace, name), asyncio.Lock())
 
     def forget(self, namespace: str, name: str) -> None:
         self._locks.pop((namespace, name), None)
+        self._seen.pop((namespace, name), None)
 
     # ---------------------------------------------------------------------------- entry points
     async def reconcile(
@@ -284,18 +297,21 @@ class Reconciler:
         retry: int = 0,
         live: Mapping[str, Any] | None | Unset = UNSET,
         assume_absent: bool = False,
+        status_sink: MutableMapping[str, Any] | None = None,
     ) -> Outcome:
         """Bring one DistilledModel's child and status in line; raise kopf errors on failure.
 
         `live` is the child as an event just delivered it (UNSET: read it); `assume_absent` skips that read
-        for a model that was just created (a 409 on the create falls back to reading it)."""
+        for a model that was just created (a 409 on the create falls back to reading it); `status_sink`
+        (kopf's patch.status in its handlers) takes a changed status instead of a write of our own, so it
+        travels in the one status patch kopf makes for its bookkeeping anyway."""
         meta = body.get("metadata") or {}
         namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name"))
         started = time.perf_counter()
         result = "error"
         try:
             async with self.lock(namespace, name):
-                outcome = await self._reconcile(body, namespace, name, retry, live, assume_absent)
+                outcome = await self._reconcile(body, namespace, name, retry, live, assume_absent, status_sink)
             result = outcome.action
             if outcome.phase:
                 metrics.set_phase(namespace, name, outcome.phase)
@@ -316,6 +332,9 @@ class Reconciler:
         owner = (meta.get("labels") or {}).get(constants.LABEL_MODEL)
         if not owner:
             return None
+        if event_type != "DELETED" and self._nothing_to_do(namespace, str(owner), isvc):
+            metrics.observe_reconcile(trigger, "unchanged", 0.0)
+            return Outcome("unchanged")
         body = await self._call(self.client.get(DM, namespace, owner), 0)
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             return None  # an orphan, or its owner is going: garbage collection's business
@@ -326,6 +345,20 @@ class Reconciler:
             return Outcome("invalid")  # already recorded on the model; nothing to retry
 
     # ---------------------------------------------------------------------------- internals
+    def _nothing_to_do(self, namespace: str, name: str, isvc: Mapping[str, Any]) -> bool:
+        """The child is what we last rendered and its status maps to what we last wrote: no reads, no writes.
+        Anything else (or no memory of the model) goes the full way, reading the model first."""
+        seen = self._seen.get((namespace, name))
+        if seen is None:
+            return False
+        uid = seen.desired["metadata"]["ownerReferences"][0]["uid"]
+        if not isvc_in_sync(seen.desired, isvc, uid):
+            return False
+        new = compute_status(
+            name=name, generation=seen.generation, spec=seen.spec, isvc=isvc, previous=seen.status, now=self.clock()
+        )
+        return not status_changed(seen.status, new)
+
     async def _call(self, awaitable: Any, retry: int) -> Any:
         """Await a client call; transient API failures become kopf.TemporaryError with backoff."""
         try:
@@ -348,6 +381,7 @@ class Reconciler:
         retry: int,
         live_in: Mapping[str, Any] | None | Unset,
         assume_absent: bool,
+        status_sink: MutableMapping[str, Any] | None,
     ) -> Outcome:
         meta = body.get("metadata") or {}
         if meta.get("deletionTimestamp"):
@@ -382,8 +416,10 @@ class Reconciler:
         new = compute_status(
             name=name, generation=generation, spec=dm.spec, isvc=live, previous=previous, now=self.clock()
         )
-        await self._write_status(body, namespace, name, previous, new, retry, outcome)
+        await self._write_status(body, namespace, name, previous, new, retry, outcome, status_sink)
         outcome.phase = new["phase"]
+        if outcome.action != "gone":
+            self._seen[(namespace, name)] = Seen(desired, dm.spec, generation, new)
         return outcome
 
     async def _create(
@@ -448,10 +484,15 @@ class Reconciler:
         new: dict[str, Any],
         retry: int,
         outcome: Outcome,
+        sink: MutableMapping[str, Any] | None = None,
     ) -> None:
         # Events first: they describe what this reconcile did and saw, whether or not the status changes.
         await self._post_events(body, previous, new, outcome)
         if not status_changed(previous, new):
+            return
+        if sink is not None:
+            sink.update(new)
+            outcome.writes += 1
             return
         for attempt in range(MAX_CONFLICT_RETRIES + 1):
             try:
