@@ -258,3 +258,31 @@ async def test_a_new_model_creates_its_child_without_reading_first(client, recon
     outcome = await reconciler.reconcile(stored_dm(client), trigger="create", assume_absent=True)
     assert [c.verb for c in client.calls if c.plural == "inferenceservices"] == ["create", "get"]
     assert outcome.action == "unchanged" and client.writes() == [c for c in client.writes() if c.verb == "create"]
+
+
+async def test_status_rides_in_kopfs_patch_when_a_sink_is_given(client, reconciler) -> None:
+    body = client.put(DM, dm_object())
+    sink: dict[str, Any] = {}
+    outcome = await reconciler.reconcile(body, trigger="create", status_sink=sink)
+    assert sink["phase"] == "Deploying" and outcome.writes == 2
+    assert [(c.verb, c.plural) for c in client.writes()] == [("create", "inferenceservices")]
+    assert "status" not in stored_dm(client), "the handler's kopf patch writes it, not the reconciler"
+
+
+async def test_child_event_that_changes_nothing_costs_no_api_call(client, reconciler) -> None:
+    await converged(client, reconciler)
+    assert await reconciler.reconcile_child("MODIFIED", stored_isvc(client)) is not None
+    assert client.calls == []
+    # A status change of the child is mirrored: read the model, write its status.
+    isvc = stored_isvc(client)
+    isvc["status"] = {"url": "http://r1", "conditions": [{"type": "Ready", "status": "True"}]}
+    client.objects[(ISVC.plural, NS, NAME)] = isvc
+    outcome = await reconciler.reconcile_child("MODIFIED", isvc)
+    assert outcome is not None and outcome.phase == "Ready"
+    assert [(c.verb, c.plural) for c in client.calls] == [
+        ("get", "distilledmodels"), ("event", "events"), ("patch", "distilledmodels")]  # the event: Ready
+    # ... and a model the reconciler has forgotten is read back before anything is decided.
+    reconciler.forget(NS, NAME)
+    client.calls.clear()
+    await reconciler.reconcile_child("MODIFIED", isvc)
+    assert [(c.verb, c.plural) for c in client.calls] == [("get", "distilledmodels")]
