@@ -58,7 +58,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     _rv: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
     faults: list[Fault] = attrs.field(factory=list, init=False)
     writes: Counter[tuple[str, str, str]] = attrs.field(factory=Counter, init=False)  # (plural, ns, name)
-    requests: Counter[tuple[str, str]] = attrs.field(factory=Counter, init=False)  # (method, plural)
+    requests: Counter[tuple[str, str, str]] = attrs.field(factory=Counter, init=False)  # (method, plural, sub)
     first_seen: dict[tuple[str, str, str], float] = attrs.field(factory=dict, init=False)
     # kmock records every request and, to route each new one, scans that whole record once per reaction:
     # O(requests so far) per request, which is why it slows down as a run goes on. With `bounded_log` the
@@ -160,7 +160,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     async def _handle_stamped(self, request: rendering.Request) -> Any:
         if request.resource is not None:
-            self.requests[(_method(request), str(request.resource.plural))] += 1
+            self.requests[(_method(request), str(request.resource.plural), request.subresource or "")] += 1
         fault = self._fault(request)
         if fault is not None:
             raise kmock.KubernetesError(status=fault.status, reason="Injected", message=f"injected HTTP {fault.status}")

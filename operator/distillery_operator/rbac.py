@@ -11,13 +11,12 @@ from typing import Final
 from . import constants
 
 REQUIRED_PERMISSIONS: Final[list[tuple[str, str, str]]] = [
-    # DistilledModels: kopf lists and watches them and patches its bookkeeping annotations;
-    # reconcile.py reads one when its InferenceService changes.
+    # DistilledModels: kopf lists and watches them; reconcile.py reads one when its InferenceService
+    # changes. Nothing patches the object itself: kopf keeps its bookkeeping in status (handlers.py).
     (constants.GROUP, constants.PLURAL, "get"),
     (constants.GROUP, constants.PLURAL, "list"),
     (constants.GROUP, constants.PLURAL, "watch"),
-    (constants.GROUP, constants.PLURAL, "patch"),
-    # Our status (conditions, phase, url, ...), written through the status subresource.
+    # Our status (conditions, phase, url, ...) and kopf's bookkeeping, through the status subresource.
     (constants.GROUP, f"{constants.PLURAL}/status", "patch"),
     # ownerReferences with blockOwnerDeletion need update on the owner's finalizers subresource
     # (the OwnerReferencesPermissionEnforcement admission plugin).

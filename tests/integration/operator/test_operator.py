@@ -46,6 +46,7 @@ async def test_create_renders_the_inference_service_with_owner_reference(cluster
         "uid": dm["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True,
     }]
     assert not dm["metadata"].get("finalizers"), "garbage collection deletes the child: no finalizer"
+    assert cluster.emu.requests[("PATCH", "distilledmodels", "")] == 0, "only status is written (see rbac.py)"
     status = dm["status"]
     assert status["observedGeneration"] == 1
     assert status["inferenceService"] == "r1-create"
