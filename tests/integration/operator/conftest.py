@@ -20,6 +20,7 @@ import kopf
 import pytest
 import pytest_asyncio
 import yaml
+
 from distillery_operator.emulator import DM_RESOURCE, EVENTS_RESOURCE, ISVC_RESOURCE, ClusterEmulator
 from distillery_operator.runner import OperatorThread
 from distillery_operator.settings import OperatorSettings
@@ -129,8 +130,10 @@ async def cluster() -> AsyncIterator[Cluster]:
 class Operator:
     """The real operator, in its own thread and event loop, until stopped."""
 
-    def __init__(self, cluster: Cluster) -> None:
-        self.settings = OperatorSettings(metrics_port=0, liveness_port=0, standalone=True, log_format="text")
+    def __init__(self, cluster: Cluster, **overrides: Any) -> None:
+        self.settings = OperatorSettings(
+            metrics_port=0, liveness_port=0, standalone=True, log_format="text", **overrides
+        )
         self.thread = OperatorThread(self.settings, kopf.ConnectionInfo(server=cluster.url, insecure=True))
 
     async def start(self) -> None:
@@ -144,10 +147,16 @@ class Operator:
         await self.start()
 
 
+@pytest.fixture
+def operator_settings() -> dict[str, Any]:
+    """Overrides of the operator's settings; a test module or test can override this fixture."""
+    return {}
+
+
 @pytest_asyncio.fixture
-async def operator(cluster: Cluster) -> AsyncIterator[Operator]:
+async def operator(cluster: Cluster, operator_settings: dict[str, Any]) -> AsyncIterator[Operator]:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    op = Operator(cluster)
+    op = Operator(cluster, **operator_settings)
     await op.start()
     try:
         yield op

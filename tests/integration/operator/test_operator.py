@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from prometheus_client import REGISTRY
+
 from distillery_operator import constants
 from distillery_operator.api import parse_distilled_model
 from distillery_operator.render import render_inference_service
-from prometheus_client import REGISTRY
 
 pytestmark = pytest.mark.integration
 RECONCILES = "distillery_operator_reconciles_total"
