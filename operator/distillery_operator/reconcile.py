@@ -546,6 +546,7 @@ class Reconciler:
         """Validated=False with every problem, a Warning Event once per generation; the child stays as it is."""
         generation = (body.get("metadata") or {}).get("generation")
         outcome = Outcome("invalid")
+        self._seen.pop((namespace, name), None)  # child events must read the model again
         new = compute_status(
             name=name, generation=generation, spec=None, problems=invalid.problems, isvc=live, previous=previous,
             now=self.clock(),
