@@ -3,9 +3,9 @@
 The ClusterServingRuntime runs this. The parser extends KServe's model_server.parser (so
 --http_port, --grpc_port, --workers ... keep KServe's meaning) with the flags named in
 distillery_operator.contract, which the operator's renderer writes into the InferenceService.
-The HTTP server comes up at once (liveness answers); the weights load in a background thread and
-the model turns ready (GET /v1/models/NAME -> 200) when they are in memory. A load failure ends
-the process with exit status 1 and a log line that says why.
+The weights load first (KServe's pattern), then the HTTP server starts with the model ready
+(GET /v1/models/NAME -> 200). A load failure ends the process with exit status 1 and a log line
+that says why.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import argparse
 import logging
 import os
 import sys
-import threading
 import warnings
 from pathlib import Path
 
@@ -134,20 +133,6 @@ def check_model_dir(path: str, model_format: str) -> str | None:
     return None
 
 
-def _load_in_background(model: DistilleryModel) -> threading.Thread:
-    def run() -> None:
-        try:
-            model.load()
-        except Exception as exc:  # the pod must fail visibly, not serve 503 forever
-            log.error("model load failed: %s", exc, exc_info=not _is_user_error(exc))
-            logging.shutdown()
-            os._exit(1)
-
-    thread = threading.Thread(target=run, name="model-load", daemon=True)
-    thread.start()
-    return thread
-
-
 def _is_user_error(exc: Exception) -> bool:
     return type(exc).__name__ == "ModelLoadError"
 
@@ -170,10 +155,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     # Before ModelServer.start(): KServe adds its routes after ours, so ours win where paths overlap.
     add_openai_routes(model_server.app, model)
-    server.register_model(model)  # registered while loading: readiness answers 503, not 404
-    _load_in_background(model)
+    # Load in the main thread, before the server starts (KServe's pattern: the pod is not ready
+    # until then). Loading in a helper thread leaves that thread's OpenMP pool spinning, which
+    # made decoding on 2 cores ~10x slower (measured: 50 tokens 7.5 s vs 0.6 s on the tiny model).
     try:
-        server.start([])
+        model.load()
+    except Exception as exc:
+        log.error("model load failed: %s", exc, exc_info=not _is_user_error(exc))
+        return 1
+    try:
+        server.start([model])
     finally:
         model.stop()
     return 0

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.integration
 
 MODEL = "tiny-r1"
 MAX_MODEL_LEN = 512
+SERVER_LOG: dict[str, Path] = {}  # the module server's log file, for tests that check what it logged
 
 
 def _free_port() -> int:
@@ -41,6 +42,7 @@ def _free_port() -> int:
 def server(tiny_qwen2_dir, tmp_path_factory):
     port = _free_port()
     log_path = tmp_path_factory.mktemp("runtime") / "server.log"
+    SERVER_LOG["path"] = log_path
     cmd = [
         sys.executable, "-m", "model_runtime",
         f"{contract.FLAG_MODEL_NAME}={MODEL}", f"{contract.FLAG_MODEL_DIR}={tiny_qwen2_dir}",
@@ -225,10 +227,10 @@ def test_sdk_raises_typed_errors(client):
 
 
 async def test_full_queue_answers_429_with_retry_after(server):
-    """Batch 1 + queue 1: of six concurrent long requests, some must be turned away with 429."""
-    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 200, "temperature": 1.0}
+    """Batch 1 + queue 1: of five concurrent requests, some must be turned away with 429."""
+    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 40, "temperature": 1.0}
     async with httpx.AsyncClient(base_url=server, timeout=60) as h:
-        responses = await asyncio.gather(*(h.post("/v1/completions", json=body) for _ in range(6)))
+        responses = await asyncio.gather(*(h.post("/v1/completions", json=body) for _ in range(5)))
     statuses = sorted(r.status_code for r in responses)
     assert statuses.count(200) >= 1 and 429 in statuses and set(statuses) <= {200, 429}, statuses
     rejected = next(r for r in responses if r.status_code == 429)
@@ -250,6 +252,9 @@ def test_client_disconnect_aborts_the_stream(server):
     while metric(server, contract.METRIC_REQUESTS_IN_FLIGHT) > 0 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert metric(server, contract.METRIC_REQUESTS_IN_FLIGHT) == 0
+    log_lines = [json.loads(line) for line in SERVER_LOG["path"].read_text().splitlines() if line.startswith("{")]
+    assert any(entry["msg"] == "client disconnected" for entry in log_lines)  # aborted, did not run to the end
+    assert not any(entry.get("prompt") == "Go" for entry in log_lines)  # no prompt text in logs by default
     # the server still serves
     ok = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
     assert ok.status_code == 200
