@@ -192,7 +192,25 @@ def _hf_source(d: Path, mapping: dict[str, list[str]], allow_pickle: bool) -> Te
     return TensorSource(set(where), lambda k: where[k].get_tensor(k), mapping)
 
 
+_TOKENIZERS: dict[tuple, Any] = {}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                    "vocab.json", "merges.txt")
+
+
+def _stat_key(files: list[Path]) -> tuple:
+    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
+
+
 def _hf_tokenizer(d: Path, trust_remote_code: bool) -> Any:
+    """The directory's tokenizer, cached per process by its files' (name, size, mtime): parsing a
+    150k-token tokenizer.json takes seconds, and tokenizers are only read after loading."""
+    key = ("hf", _stat_key([d / f for f in _TOKENIZER_FILES]))
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = _load_hf_tokenizer(d)
+    return _TOKENIZERS[key]
+
+
+def _load_hf_tokenizer(d: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
@@ -409,7 +427,10 @@ def _gguf_tokenizer(path: Path, g: GGUFFile) -> tuple[Any, list[int]]:
         return _hf_tokenizer(beside, False), eos
     if "tokenizer.ggml.tokens" not in g.fields:
         raise ModelLoadError(f"{path} has no tokenizer metadata and no tokenizer.json beside it")
-    return gguf_tokenizer(g), eos
+    key = ("gguf", str(path.resolve()), _stat_key([path]))
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = gguf_tokenizer(g)
+    return _TOKENIZERS[key], eos
 
 
 # ---------------------------------------------------------------- building the module

@@ -1,0 +1,144 @@
+"""Weight-only int8/int4: kernels vs their dequantized reference, quantized vs float outputs,
+and the quantize -> save -> load artifact round trip (bit-exact, no re-quantization)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_runtime import quant
+from model_runtime.kernels import (
+    Int4Linear,
+    Int8Linear,
+    dequantize_int4,
+    pack_nibbles,
+    quantize_int4,
+    quantize_int8,
+    unpack_nibbles,
+)
+from model_runtime.loader import ModelLoadError, load_model
+from model_runtime.quantize_cli import main as quantize_main
+
+PROMPT = [151646, 151644, 9707, 1879, 11, 1246, 525, 498, 30, 151645]
+
+
+def greedy(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the first step's logits, through the KV cache."""
+    cache = model.new_cache(1, len(prompt) + n + 1)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache, slice(0, 1))
+        first = logits[0].clone()
+        out = []
+        for i in range(n):
+            tok = int(logits[0].argmax())
+            out.append(tok)
+            pos = len(prompt) + i
+            logits = model(torch.tensor([[tok]]), torch.tensor([[pos]]), cache, slice(0, 1))
+    return out, first
+
+
+@pytest.fixture(scope="module")
+def float_model(tiny_qwen2_dir):
+    return load_model(tiny_qwen2_dir, dtype="float32").model
+
+
+def test_int8_kernel_matches_dequantized_reference():
+    torch.manual_seed(0)
+    w, b, x = torch.randn(96, 64), torch.randn(96), torch.randn(5, 64)
+    codes, scales = quantize_int8(w)
+    assert codes.dtype == torch.int8 and scales.shape == (96,)
+    lin = Int8Linear(codes, scales, b, torch.bfloat16)
+    ref = x.bfloat16().float() @ (codes.float() * scales.float()[:, None]).t() + b
+    torch.testing.assert_close(lin(x.bfloat16()).float(), ref, atol=0.15, rtol=0.02)
+    assert (codes.float() * scales.float()[:, None] - w).abs().max() <= scales.float().max() * 0.51
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_kernel_matches_dequantized_reference(group_size):
+    torch.manual_seed(0)
+    w, x = torch.randn(128, 256), torch.randn(3, 256)
+    codes, scales, zeros = quantize_int4(w, group_size)
+    assert codes.max() <= 15 and scales.shape == (128, 256 // group_size)
+    assert torch.equal(unpack_nibbles(pack_nibbles(codes)), codes)
+    lin = Int4Linear(pack_nibbles(codes), scales, zeros, None, torch.bfloat16)
+    ref = x.bfloat16().float() @ dequantize_int4(codes, scales, zeros).t()
+    torch.testing.assert_close(lin(x.bfloat16()).float(), ref, atol=0.2, rtol=0.02)
+    # quantization error bounded by half a step (+ bf16 rounding of scale/zero)
+    err = (dequantize_int4(codes, scales, zeros) - w).abs().view(128, -1, group_size).amax(-1)
+    assert (err <= scales.float() * 0.5 + 0.02).all()
+
+
+def test_int4_group_size_falls_back_when_k_is_small():
+    codes, scales, _ = quantize_int4(torch.randn(8, 64), 128)
+    assert scales.shape == (8, 1)  # group 64 (largest supported size dividing K=64)
+
+
+def test_int8_greedy_tokens_match_float(tiny_qwen2_dir, float_model):
+    int8 = load_model(tiny_qwen2_dir, quantization="int8", dtype="float32").model
+    assert isinstance(int8.layers[0].attn.qkv, Int8Linear) and isinstance(int8.lm_head, torch.nn.Linear)
+    ref, _ = greedy(float_model, PROMPT, 12)
+    got, _ = greedy(int8, PROMPT, 12)
+    assert got[:8] == ref[:8]
+
+
+def test_int4_logits_stay_close_to_float(tiny_qwen2_dir, float_model):
+    """Random Gaussian weights are 4-bit's worst case (~9% rms error per weight at g64), so the bound
+    is loose; a wrong packing/scale layout would give cosine ~0. Smaller groups must be closer."""
+    _, ref = greedy(float_model, PROMPT, 1)
+    errors = {}
+    for group_size in (32, 64):
+        int4 = load_model(tiny_qwen2_dir, quantization="int4", group_size=group_size, dtype="float32").model
+        assert isinstance(int4.layers[1].mlp.down, Int4Linear) and int4.layers[1].mlp.down.group_size == group_size
+        _, got = greedy(int4, PROMPT, 1)
+        assert F.cosine_similarity(got, ref, dim=0) > 0.95
+        errors[group_size] = float((got - ref).norm() / ref.norm())
+        assert errors[group_size] < 0.3
+    assert errors[32] < errors[64]
+
+
+@pytest.mark.parametrize(("method", "extra"), [("int8", ["--quantize-lm-head"]), ("int4", ["--group-size", "32"])])
+def test_quantize_save_load_round_trips_bit_exactly(tiny_qwen2_dir, tmp_path, method, extra, capsys):
+    dst = tmp_path / f"tiny-{method}"
+    assert quantize_main([str(tiny_qwen2_dir), str(dst), "--method", method, *extra]) == 0
+    assert "quantizing" in capsys.readouterr().err  # the progress bar
+    manifest = json.loads((dst / quant.MANIFEST).read_text())
+    assert manifest["method"] == method and manifest["source_checksum"].startswith("sha256:")
+    assert manifest["tool_version"] and manifest["config"]["vocab_size"] == 152064
+    assert manifest["group_size"] == (32 if method == "int4" else None)
+
+    # the in-memory model the CLI saved, rebuilt the same way
+    fresh = load_model(tiny_qwen2_dir, quantization=method, group_size=32, dtype="bfloat16",
+                       quantize_lm_head=method == "int8", keep_codes=True)
+    loaded = load_model(dst)  # detects the manifest; no --quantization needed
+    assert loaded.quantization == method and loaded.source_format == "quantized"
+    assert loaded.tokenizer.chat_template and loaded.eos_token_ids == [151643]
+    assert loaded.generation_defaults == {"temperature": 0.6, "top_p": 0.95}
+
+    saved = quant.artifact_state(fresh.model)
+    from safetensors.torch import load_file
+
+    on_disk = load_file(str(dst / "model.safetensors"))
+    assert saved.keys() == on_disk.keys()
+    for k in saved:
+        assert saved[k].dtype == on_disk[k].dtype and torch.equal(saved[k], on_disk[k]), k
+    layer = loaded.model.layers[0].mlp.gate_up
+    assert isinstance(layer, Int8Linear if method == "int8" else Int4Linear)
+    ref = fresh.model.layers[0].mlp.gate_up
+    for name in ("scales",) + (("codes",) if method == "int8" else ("zeros",)):
+        assert torch.equal(getattr(layer, name), getattr(ref, name))
+    out_fresh, logits_fresh = greedy(fresh.model, PROMPT, 6)
+    out_loaded, logits_loaded = greedy(loaded.model, PROMPT, 6)
+    assert out_fresh == out_loaded and torch.equal(logits_fresh, logits_loaded)
+
+
+def test_artifact_refuses_a_different_quantization(tiny_qwen2_dir, tmp_path):
+    dst = tmp_path / "int8"
+    assert quantize_main([str(tiny_qwen2_dir), str(dst), "--method", "int8", "--no-progress"]) == 0
+    with pytest.raises(ModelLoadError, match="holds int8 weights"):
+        load_model(dst, quantization="int4")
+    with pytest.raises(ModelLoadError, match="no quantization.json"):
+        load_model(tiny_qwen2_dir, prequantized=True)
+    assert quantize_main([str(tiny_qwen2_dir), str(dst), "--method", "int8"]) == 2  # DST not empty
