@@ -240,7 +240,7 @@ class Bench:
         key = f"{SMALL}/ours/int8-overload"
         cmd = self._ours_cmd(ST_0P5B, SMALL, port, "int8", max_batch=self.s.overload_max_batch,
                              max_queue=self.s.overload_max_queue)
-        out: dict[str, Any] = {"streams": self.s.overload_streams, "max_queue": self.s.overload_max_queue,
+        out: dict[str, Any] = {"requested_streams": self.s.overload_streams, "max_queue": self.s.overload_max_queue,
                                "max_batch_size": self.s.overload_max_batch, "max_tokens": self.s.overload_tokens}
         _log(f"{key} ...")
         server = ServerUnderTest(key.replace("/", "_"), cmd,
@@ -373,7 +373,7 @@ def print_report(results: dict[str, Any]) -> None:
         print(report.perplexity_table(results["perplexity"]))
     over = results.get("overload")
     if over:
-        print(f"\nOverload ({over.get('streams')} streams, max_batch_size {over.get('max_batch_size')}, max_queue "
+        print(f"\nOverload ({over.get('requested_streams')} streams, max_batch_size {over.get('max_batch_size')}, max_queue "
               f"{over.get('max_queue')}): ok {over.get('ok')}, 429 {over.get('http_429')}, errors {over.get('errors')}, "
               f"healthy after {over.get('healthy_after')} {over.get('error') or ''}")
     mem = results.get("memory_1p5b")
