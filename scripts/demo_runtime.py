@@ -52,7 +52,9 @@ def quantize(gguf: Path, method: str) -> Path:
     if method == "none":
         return gguf
     dest = gguf.parent / f"{gguf.stem}-{method}"
-    if (dest / "quantization.json").exists() or (dest / "manifest.json").exists():
+    from model_runtime.quant import MANIFEST
+
+    if (dest / MANIFEST).exists():
         print(f"[demo] using the quantized artifact in {dest}")
         return dest
     print(f"[demo] quantizing {gguf.name} to {method} -> {dest}")
