@@ -268,3 +268,17 @@ def test_metrics_exported_with_contract_names(server):
         assert f"\n{name}{{" in text, name
     assert metric(server, contract.METRIC_GENERATED_TOKENS_TOTAL) > 0
     assert metric(server, contract.METRIC_REQUESTS_TOTAL, endpoint="chat", status="200") >= 3
+
+
+def test_pickle_weights_are_refused_with_exit_1_and_a_message(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    proc = subprocess.run(
+        [sys.executable, "-m", "model_runtime", f"{contract.FLAG_MODEL_NAME}=x", f"{contract.FLAG_MODEL_DIR}={tmp_path}",
+         "--http_host=127.0.0.1", f"{contract.FLAG_HTTP_PORT}={_free_port()}", "--enable_grpc=false"],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[3],
+    )
+    assert proc.returncode == 1
+    errors = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{") and '"error"' in line]
+    assert errors and "model load failed" in errors[0]["msg"], proc.stderr[-2000:]
+    assert "pickle" in errors[0]["msg"].lower() or ".bin" in errors[0]["msg"]
