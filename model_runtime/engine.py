@@ -182,7 +182,13 @@ class Engine:
     # ------------------------------------------------------------------ public API
     @property
     def stats(self) -> EngineStats:
-        return self._stats
+        """Live counts (a finished request is gone from `running` before its last event is sent)."""
+        s = self._stats
+        running = list(self._running)
+        capacity = self.config.max_batch_size * self.max_len
+        return EngineStats(queue_depth=len(self._waiting), running=len(running),
+                           kv_cache_usage=sum(r.pos for r in running) / capacity if capacity else 0.0,
+                           tokens_per_s=s.tokens_per_s, generated_tokens=s.generated_tokens, steps=s.steps)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -365,10 +371,11 @@ class Engine:
                 continue
             tok = int(tokens[i])  # type: ignore[arg-type]
             r.generated += 1
+            self._stats.generated_tokens += 1
             self._recent.append((time.monotonic(), 1))
             if tok in r.stop_ids:
                 self._finish(r, tok if tok in r.eos_ids else None, "stop")
-            elif r.generated >= r.params.max_tokens or r.pos >= self.max_len:
+            elif r.generated >= r.params.max_tokens or len(r.prompt) + r.generated >= self.max_len:
                 self._finish(r, tok, "length")
             else:
                 r.next_token = tok
@@ -408,7 +415,6 @@ class Engine:
         span = (now - self._recent[0][0]) if len(self._recent) > 1 else 0.0
         s = self._stats
         s.tokens_per_s = n / span if span > 0.05 else s.tokens_per_s if self._running else 0.0
-        s.generated_tokens += 0
         s.queue_depth = len(self._waiting)
         s.running = len(self._running)
         capacity = self.config.max_batch_size * self.max_len
