@@ -89,3 +89,14 @@ def test_console_script_usage(capsys):
     assert cli_main(["--help"]) == 0
     assert "serve" in capsys.readouterr().out
     assert cli_main(["frobnicate"]) == 2
+
+
+def test_quantize_is_delegated_to_quantize_cli(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["quantize", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--method" in out and "--group-size" in out
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["quantize"])  # SRC and DST are required
+    assert exit_info.value.code == 2
