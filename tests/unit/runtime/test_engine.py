@@ -54,8 +54,8 @@ async def collect(engine: Engine, prompt, params, rid: str, events: list | None 
     return tokens, last.finish_reason
 
 
-async def wait_for(pred, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_for(pred, limit_s: float = 10.0) -> None:
+    deadline = time.monotonic() + limit_s
     while not pred():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.01)
