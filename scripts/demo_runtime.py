@@ -29,7 +29,7 @@ from fetch_model import DEFAULT_DEST, fetch  # noqa: E402
 
 MODEL_NAME = "qwen2.5-0.5b"
 FETCH_LOG = Path("/tmp/fetch-model.log")
-DEFAULT_PROMPT = "Write a short Python function that tells whether a number is prime, then explain it in one sentence."
+DEFAULT_PROMPT = "Write a Python function is_prime(n) that returns True when n is a prime number."
 
 
 def fastest_method() -> str:
@@ -111,7 +111,7 @@ def stream_chat(base: str, prompt: str, max_tokens: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--method", choices=["int8", "int4", "none"], default=None,
                         help="quantization (default: the fastest on this machine)")
     args = parser.parse_args()
