@@ -91,6 +91,7 @@ class StreamOptions(BaseModel):
 
 
 StopField = str | list[str] | None
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 
 class _SamplingFields(BaseModel):
@@ -105,7 +106,7 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopField = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     user: str | None = None
 
     @field_validator("n")
@@ -307,7 +308,7 @@ class GenerationParameters(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: StopField = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     # chat=True applies the chat template to the text (as one user message); default raw prompt.
     chat: bool = False
 

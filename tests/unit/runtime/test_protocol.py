@@ -63,6 +63,7 @@ def test_chat_request_accepts_text_parts_and_stop_forms():
         ({"messages": [{"role": "assistant", "content": "x", "reasoning_content": "thought"}]},
          "messages.0.reasoning_content"),
         ({"logprobs": True}, "logprobs"),
+        ({"seed": 2**64}, "seed"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
