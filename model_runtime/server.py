@@ -296,6 +296,10 @@ class OpenAIRoutes:
             app.add_api_route(f"{prefix}/chat/completions", self.chat, methods=["POST"], response_model=None)
             app.add_api_route(f"{prefix}/completions", self.completions, methods=["POST"], response_model=None)
             app.add_api_route(f"{prefix}/models", self.models, methods=["GET"], response_model=None)
+        # GET /v1/models/{name} stays KServe's readiness probe; the OpenAI "retrieve model" lives
+        # under the /openai prefix only.
+        app.add_api_route(f"{OPENAI_PREFIXES[0]}/models/{{model_id}}", self.retrieve_model, methods=["GET"],
+                          response_model=None)
         app.add_exception_handler(ServingError, serving_error_handler)
         app.add_exception_handler(RequestValidationError, request_validation_handler)
 
@@ -303,6 +307,14 @@ class OpenAIRoutes:
         card = ModelCard(id=self.model.name,
                          max_model_len=self.model.serving.max_model_len if self.model.serving else None)
         return JSONResponse(dump(ModelList(data=[card], models=[self.model.name])))
+
+    async def retrieve_model(self, model_id: str) -> Response:
+        if model_id != self.model.name:
+            return error_response(ServingError(404, f"The model '{model_id}' does not exist", param="model",
+                                               code="model_not_found"))
+        card = ModelCard(id=self.model.name,
+                         max_model_len=self.model.serving.max_model_len if self.model.serving else None)
+        return JSONResponse(dump(card))
 
     async def chat(self, request: Request) -> Response:
         return await self._handle(request, "chat", ChatCompletionRequest, self._chat)

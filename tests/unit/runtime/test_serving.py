@@ -349,6 +349,10 @@ async def test_openai_sdk_completions_and_models(r1_tokenizer):
     assert "".join(pieces) == " world"
     models = await client.models.list()
     assert [m.id for m in models.data] == ["r1"]
+    retrieve = openai.AsyncOpenAI(base_url="http://runtime/openai/v1", api_key="none", http_client=http(app))
+    assert (await retrieve.models.retrieve("r1")).id == "r1"
+    with pytest.raises(openai.NotFoundError):
+        await retrieve.models.retrieve("other")
     async with http(app) as h:  # the same path still answers KServe V1's model list shape
         assert (await h.get("/v1/models")).json()["models"] == ["r1"]
 
