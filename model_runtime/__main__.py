@@ -67,21 +67,21 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(contract.FLAG_GROUP_SIZE, default=128, type=int, choices=[32, 64, 128],
                         help="int4 group size")
     parser.add_argument(contract.FLAG_PREQUANTIZED, default=None, **flag,
-                        help="the weights are already our quantized artifact (default: detect its manifest)")
+                        help="the weights are already our quantized artifact; unset: detect its manifest")
     parser.add_argument(contract.FLAG_DTYPE, default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument(contract.FLAG_DEVICE, default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument(contract.FLAG_MAX_MODEL_LEN, default=None, type=_positive_int,
-                        help="context length (default: the model's)")
+                        help="context length; unset: the model's")
     parser.add_argument(contract.FLAG_MAX_BATCH_SIZE, default=8, type=_positive_int,
                         help="sequences decoded together")
     parser.add_argument(contract.FLAG_MAX_QUEUE, default=32, type=_positive_int,
                         help="waiting requests beyond this get HTTP 429")
     parser.add_argument(contract.FLAG_DEFAULT_TEMPERATURE, default=None, type=_temperature,
-                        help="default temperature (default: the model's generation_config)")
+                        help="default temperature; unset: the model's generation_config")
     parser.add_argument(contract.FLAG_DEFAULT_TOP_P, default=None, type=_unit_float,
-                        help="default top_p (default: the model's generation_config)")
+                        help="default top_p; unset: the model's generation_config")
     parser.add_argument(contract.FLAG_DEFAULT_MAX_TOKENS, default=None, type=_positive_int,
-                        help="default max_tokens (default: up to the end of the context)")
+                        help="default max_tokens; unset: up to the end of the context")
     parser.add_argument(contract.FLAG_THINK_PREFIX, default=False, **flag,
                         help='force "<think>\\n" after the generation prompt (DeepSeek-R1)')
     parser.add_argument(contract.FLAG_SEPARATE_REASONING, default=False, **flag,

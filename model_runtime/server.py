@@ -96,7 +96,6 @@ class DistilleryModel(kserve.Model):
         self.metrics = metrics or RuntimeMetrics(options.model_name)
         self.serving: Serving | None = None
         self.generator: Any = None
-        self.load_error: str | None = None
 
     def load(self) -> bool:
         from model_runtime.engine import Engine, EngineConfig
