@@ -29,10 +29,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in float32 like the reference implementations, then scale in the input dtype.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Tensor:
@@ -82,13 +79,13 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kc: Tensor, vc: Tensor,
                 slots: Tensor | slice, slot_idx: Tensor, positions: Tensor, kv_len: int) -> Tensor:
         B, T, _ = x.shape
+        nh, nkv, hd = self.n_heads, self.n_kv, self.hd
         qkv = self.qkv(x)                                             # [B, T, (nh + 2 nkv) * hd]
-        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
-        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)       # [B, nh, T, hd]
-        k = k.view(B, T, self.n_kv, self.hd)                          # [B, T, nkv, hd]
-        v = v.view(B, T, self.n_kv, self.hd)
-        q = q * cos + rotate_half(q) * sin                            # cos/sin [B, 1, T, hd]
-        k = k * cos.transpose(1, 2) + rotate_half(k) * sin.transpose(1, 2)
+        qk = qkv[..., : (nh + nkv) * hd].view(B, T, nh + nkv, hd)
+        qk = qk * cos + rotate_half(qk) * sin                         # RoPE on q and k at once; cos [B, T, 1, hd]
+        q = qk[:, :, :nh].transpose(1, 2)                             # [B, nh, T, hd]
+        k = qk[:, :, nh:]                                             # [B, T, nkv, hd]
+        v = qkv[..., (nh + nkv) * hd:].view(B, T, nkv, hd)
         # write this step's keys/values at (slot, position): cache[slot, :, pos] is [nkv, hd]
         kc[slot_idx[:, None], :, positions] = k.to(kc.dtype)
         vc[slot_idx[:, None], :, positions] = v.to(vc.dtype)
@@ -170,8 +167,8 @@ class Transformer(nn.Module):
             slot_idx = slots
         x = self.embed(input_ids)                                        # [B, T, C]
         dtype = x.dtype
-        cos = self.rope_cos[positions].to(dtype).unsqueeze(1)            # [B, 1, T, hd]
-        sin = self.rope_sin[positions].to(dtype).unsqueeze(1)
+        cos = self.rope_cos[positions].to(dtype).unsqueeze(2)            # [B, T, 1, hd]
+        sin = self.rope_sin[positions].to(dtype).unsqueeze(2)
         # mask[b, 0, t, l]: cache position l is visible to the token at positions[b, t]
         ar = torch.arange(kv_len, device=input_ids.device)
         mask = (ar[None, None, None, :] <= positions[:, None, :, None])  # [B, 1, T, L]

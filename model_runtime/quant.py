@@ -109,7 +109,7 @@ def artifact_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_quantized(model: nn.Module, dst: Path, *, method: str, group_size: int, quantize_lm_head: bool,
+def save_quantized(model: nn.Module, dst: Path, *, method: str, group_size: int, quantize_lm_head: Any,
                    source: str, source_checksum: str, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write dst/model.safetensors, dst/quantization.json, dst/config.json (+ tokenizer files given)."""
     dst = Path(dst)
@@ -121,6 +121,7 @@ def save_quantized(model: nn.Module, dst: Path, *, method: str, group_size: int,
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "method": method,
         "group_size": group_size if method == "int4" else None, "quantize_lm_head": quantize_lm_head,
+        "lm_head": {Int8Linear: "int8", Int4Linear: "int4"}.get(type(model.lm_head), "float"),
         "source": source, "source_checksum": source_checksum, "tool_version": tool_version(),
         "weights_checksum": file_checksum([dst / "model.safetensors"]), "config": cfg.as_dict(),
         "float_dtype": str(model.embed.weight.dtype).removeprefix("torch."),

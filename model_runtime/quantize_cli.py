@@ -24,8 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="int8: per-output-channel; int4: group-wise (see --group-size)")
     p.add_argument("--group-size", "--group_size", dest="group_size", type=int, choices=[32, 64, 128],
                    default=128, help="int4 group size")
-    p.add_argument("--quantize-lm-head", "--quantize_lm_head", dest="quantize_lm_head", action="store_true",
-                   help="also quantize the output projection (lm_head)")
+    p.add_argument("--lm-head", "--lm_head", dest="lm_head", choices=["auto", "float", "same"], default="auto",
+                   help="output projection: auto = int8 (per-channel) for both methods, float = keep it in "
+                        "--dtype, same = the --method (int4 head: smallest, least accurate)")
+    p.add_argument("--quantize-lm-head", "--quantize_lm_head", dest="lm_head", action="store_const", const="same",
+                   help="same as --lm-head same")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of the tensors kept in float (embeddings, norms, biases)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty DST")
@@ -76,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         src = resolve_model_path(args.src)
         loaded = load_model(src, quantization=args.method, group_size=args.group_size, prequantized=False,
                             dtype=args.dtype, device="cpu", allow_pickle=args.allow_pickle,
-                            trust_remote_code=args.trust_remote_code, quantize_lm_head=args.quantize_lm_head,
+                            trust_remote_code=args.trust_remote_code,
+                            quantize_lm_head={"auto": None, "float": False, "same": True}[args.lm_head],
                             keep_codes=True, progress=progress)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -98,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     gen["eos_token_id"] = sorted(set(eos_list) | set(loaded.eos_token_ids))
     quant.save_quantized(
         loaded.model, dst, method=args.method, group_size=args.group_size,
-        quantize_lm_head=args.quantize_lm_head, source=str(src), source_checksum=checksum,
+        quantize_lm_head=args.lm_head, source=str(src), source_checksum=checksum,
         extra_files={"generation_config.json": json.dumps(gen, indent=2).encode()},
     )
     size = sum(f.stat().st_size for f in dst.iterdir() if f.suffix == ".safetensors")

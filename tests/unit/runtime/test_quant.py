@@ -78,7 +78,7 @@ def test_int4_group_size_falls_back_when_k_is_small():
 
 def test_int8_greedy_tokens_match_float(tiny_qwen2_dir, float_model):
     int8 = load_model(tiny_qwen2_dir, quantization="int8", dtype="float32").model
-    assert isinstance(int8.layers[0].attn.qkv, Int8Linear) and isinstance(int8.lm_head, torch.nn.Linear)
+    assert isinstance(int8.layers[0].attn.qkv, Int8Linear) and isinstance(int8.lm_head, Int8Linear)  # auto head
     ref, _ = greedy(float_model, PROMPT, 12)
     got, _ = greedy(int8, PROMPT, 12)
     assert got[:8] == ref[:8]
@@ -108,10 +108,11 @@ def test_quantize_save_load_round_trips_bit_exactly(tiny_qwen2_dir, tmp_path, me
     assert manifest["method"] == method and manifest["source_checksum"].startswith("sha256:")
     assert manifest["tool_version"] and manifest["config"]["vocab_size"] == 152064
     assert manifest["group_size"] == (32 if method == "int4" else None)
+    assert manifest["lm_head"] == "int8"  # int8: --quantize-lm-head; int4: the auto default (int8 head)
 
     # the in-memory model the CLI saved, rebuilt the same way
     fresh = load_model(tiny_qwen2_dir, quantization=method, group_size=32, dtype="bfloat16",
-                       quantize_lm_head=method == "int8", keep_codes=True)
+                       quantize_lm_head=True if method == "int8" else None, keep_codes=True)
     loaded = load_model(dst)  # detects the manifest; no --quantization needed
     assert loaded.quantization == method and loaded.source_format == "quantized"
     assert loaded.tokenizer.chat_template and loaded.eos_token_ids == [151643]
