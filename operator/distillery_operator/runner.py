@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 from typing import Any
 
@@ -56,6 +57,17 @@ def build_registry(settings: OperatorSettings, login: kopf.ConnectionInfo | None
     return registry
 
 
+def peering_priority(settings: OperatorSettings) -> int:
+    """This replica's kopf peering priority: the highest one handles objects, the others stand by.
+
+    kopf pauses *every* replica when two share a priority, so replicas of one Deployment (identical
+    settings) must not share one: unless pinned by DISTILLERY_PEERING_PRIORITY, each process draws its own.
+    """
+    if settings.peering_priority is not None:
+        return settings.peering_priority
+    return secrets.randbelow(1_000_000) + 1
+
+
 async def operate(
     settings: OperatorSettings,
     *,
@@ -80,6 +92,7 @@ async def operate(
         namespaces=names,
         standalone=standalone,
         peering_name=None if standalone else settings.peering_name,
+        priority=peering_priority(settings),
         liveness_endpoint=liveness,
         memo=kopf.Memo(config=settings),
         stop_flag=stop_flag,

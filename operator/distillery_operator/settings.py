@@ -56,6 +56,9 @@ class OperatorSettings(BaseSettings):
     liveness_port: int = Field(8080, ge=0, le=65535, description="Port of kopf's liveness endpoint (/healthz)")
     peering_name: str = Field("distillery", description="kopf peering object name (leader election)")
     standalone: bool = Field(False, description="Run without peering (a single replica)")
+    peering_priority: int | None = Field(
+        None, ge=0, description="kopf peering priority of this replica (empty: a random one per process)"
+    )
 
     @field_validator("namespaces", mode="before")
     @classmethod
