@@ -46,6 +46,7 @@ from model_runtime.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    GenerationParameters,
     ModelCard,
     ModelList,
     V1Request,
@@ -118,10 +119,29 @@ class DistilleryModel(kserve.Model):
         )
         engine.start()
         self.attach(loaded, engine)
+        # Not asyncio.run(): it unsets the main thread's event loop, which KServe's start() then asks for.
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._warmup())
+        finally:
+            loop.close()
         log.info("model loaded", extra={"model_name": self.name, "quantization": loaded.quantization,
                                         "device": str(loaded.device), "max_model_len": loaded.max_model_len,
                                         "load_s": round(time.monotonic() - started, 2)})
         return self.ready
+
+    async def _warmup(self) -> None:
+        """One greedy token through the whole path (chat template, engine, detokenizer) before the
+        model reports ready: first-use costs land in the load, not in the first user's TTFT, and a
+        checkpoint that cannot generate fails the start-up instead of every request."""
+        assert self.serving is not None
+        serving, metrics = self.serving, self.serving.metrics
+        serving.metrics = None  # not a user request: keep it out of the request metrics
+        try:
+            await serving.complete(serving.prepare_text("Hello", GenerationParameters(max_tokens=1, temperature=0,
+                                                                                      chat=True)))
+        finally:
+            serving.metrics = metrics
 
     def attach(self, loaded: Any, engine: Any) -> None:
         """Serve `loaded` through a started `engine` (load() uses it; tests may call it directly)."""
