@@ -60,6 +60,7 @@ from model_runtime.serving import Delta, Job, Serving, ServingConfig, ServingErr
 log = logging.getLogger("model_runtime.server")
 
 OPENAI_PREFIXES = ("/openai/v1", "/v1")
+MAX_BODY_BYTES = 16 * 2**20  # far beyond any context window; bounds the tokenizer's work per request
 
 
 @dataclass
@@ -359,6 +360,8 @@ class OpenAIRoutes:
         try:
             serving = self.model._serving()
             raw = await request.body()
+            if len(raw) > MAX_BODY_BYTES:
+                raise ServingError(413, f"request body over {MAX_BODY_BYTES // 2**20} MiB", code="body_too_large")
             try:
                 data = json.loads(raw)
             except ValueError as exc:

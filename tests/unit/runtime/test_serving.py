@@ -394,6 +394,14 @@ async def test_queue_full_is_429_with_retry_after_also_when_streaming(r1_tokeniz
     assert registry.get_sample_value("distillery_queue_rejected_total", {"model_name": "r1"}) == 2
 
 
+async def test_oversized_body_is_413(r1_tokenizer):
+    app, engine, _ = make_app(r1_tokenizer, "x")
+    async with http(app) as h:
+        resp = await h.post("/v1/completions", content=b" " * (16 * 2**20 + 1))
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "body_too_large"
+    assert engine.calls == []
+
+
 async def test_not_ready_is_503(r1_tokenizer):
     app, _, _ = make_app(r1_tokenizer, ready=False)
     async with http(app) as h:
