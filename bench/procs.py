@@ -49,8 +49,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    """RSS of a process plus all its descendants, in bytes (processes that vanish count as 0)."""
+def tree_rss(proc: psutil.Process, field: str = "rss") -> int:
+    """RSS (or another psutil memory_info field) of a process plus all its descendants, in bytes
+    (processes that vanish count as 0)."""
     total = 0
     try:
         procs = [proc, *proc.children(recursive=True)]
@@ -58,7 +59,7 @@ def tree_rss(proc: psutil.Process) -> int:
         return 0
     for p in procs:
         with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
+            total += getattr(p.memory_info(), field)
     return total
 
 
@@ -189,6 +190,7 @@ class ServerUnderTest:
         self.load_s: float | None = None
         self.peak_rss_mb: float | None = None
         self.rss_after_load_mb: float | None = None
+        self.rss_file_after_load_mb: float | None = None
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.log_path = LOG_DIR / f"{name}.log"
         self._proc: subprocess.Popen[Any] | None = None
@@ -212,7 +214,9 @@ class ServerUnderTest:
                 break
             time.sleep(0.25)
         self.load_s = round(time.monotonic() - t0, 2)
-        self.rss_after_load_mb = round(self._monitor.last / MIB, 1)
+        self.rss_after_load_mb = round(tree_rss(psutil.Process(self._proc.pid)) / MIB, 1)
+        # file-backed + shared resident pages (e.g. weights still mmapped from safetensors)
+        self.rss_file_after_load_mb = round(tree_rss(psutil.Process(self._proc.pid), "shared") / MIB, 1)
         return self
 
     def alive(self) -> bool:

@@ -169,6 +169,7 @@ class Bench:
             with server:
                 out["load_s"] = server.load_s
                 out["rss_after_load_mb"] = server.rss_after_load_mb
+                out["rss_file_after_load_mb"] = server.rss_file_after_load_mb
                 out.update(run_http_benchmark(f"http://127.0.0.1:{port}", model_name, PROMPT,
                                               single_tokens=single_tokens, repeats=repeats,
                                               conc_tokens=self.s.conc_tokens, levels=list(levels)))
@@ -194,22 +195,26 @@ class Bench:
                                             single_tokens=self.s.single_tokens, repeats=self.s.repeats)
 
     def _ours_cmd(self, model_dir: Path, name: str, port: int, quant: str, *, max_batch: int,
-                  max_queue: int) -> list[str]:
+                  max_queue: int, max_model_len: int | None = None) -> list[str]:
         from distillery_operator import contract as c
 
+        extra = [c.FLAG_MAX_MODEL_LEN, str(max_model_len)] if max_model_len else []
         return [sys.executable, "-m", c.RUNTIME_MODULE, c.FLAG_MODEL_NAME, name, c.FLAG_MODEL_DIR, str(model_dir),
                 c.FLAG_HTTP_PORT, str(port), "--http_host", "127.0.0.1", "--grpc_port", str(free_port()),
                 "--enable_grpc", "false", "--log_level", "WARNING",
-                c.FLAG_QUANTIZATION, quant, c.FLAG_MAX_BATCH_SIZE, str(max_batch), c.FLAG_MAX_QUEUE, str(max_queue)]
+                c.FLAG_QUANTIZATION, quant, c.FLAG_MAX_BATCH_SIZE, str(max_batch), c.FLAG_MAX_QUEUE, str(max_queue),
+                *extra]
 
-    def _ours(self, model: str, model_dir: Path, *, levels: tuple[int, ...], tokens: int, repeats: int) -> None:
+    def _ours(self, model: str, model_dir: Path, *, levels: tuple[int, ...], tokens: int, repeats: int,
+              max_model_len: int | None = None) -> None:
         from distillery_operator import contract as c
 
         for mode, quant in (("bf16", "none"), ("int8", "int8"), ("int4", "int4")):
             key = f"{model}/ours/{mode}"
             port = free_port()
-            max_batch = max(levels) if levels else 8
-            cmd = self._ours_cmd(model_dir, model, port, quant, max_batch=max_batch, max_queue=4 * max_batch)
+            max_batch = max(levels) if levels else 1
+            cmd = self._ours_cmd(model_dir, model, port, quant, max_batch=max_batch, max_queue=4 * max_batch,
+                                 max_model_len=max_model_len)
             base = {"model": model, "engine": "ours", "mode": mode, "interface": "http",
                     "bytes_per_token": self.bytes_for(model, mode), "max_batch_size": max_batch}
             self.runs[key] = self._http_run(key, base, cmd, c.HEALTH_READY_PATH_TEMPLATE.format(model_name=model),
@@ -219,7 +224,8 @@ class Bench:
         self._ours(SMALL, ST_0P5B, levels=self.s.levels, tokens=self.s.single_tokens, repeats=self.s.repeats)
 
     def ours_1p5b(self) -> None:
-        self._ours(BIG, R1_1P5B, levels=(), tokens=self.s.big_tokens, repeats=1)
+        # single stream only, one KV-cache slot of 1024 positions: the RSS comparison is about the weights
+        self._ours(BIG, R1_1P5B, levels=(), tokens=self.s.big_tokens, repeats=1, max_model_len=1024)
         bf16 = (self.runs.get(f"{BIG}/ours/bf16") or {}).get("peak_rss_mb")
         int4 = (self.runs.get(f"{BIG}/ours/int4") or {}).get("peak_rss_mb")
         int8 = (self.runs.get(f"{BIG}/ours/int8") or {}).get("peak_rss_mb")

@@ -147,3 +147,15 @@ def test_parse_sections_and_quick_settings() -> None:
     with pytest.raises(SystemExit):
         parse_sections(["nope"])
     assert Settings.quick().single_tokens < Settings().single_tokens
+
+
+def test_our_server_command_parses_with_the_runtime_parser() -> None:
+    """The harness starts `python -m model_runtime ...`; its flags must be ones the runtime accepts."""
+    runtime_main = pytest.importorskip("model_runtime.__main__")
+    from bench.run import R1_1P5B, Bench
+
+    cmd = Bench(Settings(), {})._ours_cmd(R1_1P5B, "m", 8080, "int4", max_batch=1, max_queue=4, max_model_len=1024)
+    assert cmd[1:3] == ["-m", "model_runtime"]
+    args = runtime_main.build_parser().parse_args(cmd[3:])
+    assert (args.quantization, args.max_batch_size, args.max_queue, args.max_model_len) == ("int4", 1, 4, 1024)
+    assert args.http_host == "127.0.0.1" and args.enable_grpc is False
