@@ -203,6 +203,19 @@ class ServerUnderTest:
         self._proc = subprocess.Popen(self.cmd, cwd=REPO_ROOT, env=thread_env(self.threads),
                                       stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self._monitor = RssMonitor(self._proc.pid).start()
+        try:
+            self._wait_ready(t0)
+        except BaseException:
+            self.__exit__()  # `with` does not call __exit__ when __enter__ raises: never leak the server
+            raise
+        self.load_s = round(time.monotonic() - t0, 2)
+        self.rss_after_load_mb = round(tree_rss(psutil.Process(self._proc.pid)) / MIB, 1)
+        # file-backed + shared resident pages (e.g. weights still mmapped from safetensors)
+        self.rss_file_after_load_mb = round(tree_rss(psutil.Process(self._proc.pid), "shared") / MIB, 1)
+        return self
+
+    def _wait_ready(self, t0: float) -> None:
+        assert self._proc is not None
         while True:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with code {self._proc.returncode} before it was "
@@ -211,13 +224,8 @@ class ServerUnderTest:
                 raise RuntimeError(f"{self.name} not ready after {self.ready_timeout_s:.0f}s; "
                                    f"log tail: {tail(self.log_path)}")
             if _http_ok(self.ready_url):
-                break
+                return
             time.sleep(0.25)
-        self.load_s = round(time.monotonic() - t0, 2)
-        self.rss_after_load_mb = round(tree_rss(psutil.Process(self._proc.pid)) / MIB, 1)
-        # file-backed + shared resident pages (e.g. weights still mmapped from safetensors)
-        self.rss_file_after_load_mb = round(tree_rss(psutil.Process(self._proc.pid), "shared") / MIB, 1)
-        return self
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

@@ -159,3 +159,39 @@ def test_our_server_command_parses_with_the_runtime_parser() -> None:
     args = runtime_main.build_parser().parse_args(cmd[3:])
     assert (args.quantization, args.max_batch_size, args.max_queue, args.max_model_len) == ("int4", 1, 4, 1024)
     assert args.http_host == "127.0.0.1" and args.enable_grpc is False
+
+
+def test_server_under_test_measures_and_stops_a_server(tmp_path: object) -> None:
+    import sys
+
+    import psutil
+
+    from bench.procs import ServerUnderTest, free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    server = ServerUnderTest("unit-http-server", cmd, f"http://127.0.0.1:{port}/", threads=1, ready_timeout_s=30)
+    with server:
+        assert server.alive() and server.load_s is not None and server.rss_after_load_mb
+        pid = server._proc.pid  # type: ignore[union-attr]
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert server.peak_rss_mb and server.peak_rss_mb >= server.rss_after_load_mb
+
+
+def test_server_that_dies_before_ready_is_reported() -> None:
+    import sys
+
+    from bench.procs import ServerUnderTest
+
+    server = ServerUnderTest("unit-dying-server", [sys.executable, "-c", "raise SystemExit(3)"],
+                             "http://127.0.0.1:9/", threads=1, ready_timeout_s=30)
+    with pytest.raises(RuntimeError, match="exited with code 3"), server:
+        pass
+
+
+def test_a_failing_step_is_recorded_not_raised() -> None:
+    from bench.procs import run_step
+
+    res = run_step("unit-failing-step", "gguf_bytes", {"path": "/nonexistent.gguf"}, threads=1, timeout_s=120)
+    assert not res.ok and res.error and "nonexistent" in res.error
+    assert res.peak_rss_mb and res.peak_rss_mb > 1
