@@ -19,6 +19,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -51,6 +52,10 @@ class EngineConfig:
     max_tokens_in_flight: int | None = None
     request_timeout_s: float | None = 600
     prefill_chunk: int = 256        # prompt tokens per step for one prefilling request
+    # torch.compile the decode step (opt-in: ~20-100 s of compiling at start, three graphs: batch 1,
+    # batch >= 2, slots with gaps; measured ~1.3x faster single-stream decode on the 0.5B int8 here). None: read the
+    # DISTILLERY_COMPILE environment variable ("1"/"true" to enable).
+    compile: bool | None = None
 
 
 @dataclass
@@ -144,6 +149,31 @@ class Engine:
         self._ids = itertools.count()
         # test hook: called with (logits [B, V], request ids) before sampling; may edit logits in place
         self.logits_hook: Callable[[Tensor, list[str]], None] | None = None
+        use_compile = config.compile
+        if use_compile is None:
+            use_compile = os.environ.get("DISTILLERY_COMPILE", "").lower() in ("1", "true", "yes")
+        self._decode_fn: Callable[..., Any] = self.model.forward
+        self.compiled = bool(use_compile)
+        if self.compiled:
+            self._decode_fn = torch.compile(self.model.forward, dynamic=True)
+
+    def _warm_up(self) -> None:
+        """Compile the decode graphs (batch 1 and batch >= 2) before serving, then wipe the cache."""
+        assert self._cache is not None
+        device = self.model.embed.weight.device
+        started = time.monotonic()
+        with torch.inference_mode():
+            shapes: list[Tensor | slice] = [slice(0, 1)]
+            if self.config.max_batch_size >= 2:  # contiguous slots, and slots with gaps
+                shapes += [slice(0, 2), torch.tensor([0, 1], device=device)]
+            for slots in shapes:
+                batch = 1 if isinstance(slots, slice) and slots.stop == 1 else 2
+                ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
+                pos = torch.zeros((batch, 1), dtype=torch.long, device=device)
+                self._decode_fn(ids, pos, self._cache, slots, kv_len=1, logits="last")
+            for t in itertools.chain(self._cache.k, self._cache.v):
+                t[:, :, :1].zero_()
+        log.info("compiled the decode step in %.1f s", time.monotonic() - started)
 
     # ------------------------------------------------------------------ lifecycle
     def _allocate_cache(self) -> KVCache:
@@ -167,6 +197,8 @@ class Engine:
         if self.max_len > getattr(self.model, "rope_len", self.max_len):
             self.model.set_rope(self.max_len, self.model.embed.weight.device)
         self._cache = self._allocate_cache()
+        if self.compiled:
+            self._warm_up()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -342,11 +374,11 @@ class Engine:
         positions = torch.tensor([[r.pos] for r in reqs], device=device)           # [B, 1]
         slot_list = [r.slot for r in reqs]
         if slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list))):
-            slots: Tensor | slice = slice(slot_list[0], slot_list[0] + len(slot_list))
+            slots: Tensor | slice = slice(slot_list[0], slot_list[0] + len(slot_list))  # a view of the cache
         else:
             slots = torch.tensor(slot_list, device=device)
         kv_len = max(r.pos for r in reqs) + 1
-        logits = self.model(ids, positions, self._cache, slots, kv_len=kv_len, logits="last")  # [B, V]
+        logits = self._decode_fn(ids, positions, self._cache, slots, kv_len=kv_len, logits="last")  # [B, V]
         for r in reqs:
             r.pos += 1
         self._sample_and_emit(reqs, logits)
