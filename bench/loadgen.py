@@ -94,7 +94,7 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str,
 
 
 async def run_concurrent(base_url: str, model: str, prompt: str, max_tokens: int, streams: int,
-                         timeout_s: float = 600.0) -> tuple[list[RequestResult], float]:
+                         timeout_s: float = 1800.0) -> tuple[list[RequestResult], float]:
     """Fire `streams` identical requests at once; returns their results and the wall time of the lot."""
     limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
@@ -111,6 +111,8 @@ def concurrency_summary(results: list[RequestResult], wall_s: float) -> dict[str
     summary["ok"] = len(ok)
     summary["http_429"] = sum(1 for r in results if r.status == 429)
     summary["errors"] = sum(1 for r in results if not r.ok and r.status != 429)
+    # client-side timeouts (a server that makes a queued request wait that long) are counted apart too
+    summary["client_timeouts"] = sum(1 for r in results if (r.error or "").startswith(("ReadTimeout", "ConnectTimeout")))
     first_error = next((r.error for r in results if not r.ok and r.status != 429), None)
     if first_error:
         summary["first_error"] = first_error
