@@ -61,6 +61,7 @@ class Settings:
     ppl_max_tokens: int | None = None  # the whole fixed text
     ppl_window: int = 512
     bandwidth_mib: int = 512
+    max_model_len: int = 4096  # our server's context (KV slot length) on the 0.5B
     step_timeout_s: float = 900.0
 
     @classmethod
@@ -216,12 +217,16 @@ class Bench:
             cmd = self._ours_cmd(model_dir, model, port, quant, max_batch=max_batch, max_queue=4 * max_batch,
                                  max_model_len=max_model_len)
             base = {"model": model, "engine": "ours", "mode": mode, "interface": "http",
-                    "bytes_per_token": self.bytes_for(model, mode), "max_batch_size": max_batch}
+                    "bytes_per_token": self.bytes_for(model, mode), "max_batch_size": max_batch,
+                    "max_model_len": max_model_len}
             self.runs[key] = self._http_run(key, base, cmd, c.HEALTH_READY_PATH_TEMPLATE.format(model_name=model),
                                             model, port, levels=levels, single_tokens=tokens, repeats=repeats)
 
     def ours(self) -> None:
-        self._ours(SMALL, ST_0P5B, levels=self.s.levels, tokens=self.s.single_tokens, repeats=self.s.repeats)
+        # 4096 positions per KV slot (the engine's default context) rather than the model's 32768: the KV
+        # cache is preallocated per slot, and 16 slots x 32k would dominate the RSS figure
+        self._ours(SMALL, ST_0P5B, levels=self.s.levels, tokens=self.s.single_tokens, repeats=self.s.repeats,
+                   max_model_len=self.s.max_model_len)
 
     def ours_1p5b(self) -> None:
         # single stream only, one KV-cache slot of 1024 positions: the RSS comparison is about the weights
@@ -247,7 +252,7 @@ class Bench:
         port = free_port()
         key = f"{SMALL}/ours/int8-overload"
         cmd = self._ours_cmd(ST_0P5B, SMALL, port, "int8", max_batch=self.s.overload_max_batch,
-                             max_queue=self.s.overload_max_queue)
+                             max_queue=self.s.overload_max_queue, max_model_len=self.s.max_model_len)
         out: dict[str, Any] = {"requested_streams": self.s.overload_streams, "max_queue": self.s.overload_max_queue,
                                "max_batch_size": self.s.overload_max_batch, "max_tokens": self.s.overload_tokens}
         _log(f"{key} ...")
