@@ -168,11 +168,14 @@ class Engine:
                 shapes += [slice(0, 2), torch.tensor([0, 1], device=device)]
             for slots in shapes:
                 batch = 1 if isinstance(slots, slice) and slots.stop == 1 else 2
+                # sizes 0 and 1 get specialised by the compiler: warm up at positions 2..3 so that
+                # the graphs taken later (any position) are the dynamic ones compiled here
                 ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
-                pos = torch.zeros((batch, 1), dtype=torch.long, device=device)
-                self._decode_fn(ids, pos, self._cache, slots, kv_len=1, logits="last")
+                pos = torch.full((batch, 1), 3, dtype=torch.long, device=device)
+                self._decode_fn(ids, pos, self._cache, slots, kv_len=4, logits="last")
+                self._decode_fn(ids, pos - 1, self._cache, slots, kv_len=3, logits="last")
             for t in itertools.chain(self._cache.k, self._cache.v):
-                t[:, :, :1].zero_()
+                t[:, :, :4].zero_()
         log.info("compiled the decode step in %.1f s", time.monotonic() - started)
 
     # ------------------------------------------------------------------ lifecycle

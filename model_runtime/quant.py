@@ -116,6 +116,7 @@ def save_quantized(model: nn.Module, dst: Path, *, method: str, group_size: int,
     dst.mkdir(parents=True, exist_ok=True)
     state = artifact_state(model)
     save_file(state, str(dst / "model.safetensors"), metadata={"format": FORMAT})
+    (dst / "model.safetensors").chmod(0o644)  # readable by the serving container's (other) user
     cfg = model.config
     (dst / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
     manifest = {

@@ -228,3 +228,20 @@ def test_stats_and_metrics(loaded):
     assert 0 < max(u for _, u in seen) <= (len(PROMPTS[0]) + 20) / (2 * 128)
     assert engine.stats.tokens_per_s > 0
     assert torch.get_num_threads() >= 1
+
+
+def test_tokens_in_flight_cap_holds_requests_back(make_engine):
+    """Two requests of 5 + 20 tokens each under a 30-token cap run one after the other."""
+    engine = make_engine(max_tokens_in_flight=30)
+    peak = {"running": 0}
+
+    def watch(logits, ids):
+        peak["running"] = max(peak["running"], len(ids))
+
+    engine.logits_hook = watch
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, PROMPTS[0], greedy(20), f"cap{i}") for i in range(2)))
+
+    (a, ra), (b, rb) = asyncio.run(main())
+    assert ra == rb == "length" and a == b and peak["running"] == 1
