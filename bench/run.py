@@ -100,9 +100,14 @@ class Bench:
         cfg = (ST_0P5B if model == SMALL else R1_1P5B) / "config.json"
         return ModelShape.from_hf_config(json.loads(cfg.read_text())) if cfg.exists() else None
 
-    def bytes_for(self, model: str, mode: str) -> float | None:
+    def bytes_for(self, model: str, mode: str, *, ours: bool = False) -> float | None:
+        """Arithmetic weight bytes per token. Our runtime keeps lm_head in int8 whenever it quantizes
+        the decoder (model_runtime.loader.lm_head_method, auto); the peers keep it in the float width."""
         shape = self.shape(model)
-        return None if shape is None else weight_bytes_per_token(shape, mode)
+        if shape is None:
+            return None
+        lm_head = "int8" if ours and mode in ("int8", "int4") else None
+        return weight_bytes_per_token(shape, mode, lm_head_mode=lm_head)
 
     # ---- sections ------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -125,6 +130,8 @@ class Bench:
             shape = self.shape(model)
             if shape:
                 per_token[model] = {m: weight_bytes_per_token(shape, m) for m in ("fp32", "bf16", "int8", "int4")}
+                for m in ("int8", "int4"):  # ours: lm_head int8 as well
+                    per_token[model][f"ours-{m}"] = weight_bytes_per_token(shape, m, lm_head_mode="int8")
         for name, path in (("Q4_K_M", GGUF_Q4), ("Q8_0", GGUF_Q8)):
             if path.exists():
                 g = self.step(f"gguf-bytes/{name}", "gguf_bytes", {"path": str(path)})
@@ -132,7 +139,8 @@ class Bench:
         self.results["bandwidth"] = {"copy": bw, "weight_bytes_per_token": per_token,
                                      "note": "bytes = decoder Linears at the mode's stored width (int8: +1 scale "
                                              "per output channel, int4: +scale+zero per group of 128) + norms/"
-                                             "biases at bf16 + lm_head at bf16 (not quantized); embedding excluded"}
+                                             "biases at bf16 + lm_head at bf16 (ours-*: lm_head int8, as our "
+                                             "runtime stores it); embedding excluded"}
 
     def llamacpp(self) -> None:
         for mode, path in (("Q4_K_M", GGUF_Q4), ("Q8_0", GGUF_Q8)):
@@ -217,7 +225,7 @@ class Bench:
             cmd = self._ours_cmd(model_dir, model, port, quant, max_batch=max_batch, max_queue=4 * max_batch,
                                  max_model_len=max_model_len)
             base = {"model": model, "engine": "ours", "mode": mode, "interface": "http",
-                    "bytes_per_token": self.bytes_for(model, mode), "max_batch_size": max_batch,
+                    "bytes_per_token": self.bytes_for(model, mode, ours=True), "max_batch_size": max_batch,
                     "max_model_len": max_model_len}
             self.runs[key] = self._http_run(key, base, cmd, c.HEALTH_READY_PATH_TEMPLATE.format(model_name=model),
                                             model, port, levels=levels, single_tokens=tokens, repeats=repeats)
@@ -292,6 +300,15 @@ class Bench:
 
     # ---- derived -------------------------------------------------------------------------------
     def finish(self) -> None:
+        # the perplexity step counted the bytes the loaded model really holds: prefer them to arithmetic
+        ppl = self.results.get("perplexity") or {}
+        for mode in ("bf16", "int8", "int4"):
+            run = self.runs.get(f"{SMALL}/ours/{mode}")
+            measured = (ppl.get(mode) or {}).get("decode_bytes_per_token")
+            if run is not None and measured:
+                run["bytes_per_token_arithmetic"] = self.bytes_for(SMALL, mode, ours=True)
+                run["bytes_per_token"] = measured
+                run["bytes_per_token_source"] = "counted on the loaded model (perplexity step)"
         bw = ((self.results.get("bandwidth") or {}).get("copy") or {}).get("best_gb_s")
         report.add_bounds(self.runs, bw)
         self.results["targets"] = report.evaluate_targets(self.results)
