@@ -181,7 +181,7 @@ class Engine:
     # ------------------------------------------------------------------ lifecycle
     def _allocate_cache(self) -> KVCache:
         cfg = self.model.config
-        dtype = self.model.embed.weight.dtype
+        dtype = self.model.kv_cache_dtype()
         device = self.model.embed.weight.device
         cache = KVCache.__new__(KVCache)
         shape = (self.config.max_batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)

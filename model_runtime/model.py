@@ -90,7 +90,9 @@ class Attention(nn.Module):
         kc[slot_idx[:, None], :, positions] = k.to(kc.dtype)
         vc[slot_idx[:, None], :, positions] = v.to(vc.dtype)
         keys, values = kc[slots, :, :kv_len], vc[slots, :, :kv_len]   # [B, nkv, L, hd]
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B, nh, T, hd]
+        # attention runs in the cache's dtype (float32 on CPU: see kv_cache_dtype)
+        y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask,
+                                           enable_gqa=True).to(x.dtype)         # [B, nh, T, hd]
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
@@ -147,8 +149,15 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.embed.weight
 
+    def kv_cache_dtype(self) -> torch.dtype:
+        """float32 on CPU: this CPU (AVX2, no native bf16 math) runs decode attention 8-13x faster in
+        float32 than in bf16 (measured: batch 8 x 512 positions 0.45 ms vs 3.7 ms per layer), which
+        is worth the 2x cache memory; the model's dtype elsewhere."""
+        w = self.embed.weight
+        return torch.float32 if w.device.type == "cpu" else w.dtype
+
     def new_cache(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        dtype = dtype or self.embed.weight.dtype
+        dtype = dtype or self.kv_cache_dtype()
         return KVCache(self.config, max_batch, min(max_len, self.rope_len), dtype, self.embed.weight.device)
 
     def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache, slots: Tensor | slice,
