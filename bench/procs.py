@@ -181,7 +181,8 @@ class ServerUnderTest:
     """An HTTP server started as a subprocess (its own session), watched for RSS, stopped at exit."""
 
     def __init__(self, name: str, cmd: list[str], ready_url: str, *, threads: int,
-                 ready_timeout_s: float = 600.0) -> None:
+                 ready_timeout_s: float = 600.0, env: dict[str, str] | None = None) -> None:
+        self.extra_env = env or {}
         self.name = name
         self.cmd = cmd
         self.ready_url = ready_url
@@ -200,7 +201,7 @@ class ServerUnderTest:
     def __enter__(self) -> ServerUnderTest:
         self._log = self.log_path.open("w")
         t0 = time.monotonic()
-        self._proc = subprocess.Popen(self.cmd, cwd=REPO_ROOT, env=thread_env(self.threads),
+        self._proc = subprocess.Popen(self.cmd, cwd=REPO_ROOT, env={**thread_env(self.threads), **self.extra_env},
                                       stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self._monitor = RssMonitor(self._proc.pid).start()
         try:

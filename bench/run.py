@@ -63,6 +63,7 @@ class Settings:
     bandwidth_mib: int = 512
     max_model_len: int = 4096  # our server's context (KV slot length) on the 0.5B
     step_timeout_s: float = 900.0
+    ours_compile: bool = False  # DISTILLERY_COMPILE=1 for our server (torch.compile warm-up at start)
 
     @classmethod
     def quick(cls) -> Settings:
@@ -172,8 +173,10 @@ class Bench:
         out = dict(base)
         _log(f"{key} ...")
         t0 = time.monotonic()
+        env = {"DISTILLERY_COMPILE": "1"} if base.get("engine") == "ours" and self.s.ours_compile else {}
+        out["env"] = env
         server = ServerUnderTest(key.replace("/", "_"), cmd, f"http://127.0.0.1:{port}{ready_path}",
-                                 threads=self.s.threads)
+                                 threads=self.s.threads, env=env)
         try:
             with server:
                 out["load_s"] = server.load_s
@@ -361,9 +364,12 @@ def main(argv: list[str] | None = None) -> int:
                         "llamacpp,hf,hf_serve); results merge into --out")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "results.json")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ours-compile", action="store_true",
+                        help="run our server with DISTILLERY_COMPILE=1 (torch.compile'd decode step; slower start)")
     ns = parser.parse_args(argv)
     settings = Settings.quick() if ns.quick else Settings()
     settings.threads = ns.threads
+    settings.ours_compile = ns.ours_compile
     sections = parse_sections(ns.only)
     results: dict[str, Any] = {}
     if ns.only and ns.out.exists():
