@@ -1,6 +1,6 @@
 """`make bench`: every engine on the same machine in one run -> bench/results/results.json + tables.
 
-    python -m bench.run [--quick] [--only SECTION[,SECTION]] [--out FILE] [--threads 2]
+    python -m bench.run [--quick] [--only SECTION[,SECTION]] [--out FILE] [--threads 2] [--ours-compile]
 
 Sections (in run order): prepare, bandwidth, llamacpp, hf, hf_serve, ours, ours_1p5b, overload,
 perplexity, operator. `--only` runs some of them and merges into the existing results file, so a
