@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,18 +179,60 @@ def _hf_source(d: Path, mapping: dict[str, list[str]], allow_pickle: bool) -> Te
         for f in pickles:
             state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
         return TensorSource(set(state), state.__getitem__, mapping)
-    from safetensors import safe_open
-
     index = d / "model.safetensors.index.json"
     files = sorted({d / f for f in _read_json(index)["weight_map"].values()}) if index.is_file() else st_files
-    where: dict[str, Any] = {}
+    where: dict[str, SafetensorsFile] = {}
     for f in files:
         if not f.is_file():
             raise ModelLoadError(f"{index.name} lists {f.name}, which is missing from {d}")
-        handle = safe_open(str(f), framework="pt")
-        for k in handle.keys():  # noqa: SIM118 - safe_open has keys(), not __iter__
+        handle = SafetensorsFile(f)
+        for k in handle.entries:
             where[k] = handle
-    return TensorSource(set(where), lambda k: where[k].get_tensor(k), mapping)
+    return TensorSource(set(where), lambda k: where[k].tensor(k), mapping)
+
+
+_ST_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsFile:
+    """Reads one safetensors file a tensor at a time with plain file reads.
+
+    safetensors' own reader memory-maps the whole file: every page it touches stays mapped, and counted in
+    the process's RSS, for as long as any tensor or handle lives, so a quantized model would carry its
+    float checkpoint's pages beside its own int8/int4 copy. Reading each tensor into its own buffer keeps
+    peak memory at (model so far + one float tensor).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with path.open("rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        header.pop("__metadata__", None)
+        self.data_start = 8 + size
+        self.entries: dict[str, dict[str, Any]] = header
+
+    def tensor(self, name: str) -> Tensor:
+        entry = self.entries[name]
+        dtype = _ST_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ModelLoadError(f"{self.path.name}: tensor {name} has unsupported dtype {entry['dtype']}")
+        begin, end = entry["data_offsets"]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        with self.path.open("rb", buffering=0) as fh:
+            fh.seek(self.data_start + begin)
+            view = memoryview(buf.numpy())
+            got = 0
+            while got < len(view):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise ModelLoadError(f"{self.path.name} is truncated (tensor {name})")
+                got += n
+        return buf.view(dtype).reshape(entry["shape"])
 
 
 _TOKENIZERS: dict[tuple, Any] = {}
