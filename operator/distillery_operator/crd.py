@@ -117,15 +117,9 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         return _structural(merged, defs)
     if "anyOf" in node:
         branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
-        types = {b.get("type") for b in branches}
-        if len(branches) == 1:
+        if len(branches) == 1:  # Optional[X] -> X; quantities are X with x-kubernetes-int-or-string
             merged = {**branches[0], **node}
             return _structural(merged, defs)
-        if types <= {"integer", "string", "number"}:  # int-or-string (quantities)
-            return {
-                **{k: v for k, v in node.items() if k in _KEEP and k != "default"},
-                "x-kubernetes-int-or-string": True,
-            }
         raise ValueError(f"cannot express anyOf {branches} structurally")
     if "const" in node and "enum" not in node:
         node["enum"] = [node.pop("const")]

@@ -22,6 +22,7 @@ from .api import (
     DistilledModel,
     DistilledModelSpec,
     QuantMethod,
+    ResolvedResources,
     ScaleMetric,
     effective_deployment_mode,
     effective_metric,
@@ -157,9 +158,10 @@ def _autoscaling(
     return annotations, predictor
 
 
-def _resources_and_placement(spec: DistilledModelSpec, settings: RenderSettings) -> tuple[dict[str, Any], dict[str, Any]]:
+def _resources_and_placement(
+    spec: DistilledModelSpec, res: ResolvedResources, settings: RenderSettings
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The container's resources, and the pod's node selector / tolerations / priority class."""
-    res = resolve_resources(spec)
     quantities: dict[str, Any] = {}
     if res.cpu:
         quantities["cpu"] = res.cpu
@@ -201,9 +203,10 @@ def render_inference_service(dm: DistilledModel, settings: RenderSettings) -> di
     name = dm.metadata.name
     namespace = dm.metadata.namespace or "default"
     mode = effective_deployment_mode(spec)
-    resources, pod = _resources_and_placement(spec, settings)
+    resolved = resolve_resources(spec)
+    resources, pod = _resources_and_placement(spec, resolved, settings)
     scale_annotations, scale_fields = _autoscaling(spec, name, namespace, settings)
-    gpu = resolve_resources(spec).gpu_count > 0
+    gpu = resolved.gpu_count > 0
 
     model: dict[str, Any] = {
         "modelFormat": {"name": constants.MODEL_FORMAT_NAME},

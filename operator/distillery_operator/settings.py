@@ -44,11 +44,12 @@ class OperatorSettings(BaseSettings):
         default_factory=list,
         description="Namespaces to watch (comma-separated or JSON list); empty means all namespaces",
     )
-    runtime_name_cpu: str = constants.RUNTIME_NAME_CPU
-    runtime_name_gpu: str = constants.RUNTIME_NAME_GPU
+    # The renderer's settings, with their defaults taken from RenderSettings (defined once there).
+    runtime_name_cpu: str = RenderSettings.model_fields["runtime_name_cpu"].default
+    runtime_name_gpu: str = RenderSettings.model_fields["runtime_name_gpu"].default
     runtime_image: str | None = None
-    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
-    gpu_node_label: str = "cloud.google.com/gke-accelerator"
+    prometheus_url: str = RenderSettings.model_fields["prometheus_url"].default
+    gpu_node_label: str = RenderSettings.model_fields["gpu_node_label"].default
     resync_seconds: float = Field(300.0, gt=0, description="Periodic resync (drift backstop) interval")
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -71,10 +72,6 @@ class OperatorSettings(BaseSettings):
         return value
 
     def render_settings(self) -> RenderSettings:
-        return RenderSettings(
-            runtime_name_cpu=self.runtime_name_cpu,
-            runtime_name_gpu=self.runtime_name_gpu,
-            runtime_image=self.runtime_image or None,
-            prometheus_url=self.prometheus_url,
-            gpu_node_label=self.gpu_node_label,
-        )
+        values = self.model_dump(include=set(RenderSettings.model_fields))
+        values["runtime_image"] = values["runtime_image"] or None  # an empty env var means "not set"
+        return RenderSettings(**values)
