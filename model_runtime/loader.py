@@ -539,7 +539,22 @@ def build_model(cfg: ModelConfig, src: TensorSource, *, dtype: torch.dtype, devi
     if isinstance(model.lm_head, nn.Linear) and model.lm_head.weight.is_meta:
         model.lm_head.weight = model.embed.weight
     model.set_rope(max_len, device)
+    use_float32_activations(model)
     return model.eval().requires_grad_(False)
+
+
+def use_float32_activations(model: Transformer) -> bool:
+    """Switch to float32 activations when every linear runs on the CPU integer kernels (which take
+    float32 rows): norms and biases become float32 (a few KiB), the embedding stays as stored."""
+    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, *quant.QUANTIZED_LINEARS))]
+    if not linears or not all(getattr(m, "backend", None) == "dq" for m in linears):
+        return False
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.weight = nn.Parameter(m.weight.data.float(), requires_grad=False)
+    model.act_dtype = torch.float32
+    model.fused_decode = True
+    return True
 
 
 def load_model(model_dir: str | Path, *, quantization: str = "none", group_size: int = 128,

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model_runtime import ckernels
 from model_runtime.config import ModelConfig
 
 
@@ -28,6 +29,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op
         # Normalise in float32 like the reference implementations, then scale in the input dtype.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
@@ -120,6 +123,20 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), *attn_args)
         return x + self.mlp(self.mlp_norm(x))
 
+    def decode_fused(self, x: Tensor, kc: Tensor, vc: Tensor, slot_idx: Tensor, positions: Tensor,
+                     cos: Tensor, sin: Tensor) -> None:
+        """One decode step on the CPU integer kernels (ckernels.py), x [B, C] float32 updated in place.
+
+        Same math as forward(): the norms are fused into the next linear's activation quantization,
+        the residual adds into the linear's output, RoPE + cache write + attention into one call."""
+        a, m = self.attn, self.mlp
+        qkv = a.qkv.fused(x, norm=self.attn_norm)                               # [B, (nh + 2 nkv) hd]
+        y = ckernels.attn_decode(qkv, a.n_heads, a.n_kv, a.hd, slot_idx, positions, cos, sin, kc, vc)  # [B, nh hd]
+        a.o.fused(y, out=x)                                                     # x += o(y)
+        gu = m.gate_up.fused(x, norm=self.mlp_norm)                             # [B, 2 I]
+        h = F.silu(gu[:, : m.inter]) * gu[:, m.inter:]                          # [B, I]
+        m.down.fused(h, out=x)                                                  # x += down(h)
+
 
 class Transformer(nn.Module):
     """Token ids -> next-token logits, reading and writing a KVCache."""
@@ -134,6 +151,13 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope_len = 0
+        # dtype of the activations between layers; None: the embedding's dtype. float32 when the
+        # CPU integer kernels run every linear (ckernels.py): they take float32 rows, and float32
+        # elementwise math is faster than bfloat16 on CPUs without native bf16.
+        self.act_dtype: torch.dtype | None = None
+        # decode steps through Block.decode_fused (set by the loader when every linear runs on the
+        # CPU integer kernels and activations are float32)
+        self.fused_decode = False
         if not self.embed.weight.is_meta:  # the loader builds on "meta" and calls set_rope itself
             self.set_rope(max_len or cfg.max_position)
 
@@ -175,6 +199,17 @@ class Transformer(nn.Module):
         else:
             slot_idx = slots
         x = self.embed(input_ids)                                        # [B, T, C]
+        if self.act_dtype is not None:
+            x = x.to(self.act_dtype)
+        if self.fused_decode and T == 1 and cache.k[0].dtype == torch.float32 and x.device.type == "cpu":
+            x = x.reshape(B, -1).contiguous()                            # [B, C]
+            pos = positions.reshape(B)
+            for i, layer in enumerate(self.layers):
+                layer.decode_fused(x, cache.k[i], cache.v[i], slot_idx, pos, self.rope_cos, self.rope_sin)
+            if logits == "none":
+                return None
+            out = self.lm_head.fused(x, norm=self.norm)                  # [B, V] float32
+            return out if logits == "last" else out[:, None, :]
         dtype = x.dtype
         cos = self.rope_cos[positions].to(dtype).unsqueeze(2)            # [B, T, 1, hd]
         sin = self.rope_sin[positions].to(dtype).unsqueeze(2)

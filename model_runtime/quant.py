@@ -35,8 +35,11 @@ def tool_version() -> str:
         return f"distillery (source), torch {torch.__version__}"
 
 
+QUANTIZED_LINEARS = (Int8Linear, Int4Linear)
+
+
 def is_quantized_linear(m: nn.Module) -> bool:
-    return isinstance(m, (Int8Linear, Int4Linear))
+    return isinstance(m, QUANTIZED_LINEARS)
 
 
 def quantize_linear(weight: Tensor, bias: Tensor | None, method: str, group_size: int,

@@ -75,6 +75,25 @@ def test_batched_greedy_equals_one_at_a_time(make_engine):
     assert engine.stats.running == 0 and engine.stats.queue_depth == 0
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_batched_greedy_equals_one_at_a_time_on_quantized_weights(tiny_qwen2_dir, method):
+    """The serving path for int8/int4 on CPU (integer kernels, fused decode): a batch changes no one's tokens."""
+    quantized = load_model(tiny_qwen2_dir, quantization=method, group_size=32)
+    engine = Engine(quantized, EngineConfig(max_batch_size=4, max_model_len=256))
+    engine.start()
+    try:
+        async def main():
+            single = [await collect(engine, p, greedy(12), f"s{i}") for i, p in enumerate(PROMPTS)]
+            batched = await asyncio.gather(*(collect(engine, p, greedy(12), f"b{i}") for i, p in enumerate(PROMPTS)))
+            return single, batched
+
+        single, batched = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert single == list(batched)
+    assert all(len(toks) == 12 for toks, _ in single)
+
+
 def test_joining_a_running_batch_changes_no_output(make_engine):
     engine = make_engine()
 

@@ -1,0 +1,267 @@
+"""Build, load and call the AVX2 integer-dot-product linear kernels in csrc/dq_kernels.c.
+
+Why a C kernel: on an AVX2-only CPU PyTorch's weight-only kernels widen every weight to float and
+are compute-bound far below memory bandwidth (see kernels.py). dq_kernels.c quantizes the
+activations to int8 per block and multiplies on 8-bit integer instructions instead, so decoding
+runs near memory speed and a decode batch reuses each weight row from L1.
+
+The library is compiled once per source hash with the system C compiler (`cc`, ~1 s) into
+DISTILLERY_KERNEL_DIR (default ~/.cache/distillery/kernels) and loaded with ctypes; the runtime
+image builds it at image build time (`python -m model_runtime.ckernels build`). It links
+OpenMP by soname, so it shares the libgomp that torch has already loaded (one thread pool).
+
+Backend choice (DISTILLERY_CPU_KERNELS): "auto" (default) uses these kernels when the CPU has AVX2
+and FMA and the library builds; "aten" forces PyTorch's packed kernels; "dq" requires ours and
+fails loudly when they cannot be built.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("model_runtime.ckernels")
+
+SOURCE = Path(__file__).parent / "csrc" / "dq_kernels.c"
+ABI_VERSION = 1
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-D_POSIX_C_SOURCE=200809L"]
+BACKENDS = ("auto", "dq", "aten")
+
+
+class KernelUnavailable(RuntimeError):
+    pass
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_supported() -> bool:
+    return sys.platform.startswith("linux") and {"avx2", "fma", "f16c"} <= _cpu_flags()
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(CFLAGS).encode())
+    return h.hexdigest()[:16]
+
+
+def kernel_dir() -> Path:
+    env = os.environ.get("DISTILLERY_KERNEL_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "distillery" / "kernels"
+
+
+def library_path() -> Path:
+    return kernel_dir() / f"dq_kernels-{_source_hash()}.so"
+
+
+def build(dest: Path | None = None) -> Path:
+    """Compile the library (atomically: a concurrent builder never sees a half-written file)."""
+    dest = dest or library_path()
+    if dest.exists():
+        return dest
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise KernelUnavailable("no C compiler (cc/gcc) to build the int8/int4 CPU kernels")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=dest.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode != 0:
+            raise KernelUnavailable(f"building {SOURCE.name} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+class _Lib:
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        if lib.dq_abi_version() != ABI_VERSION:
+            raise KernelUnavailable(f"{path} has ABI {lib.dq_abi_version()}, expected {ABI_VERSION}")
+        p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+        lib.dq_linear_w8.argtypes = [p, i64, i64, i64, p, p, p, i64, p, i32, p, f32, i32]
+        lib.dq_linear_w8.restype = i32
+        lib.dq_linear_w4.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, i32, p, f32, i32]
+        lib.dq_linear_w4.restype = i32
+        lib.dq_attn_decode.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, i32]
+        lib.dq_attn_decode.restype = i32
+        lib.dq_pack_w4.argtypes = [p, i64, i64, p]
+        lib.dq_pack_w4.restype = None
+        self.lib = lib
+        self.path = path
+
+
+_lock = threading.Lock()
+_loaded: _Lib | None = None
+_failure: str | None = None
+
+
+def _load() -> _Lib:
+    global _loaded, _failure
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        if _failure is not None:
+            raise KernelUnavailable(_failure)
+        try:
+            if not cpu_supported():
+                raise KernelUnavailable("this CPU lacks AVX2/FMA/F16C (or is not Linux x86-64)")
+            _loaded = _Lib(build())
+            log.info("int8/int4 CPU kernels: %s", _loaded.path)
+            return _loaded
+        except (KernelUnavailable, OSError, subprocess.SubprocessError) as exc:
+            _failure = str(exc)
+            raise KernelUnavailable(_failure) from exc
+
+
+def backend() -> str:
+    """"dq" (our kernels) or "aten" (PyTorch's), per DISTILLERY_CPU_KERNELS and what this machine can do."""
+    choice = os.environ.get("DISTILLERY_CPU_KERNELS", "auto").lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"DISTILLERY_CPU_KERNELS={choice!r}: expected one of {', '.join(BACKENDS)}")
+    if choice == "aten":
+        return "aten"
+    try:
+        _load()
+        return "dq"
+    except KernelUnavailable as exc:
+        if choice == "dq":
+            raise
+        log.warning("int8/int4 CPU kernels unavailable (%s); using PyTorch's packed kernels", exc)
+        return "aten"
+
+
+def act_block(k: int) -> int:
+    """Activation quantization block for the int8 kernel: the largest of 128/64/32 dividing K."""
+    for b in (128, 64, 32):
+        if k % b == 0:
+            return b
+    raise ValueError(f"in_features {k} is not a multiple of 32")
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _out(x: Tensor, n: int, out: Tensor | None) -> Tensor:
+    if out is None:
+        return torch.empty((x.shape[0], n), dtype=torch.float32)
+    if out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != (x.shape[0], n):
+        raise ValueError(f"out must be a contiguous float32 [{x.shape[0]}, {n}] tensor")
+    return out
+
+
+def _check_x(x: Tensor, norm: Tensor | None) -> None:
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.dim() != 2:
+        raise ValueError("x must be a contiguous float32 [M, K] tensor")
+    if norm is not None and (norm.dtype != torch.float32 or norm.numel() != x.shape[1]):
+        raise ValueError("norm weight must be float32 [K]")
+
+
+def linear_w8(x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None, block: int, *,
+              norm: Tensor | None = None, eps: float = 0.0, out: Tensor | None = None) -> Tensor:
+    """x [M, K] float32 contiguous; w [N, K] int8; scales [N] float32; bias [N] float32 -> [M, N] float32.
+
+    norm: RMSNorm x with this weight first (fused); out: add the result into it (a residual)."""
+    lib = _load().lib
+    _check_x(x, norm)
+    m, k = x.shape
+    n = w.shape[0]
+    y = _out(x, n, out)
+    rc = lib.dq_linear_w8(x.data_ptr(), m, k, block, w.data_ptr(), scales.data_ptr(), _ptr(bias), n,
+                          y.data_ptr(), torch.get_num_threads(), _ptr(norm), eps, int(out is not None))
+    if rc != 0:
+        raise RuntimeError(f"dq_linear_w8 failed (M={m}, K={k}, block={block})")
+    return y
+
+
+def linear_w4(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None, group: int, *,
+              norm: Tensor | None = None, eps: float = 0.0, out: Tensor | None = None) -> Tensor:
+    """x [M, K] float32 contiguous; w [N, K/2] (pack_w4 layout); scales/zeros [N, K/group] bfloat16."""
+    lib = _load().lib
+    _check_x(x, norm)
+    m, k = x.shape
+    n = w.shape[0]
+    y = _out(x, n, out)
+    rc = lib.dq_linear_w4(x.data_ptr(), m, k, group, w.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+                          _ptr(bias), n, y.data_ptr(), torch.get_num_threads(), _ptr(norm), eps,
+                          int(out is not None))
+    if rc != 0:
+        raise RuntimeError(f"dq_linear_w4 failed (M={m}, K={k}, group={group})")
+    return y
+
+
+def attn_decode(qkv: Tensor, n_heads: int, n_kv: int, head_dim: int, slots: Tensor, positions: Tensor,
+                cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor) -> Tensor:
+    """One decode step of attention for B sequences (see dq_attn_decode in the C source).
+
+    qkv [B, (nh + 2 nkv) hd] float32; slots/positions [B] int64; cos/sin [rope_len, hd] float32;
+    kc/vc [max_batch, nkv, max_len, hd] float32 (written at (slot, position)) -> [B, nh hd]."""
+    lib = _load().lib
+    b = qkv.shape[0]
+    for t in (qkv, cos, sin, kc, vc):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError("attn_decode takes contiguous float32 tensors")
+    slots = slots.to(torch.int64).contiguous()
+    positions = positions.to(torch.int64).contiguous()
+    if int(positions.max()) >= min(kc.shape[2], cos.shape[0]) or int(positions.min()) < 0:
+        raise ValueError("a position is outside the KV cache / RoPE table")
+    y = torch.empty((b, n_heads * head_dim), dtype=torch.float32)
+    rc = lib.dq_attn_decode(qkv.data_ptr(), b, n_heads, n_kv, head_dim, slots.data_ptr(), positions.data_ptr(),
+                            cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[2],
+                            y.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError("dq_attn_decode failed (out of memory)")
+    return y
+
+
+def pack_w4(codes: Tensor) -> Tensor:
+    """uint8 codes 0..15 [N, K] -> the kernel's nibble layout [N, K/2] (K a multiple of 32)."""
+    lib = _load().lib
+    codes = codes.to(torch.uint8).contiguous()
+    n, k = codes.shape
+    if k % 32:
+        raise ValueError(f"in_features {k} is not a multiple of 32")
+    out = torch.empty((n, k // 2), dtype=torch.uint8)
+    lib.dq_pack_w4(codes.data_ptr(), n, k, out.data_ptr())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m model_runtime.ckernels build`: compile now (image builds), print the library path."""
+    args = argv if argv is not None else sys.argv[1:]
+    if args not in ([], ["build"]):
+        print("usage: python -m model_runtime.ckernels [build]", file=sys.stderr)
+        return 2
+    try:
+        print(build())
+    except KernelUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

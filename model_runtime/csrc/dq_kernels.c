@@ -1,0 +1,332 @@
+/*
+ * Weight-only int8 / int4 linear layers for x86-64 CPUs with AVX2 (no AVX-512, VNNI or AMX needed).
+ *
+ * Why: PyTorch's packed weight-only kernels (aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu)
+ * convert every weight to float and multiply with FMAs; on a 2-core AVX2 machine that is
+ * compute-bound well below memory bandwidth. Here the activations are quantized to int8 (one scale
+ * per block of B values, like llama.cpp's Q8 activations) and the dot products run on 8-bit integer
+ * instructions (maddubs: 32 multiply-adds per instruction), so a decode step reads the weights at
+ * close to memory speed and a batch of M rows reuses each weight row from L1.
+ *
+ * Layouts (prepared once at load time by model_runtime/ckernels.py):
+ *   int8: w [N, K] int8 (symmetric, |code| <= 127), ws [N] float32 per-row scale.
+ *   int4: w [N, K/2] uint8; for each block of 32 values, 16 bytes: byte j = value j (low nibble)
+ *         | value j+16 (high nibble); codes 0..15, value = (code - 8) * s + z per group of G values;
+ *         s, z [N, K/G] bfloat16 (as stored: half the bytes of float32, widened in registers).
+ * Activations x [M, K] float32; y [M, N] float32 (+ bias [N] when given).
+ * Activation blocks: B = G for int4 (so one scale pairs with one weight group), B = 32..128 for int8.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DQ_ABI_VERSION 1
+
+int dq_abi_version(void) { return DQ_ABI_VERSION; }
+
+static inline float hsum_ps(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
+    return v.f;
+}
+
+static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* Row preprocessing before quantization: RMSNorm (x * rsqrt(mean(x^2) + eps) * norm_w), so a
+   pre-norm block's normalised activations never round-trip through memory. */
+static void rms_norm_row(const float* x, int64_t K, const float* norm_w, float eps, float* out) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < K; i++) ss += (double)x[i] * x[i];
+    const float r = 1.f / sqrtf((float)(ss / (double)K) + eps);
+    for (int64_t i = 0; i < K; i++) out[i] = x[i] * r * norm_w[i];
+}
+
+/* x [M, K] float32 (RMSNorm'd first when norm_w) -> q [M, K] int8, scale [M, K/B],
+   qsum [M, K/B] (sum of the codes of each block). tmp: K floats of scratch. */
+static void quantize_rows(const float* x, int64_t M, int64_t K, int64_t B, const float* norm_w, float eps,
+                          float* tmp, int8_t* q, float* scale, int32_t* qsum) {
+    const int64_t nb = K / B;
+    for (int64_t m = 0; m < M; m++) {
+        const float* xr = x + m * K;
+        if (norm_w) {
+            rms_norm_row(xr, K, norm_w, eps, tmp);
+            xr = tmp;
+        }
+        for (int64_t b = 0; b < nb; b++) {
+            const float* xb = xr + b * B;
+            int8_t* qb = q + m * K + b * B;
+            float amax = 0.f;
+            for (int64_t i = 0; i < B; i++) amax = fmaxf(amax, fabsf(xb[i]));
+            const float d = amax / 127.f;
+            const float id = d > 0.f ? 1.f / d : 0.f;
+            int32_t s = 0;
+            for (int64_t i = 0; i < B; i++) {
+                int32_t v = (int32_t)lrintf(xb[i] * id);
+                v = v > 127 ? 127 : (v < -127 ? -127 : v);
+                qb[i] = (int8_t)v;
+                s += v;
+            }
+            scale[m * nb + b] = d;
+            qsum[m * nb + b] = s;
+        }
+    }
+}
+
+/* scratch: the int8 codes, then (4-byte aligned) block scales, code sums and one float row */
+typedef struct { int8_t* buf; int8_t* q; float* scale; int32_t* qsum; float* tmp; } scratch_t;
+
+static int scratch_init(scratch_t* s, int64_t M, int64_t K, int64_t nb) {
+    const int64_t qbytes = (M * K + 63) & ~(int64_t)63;
+    void* p = NULL;
+    if (posix_memalign(&p, 64, (size_t)(qbytes + 8 * M * nb + 4 * K + 64)) != 0) return -1;
+    s->buf = (int8_t*)p;
+    s->q = s->buf;
+    s->scale = (float*)(s->buf + qbytes);
+    s->qsum = (int32_t*)(s->scale + M * nb);
+    s->tmp = (float*)(s->qsum + M * nb);
+    return 0;
+}
+
+/* 16 bytes of nibbles -> 32 unsigned bytes: low nibbles first (values 0..15), then high (16..31) */
+static inline __m256i nibbles_32(const uint8_t* p) {
+    const __m128i t = _mm_loadu_si128((const __m128i*)p);
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+/* One weight row against mt (1..4) activation rows: r[j] = sum_b xs[j, b] * sum_{i in b} w[i] x[j, i].
+   The weight chunk and its absolute value are loaded once per chunk and reused for every row. */
+static inline __attribute__((always_inline)) void w8_tile(const int8_t* wr, const int8_t* xq, const float* xs,
+                                                          int64_t K, int64_t B, int64_t nb, int mt, float* r) {
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    __m256 accf[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i ai[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                         _mm256_setzero_si256()};
+        for (int64_t i = b * B; i < (b + 1) * B; i += 32) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr + i));
+            const __m256i ua = _mm256_sign_epi8(wv, wv);  /* |w| as unsigned */
+            for (int j = 0; j < mt; j++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + j * K + i));
+                const __m256i p = _mm256_maddubs_epi16(ua, _mm256_sign_epi8(xv, wv));  /* x * sign(w) */
+                ai[j] = _mm256_add_epi32(ai[j], _mm256_madd_epi16(p, ones16));
+            }
+        }
+        for (int j = 0; j < mt; j++)
+            accf[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[j]), _mm256_set1_ps(xs[j * nb + b]), accf[j]);
+    }
+    for (int j = 0; j < mt; j++) r[j] = hsum_ps(accf[j]);
+}
+
+/* int4: r[j] = sum_g xs[j, g] (s_g sum_{i in g} c_i q[j, i] + (z_g - 8 s_g) qsum[j, g]) */
+static inline __attribute__((always_inline)) void w4_tile(const uint8_t* wr, const int8_t* xq, const float* xs,
+                                                          const int32_t* xqs, const float* sg, const float* cg,
+                                                          int64_t K, int64_t G, int64_t ng, int mt, float* r) {
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    __m256 accf[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float extra[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t g = 0; g < ng; g++) {
+        __m256i ai[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                         _mm256_setzero_si256()};
+        for (int64_t i = g * G; i < (g + 1) * G; i += 32) {
+            const __m256i cv = nibbles_32(wr + i / 2);  /* codes 0..15: unsigned operand, no sign trick */
+            for (int j = 0; j < mt; j++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + j * K + i));
+                ai[j] = _mm256_add_epi32(ai[j], _mm256_madd_epi16(_mm256_maddubs_epi16(cv, xv), ones16));
+            }
+        }
+        for (int j = 0; j < mt; j++) {
+            const float d = xs[j * ng + g];
+            accf[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[j]), _mm256_set1_ps(d * sg[g]), accf[j]);
+            extra[j] += d * (float)xqs[j * ng + g] * cg[g];
+        }
+    }
+    for (int j = 0; j < mt; j++) r[j] = hsum_ps(accf[j]) + extra[j];
+}
+
+/* y = f(x) @ (w * ws[:, None])^T + bias, where f = RMSNorm(., norm_w, eps) when norm_w is given;
+   accumulate: y += (the residual add of a pre-norm block, in place). 0, or -1 (bad block size /
+   out of memory). */
+int dq_linear_w8(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* w, const float* ws,
+                 const float* bias, int64_t N, float* y, int nthreads, const float* norm_w, float eps,
+                 int accumulate) {
+    if (B % 32 != 0 || K % B != 0) return -1;
+    const int64_t nb = K / B;
+    scratch_t sc;
+    if (scratch_init(&sc, M, K, nb) != 0) return -1;
+    int8_t* xq = sc.q;
+    float* xs = sc.scale;
+    quantize_rows(x, M, K, B, norm_w, eps, sc.tmp, xq, xs, sc.qsum);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t* wr = w + n * K;
+        float r[4];
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int64_t mt = M - m0 < 4 ? M - m0 : 4;
+            const int8_t* xr = xq + m0 * K;
+            const float* sr = xs + m0 * nb;
+            switch (mt) {  /* constant tile sizes: the compiler keeps each tile's accumulators in registers */
+                case 4: w8_tile(wr, xr, sr, K, B, nb, 4, r); break;
+                case 3: w8_tile(wr, xr, sr, K, B, nb, 3, r); break;
+                case 2: w8_tile(wr, xr, sr, K, B, nb, 2, r); break;
+                default: w8_tile(wr, xr, sr, K, B, nb, 1, r); break;
+            }
+            for (int64_t j = 0; j < mt; j++) {
+                float v = r[j] * ws[n];
+                if (bias) v += bias[n];
+                float* out = y + (m0 + j) * N + n;
+                *out = accumulate ? *out + v : v;
+            }
+        }
+    }
+    free(sc.buf);
+    return 0;
+}
+
+/* y = f(x) @ W^T + bias with W[n, k] = (code - 8) * s[n, k/G] + z[n, k/G]; f, accumulate as above. */
+int dq_linear_w4(const float* x, int64_t M, int64_t K, int64_t G, const uint8_t* w, const uint16_t* s,
+                 const uint16_t* z, const float* bias, int64_t N, float* y, int nthreads, const float* norm_w,
+                 float eps, int accumulate) {
+    if (G % 32 != 0 || K % G != 0) return -1;
+    const int64_t ng = K / G;
+    scratch_t sc;
+    if (scratch_init(&sc, M, K, ng) != 0) return -1;
+    int8_t* xq = sc.q;
+    float* xs = sc.scale;
+    int32_t* xsum = sc.qsum;
+    quantize_rows(x, M, K, G, norm_w, eps, sc.tmp, xq, xs, xsum);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t* wr = w + n * (K / 2);
+        float sg[ng > 0 ? ng : 1], cg[ng > 0 ? ng : 1];
+        for (int64_t g = 0; g < ng; g++) {
+            sg[g] = bf16_to_f32(s[n * ng + g]);
+            cg[g] = bf16_to_f32(z[n * ng + g]) - 8.f * sg[g];  /* (z - 8 s): the zero-point term */
+        }
+        float r[4];
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int64_t mt = M - m0 < 4 ? M - m0 : 4;
+            const int8_t* xr = xq + m0 * K;
+            const float* xsr = xs + m0 * ng;
+            const int32_t* xqs = xsum + m0 * ng;
+            switch (mt) {
+                case 4: w4_tile(wr, xr, xsr, xqs, sg, cg, K, G, ng, 4, r); break;
+                case 3: w4_tile(wr, xr, xsr, xqs, sg, cg, K, G, ng, 3, r); break;
+                case 2: w4_tile(wr, xr, xsr, xqs, sg, cg, K, G, ng, 2, r); break;
+                default: w4_tile(wr, xr, xsr, xqs, sg, cg, K, G, ng, 1, r); break;
+            }
+            for (int64_t j = 0; j < mt; j++) {
+                float v = r[j];
+                if (bias) v += bias[n];
+                float* out = y + (m0 + j) * N + n;
+                *out = accumulate ? *out + v : v;
+            }
+        }
+    }
+    free(sc.buf);
+    return 0;
+}
+
+/* Portable int4 codes [N, K] (uint8 0..15) -> the kernel layout above, [N, K/2]. */
+void dq_pack_w4(const uint8_t* codes, int64_t N, int64_t K, uint8_t* out) {
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t* c = codes + n * K;
+        uint8_t* o = out + n * (K / 2);
+        for (int64_t b = 0; b < K; b += 32)
+            for (int64_t j = 0; j < 16; j++)
+                o[b / 2 + j] = (uint8_t)((c[b + j] & 0x0F) | ((c[b + j + 16] & 0x0F) << 4));
+    }
+}
+
+static inline float dot_f32(const float* a, const float* b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum_ps(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline void axpy_f32(float alpha, const float* x, float* y, int64_t n) {
+    const __m256 va = _mm256_set1_ps(alpha);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += alpha * x[i];
+}
+
+/* rotate-half RoPE of one head: out[i] = x[i] c[i] - x[i+h] s[i], out[i+h] = x[i+h] c[i+h] + x[i] s[i+h] */
+static inline void rope_head(const float* x, const float* c, const float* s, int64_t hd, float* out) {
+    const int64_t half = hd / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = x[i], b = x[i + half];
+        out[i] = a * c[i] - b * s[i];
+        out[i + half] = b * c[i + half] + a * s[i + half];
+    }
+}
+
+/* Decode attention for B sequences, one new token each:
+   qkv [B, (nh + 2 nkv) hd] (biases added); RoPE at pos[b] on q and k (cos/sin tables [*, hd]);
+   k and v written into kc/vc[slot[b], kv head, pos[b], :] (cache [max_batch, nkv, max_len, hd]
+   float32); out[b, h] = softmax(q k^T / sqrt(hd)) v over cache positions 0..pos[b] (grouped-query:
+   query head h reads kv head h / (nh / nkv)). out [B, nh hd]. 0, or -1 (out of memory). */
+int dq_attn_decode(const float* qkv, int64_t B, int64_t nh, int64_t nkv, int64_t hd, const int64_t* slot,
+                   const int64_t* pos, const float* cos_t, const float* sin_t, float* kc, float* vc,
+                   int64_t max_len, float* out, int nthreads) {
+    const int64_t stride = (nh + 2 * nkv) * hd, group = nh / nkv;
+    int64_t lmax = 0;
+    for (int64_t b = 0; b < B; b++) lmax = pos[b] + 1 > lmax ? pos[b] + 1 : lmax;
+    float* qr = (float*)malloc(sizeof(float) * (size_t)(B * nh * hd + B * nh * lmax));
+    if (!qr) return -1;
+    float* scores = qr + B * nh * hd;
+    for (int64_t b = 0; b < B; b++) {
+        const float* row = qkv + b * stride;
+        const float* c = cos_t + pos[b] * hd;
+        const float* s = sin_t + pos[b] * hd;
+        for (int64_t h = 0; h < nh; h++) rope_head(row + h * hd, c, s, hd, qr + (b * nh + h) * hd);
+        for (int64_t h = 0; h < nkv; h++) {
+            const int64_t at = ((slot[b] * nkv + h) * max_len + pos[b]) * hd;
+            rope_head(row + (nh + h) * hd, c, s, hd, kc + at);
+            memcpy(vc + at, row + (nh + nkv + h) * hd, sizeof(float) * (size_t)hd);
+        }
+    }
+    const float scale = 1.f / sqrtf((float)hd);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t t = 0; t < B * nh; t++) {
+        const int64_t b = t / nh, h = t % nh, kvh = h / group, len = pos[b] + 1;
+        const float* q = qr + t * hd;
+        const float* kb = kc + (slot[b] * nkv + kvh) * max_len * hd;
+        const float* vb = vc + (slot[b] * nkv + kvh) * max_len * hd;
+        float* sc = scores + t * lmax;
+        float mx = -INFINITY;
+        for (int64_t l = 0; l < len; l++) {
+            sc[l] = dot_f32(q, kb + l * hd, hd) * scale;
+            mx = sc[l] > mx ? sc[l] : mx;
+        }
+        float sum = 0.f;
+        for (int64_t l = 0; l < len; l++) {
+            sc[l] = expf(sc[l] - mx);
+            sum += sc[l];
+        }
+        float* o = out + t * hd;
+        memset(o, 0, sizeof(float) * (size_t)hd);
+        const float inv = 1.f / sum;
+        for (int64_t l = 0; l < len; l++) axpy_f32(sc[l] * inv, vb + l * hd, o, hd);
+    }
+    free(qr);
+    return 0;
+}

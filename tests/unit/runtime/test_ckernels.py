@@ -1,0 +1,175 @@
+"""ckernels.py + csrc/dq_kernels.c: the AVX2 int8/int4 linear and decode-attention kernels.
+
+Each kernel is checked against a float reference built from the same stored weights: the only
+difference allowed is the int8 quantization of the activations (per block, ~0.6% relative). The
+fused forms (RMSNorm in, residual out) equal their unfused compositions, every batch size gives
+each row the same result as running it alone (a batch must not change anyone's tokens), and the
+fused decode step of a whole model matches the plain PyTorch path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_runtime import ckernels
+from model_runtime.kernels import Int4Linear, Int8Linear, dequantize_int4, quantize_int4, quantize_int8
+from model_runtime.loader import load_model
+
+pytestmark = pytest.mark.skipif(not ckernels.cpu_supported(), reason="needs an x86-64 CPU with AVX2/FMA")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def lib():
+    # on a machine with a C compiler and AVX2 the kernels must build: no silent fallback in tests
+    return ckernels._load()
+
+
+@pytest.fixture(scope="module")
+def int8_weights():
+    torch.manual_seed(0)
+    w = torch.randn(200, 256) * 0.05
+    codes, scales = quantize_int8(w)
+    return codes, scales, codes.float() * scales.float()[:, None]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+def test_int8_linear_matches_the_dequantized_weights_and_is_batch_invariant(lib, int8_weights, m):
+    codes, scales, wd = int8_weights
+    x = torch.randn(m, 256)
+    bias = torch.randn(200)
+    y = ckernels.linear_w8(x, codes, scales.float(), bias, 128)
+    ref = x @ wd.T + bias
+    assert y.shape == (m, 200) and y.dtype == torch.float32
+    assert rel_err(y, ref) < 0.015  # activation quantization only
+    for i in range(m):  # each row exactly as if it ran alone
+        assert torch.equal(y[i:i + 1], ckernels.linear_w8(x[i:i + 1].contiguous(), codes, scales.float(), bias, 128))
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 4, 6])
+def test_int4_linear_matches_the_dequantized_weights_and_is_batch_invariant(lib, group, m):
+    torch.manual_seed(group + m)
+    w = torch.randn(96, 256) * 0.05 + 0.01  # an offset: the zero points matter
+    codes, s, z = quantize_int4(w, group)
+    packed = ckernels.pack_w4(codes)
+    x = torch.randn(m, 256)
+    y = ckernels.linear_w4(x, packed, s, z, None, group)
+    ref = x @ dequantize_int4(codes, s, z).T
+    assert rel_err(y, ref) < 0.015
+    for i in range(m):
+        assert torch.equal(y[i:i + 1], ckernels.linear_w4(x[i:i + 1].contiguous(), packed, s, z, None, group))
+
+
+def test_pack_w4_layout_is_low_nibbles_then_high_per_block_of_32(lib):
+    codes = (torch.arange(64, dtype=torch.uint8) % 16).view(1, 64)
+    packed = ckernels.pack_w4(codes)
+    assert packed.shape == (1, 32)
+    for j in range(16):
+        assert int(packed[0, j]) == (int(codes[0, j]) | int(codes[0, j + 16]) << 4)
+        assert int(packed[0, 16 + j]) == (int(codes[0, 32 + j]) | int(codes[0, 48 + j]) << 4)
+
+
+def test_fused_rmsnorm_and_residual_equal_their_composition(lib, int8_weights):
+    codes, scales, _ = int8_weights
+    x = torch.randn(3, 256) * 3
+    norm_w = torch.rand(256) + 0.5
+    normed = F.rms_norm(x, (256,), norm_w, 1e-6)
+    plain = ckernels.linear_w8(normed.contiguous(), codes, scales.float(), None, 128)
+    fused = ckernels.linear_w8(x, codes, scales.float(), None, 128, norm=norm_w, eps=1e-6)
+    assert torch.allclose(fused, plain, rtol=1e-4, atol=1e-4)
+    residual = torch.randn(3, 200)
+    out = residual.clone()
+    returned = ckernels.linear_w8(x, codes, scales.float(), None, 128, norm=norm_w, eps=1e-6, out=out)
+    assert returned is out and torch.allclose(out, residual + fused, atol=1e-5)
+
+
+def test_bad_arguments_are_refused(lib, int8_weights):
+    codes, scales, _ = int8_weights
+    with pytest.raises(ValueError, match="float32"):
+        ckernels.linear_w8(torch.randn(2, 256, dtype=torch.bfloat16), codes, scales.float(), None, 128)
+    with pytest.raises(RuntimeError, match="failed"):
+        ckernels.linear_w8(torch.randn(2, 256), codes, scales.float(), None, 96)  # block must divide K by 32s
+    with pytest.raises(ValueError, match="out must be"):
+        ckernels.linear_w8(torch.randn(2, 256), codes, scales.float(), None, 128, out=torch.zeros(2, 7))
+
+
+def _torch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+def test_attn_decode_matches_rope_cache_write_and_grouped_query_attention(lib):
+    torch.manual_seed(1)
+    nh, nkv, hd, max_batch, max_len = 6, 2, 32, 4, 40
+    kc = torch.randn(max_batch, nkv, max_len, hd)
+    vc = torch.randn(max_batch, nkv, max_len, hd)
+    t = torch.arange(max_len, dtype=torch.float32)
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+    emb = torch.cat([torch.outer(t, inv)] * 2, dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    slots, positions = torch.tensor([2, 0, 3]), torch.tensor([5, 17, 0])
+    qkv = torch.randn(3, (nh + 2 * nkv) * hd)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    out = ckernels.attn_decode(qkv, nh, nkv, hd, slots, positions, cos, sin, kc, vc)
+    assert out.shape == (3, nh * hd)
+    for b in range(3):
+        s, p = int(slots[b]), int(positions[b])
+        q = _torch_rope(qkv[b, : nh * hd].view(nh, hd), cos[p], sin[p])
+        k = _torch_rope(qkv[b, nh * hd:(nh + nkv) * hd].view(nkv, hd), cos[p], sin[p])
+        v = qkv[b, (nh + nkv) * hd:].view(nkv, hd)
+        kc_ref[s, :, p], vc_ref[s, :, p] = k, v
+        keys = kc_ref[s, :, : p + 1].repeat_interleave(nh // nkv, dim=0)       # [nh, L, hd]
+        vals = vc_ref[s, :, : p + 1].repeat_interleave(nh // nkv, dim=0)
+        att = torch.softmax(q[:, None, :] @ keys.transpose(1, 2) / math.sqrt(hd), dim=-1)  # [nh, 1, L]
+        assert torch.allclose(out[b].view(nh, hd), (att @ vals)[:, 0], atol=1e-5), b
+    assert torch.allclose(kc, kc_ref, atol=1e-6) and torch.equal(vc, vc_ref)  # written where expected, nothing else
+    with pytest.raises(ValueError, match="outside"):
+        ckernels.attn_decode(qkv, nh, nkv, hd, slots, torch.tensor([5, 17, max_len]), cos, sin, kc, vc)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_fused_decode_matches_the_pytorch_path(tiny_qwen2_dir, method):
+    """The whole model: a decode step through Block.decode_fused equals the unfused forward."""
+    loaded = load_model(tiny_qwen2_dir, quantization=method, group_size=32)
+    model = loaded.model
+    assert model.fused_decode and model.act_dtype == torch.float32
+    assert all(getattr(m, "backend", "dq") == "dq" for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
+    prompt = torch.tensor([[151646, 100, 200, 300, 400, 500]])
+    with torch.inference_mode():
+        caches = [model.new_cache(2, 64) for _ in range(2)]
+        for cache in caches:
+            model(prompt, torch.arange(6)[None], cache, slice(0, 1), logits="none")
+        ids, pos = torch.tensor([[7]]), torch.tensor([[6]])
+        fused = model(ids, pos, caches[0], slice(0, 1))
+        model.fused_decode = False
+        try:
+            plain = model(ids, pos, caches[1], slice(0, 1))
+        finally:
+            model.fused_decode = True
+    assert torch.allclose(fused, plain, atol=1e-3, rtol=1e-3)
+    assert torch.allclose(caches[0].k[0][:, :, :7], caches[1].k[0][:, :, :7], atol=1e-4)
+
+
+def test_aten_backend_can_be_forced(tiny_qwen2_dir, monkeypatch):
+    monkeypatch.setenv("DISTILLERY_CPU_KERNELS", "aten")
+    model = load_model(tiny_qwen2_dir, quantization="int8").model
+    assert not model.fused_decode and model.act_dtype is None
+    assert {m.backend for m in model.modules() if isinstance(m, Int8Linear)} == {"aten"}
+    monkeypatch.setenv("DISTILLERY_CPU_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="DISTILLERY_CPU_KERNELS"):
+        ckernels.backend()
+
+
+def test_build_command_prints_the_library(lib, capsys):
+    assert ckernels.main(["build"]) == 0
+    assert capsys.readouterr().out.strip().endswith(".so")
+    assert ckernels.main(["nonsense"]) == 2
