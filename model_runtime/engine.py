@@ -160,7 +160,7 @@ class Engine:
     def _warm_up(self) -> None:
         """Compile the decode graphs (batch 1 and batch >= 2) before serving, then wipe the cache."""
         assert self._cache is not None
-        device = self.model.embed.weight.device
+        device = self.model.device
         started = time.monotonic()
         with torch.inference_mode():
             shapes: list[Tensor | slice] = [slice(0, 1)]
@@ -182,7 +182,7 @@ class Engine:
     def _allocate_cache(self) -> KVCache:
         cfg = self.model.config
         dtype = self.model.kv_cache_dtype()
-        device = self.model.embed.weight.device
+        device = self.model.device
         cache = KVCache.__new__(KVCache)
         shape = (self.config.max_batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)
         if device.type == "cpu":
@@ -198,7 +198,7 @@ class Engine:
         if self._thread is not None:
             return
         if self.max_len > getattr(self.model, "rope_len", self.max_len):
-            self.model.set_rope(self.max_len, self.model.embed.weight.device)
+            self.model.set_rope(self.max_len, self.model.device)
         self._cache = self._allocate_cache()
         if self.compiled:
             self._warm_up()
@@ -360,7 +360,7 @@ class Engine:
         assert self._cache is not None and req.slot is not None
         start = req.pos
         end = min(len(req.prompt), start + self.config.prefill_chunk)
-        device = self.model.embed.weight.device
+        device = self.model.device
         ids = torch.tensor([req.prompt[start:end]], device=device)
         positions = torch.arange(start, end, device=device)[None]
         last = end == len(req.prompt)
@@ -372,7 +372,7 @@ class Engine:
 
     def _decode(self, reqs: list[_Request]) -> None:
         assert self._cache is not None
-        device = self.model.embed.weight.device
+        device = self.model.device
         ids = torch.tensor([[r.next_token] for r in reqs], device=device)          # [B, 1]
         positions = torch.tensor([[r.pos] for r in reqs], device=device)           # [B, 1]
         slot_list = [r.slot for r in reqs]

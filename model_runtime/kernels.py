@@ -36,14 +36,30 @@ class RMSNormLike(Protocol):
     eps: float
 
 
-def quantize_int8(w: Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
+CHUNK_ROWS = 4096  # rows quantized at a time: float32 temporaries stay ~CHUNK_ROWS x K x 4 bytes
+
+
+class RowsLike(Protocol):
+    """A [N, K] weight that can be sliced by rows: a Tensor, or loader.LazyRows reading from the file."""
+    shape: torch.Size | tuple[int, ...]
+
+    def __getitem__(self, rows: slice) -> Tensor: ...
+
+
+def quantize_int8(w: RowsLike, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
     """Symmetric per-output-channel: w [N, K] -> (codes int8 [N, K], scales [N]); w ~ codes * scales[:, None].
 
     The scale is rounded to its storage dtype first, and the codes computed against that rounded
-    scale, so the stored pair is self-consistent."""
-    w = w.float()
-    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).to(scale_dtype)
-    codes = torch.round(w / scales.float()[:, None]).clamp(-128, 127).to(torch.int8)
+    scale, so the stored pair is self-consistent. Rows are processed CHUNK_ROWS at a time (the
+    result does not depend on the chunking) so a 150k-row lm_head never has a float32 copy."""
+    n, k = w.shape
+    codes = torch.empty((n, k), dtype=torch.int8)
+    scales = torch.empty(n, dtype=scale_dtype)
+    for r in range(0, n, CHUNK_ROWS):
+        wf = w[r:r + CHUNK_ROWS].float()
+        sc = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-8).to(scale_dtype)
+        codes[r:r + CHUNK_ROWS] = torch.round(wf / sc.float()[:, None]).clamp(-128, 127).to(torch.int8)
+        scales[r:r + CHUNK_ROWS] = sc
     return codes, scales
 
 
@@ -55,18 +71,25 @@ def int4_group_size(k: int, group_size: int) -> int:
     raise ValueError(f"in_features {k} is not a multiple of any int4 group size {INT4_GROUP_SIZES}")
 
 
-def quantize_int4(w: Tensor, group_size: int, scale_dtype: torch.dtype = torch.bfloat16
+def quantize_int4(w: RowsLike, group_size: int, scale_dtype: torch.dtype = torch.bfloat16
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric group-wise (tinygemm convention): w [N, K] -> (codes uint8 0..15 [N, K],
-    scales [N, K/g], zeros [N, K/g]) with w ~ (codes - 8) * scale + zero per group."""
+    scales [N, K/g], zeros [N, K/g]) with w ~ (codes - 8) * scale + zero per group (row-chunked)."""
     n, k = w.shape
     g = int4_group_size(k, group_size)
-    wg = w.float().view(n, k // g, g)
-    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-    scales = ((hi - lo) / 15.0).clamp(min=1e-6).to(scale_dtype)
-    zeros = (lo + 8.0 * scales.float()).to(scale_dtype)
-    codes = torch.round((wg - zeros.float()[..., None]) / scales.float()[..., None] + 8.0).clamp(0, 15)
-    return codes.to(torch.uint8).view(n, k), scales, zeros
+    codes = torch.empty((n, k), dtype=torch.uint8)
+    scales = torch.empty((n, k // g), dtype=scale_dtype)
+    zeros = torch.empty((n, k // g), dtype=scale_dtype)
+    for r in range(0, n, CHUNK_ROWS):
+        wg = w[r:r + CHUNK_ROWS].float()
+        wg = wg.view(wg.shape[0], k // g, g)
+        lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+        sc = ((hi - lo) / 15.0).clamp(min=1e-6).to(scale_dtype)
+        zr = (lo + 8.0 * sc.float()).to(scale_dtype)
+        c = torch.round((wg - zr.float()[..., None]) / sc.float()[..., None] + 8.0).clamp(0, 15)
+        codes[r:r + CHUNK_ROWS] = c.to(torch.uint8).view(-1, k)
+        scales[r:r + CHUNK_ROWS], zeros[r:r + CHUNK_ROWS] = sc, zr
+    return codes, scales, zeros
 
 
 def dequantize_int4(codes: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
@@ -208,3 +231,27 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}"
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding stored as per-row int8 codes + scales (the same quantization as an int8
+    Linear's rows), so a tied lm_head and the embedding share one copy. Lookup: codes[ids] * scale."""
+
+    def __init__(self, codes: Tensor, scales: Tensor, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = codes.shape
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.out_dtype = out_dtype
+
+    @classmethod
+    def from_weight(cls, w: RowsLike, out_dtype: torch.dtype) -> Int8Embedding:
+        codes, scales = quantize_int8(w)
+        return cls(codes, scales, out_dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = self.codes[ids].float() * self.scales[ids].float().unsqueeze(-1)   # [..., C]
+        return rows.to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"

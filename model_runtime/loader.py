@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from model_runtime import quant
 from model_runtime.config import SUPPORTED_ARCHS, ModelConfig
 from model_runtime.device import configure_threads, pick_device, pick_dtype
+from model_runtime.kernels import Int8Embedding, Int8Linear
 from model_runtime.model import RMSNorm, Transformer
 
 log = logging.getLogger("model_runtime.loader")
@@ -88,13 +89,40 @@ def _gguf_names(cfg: ModelConfig) -> dict[str, list[str]]:
     return m
 
 
+class LazyRows:
+    """A 2-D weight in a file, read a range of rows at a time (`w[r0:r1]`): the quantizers walk
+    big matrices (a 150k-row lm_head) chunk by chunk without ever holding the whole float tensor."""
+
+    def __init__(self, shape: tuple[int, int], read: Callable[[int, int], Tensor]) -> None:
+        self.shape = torch.Size(shape)
+        self._read = read
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("LazyRows reads contiguous row ranges only")
+        return self._read(start, stop)
+
+
 class TensorSource:
     """name -> tensor on demand (ours), fusing q/k/v and gate/up as they are read."""
 
-    def __init__(self, names: set[str], get: Callable[[str], Tensor], mapping: dict[str, list[str]]) -> None:
+    def __init__(self, names: set[str], get: Callable[[str], Tensor], mapping: dict[str, list[str]],
+                 rows: Callable[[str], LazyRows | None] | None = None) -> None:
         self.available = names
         self._get = get
+        self._rows = rows
         self.mapping = mapping
+
+    def lazy(self, ours: str) -> Tensor | LazyRows:
+        """The weight as row-readable from the file when the format allows it (one source tensor,
+        2-D), else the tensor itself."""
+        srcs = self.mapping.get(ours, [ours])
+        if self._rows is not None and len(srcs) == 1:
+            rows = self._rows(srcs[0])
+            if rows is not None:
+                return rows
+        return self.get(ours)
 
     def has(self, ours: str) -> bool:
         srcs = self.mapping.get(ours, [ours])
@@ -188,7 +216,7 @@ def _hf_source(d: Path, mapping: dict[str, list[str]], allow_pickle: bool) -> Te
         handle = SafetensorsFile(f)
         for k in handle.entries:
             where[k] = handle
-    return TensorSource(set(where), lambda k: where[k].tensor(k), mapping)
+    return TensorSource(set(where), lambda k: where[k].tensor(k), mapping, rows=lambda k: where[k].lazy_rows(k))
 
 
 _ST_DTYPES = {
@@ -222,6 +250,23 @@ class SafetensorsFile:
         if dtype is None:
             raise ModelLoadError(f"{self.path.name}: tensor {name} has unsupported dtype {entry['dtype']}")
         begin, end = entry["data_offsets"]
+        return self._read(name, begin, end).view(dtype).reshape(entry["shape"])
+
+    def lazy_rows(self, name: str) -> LazyRows | None:
+        entry = self.entries[name]
+        dtype = _ST_DTYPES.get(entry["dtype"])
+        if dtype is None or len(entry["shape"]) != 2:
+            return None
+        n, k = entry["shape"]
+        row_bytes = k * torch.empty((), dtype=dtype).element_size()
+        begin = entry["data_offsets"][0]
+
+        def read(r0: int, r1: int) -> Tensor:
+            return self._read(name, begin + r0 * row_bytes, begin + r1 * row_bytes).view(dtype).reshape(r1 - r0, k)
+
+        return LazyRows((n, k), read)
+
+    def _read(self, name: str, begin: int, end: int) -> Tensor:
         buf = torch.empty(end - begin, dtype=torch.uint8)
         with self.path.open("rb", buffering=0) as fh:
             fh.seek(self.data_start + begin)
@@ -232,7 +277,7 @@ class SafetensorsFile:
                 if not n:
                     raise ModelLoadError(f"{self.path.name} is truncated (tensor {name})")
                 got += n
-        return buf.view(dtype).reshape(entry["shape"])
+        return buf
 
 
 _TOKENIZERS: dict[tuple, Any] = {}
@@ -500,7 +545,9 @@ def build_model(cfg: ModelConfig, src: TensorSource, *, dtype: torch.dtype, devi
     keys = src.available
     head_method = lm_head_method(quantization, quantize_lm_head)
     modules = list(model.named_modules())
-    names = [n for n, _ in modules if n]
+    # the two vocabulary-sized matrices first, while nothing else is resident: their load-time
+    # transients then never stack on top of the whole decoder (peak RSS)
+    names = sorted((n for n, _ in modules if n), key=lambda n: n not in ("embed", "lm_head"))
     for name in progress(names) if progress else names:
         module = model.get_submodule(name)
         if isinstance(module, nn.Linear):
@@ -515,15 +562,18 @@ def build_model(cfg: ModelConfig, src: TensorSource, *, dtype: torch.dtype, devi
                     continue  # tied after the loop
             if not src.has(wname):
                 raise ModelLoadError(f"the checkpoint has no weight for {name} ({src.mapping.get(wname, [wname])})")
-            weight = src.get(wname)
+            method = head_method if name == "lm_head" else quantization
+            # quantizing on CPU reads the float weight a chunk of rows at a time where the file allows
+            weight = src.lazy(wname) if method != "none" and device.type == "cpu" else src.get(wname)
             bias = src.get(f"{name}.bias").to(device) if module.bias is not None and src.has(f"{name}.bias") else None
             expected = (module.out_features, module.in_features)
             if tuple(weight.shape) != expected:
                 raise ModelLoadError(f"{name}: weight shape {tuple(weight.shape)} != expected {expected}")
-            method = head_method if name == "lm_head" else quantization
             if method != "none":
-                model.set_submodule(name, quant.quantize_linear(weight.to(device), bias, method, group_size,
-                                                                dtype, keep_codes))
+                if isinstance(weight, Tensor):
+                    weight = weight.to(device)
+                model.set_submodule(name, quant.quantize_linear(weight, bias, method, group_size, dtype, keep_codes))
+                del weight
             else:
                 new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
                 new.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
@@ -531,6 +581,8 @@ def build_model(cfg: ModelConfig, src: TensorSource, *, dtype: torch.dtype, devi
                     b = bias if bias is not None else torch.zeros(module.out_features)
                     new.bias = nn.Parameter(b.to(device=device, dtype=dtype), requires_grad=False)
                 model.set_submodule(name, new)
+        elif name == "embed" and _int8_embedding(model, src, keys, quantization, head_method, dtype, device):
+            continue
         elif isinstance(module, (nn.Embedding, RMSNorm)):
             w = src.get(f"{name}.weight")
             if tuple(w.shape) != tuple(module.weight.shape):
@@ -538,9 +590,50 @@ def build_model(cfg: ModelConfig, src: TensorSource, *, dtype: torch.dtype, devi
             module.weight = nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False)
     if isinstance(model.lm_head, nn.Linear) and model.lm_head.weight.is_meta:
         model.lm_head.weight = model.embed.weight
+    if isinstance(model.embed, nn.Embedding) and model.embed.weight.is_meta:
+        # tied and int8: the embedding is the int8 lm_head's rows (one copy for both)
+        assert isinstance(model.lm_head, Int8Linear)
+        model.embed = Int8Embedding(model.lm_head.codes, model.lm_head.scales, dtype)
     model.set_rope(max_len, device)
+    model.float_dtype = dtype
     use_float32_activations(model)
     return model.eval().requires_grad_(False)
+
+
+def _int8_embedding(model: Transformer, src: TensorSource, keys: set[str], quantization: str, head_method: str,
+                    dtype: torch.dtype, device: torch.device) -> bool:
+    """Handle the embedding when it is int8 (True), or leave it to the float path (False).
+
+    Quantized models keep the embedding as per-row int8 (~0.4% error per row, like the int8 head):
+    a stored int8 embedding is rebuilt; a tied model whose head is int8 shares the head's codes
+    (left on "meta" here, tied after the loop); an untied one is quantized a chunk of rows at a time."""
+    if "embed.codes" in keys:
+        model.embed = Int8Embedding(src.get("embed.codes").to(device), src.get("embed.scales").to(device), dtype)
+        return True
+    tied = model.config.tie_word_embeddings
+    if tied and "embed.weight" not in keys and "lm_head.codes" in keys:
+        return True  # an artifact whose int8 head is also the embedding
+    if quantization == "none":
+        return False
+    if tied and head_method == "int8":
+        return True
+    weight = src.lazy("embed.weight") if device.type == "cpu" else src.get("embed.weight").to(device)
+    if tuple(weight.shape) != (model.config.vocab_size, model.config.hidden_size):
+        raise ModelLoadError(f"embed: weight shape {tuple(weight.shape)} != expected "
+                             f"{(model.config.vocab_size, model.config.hidden_size)}")
+    model.embed = Int8Embedding.from_weight(weight, dtype)
+    return True
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc malloc_trim): loading frees many float
+    temporaries below malloc's mmap threshold, which otherwise stay in the process's RSS."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def use_float32_activations(model: Transformer) -> bool:
@@ -553,6 +646,8 @@ def use_float32_activations(model: Transformer) -> bool:
         if isinstance(m, RMSNorm):
             m.weight = nn.Parameter(m.weight.data.float(), requires_grad=False)
     model.act_dtype = torch.float32
+    if isinstance(model.embed, Int8Embedding):
+        model.embed.out_dtype = torch.float32  # dequantize straight to float32
     model.fused_decode = True
     return True
 
@@ -628,6 +723,7 @@ def load_model(model_dir: str | Path, *, quantization: str = "none", group_size:
                             quantization="none" if fmt == "quantized" else quantization,
                             group_size=group_size, quantize_lm_head=quantize_lm_head, keep_codes=keep_codes,
                             progress=progress)
+    release_free_memory()
     log.info("loaded %s (%s) quantization=%s dtype=%s device=%s", path, fmt, quantization, dt, dev)
     return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, eos_token_ids=eos_ids,
                        generation_defaults=defaults, device=dev, dtype=dt, quantization=quantization,

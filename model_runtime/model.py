@@ -158,6 +158,7 @@ class Transformer(nn.Module):
         # decode steps through Block.decode_fused (set by the loader when every linear runs on the
         # CPU integer kernels and activations are float32)
         self.fused_decode = False
+        self.float_dtype = torch.float32  # the dtype float weights are kept in (the loader sets it)
         if not self.embed.weight.is_meta:  # the loader builds on "meta" and calls set_rope itself
             self.set_rope(max_len or cfg.max_position)
 
@@ -169,6 +170,10 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
         self.rope_len = max_len
 
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.embed.weight
@@ -177,12 +182,12 @@ class Transformer(nn.Module):
         """float32 on CPU: this CPU (AVX2, no native bf16 math) runs decode attention 8-13x faster in
         float32 than in bf16 (measured: batch 8 x 512 positions 0.45 ms vs 3.7 ms per layer), which
         is worth the 2x cache memory; the model's dtype elsewhere."""
-        w = self.embed.weight
+        w = self.norm.weight  # the model's float dtype (the embedding may be int8)
         return torch.float32 if w.device.type == "cpu" else w.dtype
 
     def new_cache(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         dtype = dtype or self.kv_cache_dtype()
-        return KVCache(self.config, max_batch, min(max_len, self.rope_len), dtype, self.embed.weight.device)
+        return KVCache(self.config, max_batch, min(max_len, self.rope_len), dtype, self.device)
 
     def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache, slots: Tensor | slice,
                 kv_len: int | None = None, logits: str = "last") -> Tensor | None:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from model_runtime.kernels import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+from model_runtime.kernels import Int4Linear, Int8Embedding, Int8Linear, quantize_int4, quantize_int8
 
 MANIFEST = "quantization.json"
 FORMAT = "distillery-quantized"
@@ -91,6 +91,12 @@ def artifact_state(model: nn.Module) -> dict[str, Tensor]:
     seen: set[int] = set()
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
+        if isinstance(module, Int8Embedding):
+            head = getattr(model, "lm_head", None)
+            if not (isinstance(head, Int8Linear) and head.codes is module.codes):  # shared with a tied head: once
+                state[prefix + "codes"] = module.codes
+                state[prefix + "scales"] = module.scales
+            continue
         if isinstance(module, Int8Linear):
             state[prefix + "codes"] = module.codes
             state[prefix + "scales"] = module.scales
@@ -128,7 +134,7 @@ def save_quantized(model: nn.Module, dst: Path, *, method: str, group_size: int,
         "lm_head": {Int8Linear: "int8", Int4Linear: "int4"}.get(type(model.lm_head), "float"),
         "source": source, "source_checksum": source_checksum, "tool_version": tool_version(),
         "weights_checksum": file_checksum([dst / "model.safetensors"]), "config": cfg.as_dict(),
-        "float_dtype": str(model.embed.weight.dtype).removeprefix("torch."),
+        "float_dtype": str(model.float_dtype).removeprefix("torch."),
     }
     for name, data in (extra_files or {}).items():
         (dst / name).write_bytes(data)

@@ -143,3 +143,68 @@ def test_artifact_refuses_a_different_quantization(tiny_qwen2_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="no quantization.json"):
         load_model(tiny_qwen2_dir, prequantized=True)
     assert quantize_main([str(tiny_qwen2_dir), str(dst), "--method", "int8"]) == 2  # DST not empty
+
+
+def test_quantizers_give_the_same_result_whatever_the_row_chunking(monkeypatch):
+    from model_runtime import kernels
+
+    w = torch.randn(300, 128)
+    whole8, whole4 = quantize_int8(w), quantize_int4(w, 32)
+    monkeypatch.setattr(kernels, "CHUNK_ROWS", 7)  # 300 rows in 43 uneven chunks
+    for a, b in zip(quantize_int8(w), whole8, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(quantize_int4(w, 32), whole4, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_lazy_rows_read_the_same_rows_as_the_whole_tensor(tiny_qwen2_dir):
+    from model_runtime.loader import SafetensorsFile
+
+    f = SafetensorsFile(tiny_qwen2_dir / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    whole, lazy = f.tensor(name), f.lazy_rows(name)
+    assert lazy is not None and lazy.shape == whole.shape
+    assert torch.equal(lazy[5:17], whole[5:17]) and torch.equal(lazy[0:whole.shape[0]], whole)
+    assert f.lazy_rows("model.norm.weight") is None  # 1-D: read whole
+
+
+def test_tied_int8_model_shares_one_int8_copy_between_embedding_and_head(tiny_qwen2_dir, tmp_path):
+    from model_runtime.kernels import Int8Embedding
+
+    float_model = load_model(tiny_qwen2_dir, dtype="float32").model
+    loaded = load_model(tiny_qwen2_dir, quantization="int8")  # auto: int8 head, tied -> shared
+    model = loaded.model
+    assert isinstance(model.embed, Int8Embedding) and isinstance(model.lm_head, Int8Linear)
+    assert model.embed.codes is model.lm_head.codes and model.embed.scales is model.lm_head.scales
+    ids = torch.tensor([[5, 151646, 42]])
+    # per-row int8: every looked-up row within half a quantization step of the float row
+    err = (model.embed(ids).float() - float_model.embed(ids)).abs().amax(-1)
+    assert bool((err <= model.embed.scales[ids].float() * 0.51 + 1e-6).all())
+    # the artifact stores the shared codes once, and reloads the sharing
+    dst = tmp_path / "int8"
+    assert quantize_main([str(tiny_qwen2_dir), str(dst), "--method", "int8"]) == 0
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(dst / "model.safetensors")))
+    assert "lm_head.codes" in keys and not {"embed.codes", "embed.weight"} & keys
+    again = load_model(dst).model
+    assert isinstance(again.embed, Int8Embedding) and again.embed.codes is again.lm_head.codes
+    assert torch.equal(again.embed(ids), model.embed(ids))
+
+
+def test_untied_int4_model_gets_its_own_int8_embedding_and_round_trips(tmp_path, r1_tokenizer_dir):
+    from model_runtime.kernels import Int8Embedding
+    from tests.runtime_fixtures import build_tiny_qwen2_dir
+
+    src = build_tiny_qwen2_dir(tmp_path / "untied", r1_tokenizer_dir, tie_word_embeddings=False)
+    model = load_model(src, quantization="int4", group_size=32).model
+    assert isinstance(model.embed, Int8Embedding) and isinstance(model.lm_head, Int8Linear)
+    assert model.embed.codes is not model.lm_head.codes
+    dst = tmp_path / "int4"
+    assert quantize_main([str(src), str(dst), "--method", "int4", "--group-size", "32"]) == 0
+    again = load_model(dst).model
+    assert isinstance(again.embed, Int8Embedding)
+    assert torch.equal(again.embed.codes, model.embed.codes)
+    out_a, _ = greedy(model, PROMPT, 4)
+    out_b, _ = greedy(again, PROMPT, 4)
+    assert out_a == out_b
