@@ -2,7 +2,7 @@
 
     python -m bench.run [--quick] [--only SECTION[,SECTION]] [--out FILE] [--threads 2] [--ours-compile]
 
-Sections (in run order): prepare, bandwidth, llamacpp, hf, hf_serve, ours, ours_1p5b, overload,
+Sections (in run order): prepare, bandwidth, kernels, llamacpp, hf, hf_serve, ours, ours_1p5b, overload,
 perplexity, operator. `--only` runs some of them and merges into the existing results file, so a
 partial rerun keeps the other numbers. Each engine runs in its own subprocess (servers too), so peak
 RSS is its own and a crash is recorded as an error in the JSON without stopping the rest.
@@ -27,7 +27,7 @@ from bench.bandwidth import ModelShape, weight_bytes_per_token
 from bench.loadgen import run_http_benchmark, run_overload
 from bench.procs import REPO_ROOT, ServerUnderTest, free_port, run_step
 
-SECTIONS = ["prepare", "bandwidth", "llamacpp", "hf", "hf_serve", "ours", "ours_1p5b", "overload",
+SECTIONS = ["prepare", "bandwidth", "kernels", "llamacpp", "hf", "hf_serve", "ours", "ours_1p5b", "overload",
             "perplexity", "operator"]
 MODELS = REPO_ROOT / "models"
 GGUF_Q4 = MODELS / "qwen2.5-0.5b-q4_k_m.gguf"
@@ -51,7 +51,7 @@ class Settings:
     threads: int = 2
     single_tokens: int = 128  # new tokens for single-stream decode rate
     repeats: int = 2  # single-stream repeats (median reported), after one warm-up
-    conc_tokens: int = 32  # new tokens per request in the concurrency sweep
+    conc_tokens: int = 128  # new tokens per request in the concurrency sweep (as single-stream: decode-dominated)
     levels: tuple[int, ...] = (1, 4, 8, 16)
     big_tokens: int = 64  # single-stream tokens on the 1.5B-shaped model
     overload_streams: int = 16
@@ -64,6 +64,7 @@ class Settings:
     max_model_len: int = 4096  # our server's context (KV slot length) on the 0.5B
     step_timeout_s: float = 900.0
     ours_compile: bool = False  # DISTILLERY_COMPILE=1 for our server (torch.compile warm-up at start)
+    ours_modes: tuple[str, ...] = ("bf16", "int8", "int4")  # which of our modes the ours* sections run
 
     @classmethod
     def quick(cls) -> Settings:
@@ -142,6 +143,12 @@ class Bench:
                                              "per output channel, int4: +scale+zero per group of 128) + norms/"
                                              "biases at bf16 + lm_head at bf16 (ours-*: lm_head int8, as our "
                                              "runtime stores it); embedding excluded"}
+
+    def kernels(self) -> None:
+        """Our AVX2 kernels vs PyTorch's packed ones per layer shape, and the bare decode step per mode."""
+        self.results["kernels"] = self.step("kernels", "kernels", {"repeats": 20})
+        self.results["decode_steps"] = self.step("decode-steps", "decode_steps",
+                                                 {"model_dir": str(ST_0P5B), "modes": ["bf16", "int8", "int4"]})
 
     def llamacpp(self) -> None:
         for mode, path in (("Q4_K_M", GGUF_Q4), ("Q8_0", GGUF_Q8)):
@@ -222,6 +229,8 @@ class Bench:
         from distillery_operator import contract as c
 
         for mode, quant in (("bf16", "none"), ("int8", "int8"), ("int4", "int4")):
+            if mode not in self.s.ours_modes:
+                continue
             key = f"{model}/ours/{mode}"
             port = free_port()
             max_batch = max(levels) if levels else 1
@@ -366,8 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ours-compile", action="store_true",
                         help="run our server with DISTILLERY_COMPILE=1 (torch.compile'd decode step; slower start)")
+    parser.add_argument("--ours-modes", default="bf16,int8,int4",
+                        help="our modes to run in the ours/ours_1p5b sections (comma list; others keep their results)")
     ns = parser.parse_args(argv)
     settings = Settings.quick() if ns.quick else Settings()
+    settings.ours_modes = tuple(m.strip() for m in ns.ours_modes.split(",") if m.strip())
+    if not set(settings.ours_modes) <= {"bf16", "int8", "int4"}:
+        raise SystemExit(f"--ours-modes: choose from bf16, int8, int4 (got {ns.ours_modes!r})")
     settings.threads = ns.threads
     settings.ours_compile = ns.ours_compile
     sections = parse_sections(ns.only)
@@ -401,6 +415,14 @@ def print_report(results: dict[str, Any]) -> None:
     print("\n## Decode speed (greedy; single stream: new tokens after the first / time; aggregate: all "
           "tokens / wall time of the batch)\n")
     print(report.markdown_table(results.get("runs", {})))
+    kern = results.get("kernels") or {}
+    if kern.get("rows"):
+        print("\n## Linear kernels (ms per call, median; PyTorch packed vs ours)\n")
+        print(report.kernel_table(kern))
+    steps = results.get("decode_steps") or {}
+    if steps.get("rows"):
+        print("\n## Decode step of the model itself (real 0.5B, no engine/HTTP)\n")
+        print(report.decode_steps_table(steps))
     if bw:
         print(f"\nCopy bandwidth (read+write): numpy {bw.get('numpy_gb_s')} GB/s, torch {bw.get('torch_gb_s')} GB/s; "
               f"bound = {bw.get('best_gb_s')} GB/s / weight bytes read per token.")

@@ -87,6 +87,20 @@ def perplexity(args: dict[str, Any]) -> dict[str, Any]:
 
 
 @step
+def kernels(args: dict[str, Any]) -> dict[str, Any]:
+    from bench.kernels import kernel_table
+
+    return kernel_table(_threads(), repeats=args.get("repeats", 20))
+
+
+@step
+def decode_steps(args: dict[str, Any]) -> dict[str, Any]:
+    from bench.kernels import decode_steps as run
+
+    return run(args["model_dir"], args["modes"], _threads())
+
+
+@step
 def operator_bench(args: dict[str, Any]) -> dict[str, Any]:
     from bench.operator_bench import run_operator_bench  # written by the operator helper
 
