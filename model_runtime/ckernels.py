@@ -34,7 +34,7 @@ from torch import Tensor
 log = logging.getLogger("model_runtime.ckernels")
 
 SOURCE = Path(__file__).parent / "csrc" / "dq_kernels.c"
-ABI_VERSION = 1
+ABI_VERSION = 2
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-D_POSIX_C_SOURCE=200809L"]
 BACKENDS = ("auto", "dq", "aten")
 
@@ -238,12 +238,12 @@ def attn_decode(qkv: Tensor, n_heads: int, n_kv: int, head_dim: int, slots: Tens
 
 
 def pack_w4(codes: Tensor) -> Tensor:
-    """uint8 codes 0..15 [N, K] -> the kernel's nibble layout [N, K/2] (K a multiple of 32)."""
+    """uint8 codes 0..15 [N, K] -> the kernel's nibble layout [N, K/2] (K a multiple of 64)."""
     lib = _load().lib
     codes = codes.to(torch.uint8).contiguous()
     n, k = codes.shape
-    if k % 32:
-        raise ValueError(f"in_features {k} is not a multiple of 32")
+    if k % 64:
+        raise ValueError(f"in_features {k} is not a multiple of 64")
     out = torch.empty((n, k // 2), dtype=torch.uint8)
     lib.dq_pack_w4(codes.data_ptr(), n, k, out.data_ptr())
     return out

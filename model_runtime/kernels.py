@@ -36,7 +36,11 @@ class RMSNormLike(Protocol):
     eps: float
 
 
-CHUNK_ROWS = 4096  # rows quantized at a time: float32 temporaries stay ~CHUNK_ROWS x K x 4 bytes
+CHUNK_ELEMENTS = 1 << 21  # values quantized at a time: float32 temporaries stay ~8 MiB each
+
+
+def _chunk_rows(k: int) -> int:
+    return max(16, CHUNK_ELEMENTS // k)
 
 
 class RowsLike(Protocol):
@@ -50,16 +54,17 @@ def quantize_int8(w: RowsLike, scale_dtype: torch.dtype = torch.bfloat16) -> tup
     """Symmetric per-output-channel: w [N, K] -> (codes int8 [N, K], scales [N]); w ~ codes * scales[:, None].
 
     The scale is rounded to its storage dtype first, and the codes computed against that rounded
-    scale, so the stored pair is self-consistent. Rows are processed CHUNK_ROWS at a time (the
+    scale, so the stored pair is self-consistent. Rows are processed ~CHUNK_ELEMENTS values at a time (the
     result does not depend on the chunking) so a 150k-row lm_head never has a float32 copy."""
     n, k = w.shape
     codes = torch.empty((n, k), dtype=torch.int8)
     scales = torch.empty(n, dtype=scale_dtype)
-    for r in range(0, n, CHUNK_ROWS):
-        wf = w[r:r + CHUNK_ROWS].float()
+    step = _chunk_rows(k)
+    for r in range(0, n, step):
+        wf = w[r:r + step].float()
         sc = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-8).to(scale_dtype)
-        codes[r:r + CHUNK_ROWS] = torch.round(wf / sc.float()[:, None]).clamp(-128, 127).to(torch.int8)
-        scales[r:r + CHUNK_ROWS] = sc
+        codes[r:r + step] = torch.round(wf / sc.float()[:, None]).clamp(-128, 127).to(torch.int8)
+        scales[r:r + step] = sc
     return codes, scales
 
 
@@ -80,15 +85,16 @@ def quantize_int4(w: RowsLike, group_size: int, scale_dtype: torch.dtype = torch
     codes = torch.empty((n, k), dtype=torch.uint8)
     scales = torch.empty((n, k // g), dtype=scale_dtype)
     zeros = torch.empty((n, k // g), dtype=scale_dtype)
-    for r in range(0, n, CHUNK_ROWS):
-        wg = w[r:r + CHUNK_ROWS].float()
+    step = _chunk_rows(k)
+    for r in range(0, n, step):
+        wg = w[r:r + step].float()
         wg = wg.view(wg.shape[0], k // g, g)
         lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
         sc = ((hi - lo) / 15.0).clamp(min=1e-6).to(scale_dtype)
         zr = (lo + 8.0 * sc.float()).to(scale_dtype)
         c = torch.round((wg - zr.float()[..., None]) / sc.float()[..., None] + 8.0).clamp(0, 15)
-        codes[r:r + CHUNK_ROWS] = c.to(torch.uint8).view(-1, k)
-        scales[r:r + CHUNK_ROWS], zeros[r:r + CHUNK_ROWS] = sc, zr
+        codes[r:r + step] = c.to(torch.uint8).view(-1, k)
+        scales[r:r + step], zeros[r:r + step] = sc, zr
     return codes, scales, zeros
 
 
@@ -182,7 +188,8 @@ class Int4Linear(nn.Module):
         self._packed: Tensor | None = None
         self._sz: Tensor | None = None
         self.backend = "aten"
-        if (qweight.device.type == "cpu" and self.group_size % 32 == 0 and ckernels.backend() == "dq"):
+        if (qweight.device.type == "cpu" and self.group_size % 32 == 0 and self.in_features % 64 == 0
+                and ckernels.backend() == "dq"):
             # our kernel's nibble layout; scales/zeros stay bfloat16 (widened in registers)
             self.backend = "dq"
             self._packed = ckernels.pack_w4(unpack_nibbles(self.qweight))

@@ -104,6 +104,26 @@ class LazyRows:
         return self._read(start, stop)
 
 
+def _stacked_rows(parts: list[LazyRows]) -> Tensor | LazyRows:
+    """Row-wise concatenation of lazily read matrices (the fused q/k/v or gate/up weight)."""
+    k = parts[0].shape[1]
+    if any(p.shape[1] != k for p in parts):
+        return torch.cat([p[0:p.shape[0]] for p in parts], dim=0)
+    starts = [0]
+    for p in parts:
+        starts.append(starts[-1] + p.shape[0])
+
+    def read(r0: int, r1: int) -> Tensor:
+        pieces = []
+        for p, lo, hi in zip(parts, starts, starts[1:], strict=False):
+            a, b = max(r0, lo), min(r1, hi)
+            if a < b:
+                pieces.append(p[a - lo:b - lo])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+    return LazyRows((starts[-1], k), read)
+
+
 class TensorSource:
     """name -> tensor on demand (ours), fusing q/k/v and gate/up as they are read."""
 
@@ -115,14 +135,15 @@ class TensorSource:
         self.mapping = mapping
 
     def lazy(self, ours: str) -> Tensor | LazyRows:
-        """The weight as row-readable from the file when the format allows it (one source tensor,
-        2-D), else the tensor itself."""
+        """The weight as row-readable from the file when the format allows it (2-D source tensors;
+        fused q/k/v or gate/up read across their sources), else the tensor itself."""
         srcs = self.mapping.get(ours, [ours])
-        if self._rows is not None and len(srcs) == 1:
-            rows = self._rows(srcs[0])
-            if rows is not None:
-                return rows
-        return self.get(ours)
+        parts = [self._rows(s) for s in srcs] if self._rows is not None else [None]
+        if any(p is None for p in parts):
+            return self.get(ours)
+        if len(parts) == 1:
+            return parts[0]  # type: ignore[return-value]
+        return _stacked_rows([p for p in parts if p is not None])
 
     def has(self, ours: str) -> bool:
         srcs = self.mapping.get(ours, [ours])
@@ -625,15 +646,41 @@ def _int8_embedding(model: Transformer, src: TensorSource, keys: set[str], quant
     return True
 
 
-def release_free_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc malloc_trim): loading frees many float
-    temporaries below malloc's mmap threshold, which otherwise stay in the process's RSS."""
+def _libc() -> Any | None:
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc malloc_trim): loading frees many float
+    temporaries below malloc's mmap threshold, which otherwise stay in the process's RSS."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+class _LoadTimeMalloc:
+    """While loading, blocks >= 256 KiB come from mmap and go back to the OS the moment they are
+    freed (quantization temporaries then never pile up in the heap: lower peak RSS); afterwards
+    the threshold is 32 MiB, glibc's own upper bound, so per-step tensors reuse heap memory."""
+
+    def __enter__(self) -> None:
+        libc = _libc()
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, 256 << 10)
+
+    def __exit__(self, *exc: object) -> None:
+        libc = _libc()
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        release_free_memory()
 
 
 def use_float32_activations(model: Transformer) -> bool:
@@ -718,12 +765,11 @@ def load_model(model_dir: str | Path, *, quantization: str = "none", group_size:
     elif max_model_len > cfg.max_position:
         raise ModelLoadError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
                              f"{cfg.max_position}")
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), _LoadTimeMalloc():
         model = build_model(cfg, src, dtype=dt, device=dev, max_len=max_model_len,
                             quantization="none" if fmt == "quantized" else quantization,
                             group_size=group_size, quantize_lm_head=quantize_lm_head, keep_codes=keep_codes,
                             progress=progress)
-    release_free_memory()
     log.info("loaded %s (%s) quantization=%s dtype=%s device=%s", path, fmt, quantization, dt, dev)
     return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, eos_token_ids=eos_ids,
                        generation_defaults=defaults, device=dev, dtype=dt, quantization=quantization,

@@ -10,8 +10,8 @@
  *
  * Layouts (prepared once at load time by model_runtime/ckernels.py):
  *   int8: w [N, K] int8 (symmetric, |code| <= 127), ws [N] float32 per-row scale.
- *   int4: w [N, K/2] uint8; for each block of 32 values, 16 bytes: byte j = value j (low nibble)
- *         | value j+16 (high nibble); codes 0..15, value = (code - 8) * s + z per group of G values;
+ *   int4: w [N, K/2] uint8; for each block of 64 values, 32 bytes: byte j = value j (low nibble)
+ *         | value j+32 (high nibble); codes 0..15, value = (code - 8) * s + z per group of G values;
  *         s, z [N, K/G] bfloat16 (as stored: half the bytes of float32, widened in registers).
  * Activations x [M, K] float32; y [M, N] float32 (+ bias [N] when given).
  * Activation blocks: B = G for int4 (so one scale pairs with one weight group), B = 32..128 for int8.
@@ -22,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define DQ_ABI_VERSION 1
+#define DQ_ABI_VERSION 2
 
 int dq_abi_version(void) { return DQ_ABI_VERSION; }
 
@@ -47,42 +47,62 @@ static inline int32_t hsum_epi32(__m256i v) {
 }
 
 /* Row preprocessing before quantization: RMSNorm (x * rsqrt(mean(x^2) + eps) * norm_w), so a
-   pre-norm block's normalised activations never round-trip through memory. */
+   pre-norm block's normalised activations never round-trip through memory. K % 32 == 0. */
 static void rms_norm_row(const float* x, int64_t K, const float* norm_w, float eps, float* out) {
-    double ss = 0.0;
-    for (int64_t i = 0; i < K; i++) ss += (double)x[i] * x[i];
-    const float r = 1.f / sqrtf((float)(ss / (double)K) + eps);
-    for (int64_t i = 0; i < K; i++) out[i] = x[i] * r * norm_w[i];
+    __m256 ss = _mm256_setzero_ps();
+    for (int64_t i = 0; i < K; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        ss = _mm256_fmadd_ps(v, v, ss);
+    }
+    const __m256 r = _mm256_set1_ps(1.f / sqrtf(hsum_ps(ss) / (float)K + eps));
+    for (int64_t i = 0; i < K; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), r), _mm256_loadu_ps(norm_w + i)));
+}
+
+/* One row: x [K] -> q [K] int8 with one scale (amax / 127) per block of B values, and the code sum
+   of each block. Rounds to nearest-even (cvtps), like lrintf; B % 32 == 0. */
+static void quantize_row(const float* x, int64_t K, int64_t B, int8_t* q, float* scale, int32_t* qsum) {
+    const __m256 sign_mask = _mm256_set1_ps(-0.f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t b = 0; b < K / B; b++) {
+        const float* xb = x + b * B;
+        __m256 mx = _mm256_setzero_ps();
+        for (int64_t i = 0; i < B; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign_mask, _mm256_loadu_ps(xb + i)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float d = _mm_cvtss_f32(m4) / 127.f;
+        const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+        __m256i sum = _mm256_setzero_si256();
+        for (int64_t i = 0; i < B; i += 32) {
+            const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i), id));
+            const __m256i bb = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 8), id));
+            const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 16), id));
+            const __m256i e = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 24), id));
+            sum = _mm256_add_epi32(sum, _mm256_add_epi32(_mm256_add_epi32(a, bb), _mm256_add_epi32(c, e)));
+            /* |x * id| <= 127 (x within the block's amax), so the saturating packs never clip */
+            const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(a, bb), _mm256_packs_epi32(c, e));
+            _mm256_storeu_si256((__m256i*)(q + b * B + i), _mm256_permutevar8x32_epi32(packed, order));
+        }
+        scale[b] = d;
+        qsum[b] = hsum_epi32(sum);
+    }
 }
 
 /* x [M, K] float32 (RMSNorm'd first when norm_w) -> q [M, K] int8, scale [M, K/B],
-   qsum [M, K/B] (sum of the codes of each block). tmp: K floats of scratch. */
+   qsum [M, K/B] (sum of the codes of each block). tmp: M x K floats of scratch. Rows in parallel
+   (a prefill chunk has tens of them). */
 static void quantize_rows(const float* x, int64_t M, int64_t K, int64_t B, const float* norm_w, float eps,
-                          float* tmp, int8_t* q, float* scale, int32_t* qsum) {
+                          float* tmp, int8_t* q, float* scale, int32_t* qsum, int nthreads) {
     const int64_t nb = K / B;
+#pragma omp parallel for schedule(static) num_threads(M >= 4 ? nthreads : 1)
     for (int64_t m = 0; m < M; m++) {
         const float* xr = x + m * K;
         if (norm_w) {
-            rms_norm_row(xr, K, norm_w, eps, tmp);
-            xr = tmp;
+            rms_norm_row(xr, K, norm_w, eps, tmp + m * K);
+            xr = tmp + m * K;
         }
-        for (int64_t b = 0; b < nb; b++) {
-            const float* xb = xr + b * B;
-            int8_t* qb = q + m * K + b * B;
-            float amax = 0.f;
-            for (int64_t i = 0; i < B; i++) amax = fmaxf(amax, fabsf(xb[i]));
-            const float d = amax / 127.f;
-            const float id = d > 0.f ? 1.f / d : 0.f;
-            int32_t s = 0;
-            for (int64_t i = 0; i < B; i++) {
-                int32_t v = (int32_t)lrintf(xb[i] * id);
-                v = v > 127 ? 127 : (v < -127 ? -127 : v);
-                qb[i] = (int8_t)v;
-                s += v;
-            }
-            scale[m * nb + b] = d;
-            qsum[m * nb + b] = s;
-        }
+        quantize_row(xr, K, B, q + m * K, scale + m * nb, qsum + m * nb);
     }
 }
 
@@ -92,20 +112,13 @@ typedef struct { int8_t* buf; int8_t* q; float* scale; int32_t* qsum; float* tmp
 static int scratch_init(scratch_t* s, int64_t M, int64_t K, int64_t nb) {
     const int64_t qbytes = (M * K + 63) & ~(int64_t)63;
     void* p = NULL;
-    if (posix_memalign(&p, 64, (size_t)(qbytes + 8 * M * nb + 4 * K + 64)) != 0) return -1;
+    if (posix_memalign(&p, 64, (size_t)(qbytes + 8 * M * nb + 4 * M * K + 64)) != 0) return -1;
     s->buf = (int8_t*)p;
     s->q = s->buf;
     s->scale = (float*)(s->buf + qbytes);
     s->qsum = (int32_t*)(s->scale + M * nb);
     s->tmp = (float*)(s->qsum + M * nb);
     return 0;
-}
-
-/* 16 bytes of nibbles -> 32 unsigned bytes: low nibbles first (values 0..15), then high (16..31) */
-static inline __m256i nibbles_32(const uint8_t* p) {
-    const __m128i t = _mm_loadu_si128((const __m128i*)p);
-    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 
 /* One weight row against mt (1..4) activation rows: r[j] = sum_b xs[j, b] * sum_{i in b} w[i] x[j, i].
@@ -132,26 +145,42 @@ static inline __attribute__((always_inline)) void w8_tile(const int8_t* wr, cons
     for (int j = 0; j < mt; j++) r[j] = hsum_ps(accf[j]);
 }
 
-/* int4: r[j] = sum_g xs[j, g] (s_g sum_{i in g} c_i q[j, i] + (z_g - 8 s_g) qsum[j, g]) */
+/* int4: r[j] = sum_g xs[j, g] (s_g sum_{i in g} c_i q[j, i] + (z_g - 8 s_g) qsum[j, g]).
+   Codes are 0..15, so a maddubs pair sum is at most 2 * 15 * 127 = 3810 and up to 8 of them add up
+   in int16 without overflow: one widening madd per group instead of one per 32 values. */
 static inline __attribute__((always_inline)) void w4_tile(const uint8_t* wr, const int8_t* xq, const float* xs,
                                                           const int32_t* xqs, const float* sg, const float* cg,
                                                           int64_t K, int64_t G, int64_t ng, int mt, float* r) {
-    const __m256i ones16 = _mm256_set1_epi16(1);
+    const __m256i ones16 = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
     __m256 accf[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     float extra[4] = {0.f, 0.f, 0.f, 0.f};
     for (int64_t g = 0; g < ng; g++) {
-        __m256i ai[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                         _mm256_setzero_si256()};
-        for (int64_t i = g * G; i < (g + 1) * G; i += 32) {
-            const __m256i cv = nibbles_32(wr + i / 2);  /* codes 0..15: unsigned operand, no sign trick */
-            for (int j = 0; j < mt; j++) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + j * K + i));
-                ai[j] = _mm256_add_epi32(ai[j], _mm256_madd_epi16(_mm256_maddubs_epi16(cv, xv), ones16));
+        __m256i a16[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                          _mm256_setzero_si256()};
+        if (G >= 64) {
+            for (int64_t i = g * G; i < (g + 1) * G; i += 64) {
+                const __m256i bytes = _mm256_loadu_si256((const __m256i*)(wr + i / 2));
+                const __m256i lo = _mm256_and_si256(bytes, low4);                        /* values i..i+31 */
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);  /* i+32..i+63 */
+                for (int j = 0; j < mt; j++) {
+                    const __m256i x0 = _mm256_loadu_si256((const __m256i*)(xq + j * K + i));
+                    const __m256i x1 = _mm256_loadu_si256((const __m256i*)(xq + j * K + i + 32));
+                    a16[j] = _mm256_add_epi16(a16[j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0),
+                                                                       _mm256_maddubs_epi16(hi, x1)));
+                }
             }
+        } else { /* G == 32: the group is one half of a 64-value block */
+            const int64_t i = g * G;
+            const __m256i bytes = _mm256_loadu_si256((const __m256i*)(wr + (i / 64) * 32));
+            const __m256i c = (i % 64) ? _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4)
+                                       : _mm256_and_si256(bytes, low4);
+            for (int j = 0; j < mt; j++)
+                a16[j] = _mm256_maddubs_epi16(c, _mm256_loadu_si256((const __m256i*)(xq + j * K + i)));
         }
         for (int j = 0; j < mt; j++) {
             const float d = xs[j * ng + g];
-            accf[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[j]), _mm256_set1_ps(d * sg[g]), accf[j]);
+            const __m256i ai = _mm256_madd_epi16(a16[j], ones16);
+            accf[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), _mm256_set1_ps(d * sg[g]), accf[j]);
             extra[j] += d * (float)xqs[j * ng + g] * cg[g];
         }
     }
@@ -170,8 +199,8 @@ int dq_linear_w8(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* 
     if (scratch_init(&sc, M, K, nb) != 0) return -1;
     int8_t* xq = sc.q;
     float* xs = sc.scale;
-    quantize_rows(x, M, K, B, norm_w, eps, sc.tmp, xq, xs, sc.qsum);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+    quantize_rows(x, M, K, B, norm_w, eps, sc.tmp, xq, xs, sc.qsum, nthreads);
+#pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++) {
         const int8_t* wr = w + n * K;
         float r[4];
@@ -201,15 +230,15 @@ int dq_linear_w8(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* 
 int dq_linear_w4(const float* x, int64_t M, int64_t K, int64_t G, const uint8_t* w, const uint16_t* s,
                  const uint16_t* z, const float* bias, int64_t N, float* y, int nthreads, const float* norm_w,
                  float eps, int accumulate) {
-    if (G % 32 != 0 || K % G != 0) return -1;
+    if (G % 32 != 0 || K % G != 0 || K % 64 != 0 || G > 256) return -1;
     const int64_t ng = K / G;
     scratch_t sc;
     if (scratch_init(&sc, M, K, ng) != 0) return -1;
     int8_t* xq = sc.q;
     float* xs = sc.scale;
     int32_t* xsum = sc.qsum;
-    quantize_rows(x, M, K, G, norm_w, eps, sc.tmp, xq, xs, xsum);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+    quantize_rows(x, M, K, G, norm_w, eps, sc.tmp, xq, xs, xsum, nthreads);
+#pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t* wr = w + n * (K / 2);
         float sg[ng > 0 ? ng : 1], cg[ng > 0 ? ng : 1];
@@ -246,9 +275,9 @@ void dq_pack_w4(const uint8_t* codes, int64_t N, int64_t K, uint8_t* out) {
     for (int64_t n = 0; n < N; n++) {
         const uint8_t* c = codes + n * K;
         uint8_t* o = out + n * (K / 2);
-        for (int64_t b = 0; b < K; b += 32)
-            for (int64_t j = 0; j < 16; j++)
-                o[b / 2 + j] = (uint8_t)((c[b + j] & 0x0F) | ((c[b + j + 16] & 0x0F) << 4));
+        for (int64_t b = 0; b < K; b += 64)
+            for (int64_t j = 0; j < 32; j++)
+                o[b / 2 + j] = (uint8_t)((c[b + j] & 0x0F) | ((c[b + j + 32] & 0x0F) << 4));
     }
 }
 
@@ -305,7 +334,7 @@ int dq_attn_decode(const float* qkv, int64_t B, int64_t nh, int64_t nkv, int64_t
         }
     }
     const float scale = 1.f / sqrtf((float)hd);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads)
     for (int64_t t = 0; t < B * nh; t++) {
         const int64_t b = t / nh, h = t % nh, kvh = h / group, len = pos[b] + 1;
         const float* q = qr + t * hd;

@@ -68,13 +68,16 @@ def test_int4_linear_matches_the_dequantized_weights_and_is_batch_invariant(lib,
         assert torch.equal(y[i:i + 1], ckernels.linear_w4(x[i:i + 1].contiguous(), packed, s, z, None, group))
 
 
-def test_pack_w4_layout_is_low_nibbles_then_high_per_block_of_32(lib):
-    codes = (torch.arange(64, dtype=torch.uint8) % 16).view(1, 64)
+def test_pack_w4_layout_is_low_nibbles_then_high_per_block_of_64(lib):
+    codes = torch.randint(0, 16, (2, 128), dtype=torch.uint8)
     packed = ckernels.pack_w4(codes)
-    assert packed.shape == (1, 32)
-    for j in range(16):
-        assert int(packed[0, j]) == (int(codes[0, j]) | int(codes[0, j + 16]) << 4)
-        assert int(packed[0, 16 + j]) == (int(codes[0, 32 + j]) | int(codes[0, 48 + j]) << 4)
+    assert packed.shape == (2, 64)
+    for n in range(2):
+        for b in (0, 64):
+            for j in range(32):
+                assert int(packed[n, b // 2 + j]) == (int(codes[n, b + j]) | int(codes[n, b + j + 32]) << 4)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        ckernels.pack_w4(torch.zeros(2, 96, dtype=torch.uint8))
 
 
 def test_fused_rmsnorm_and_residual_equal_their_composition(lib, int8_weights):

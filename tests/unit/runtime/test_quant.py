@@ -150,7 +150,7 @@ def test_quantizers_give_the_same_result_whatever_the_row_chunking(monkeypatch):
 
     w = torch.randn(300, 128)
     whole8, whole4 = quantize_int8(w), quantize_int4(w, 32)
-    monkeypatch.setattr(kernels, "CHUNK_ROWS", 7)  # 300 rows in 43 uneven chunks
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 7 * 128)  # 16-row chunks (the minimum): 19 uneven ones
     for a, b in zip(quantize_int8(w), whole8, strict=True):
         assert torch.equal(a, b)
     for a, b in zip(quantize_int4(w, 32), whole4, strict=True):
