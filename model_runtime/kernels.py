@@ -4,13 +4,13 @@ CPU (AVX2, see shared notes/cpu-inference.md; 1x4096 @ 4096x4096, 2 threads):
   bf16 nn.Linear 2.3 ms; int8 `aten._weight_int8pack_mm` with bf16 activations 1.35-1.46 ms (the
   same kernel with fp32 activations is 9-14 ms, torchao's eager int8 21-40 ms); int4
   `aten._weight_int4pack_mm_for_cpu` g128 1.34-1.48 ms (compute-bound, no gain over int8 here).
-  So activations entering a quantized linear are cast to bf16 on CPU.
-Faster still on such CPUs (ckernels.py, csrc/dq_kernels.c, the default when it builds): activations
-quantized to int8 per block and integer dot products (AVX2 maddubs), as llama.cpp does. Measured
-on this machine, single row (M=1): 9728x896 int8 0.5 vs 1.1 ms, int4 0.5 vs 1.6 ms; lm_head
-151936x896 int8 5.8 vs 11 ms (see README's kernel table, `python -m bench.kernels`). With that
-backend the model computes in float32 between the linears (model.act_dtype), so the kernels take
-float32 rows with no conversions.
+  So activations entering a quantized linear are cast to bf16 on that path ("aten" backend).
+Faster on such CPUs, and the default when it builds ("dq" backend: ckernels.py, csrc/dq_kernels.c):
+activations quantized to int8 per block and integer dot products (AVX2 maddubs), as llama.cpp
+does. On this machine a decode row (M=1) runs ~1.5-2x faster for int8 and ~2-3x for int4 than
+the aten kernels, batches of 4-8 rows ~1.3-2x (per-shape figures: the kernel table of
+`make bench`, bench/kernels.py). With that backend the model computes in float32 between the
+linears (model.act_dtype), so the kernels take float32 rows with no conversions.
 CUDA: dequantize-then-matmul in the activation dtype (simple and correct; not tuned: no GPU here).
 
 What is stored (and saved by quant.py) is the portable form: int8 codes + scales, or int4 codes
@@ -96,6 +96,21 @@ def quantize_int4(w: RowsLike, group_size: int, scale_dtype: torch.dtype = torch
         codes[r:r + step] = c.to(torch.uint8).view(-1, k)
         scales[r:r + step], zeros[r:r + step] = sc, zr
     return codes, scales, zeros
+
+
+def quantize_int4_packed(w: RowsLike, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """quantize_int4 + pack_nibbles a chunk of rows at a time: (qweight [N, K/2], scales, zeros)
+    without the [N, K] byte-per-code intermediate (a load-time memory peak for big matrices)."""
+    n, k = w.shape
+    g = int4_group_size(k, group_size)
+    qweight = torch.empty((n, k // 2), dtype=torch.uint8)
+    scales = torch.empty((n, k // g), dtype=torch.bfloat16)
+    zeros = torch.empty((n, k // g), dtype=torch.bfloat16)
+    step = _chunk_rows(k)
+    for r in range(0, n, step):
+        codes, scales[r:r + step], zeros[r:r + step] = quantize_int4(w[r:r + step], g)
+        qweight[r:r + step] = pack_nibbles(codes)
+    return qweight, scales, zeros
 
 
 def dequantize_int4(codes: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
@@ -192,7 +207,10 @@ class Int4Linear(nn.Module):
                 and ckernels.backend() == "dq"):
             # our kernel's nibble layout; scales/zeros stay bfloat16 (widened in registers)
             self.backend = "dq"
-            self._packed = ckernels.pack_w4(unpack_nibbles(self.qweight))
+            self._packed = torch.empty_like(self.qweight)
+            step = _chunk_rows(self.in_features)
+            for r in range(0, self.out_features, step):  # repacked in chunks: no [N, K] transient
+                self._packed[r:r + step] = ckernels.pack_w4(unpack_nibbles(self.qweight[r:r + step]))
             self._dq_scales = self.scales.to(torch.bfloat16).contiguous()
             self._dq_zeros = self.zeros.to(torch.bfloat16).contiguous()
             self._dq_bias = None if self.bias is None else self.bias.float().contiguous()
@@ -209,9 +227,9 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int, act_dtype: torch.dtype,
                    keep_codes: bool = False) -> Int4Linear:
-        codes, scales, zeros = quantize_int4(linear.weight.data, group_size)
+        qweight, scales, zeros = quantize_int4_packed(linear.weight.data, group_size)
         bias = None if linear.bias is None else linear.bias.data
-        return cls(pack_nibbles(codes), scales, zeros, bias, act_dtype, keep_codes)
+        return cls(qweight, scales, zeros, bias, act_dtype, keep_codes)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape[:-1]
@@ -262,3 +280,30 @@ class Int8Embedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
+
+
+class Int4Embedding(nn.Module):
+    """Token embedding as group-wise int4 rows (the Int4Linear format: nibble-packed codes, scales,
+    zeros per group of G values). llama.cpp's Q4_K_M likewise keeps token_embd at 4-5 bits; used
+    for int4 models whose embedding is not shared with an int8 head. Lookup dequantizes the rows."""
+
+    def __init__(self, qweight: Tensor, scales: Tensor, zeros: Tensor, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape[0], qweight.shape[1] * 2
+        self.register_buffer("qweight", qweight)   # [V, C/2] portable nibble layout
+        self.register_buffer("scales", scales)     # [V, C/G]
+        self.register_buffer("zeros", zeros)
+        self.out_dtype = out_dtype
+
+    @classmethod
+    def from_weight(cls, w: RowsLike, group_size: int, out_dtype: torch.dtype) -> Int4Embedding:
+        return cls(*quantize_int4_packed(w, group_size), out_dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        flat = ids.reshape(-1)
+        rows = dequantize_int4(unpack_nibbles(self.qweight[flat]), self.scales[flat], self.zeros[flat])  # [n, C]
+        return rows.view(*ids.shape, self.embedding_dim).to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        g = self.embedding_dim // self.scales.shape[1]
+        return f"{self.num_embeddings}, {self.embedding_dim}, int4 group={g}"

@@ -18,7 +18,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from model_runtime.kernels import Int4Linear, Int8Embedding, Int8Linear, quantize_int4, quantize_int8
+from model_runtime.kernels import (
+    Int4Embedding,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    quantize_int8,
+)
 
 MANIFEST = "quantization.json"
 FORMAT = "distillery-quantized"
@@ -49,10 +55,10 @@ def quantize_linear(weight: Tensor, bias: Tensor | None, method: str, group_size
         codes, scales = quantize_int8(weight)
         return Int8Linear(codes, scales, bias, act_dtype)
     if method == "int4":
-        from model_runtime.kernels import pack_nibbles
+        from model_runtime.kernels import quantize_int4_packed
 
-        codes, scales, zeros = quantize_int4(weight, group_size)
-        return Int4Linear(pack_nibbles(codes), scales, zeros, bias, act_dtype, keep_codes)
+        qweight, scales, zeros = quantize_int4_packed(weight, group_size)
+        return Int4Linear(qweight, scales, zeros, bias, act_dtype, keep_codes)
     raise ValueError(f"unknown quantization method {method!r} (int8, int4)")
 
 
@@ -91,6 +97,11 @@ def artifact_state(model: nn.Module) -> dict[str, Tensor]:
     seen: set[int] = set()
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
+        if isinstance(module, Int4Embedding):
+            state[prefix + "qweight"] = module.qweight
+            state[prefix + "scales"] = module.scales
+            state[prefix + "zeros"] = module.zeros
+            continue
         if isinstance(module, Int8Embedding):
             head = getattr(model, "lm_head", None)
             if not (isinstance(head, Int8Linear) and head.codes is module.codes):  # shared with a tied head: once

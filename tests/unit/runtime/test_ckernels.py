@@ -10,6 +10,7 @@ fused decode step of a whole model matches the plain PyTorch path.
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ from model_runtime import ckernels
 from model_runtime.kernels import Int4Linear, Int8Linear, dequantize_int4, quantize_int4, quantize_int8
 from model_runtime.loader import load_model
 
-pytestmark = pytest.mark.skipif(not ckernels.cpu_supported(), reason="needs an x86-64 CPU with AVX2/FMA")
+pytestmark = pytest.mark.skipif(not ckernels.cpu_supported() or not (shutil.which("cc") or shutil.which("gcc")),
+                                reason="needs an x86-64 Linux CPU with AVX2/FMA and a C compiler")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

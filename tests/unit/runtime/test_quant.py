@@ -192,19 +192,36 @@ def test_tied_int8_model_shares_one_int8_copy_between_embedding_and_head(tiny_qw
     assert torch.equal(again.embed(ids), model.embed(ids))
 
 
-def test_untied_int4_model_gets_its_own_int8_embedding_and_round_trips(tmp_path, r1_tokenizer_dir):
-    from model_runtime.kernels import Int8Embedding
+@pytest.mark.parametrize(("method", "embedding"), [("int4", "int4"), ("int8", "int8")])
+def test_untied_model_gets_its_own_quantized_embedding_and_round_trips(tmp_path, r1_tokenizer_dir, method,
+                                                                        embedding):
+    from model_runtime.kernels import Int4Embedding, Int8Embedding
     from tests.runtime_fixtures import build_tiny_qwen2_dir
 
     src = build_tiny_qwen2_dir(tmp_path / "untied", r1_tokenizer_dir, tie_word_embeddings=False)
-    model = load_model(src, quantization="int4", group_size=32).model
-    assert isinstance(model.embed, Int8Embedding) and isinstance(model.lm_head, Int8Linear)
-    assert model.embed.codes is not model.lm_head.codes
-    dst = tmp_path / "int4"
-    assert quantize_main([str(src), str(dst), "--method", "int4", "--group-size", "32"]) == 0
+    float_model = load_model(src, dtype="float32").model
+    model = load_model(src, quantization=method, group_size=32).model
+    kind = Int4Embedding if embedding == "int4" else Int8Embedding
+    assert isinstance(model.embed, kind) and isinstance(model.lm_head, Int8Linear)
+    ids = torch.tensor([[5, 151646, 42, 7]])
+    ref = float_model.embed(ids)
+    assert F.cosine_similarity(model.embed(ids).float(), ref, dim=-1).min() > (0.98 if embedding == "int4" else 0.999)
+    dst = tmp_path / method
+    assert quantize_main([str(src), str(dst), "--method", method, "--group-size", "32"]) == 0
     again = load_model(dst).model
-    assert isinstance(again.embed, Int8Embedding)
-    assert torch.equal(again.embed.codes, model.embed.codes)
+    assert isinstance(again.embed, kind)
+    assert torch.equal(again.embed(ids), model.embed(ids))
     out_a, _ = greedy(model, PROMPT, 4)
     out_b, _ = greedy(again, PROMPT, 4)
     assert out_a == out_b
+
+
+def test_embedding_method_policy():
+    from model_runtime.loader import embedding_method
+
+    assert embedding_method("none", True, "none") == "float"
+    assert embedding_method("int8", True, "int8") == "shared"   # 0.5B int8: one copy for head + embedding
+    assert embedding_method("int4", True, "int8") == "shared"   # 0.5B int4 (auto int8 head)
+    assert embedding_method("int4", False, "int8") == "int4"    # 1.5B int4: like llama.cpp's Q4_K_M
+    assert embedding_method("int8", False, "int8") == "int8"
+    assert embedding_method("int4", True, "int4") == "int4"     # head quantized int4 on request: no sharing
