@@ -55,40 +55,45 @@ def _logits_of(output: Any) -> Any:
     return output
 
 
-def stored_decode_bytes(model: Any) -> dict[str, int]:
-    """Bytes of every tensor the model holds (parameters, buffers and tensor attributes of modules,
-    deduplicated by storage), split into the embedding table and the rest."""
+def _module_tensors(module: Any) -> list[Any]:
     import torch
 
-    seen: set[tuple[int, int]] = set()
-    embed_bytes = 0
-    other_bytes = 0
-    embed_ptrs: set[int] = set()
+    tensors = list(module._parameters.values()) + list(module._buffers.values())
+    # tensor attributes (e.g. packed quantized weights); not the rope cos/sin tables, which a
+    # decode step indexes one row of
+    tensors += [v for k, v in vars(module).items() if isinstance(v, torch.Tensor) and not k.startswith("rope")]
+    return [t for t in tensors if isinstance(t, torch.Tensor)]
+
+
+def _is_embedding(name: str, module: Any) -> bool:
+    import torch
+
+    # nn.Embedding, our Int8Embedding/Int4Embedding, and the usual names of other implementations
+    return isinstance(module, torch.nn.Embedding) or type(module).__name__.endswith("Embedding") or \
+        name.endswith(("embed_tokens", "wte", "tok_embeddings"))
+
+
+def stored_decode_bytes(model: Any) -> dict[str, int]:
+    """Bytes of every tensor the model holds (parameters, buffers and tensor attributes of modules,
+    deduplicated by storage), split into the embedding table (a decode step reads one row of it)
+    and what a decode step reads whole: everything else, including an lm_head that shares its
+    storage with the embedding (tied float weights, or a tied int8 head whose codes are the table)."""
+    def key(t: Any) -> tuple[int, int]:
+        return t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+
+    embed: dict[tuple[int, int], int] = {}
+    other: dict[tuple[int, int], int] = {}
     for name, module in model.named_modules():
-        tensors = list(module._parameters.values()) + list(module._buffers.values())
-        # tensor attributes (e.g. packed quantized weights); not the rope cos/sin tables, which a
-        # decode step indexes one row of
-        tensors += [v for k, v in vars(module).items() if isinstance(v, torch.Tensor) and not k.startswith("rope")]
-        is_embed = isinstance(module, torch.nn.Embedding) or name.endswith(("embed_tokens", "wte", "tok_embeddings"))
-        for t in tensors:
-            if t is None or not isinstance(t, torch.Tensor):
-                continue
-            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-            if key in seen:
-                continue
-            seen.add(key)
-            nbytes = t.untyped_storage().nbytes()
-            if is_embed:
-                embed_bytes += nbytes
-                embed_ptrs.add(key[0])
-            else:
-                other_bytes += nbytes
+        target = embed if _is_embedding(name, module) else other
+        for t in _module_tensors(module):
+            target.setdefault(key(t), t.untyped_storage().nbytes())
     lm_head = getattr(model, "lm_head", None)
-    tied = lm_head is not None and getattr(lm_head, "weight", None) is not None and \
-        lm_head.weight.untyped_storage().data_ptr() in embed_ptrs
-    # a tied lm_head reads the whole embedding table every step
-    decode_bytes = other_bytes + (embed_bytes if tied else 0)
-    return {"embedding_bytes": embed_bytes, "decode_bytes_per_token": decode_bytes, "tied_lm_head": tied}
+    head_keys = {key(t) for m in (lm_head.modules() if lm_head is not None else []) for t in _module_tensors(m)}
+    tied = bool(head_keys & embed.keys())
+    read = {k: v for k, v in other.items()} | {k: embed[k] for k in head_keys & embed.keys()}
+    embed_only = sum(v for k, v in embed.items() if k not in head_keys)
+    return {"embedding_bytes": sum(embed.values()), "embedding_only_bytes": embed_only,
+            "decode_bytes_per_token": sum(read.values()), "tied_lm_head": tied}
 
 
 def runtime_perplexity(model_dir: str, quantization: str, *, max_tokens: int | None = None,

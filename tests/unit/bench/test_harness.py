@@ -213,3 +213,31 @@ def test_kernel_and_decode_step_tables() -> None:
     assert table[0] == "| mode | kernels | batch 1 tok/s (ms/step) | batch 8 tok/s (ms/step) |"
     assert table[2] == "| int8 | ours (AVX2 int) | 40.0 (25.0) | 100.0 (80.0) |"
     assert table[3] == "| int8 | PyTorch packed | 20.0 (50.0) | - |"
+
+
+def test_stored_decode_bytes_counts_the_head_once_and_the_embedding_table_apart() -> None:
+    import torch
+    from torch import nn
+
+    from bench.perplexity import stored_decode_bytes
+    from model_runtime.kernels import Int8Embedding, Int8Linear, quantize_int8
+
+    codes, scales = quantize_int8(torch.randn(1000, 64))
+    other_codes, other_scales = quantize_int8(torch.randn(1000, 64))
+
+    class Tiny(nn.Module):
+        def __init__(self, shared: bool) -> None:
+            super().__init__()
+            self.embed = Int8Embedding(codes if shared else other_codes, scales if shared else other_scales,
+                                       torch.float32)
+            self.proj = nn.Linear(64, 64, bias=False)            # 64 x 64 float32 = 16384 bytes
+            self.lm_head = Int8Linear(codes, scales, None, torch.float32)
+
+    shared = stored_decode_bytes(Tiny(shared=True))
+    assert shared["tied_lm_head"] is True and shared["embedding_only_bytes"] == 0
+    # the head's codes (shared with the table) counted once, plus its scales and proj
+    assert 64000 + 2000 + 16384 <= shared["decode_bytes_per_token"] < 2 * 64000
+    separate = stored_decode_bytes(Tiny(shared=False))
+    assert separate["tied_lm_head"] is False and separate["embedding_only_bytes"] >= 64000
+    # a separate table is not read whole per token: the same decode bytes as the shared model
+    assert separate["decode_bytes_per_token"] == shared["decode_bytes_per_token"]
