@@ -53,7 +53,8 @@ class EngineConfig:
     request_timeout_s: float | None = 600
     prefill_chunk: int = 256        # prompt tokens per step for one prefilling request
     # torch.compile the decode step (opt-in: ~20-100 s of compiling at start, three graphs: batch 1,
-    # batch >= 2, slots with gaps; measured ~1.3x faster single-stream decode on the 0.5B int8 here). None: read the
+    # batch >= 2, slots with gaps; measured ~1.3x faster single-stream decode on the 0.5B int8 with
+    # PyTorch's kernels). Ignored when the fused CPU kernels run the decode step. None: read the
     # DISTILLERY_COMPILE environment variable ("1"/"true" to enable).
     compile: bool | None = None
 
@@ -153,6 +154,11 @@ class Engine:
         if use_compile is None:
             use_compile = os.environ.get("DISTILLERY_COMPILE", "").lower() in ("1", "true", "yes")
         self._decode_fn: Callable[..., Any] = self.model.forward
+        if use_compile and getattr(self.model, "fused_decode", False):
+            # the fused CPU decode step already removed the per-op overhead compiling was for, and
+            # its C calls cannot be traced (every one would be a graph break)
+            log.info("DISTILLERY_COMPILE ignored: the decode step runs on the fused CPU kernels")
+            use_compile = False
         self.compiled = bool(use_compile)
         if self.compiled:
             self._decode_fn = torch.compile(self.model.forward, dynamic=True)

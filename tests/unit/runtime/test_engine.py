@@ -94,6 +94,13 @@ def test_batched_greedy_equals_one_at_a_time_on_quantized_weights(tiny_qwen2_dir
     assert all(len(toks) == 12 for toks, _ in single)
 
 
+def test_compile_is_not_applied_to_the_fused_cpu_decode_step(tiny_qwen2_dir):
+    quantized = load_model(tiny_qwen2_dir, quantization="int8")
+    if not quantized.model.fused_decode:
+        pytest.skip("the CPU integer kernels are not available here")
+    assert Engine(quantized, EngineConfig(compile=True)).compiled is False
+
+
 def test_joining_a_running_batch_changes_no_output(make_engine):
     engine = make_engine()
 
