@@ -1,0 +1,129 @@
+"""Kernel and decode-step micro-benchmarks behind the runtime's CPU kernel choice.
+
+- kernel_table: every linear shape of the real 0.5B and of the R1-Distill-1.5B shape, at 1/4/8
+  activation rows, through our AVX2 integer kernels (model_runtime.ckernels) and PyTorch's packed
+  weight-only kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu, bf16 activations).
+  Weights are random (speed does not depend on their values); each figure is the median of `repeats`
+  timed calls after two warm-ups, with the weights cycled so a matrix is not served from cache.
+- decode_steps: the loaded model's decode step (no engine, no HTTP) at batch 1/4/8 for each mode
+  and backend: what the engine and the HTTP layer add on top shows up against the HTTP figures.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+# (name, out_features N, in_features K) per model; qkv/gate_up fused as the runtime fuses them
+SHAPES = {
+    "qwen2.5-0.5b": [("qkv", 1152, 896), ("o", 896, 896), ("gate_up", 9728, 896), ("down", 896, 4864),
+                     ("lm_head", 151936, 896)],
+    "r1-1.5b-shape": [("qkv", 2048, 1536), ("o", 1536, 1536), ("gate_up", 17920, 1536), ("down", 1536, 8960),
+                      ("lm_head", 151936, 1536)],
+}
+
+
+def _median_ms(fn: Callable[[int], Any], repeats: int) -> float:
+    fn(0)
+    fn(1)
+    times = []
+    for i in range(repeats):
+        t = time.perf_counter()
+        fn(i)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _time_kernels(x: Any, q8: list, sc8: list, q4: list, aten4: list, dq4: list, block: int,
+                  repeats: int) -> dict[str, float]:
+    """Median ms per call of each kernel on activations x [M, K], cycling through the weight copies."""
+    import torch
+
+    from model_runtime import ckernels
+
+    copies = len(q8)
+    xb = x.to(torch.bfloat16)
+    out = {
+        "aten_int8_ms": _median_ms(lambda i: torch.ops.aten._weight_int8pack_mm(xb, *q8[i % copies]), repeats),
+        "aten_int4_ms": _median_ms(lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            xb, aten4[i % copies][0], 128, aten4[i % copies][1]), repeats),
+    }
+    if dq4:
+        out["dq_int8_ms"] = _median_ms(
+            lambda i: ckernels.linear_w8(x, q8[i % copies][0], sc8[i % copies], None, block), repeats)
+        out["dq_int4_ms"] = _median_ms(
+            lambda i: ckernels.linear_w4(x, dq4[i % copies], q4[i % copies][1], q4[i % copies][2], None, 128),
+            repeats)
+    return {key: round(v, 4) for key, v in out.items()}
+
+
+def kernel_table(threads: int = 2, rows: tuple[int, ...] = (1, 4, 8), repeats: int = 20) -> dict[str, Any]:
+    import torch
+
+    from model_runtime import ckernels
+    from model_runtime.kernels import quantize_int4, quantize_int8
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    have_dq = ckernels.cpu_supported()
+    out: list[dict[str, Any]] = []
+    for model, shapes in SHAPES.items():
+        for name, n, k in shapes:
+            # enough copies of the weight to exceed the last-level cache (16 MiB here) and cycle them
+            copies = max(1, min(8, (64 << 20) // (n * k)))
+            ws = [torch.randn(n, k) * 0.02 for _ in range(copies)]
+            q8 = [quantize_int8(w) for w in ws]
+            q4 = [quantize_int4(w, 128) for w in ws]
+            del ws
+            aten4 = [(torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.to(torch.int32), 1),
+                      torch.stack([s, z], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)) for c, s, z in q4]
+            dq4 = [ckernels.pack_w4(c) for c, _, _ in q4] if have_dq else []
+            sc8 = [s.float() for _, s in q8]
+            block = ckernels.act_block(k)
+            for m in rows:
+                row: dict[str, Any] = {"model": model, "layer": name, "N": n, "K": k, "M": m}
+                row.update(_time_kernels(torch.randn(m, k), q8, sc8, q4, aten4, dq4, block, repeats))
+                if "dq_int8_ms" in row:
+                    row["int8_speedup"] = round(row["aten_int8_ms"] / row["dq_int8_ms"], 2)
+                    row["int4_speedup"] = round(row["aten_int4_ms"] / row["dq_int4_ms"], 2)
+                    row["dq_int8_gb_s"] = round(n * k / row["dq_int8_ms"] / 1e6, 1)  # weight bytes read per s
+                out.append(row)
+    return {"rows": out, "threads": threads, "repeats": repeats, "dq_available": have_dq}
+
+
+def decode_steps(model_dir: str, modes: list[str], threads: int = 2, batches: tuple[int, ...] = (1, 4, 8),
+                 steps: int = 16) -> dict[str, Any]:
+    """Decode-step time of the model itself (no engine/HTTP) per mode and CPU kernel backend."""
+    import os
+
+    import torch
+
+    from model_runtime.loader import load_model
+
+    torch.set_num_threads(threads)
+    results: list[dict[str, Any]] = []
+    for mode in modes:
+        backends = ["dq", "aten"] if mode in ("int8", "int4") else ["-"]
+        for backend in backends:
+            if backend != "-":
+                os.environ["DISTILLERY_CPU_KERNELS"] = backend
+            loaded = load_model(model_dir, quantization="none" if mode == "bf16" else mode, max_model_len=512)
+            model = loaded.model
+            cache = model.new_cache(max(batches), 512)
+            with torch.inference_mode():
+                for b in batches:
+                    ids = torch.randint(0, 1000, (b, 1))
+                    pos = torch.full((b, 1), 64)
+                    for _ in range(2):
+                        model(ids, pos, cache, slice(0, b))
+                    t = time.perf_counter()
+                    for i in range(steps):
+                        model(ids, pos + i, cache, slice(0, b))
+                    ms = (time.perf_counter() - t) / steps * 1e3
+                    results.append({"mode": mode, "backend": backend, "batch": b, "step_ms": round(ms, 2),
+                                    "tok_s": round(b * 1e3 / ms, 1), "fused_decode": bool(model.fused_decode)})
+            del model, loaded, cache
+            os.environ.pop("DISTILLERY_CPU_KERNELS", None)
+    return {"rows": results, "threads": threads, "steps": steps}
