@@ -34,7 +34,7 @@ from torch import Tensor
 log = logging.getLogger("model_runtime.ckernels")
 
 SOURCE = Path(__file__).parent / "csrc" / "dq_kernels.c"
-ABI_VERSION = 2
+ABI_VERSION = 3
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-D_POSIX_C_SOURCE=200809L"]
 BACKENDS = ("auto", "dq", "aten")
 
@@ -153,6 +153,11 @@ def backend() -> str:
         return "aten"
 
 
+def w4_group_supported(group: int, k: int) -> bool:
+    """The int4 kernel's shapes: groups of 32 or of whole 64-value blocks (<= 256), K a multiple of 64."""
+    return 0 < group <= 256 and (group == 32 or group % 64 == 0) and k % group == 0 and k % 64 == 0
+
+
 def act_block(k: int) -> int:
     """Activation quantization block for the int8 kernel: the largest of 128/64/32 dividing K."""
     for b in (128, 64, 32):
@@ -180,6 +185,13 @@ def _check_x(x: Tensor, norm: Tensor | None) -> None:
         raise ValueError("norm weight must be float32 [K]")
 
 
+def _check(t: Tensor | None, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> None:
+    """The C side reads raw pointers: refuse a tensor of the wrong dtype, shape or layout."""
+    if t is not None and (t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous()):
+        raise ValueError(f"{what} must be a contiguous {dtype} tensor of shape {shape}, got "
+                         f"{t.dtype} {tuple(t.shape)}")
+
+
 def linear_w8(x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None, block: int, *,
               norm: Tensor | None = None, eps: float = 0.0, out: Tensor | None = None) -> Tensor:
     """x [M, K] float32 contiguous; w [N, K] int8; scales [N] float32; bias [N] float32 -> [M, N] float32.
@@ -189,6 +201,9 @@ def linear_w8(x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None, block: 
     _check_x(x, norm)
     m, k = x.shape
     n = w.shape[0]
+    _check(w, torch.int8, (n, k), "w")
+    _check(scales, torch.float32, (n,), "scales")
+    _check(bias, torch.float32, (n,), "bias")
     y = _out(x, n, out)
     rc = lib.dq_linear_w8(x.data_ptr(), m, k, block, w.data_ptr(), scales.data_ptr(), _ptr(bias), n,
                           y.data_ptr(), torch.get_num_threads(), _ptr(norm), eps, int(out is not None))
@@ -204,6 +219,12 @@ def linear_w4(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor 
     _check_x(x, norm)
     m, k = x.shape
     n = w.shape[0]
+    _check(w, torch.uint8, (n, k // 2), "w")
+    if group <= 0 or k % group:
+        raise ValueError(f"group {group} does not divide in_features {k}")
+    _check(scales, torch.bfloat16, (n, k // group), "scales")
+    _check(zeros, torch.bfloat16, (n, k // group), "zeros")
+    _check(bias, torch.float32, (n,), "bias")
     y = _out(x, n, out)
     rc = lib.dq_linear_w4(x.data_ptr(), m, k, group, w.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
                           _ptr(bias), n, y.data_ptr(), torch.get_num_threads(), _ptr(norm), eps,
@@ -224,8 +245,17 @@ def attn_decode(qkv: Tensor, n_heads: int, n_kv: int, head_dim: int, slots: Tens
     for t in (qkv, cos, sin, kc, vc):
         if t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError("attn_decode takes contiguous float32 tensors")
-    slots = slots.to(torch.int64).contiguous()
-    positions = positions.to(torch.int64).contiguous()
+    # the C side trusts every index: check them all here
+    if (n_kv < 1 or n_heads % n_kv or qkv.dim() != 2 or qkv.shape[1] != (n_heads + 2 * n_kv) * head_dim
+            or kc.shape != vc.shape or tuple(kc.shape[1:2]) + tuple(kc.shape[3:]) != (n_kv, head_dim)
+            or cos.shape != sin.shape or cos.shape[1] != head_dim):
+        raise ValueError("attn_decode: qkv / cache / RoPE shapes do not match the head layout")
+    slots = slots.to(torch.int64).reshape(-1).contiguous()
+    positions = positions.to(torch.int64).reshape(-1).contiguous()
+    if slots.numel() != b or positions.numel() != b:
+        raise ValueError("attn_decode: one slot and one position per row")
+    if int(slots.min()) < 0 or int(slots.max()) >= kc.shape[0]:
+        raise ValueError("a slot is outside the KV cache")
     if int(positions.max()) >= min(kc.shape[2], cos.shape[0]) or int(positions.min()) < 0:
         raise ValueError("a position is outside the KV cache / RoPE table")
     y = torch.empty((b, n_heads * head_dim), dtype=torch.float32)

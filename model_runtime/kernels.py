@@ -203,7 +203,7 @@ class Int4Linear(nn.Module):
         self._packed: Tensor | None = None
         self._sz: Tensor | None = None
         self.backend = "aten"
-        if (qweight.device.type == "cpu" and self.group_size % 32 == 0 and self.in_features % 64 == 0
+        if (qweight.device.type == "cpu" and ckernels.w4_group_supported(self.group_size, self.in_features)
                 and ckernels.backend() == "dq"):
             # our kernel's nibble layout; scales/zeros stay bfloat16 (widened in registers)
             self.backend = "dq"
@@ -216,7 +216,7 @@ class Int4Linear(nn.Module):
             self._dq_bias = None if self.bias is None else self.bias.float().contiguous()
             if not keep_codes:
                 self.qweight = None
-        elif qweight.device.type == "cpu":
+        elif qweight.device.type == "cpu" and self.group_size in (32, 64, 128, 256):  # aten's group sizes
             # [N, K/2] uint8 in the CPU kernel's layout; scale_and_zero [K/g, N, 2] bf16
             codes = unpack_nibbles(self.qweight).to(torch.int32)
             self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)

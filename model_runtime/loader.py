@@ -627,8 +627,8 @@ def embedding_method(quantization: str, tied: bool, head_method: str) -> str:
     the embedding: one copy), "int8" (per row) or "int4" (group-wise, for int4 models: llama.cpp's
     Q4_K_M keeps token_embd at 4-5 bits too). A lookup reads one row per token: the width costs
     no speed, only memory (151936 x 1536: bf16 467 MB, int8 233 MB, int4 124 MB)."""
-    if quantization == "none":
-        return "float"
+    if quantization == "none" or (tied and head_method == "none"):
+        return "float"  # (a tied float head is the embedding's own weight)
     if tied and head_method == "int8":
         return "shared"
     return "int4" if quantization == "int4" else "int8"
@@ -654,6 +654,8 @@ def _quantized_embedding(model: Transformer, src: TensorSource, keys: set[str], 
         return False
     if method == "shared":
         return True
+    if not src.has("embed.weight"):
+        raise ModelLoadError(f"the checkpoint has no token embedding ({src.mapping.get('embed.weight', ['embed.weight'])})")
     weight = src.lazy("embed.weight") if device.type == "cpu" else src.get("embed.weight").to(device)
     if tuple(weight.shape) != (model.config.vocab_size, model.config.hidden_size):
         raise ModelLoadError(f"embed: weight shape {tuple(weight.shape)} != expected "

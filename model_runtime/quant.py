@@ -121,11 +121,15 @@ def artifact_state(model: nn.Module) -> dict[str, Tensor]:
             if module.bias is not None:
                 state[prefix + "bias"] = module.bias
             continue
+        float_dtype = getattr(model, "float_dtype", None)
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in seen:  # tied lm_head: stored once, as embed.weight
                 continue
             seen.add(id(p))
-            state[prefix + pname] = p.data
+            # norms run in float32 on the CPU integer kernels; store them in the model's float dtype
+            # (the same values) so the artifact does not depend on the machine that wrote it
+            data = p.data
+            state[prefix + pname] = data.to(float_dtype) if float_dtype and data.is_floating_point() else data
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 

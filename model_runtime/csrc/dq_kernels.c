@@ -22,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define DQ_ABI_VERSION 2
+#define DQ_ABI_VERSION 3
 
 int dq_abi_version(void) { return DQ_ABI_VERSION; }
 
@@ -193,7 +193,7 @@ static inline __attribute__((always_inline)) void w4_tile(const uint8_t* wr, con
 int dq_linear_w8(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* w, const float* ws,
                  const float* bias, int64_t N, float* y, int nthreads, const float* norm_w, float eps,
                  int accumulate) {
-    if (B % 32 != 0 || K % B != 0) return -1;
+    if (B <= 0 || B % 32 != 0 || K % B != 0) return -1;
     const int64_t nb = K / B;
     scratch_t sc;
     if (scratch_init(&sc, M, K, nb) != 0) return -1;
@@ -230,7 +230,8 @@ int dq_linear_w8(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* 
 int dq_linear_w4(const float* x, int64_t M, int64_t K, int64_t G, const uint8_t* w, const uint16_t* s,
                  const uint16_t* z, const float* bias, int64_t N, float* y, int nthreads, const float* norm_w,
                  float eps, int accumulate) {
-    if (G % 32 != 0 || K % G != 0 || K % 64 != 0 || G > 256) return -1;
+    /* groups of 32, or whole 64-value blocks (a group never splits a block unevenly); <= 256 for int16 */
+    if (G <= 0 || (G != 32 && G % 64 != 0) || K % G != 0 || K % 64 != 0 || G > 256) return -1;
     const int64_t ng = K / G;
     scratch_t sc;
     if (scratch_init(&sc, M, K, ng) != 0) return -1;

@@ -97,13 +97,42 @@ def test_fused_rmsnorm_and_residual_equal_their_composition(lib, int8_weights):
 
 
 def test_bad_arguments_are_refused(lib, int8_weights):
+    """The C side trusts raw pointers: every shape, dtype and block size is checked before a call."""
     codes, scales, _ = int8_weights
+    x = torch.randn(2, 256)
     with pytest.raises(ValueError, match="float32"):
-        ckernels.linear_w8(torch.randn(2, 256, dtype=torch.bfloat16), codes, scales.float(), None, 128)
-    with pytest.raises(RuntimeError, match="failed"):
-        ckernels.linear_w8(torch.randn(2, 256), codes, scales.float(), None, 96)  # block must divide K by 32s
+        ckernels.linear_w8(x.to(torch.bfloat16), codes, scales.float(), None, 128)
+    for block in (96, 0):  # not a multiple of 32 / zero (a division by zero in C, were it passed through)
+        with pytest.raises(RuntimeError, match="failed"):
+            ckernels.linear_w8(x, codes, scales.float(), None, block)
     with pytest.raises(ValueError, match="out must be"):
-        ckernels.linear_w8(torch.randn(2, 256), codes, scales.float(), None, 128, out=torch.zeros(2, 7))
+        ckernels.linear_w8(x, codes, scales.float(), None, 128, out=torch.zeros(2, 7))
+    with pytest.raises(ValueError, match="scales must be"):
+        ckernels.linear_w8(x, codes, scales, None, 128)  # bfloat16 scales where float32 is read
+    with pytest.raises(ValueError, match="w must be"):
+        ckernels.linear_w8(x, codes.t(), scales.float(), None, 128)
+    c4, s4, z4 = quantize_int4(torch.randn(64, 192), 64)
+    packed = ckernels.pack_w4(c4)
+    with pytest.raises(ValueError, match="group"):
+        ckernels.linear_w4(torch.randn(1, 192), packed, s4, z4, None, 0)
+    with pytest.raises(ValueError, match="zeros must be"):
+        ckernels.linear_w4(torch.randn(1, 192), packed, s4, z4.float(), None, 64)
+
+
+def test_int4_groups_that_split_a_64_value_block_are_not_given_to_the_kernel(lib):
+    """A group of 96 (possible in a foreign artifact) would straddle the kernel's 64-value blocks."""
+    assert ckernels.w4_group_supported(32, 192) and ckernels.w4_group_supported(128, 256)
+    assert not ckernels.w4_group_supported(96, 192) and not ckernels.w4_group_supported(0, 192)
+    c4, s4, z4 = quantize_int4(torch.randn(64, 192), 96)
+    with pytest.raises(RuntimeError, match="failed"):
+        ckernels.linear_w4(torch.randn(1, 192), ckernels.pack_w4(c4), s4, z4, None, 96)
+    from model_runtime.kernels import pack_nibbles
+
+    layer = Int4Linear(pack_nibbles(c4), s4, z4, None, torch.bfloat16)
+    assert layer.group_size == 96 and layer.backend == "aten" and layer._packed is None  # dequantize + matmul
+    x = torch.randn(3, 192)
+    ref = x @ dequantize_int4(c4, s4, z4).T
+    assert rel_err(layer(x.to(torch.bfloat16)).float(), ref) < 0.02
 
 
 def _torch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -139,6 +168,12 @@ def test_attn_decode_matches_rope_cache_write_and_grouped_query_attention(lib):
     assert torch.allclose(kc, kc_ref, atol=1e-6) and torch.equal(vc, vc_ref)  # written where expected, nothing else
     with pytest.raises(ValueError, match="outside"):
         ckernels.attn_decode(qkv, nh, nkv, hd, slots, torch.tensor([5, 17, max_len]), cos, sin, kc, vc)
+    with pytest.raises(ValueError, match="slot is outside"):
+        ckernels.attn_decode(qkv, nh, nkv, hd, torch.tensor([2, 0, max_batch]), positions, cos, sin, kc, vc)
+    with pytest.raises(ValueError, match="slot is outside"):
+        ckernels.attn_decode(qkv, nh, nkv, hd, torch.tensor([2, -1, 3]), positions, cos, sin, kc, vc)
+    with pytest.raises(ValueError, match="shapes"):
+        ckernels.attn_decode(qkv, nh, nkv + 1, hd, slots, positions, cos, sin, kc, vc)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])

@@ -216,6 +216,14 @@ def test_untied_model_gets_its_own_quantized_embedding_and_round_trips(tmp_path,
     assert out_a == out_b
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_tied_model_with_a_float_head_keeps_the_float_embedding_it_shares(tiny_qwen2_dir, method):
+    model = load_model(tiny_qwen2_dir, quantization=method, group_size=32, quantize_lm_head=False).model
+    assert isinstance(model.embed, torch.nn.Embedding) and model.lm_head.weight is model.embed.weight
+    out, _ = greedy(model, PROMPT, 2)
+    assert len(out) == 2
+
+
 def test_embedding_method_policy():
     from model_runtime.loader import embedding_method
 
@@ -225,3 +233,4 @@ def test_embedding_method_policy():
     assert embedding_method("int4", False, "int8") == "int4"    # 1.5B int4: like llama.cpp's Q4_K_M
     assert embedding_method("int8", False, "int8") == "int8"
     assert embedding_method("int4", True, "int4") == "int4"     # head quantized int4 on request: no sharing
+    assert embedding_method("int8", True, "none") == "float"    # a tied float head is the embedding
