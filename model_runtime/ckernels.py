@@ -235,13 +235,23 @@ def linear_w4(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor 
 
 
 def attn_decode(qkv: Tensor, n_heads: int, n_kv: int, head_dim: int, slots: Tensor, positions: Tensor,
-                cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor) -> Tensor:
+                cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, *, validate: bool = True) -> Tensor:
     """One decode step of attention for B sequences (see dq_attn_decode in the C source).
 
     qkv [B, (nh + 2 nkv) hd] float32; slots/positions [B] int64; cos/sin [rope_len, hd] float32;
-    kc/vc [max_batch, nkv, max_len, hd] float32 (written at (slot, position)) -> [B, nh hd]."""
+    kc/vc [max_batch, nkv, max_len, hd] float32 (written at (slot, position)) -> [B, nh hd].
+    validate=False skips the index checks: only for a caller that has just validated the same
+    slots/positions against a cache of the same shape (the model checks its first layer's call)."""
     lib = _load().lib
     b = qkv.shape[0]
+    if not validate:
+        y = torch.empty((b, n_heads * head_dim), dtype=torch.float32)
+        rc = lib.dq_attn_decode(qkv.data_ptr(), b, n_heads, n_kv, head_dim, slots.data_ptr(), positions.data_ptr(),
+                                cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[2],
+                                y.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError("dq_attn_decode failed (out of memory)")
+        return y
     for t in (qkv, cos, sin, kc, vc):
         if t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError("attn_decode takes contiguous float32 tensors")

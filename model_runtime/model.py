@@ -124,14 +124,15 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def decode_fused(self, x: Tensor, kc: Tensor, vc: Tensor, slot_idx: Tensor, positions: Tensor,
-                     cos: Tensor, sin: Tensor) -> None:
+                     cos: Tensor, sin: Tensor, validate: bool = True) -> None:
         """One decode step on the CPU integer kernels (ckernels.py), x [B, C] float32 updated in place.
 
         Same math as forward(): the norms are fused into the next linear's activation quantization,
         the residual adds into the linear's output, RoPE + cache write + attention into one call."""
         a, m = self.attn, self.mlp
         qkv = a.qkv.fused(x, norm=self.attn_norm)                               # [B, (nh + 2 nkv) hd]
-        y = ckernels.attn_decode(qkv, a.n_heads, a.n_kv, a.hd, slot_idx, positions, cos, sin, kc, vc)  # [B, nh hd]
+        y = ckernels.attn_decode(qkv, a.n_heads, a.n_kv, a.hd, slot_idx, positions, cos, sin, kc, vc,
+                                 validate=validate)                             # [B, nh hd]
         a.o.fused(y, out=x)                                                     # x += o(y)
         gu = m.gate_up.fused(x, norm=self.mlp_norm)                             # [B, 2 I]
         h = F.silu(gu[:, : m.inter]) * gu[:, m.inter:]                          # [B, I]
@@ -208,9 +209,12 @@ class Transformer(nn.Module):
             x = x.to(self.act_dtype)
         if self.fused_decode and T == 1 and cache.k[0].dtype == torch.float32 and x.device.type == "cpu":
             x = x.reshape(B, -1).contiguous()                            # [B, C]
-            pos = positions.reshape(B)
+            pos = positions.reshape(B).to(torch.int64).contiguous()
+            slot_idx = slot_idx.to(torch.int64).contiguous()
             for i, layer in enumerate(self.layers):
-                layer.decode_fused(x, cache.k[i], cache.v[i], slot_idx, pos, self.rope_cos, self.rope_sin)
+                # every layer's cache has the same shape: the indices are checked once, at layer 0
+                layer.decode_fused(x, cache.k[i], cache.v[i], slot_idx, pos, self.rope_cos, self.rope_sin,
+                                   validate=i == 0)
             if logits == "none":
                 return None
             out = self.lm_head.fused(x, norm=self.norm)                  # [B, V] float32
