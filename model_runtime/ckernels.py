@@ -234,40 +234,38 @@ def linear_w4(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor 
     return y
 
 
+def _check_attention(qkv: Tensor, n_heads: int, n_kv: int, head_dim: int, slots: Tensor, positions: Tensor,
+                     cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor) -> None:
+    """The C side trusts every index and shape: check them all."""
+    for t in (qkv, cos, sin, kc, vc):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError("attn_decode takes contiguous float32 tensors")
+    if (n_kv < 1 or n_heads % n_kv or qkv.dim() != 2 or qkv.shape[1] != (n_heads + 2 * n_kv) * head_dim
+            or kc.shape != vc.shape or tuple(kc.shape[1:2]) + tuple(kc.shape[3:]) != (n_kv, head_dim)
+            or cos.shape != sin.shape or cos.shape[1] != head_dim):
+        raise ValueError("attn_decode: qkv / cache / RoPE shapes do not match the head layout")
+    if slots.numel() != qkv.shape[0] or positions.numel() != qkv.shape[0]:
+        raise ValueError("attn_decode: one slot and one position per row")
+    if int(slots.min()) < 0 or int(slots.max()) >= kc.shape[0]:
+        raise ValueError("a slot is outside the KV cache")
+    if int(positions.max()) >= min(kc.shape[2], cos.shape[0]) or int(positions.min()) < 0:
+        raise ValueError("a position is outside the KV cache / RoPE table")
+
+
 def attn_decode(qkv: Tensor, n_heads: int, n_kv: int, head_dim: int, slots: Tensor, positions: Tensor,
                 cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, *, validate: bool = True) -> Tensor:
     """One decode step of attention for B sequences (see dq_attn_decode in the C source).
 
     qkv [B, (nh + 2 nkv) hd] float32; slots/positions [B] int64; cos/sin [rope_len, hd] float32;
     kc/vc [max_batch, nkv, max_len, hd] float32 (written at (slot, position)) -> [B, nh hd].
-    validate=False skips the index checks: only for a caller that has just validated the same
+    validate=False skips the checks: only for a caller that has just validated the same int64
     slots/positions against a cache of the same shape (the model checks its first layer's call)."""
     lib = _load().lib
+    if validate:
+        slots = slots.to(torch.int64).reshape(-1).contiguous()
+        positions = positions.to(torch.int64).reshape(-1).contiguous()
+        _check_attention(qkv, n_heads, n_kv, head_dim, slots, positions, cos, sin, kc, vc)
     b = qkv.shape[0]
-    if not validate:
-        y = torch.empty((b, n_heads * head_dim), dtype=torch.float32)
-        rc = lib.dq_attn_decode(qkv.data_ptr(), b, n_heads, n_kv, head_dim, slots.data_ptr(), positions.data_ptr(),
-                                cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[2],
-                                y.data_ptr(), torch.get_num_threads())
-        if rc != 0:
-            raise RuntimeError("dq_attn_decode failed (out of memory)")
-        return y
-    for t in (qkv, cos, sin, kc, vc):
-        if t.dtype != torch.float32 or not t.is_contiguous():
-            raise ValueError("attn_decode takes contiguous float32 tensors")
-    # the C side trusts every index: check them all here
-    if (n_kv < 1 or n_heads % n_kv or qkv.dim() != 2 or qkv.shape[1] != (n_heads + 2 * n_kv) * head_dim
-            or kc.shape != vc.shape or tuple(kc.shape[1:2]) + tuple(kc.shape[3:]) != (n_kv, head_dim)
-            or cos.shape != sin.shape or cos.shape[1] != head_dim):
-        raise ValueError("attn_decode: qkv / cache / RoPE shapes do not match the head layout")
-    slots = slots.to(torch.int64).reshape(-1).contiguous()
-    positions = positions.to(torch.int64).reshape(-1).contiguous()
-    if slots.numel() != b or positions.numel() != b:
-        raise ValueError("attn_decode: one slot and one position per row")
-    if int(slots.min()) < 0 or int(slots.max()) >= kc.shape[0]:
-        raise ValueError("a slot is outside the KV cache")
-    if int(positions.max()) >= min(kc.shape[2], cos.shape[0]) or int(positions.min()) < 0:
-        raise ValueError("a position is outside the KV cache / RoPE table")
     y = torch.empty((b, n_heads * head_dim), dtype=torch.float32)
     rc = lib.dq_attn_decode(qkv.data_ptr(), b, n_heads, n_kv, head_dim, slots.data_ptr(), positions.data_ptr(),
                             cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[2],
