@@ -116,6 +116,7 @@ class _Lib:
 _lock = threading.Lock()
 _loaded: _Lib | None = None
 _failure: str | None = None
+_warned = False
 
 
 def _load() -> _Lib:
@@ -149,7 +150,10 @@ def backend() -> str:
     except KernelUnavailable as exc:
         if choice == "dq":
             raise
-        log.warning("int8/int4 CPU kernels unavailable (%s); using PyTorch's packed kernels", exc)
+        global _warned
+        if not _warned:  # asked once per quantized layer: say it once
+            _warned = True
+            log.warning("int8/int4 CPU kernels unavailable (%s); using PyTorch's packed kernels", exc)
         return "aten"
 
 

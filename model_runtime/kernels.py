@@ -147,9 +147,7 @@ class Int8Linear(nn.Module):
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.backend == "dq" and x2.device.type == "cpu":
-            y = ckernels.linear_w8(x2.float().contiguous(), self.codes, self._dq_scales, self._dq_bias,
-                                   self._dq_block)
-            return y.to(x.dtype).view(*shape, self.out_features)
+            return self.fused(x2.float().contiguous()).to(x.dtype).view(*shape, self.out_features)
         if x2.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.codes, self._mm_scales)
             y = y.to(x.dtype)
@@ -235,9 +233,7 @@ class Int4Linear(nn.Module):
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.backend == "dq" and x2.device.type == "cpu":
-            y = ckernels.linear_w4(x2.float().contiguous(), self._packed, self._dq_scales, self._dq_zeros,
-                                   self._dq_bias, self.group_size)
-            return y.to(x.dtype).view(*shape, self.out_features)
+            return self.fused(x2.float().contiguous()).to(x.dtype).view(*shape, self.out_features)
         if self._packed is not None and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self._packed,
                                                             self.group_size, self._sz).to(x.dtype)

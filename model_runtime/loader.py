@@ -14,6 +14,7 @@ never holds the whole float model in memory.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import struct
@@ -133,6 +134,11 @@ class TensorSource:
         self._get = get
         self._rows = rows
         self.mapping = mapping
+
+    def to_quantize(self, ours: str, device: torch.device) -> Tensor | LazyRows:
+        """A weight about to be quantized: on CPU read lazily, a chunk of rows at a time where the
+        file allows (no whole float copy); elsewhere the tensor, moved to the device."""
+        return self.lazy(ours) if device.type == "cpu" else self.get(ours).to(device)
 
     def lazy(self, ours: str) -> Tensor | LazyRows:
         """The weight as row-readable from the file when the format allows it (2-D source tensors;
@@ -584,15 +590,12 @@ def build_model(cfg: ModelConfig, src: TensorSource, *, dtype: torch.dtype, devi
             if not src.has(wname):
                 raise ModelLoadError(f"the checkpoint has no weight for {name} ({src.mapping.get(wname, [wname])})")
             method = head_method if name == "lm_head" else quantization
-            # quantizing on CPU reads the float weight a chunk of rows at a time where the file allows
-            weight = src.lazy(wname) if method != "none" and device.type == "cpu" else src.get(wname)
+            weight = src.to_quantize(wname, device) if method != "none" else src.get(wname)
             bias = src.get(f"{name}.bias").to(device) if module.bias is not None and src.has(f"{name}.bias") else None
             expected = (module.out_features, module.in_features)
             if tuple(weight.shape) != expected:
                 raise ModelLoadError(f"{name}: weight shape {tuple(weight.shape)} != expected {expected}")
             if method != "none":
-                if isinstance(weight, Tensor):
-                    weight = weight.to(device)
                 model.set_submodule(name, quant.quantize_linear(weight, bias, method, group_size, dtype, keep_codes))
                 del weight
             else:
@@ -656,7 +659,7 @@ def _quantized_embedding(model: Transformer, src: TensorSource, keys: set[str], 
         return True
     if not src.has("embed.weight"):
         raise ModelLoadError(f"the checkpoint has no token embedding ({src.mapping.get('embed.weight', ['embed.weight'])})")
-    weight = src.lazy("embed.weight") if device.type == "cpu" else src.get("embed.weight").to(device)
+    weight = src.to_quantize("embed.weight", device)
     if tuple(weight.shape) != (model.config.vocab_size, model.config.hidden_size):
         raise ModelLoadError(f"embed: weight shape {tuple(weight.shape)} != expected "
                              f"{(model.config.vocab_size, model.config.hidden_size)}")
@@ -665,6 +668,7 @@ def _quantized_embedding(model: Transformer, src: TensorSource, keys: set[str], 
     return True
 
 
+@functools.cache
 def _libc() -> Any | None:
     try:
         import ctypes
