@@ -263,7 +263,9 @@ class Engine:
         with self._lock:
             if self._stopping or self._thread is None:
                 raise GenerationError("the engine is not running")
-            if len(self._waiting) >= self.config.max_queue:
+            # requests the next step admits into free slots are not queued: without this, two requests
+            # arriving together at an idle batch-1 engine would see the first in the queue and refuse one
+            if len(self._waiting) - len(self._free_slots) >= self.config.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue "
                                      f"{self.config.max_queue})", retry_after_s=self._retry_after())
             if request_id in self._by_id:

@@ -104,6 +104,19 @@ def metric(base: str, name: str, **labels: str) -> float:
     return total
 
 
+def wait_idle(base: str, timeout_s: float = 10.0) -> None:
+    """Block until the engine holds no request. A request whose client already has its answer (a stop
+    string matched, a stream was closed) keeps its batch slot until the engine's next step; tests that need
+    the whole batch + queue (batch 1, queue 1 here) start from an idle server."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (metric(base, contract.METRIC_REQUESTS_IN_FLIGHT) == 0 and metric(base, contract.METRIC_RUNNING_SEQUENCES) == 0
+                and metric(base, contract.METRIC_QUEUE_DEPTH) == 0):
+            return
+        time.sleep(0.05)
+    pytest.fail(f"the runtime did not become idle within {timeout_s} s")
+
+
 MSGS = [{"role": "user", "content": "What is 2+2?"}]
 
 
@@ -163,6 +176,7 @@ def test_completions_plain_streaming_stop_and_seed(client):
 
 
 def test_kserve_v1_predict_and_v2_infer(server):
+    wait_idle(server)  # two instances = one running + one queued: all of batch 1 + queue 1
     v1 = httpx.post(f"{server}/v1/models/{MODEL}:predict",
                     json={"instances": ["Hello", {"prompt": "Hi", "max_tokens": 3}], "parameters": {"max_tokens": 4,
                                                                                                    "temperature": 0}})

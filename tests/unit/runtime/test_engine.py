@@ -169,6 +169,23 @@ def test_full_queue_raises_queue_full_error(make_engine):
     assert (r_reason, w_reason) == ("length", "length") and len(r) == 50 and len(w) == 3
 
 
+def test_requests_arriving_together_at_free_slots_are_not_counted_as_queued(make_engine):
+    """Batch 1 + queue 1 holds two requests even when both arrive before the engine thread admits the
+    first (it cannot while the test holds the engine's lock); the third is refused."""
+    engine = make_engine(max_batch_size=1, max_queue=1)
+    events: dict[str, list] = {"a": [], "b": []}
+    with engine._lock:
+        engine.submit(PROMPTS[0], greedy(3), "a", events["a"].append)
+        engine.submit(PROMPTS[1], greedy(3), "b", events["b"].append)
+        with pytest.raises(QueueFullError):
+            engine.submit(PROMPTS[2], greedy(3), "c", lambda ev: None)
+    deadline = time.monotonic() + 10
+    while not all(evs and evs[-1].finish_reason for evs in events.values()):
+        assert time.monotonic() < deadline, events
+        time.sleep(0.01)
+    assert [evs[-1].finish_reason for evs in events.values()] == ["length", "length"]
+
+
 def test_poisoned_request_fails_alone(make_engine):
     engine = make_engine()
 
