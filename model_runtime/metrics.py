@@ -14,6 +14,7 @@ Two faces:
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -25,7 +26,9 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 _lock = threading.Lock()
-_collectors: dict[int, dict[str, Any]] = {}
+# keyed by the registry itself, weakly: an id() key outlives its registry and Python reuses ids, so a new
+# registry could be handed a dead one's collectors (registered nowhere it can see)
+_collectors: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def _build(registry: CollectorRegistry) -> dict[str, Any]:
@@ -62,9 +65,9 @@ def collectors(registry: CollectorRegistry | None = None) -> dict[str, Any]:
     """The runtime's collectors in `registry`, created once per registry."""
     registry = REGISTRY if registry is None else registry
     with _lock:
-        if id(registry) not in _collectors:
-            _collectors[id(registry)] = _build(registry)
-        return _collectors[id(registry)]
+        if registry not in _collectors:
+            _collectors[registry] = _build(registry)
+        return _collectors[registry]
 
 
 class EngineMetrics:

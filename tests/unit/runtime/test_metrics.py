@@ -45,3 +45,26 @@ def test_metrics_are_created_once_per_registry():
     registry = CollectorRegistry()
     RuntimeMetrics("a", registry)
     RuntimeMetrics("b", registry)  # a second model (or a re-created server) must not raise "duplicated"
+
+
+def test_a_new_registry_never_inherits_a_collected_ones_collectors():
+    """Python reuses the id() of a collected object: collectors cached by id would hand a new registry
+    the dead one's series, and nothing recorded would show up in it (a flaky failure of the 429 test).
+    So no cache entry may outlive its registry, and every fresh registry sees what is recorded."""
+    import gc
+
+    from model_runtime import metrics
+
+    gc.collect()
+    cached = len(metrics._collectors)
+    for i in range(30):
+        registry = CollectorRegistry()
+        RuntimeMetrics("m", registry)
+        del registry
+        gc.collect()
+        assert len(metrics._collectors) == cached, "a collected registry's collectors are still cached"
+        fresh = CollectorRegistry()  # often gets the collected one's id
+        RuntimeMetrics("m", fresh).rejected()
+        assert fresh.get_sample_value(contract.METRIC_QUEUE_REJECTED_TOTAL, {"model_name": "m"}) == 1, i
+        del fresh
+        gc.collect()
