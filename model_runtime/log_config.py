@@ -38,10 +38,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+LOGGERS = ("model_runtime", "kserve", "kserve.trace", "uvicorn", "uvicorn.error", "uvicorn.access")
+
+
 def log_config(level: str = "INFO") -> dict[str, Any]:
     """A logging.config dict: the runtime's, KServe's and uvicorn's loggers write JSON to stderr."""
     handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
-    names = ["model_runtime", "kserve", "kserve.trace", "uvicorn", "uvicorn.error", "uvicorn.access"]
+    names = LOGGERS
     return {
         "version": 1,
         "disable_existing_loggers": False,
