@@ -13,6 +13,10 @@ OpenMP by soname, so it shares the libgomp that torch has already loaded (one th
 Backend choice (DISTILLERY_CPU_KERNELS): "auto" (default) uses these kernels when the CPU has AVX2
 and FMA and the library builds; "aten" forces PyTorch's packed kernels; "dq" requires ours and
 fails loudly when they cannot be built.
+
+Instruction set (DISTILLERY_CPU_ISA): the library holds the linear kernels twice, for AVX2 and for
+AVX-VNNI (one `vpdpbusd` where AVX2 needs maddubs + madd + add), and picks the best the CPU has
+("auto"); "avx2" / "avxvnni" force one ("avxvnni" fails loudly where the CPU lacks it).
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from torch import Tensor
 log = logging.getLogger("model_runtime.ckernels")
 
 SOURCE = Path(__file__).parent / "csrc" / "dq_kernels.c"
-ABI_VERSION = 3
+ABI_VERSION = 4
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-D_POSIX_C_SOURCE=200809L"]
 BACKENDS = ("auto", "dq", "aten")
+ISAS = {"auto": 0, "avx2": 1, "avxvnni": 2}  # DISTILLERY_CPU_ISA -> dq_set_isa's argument
 
 
 class KernelUnavailable(RuntimeError):
@@ -109,8 +114,28 @@ class _Lib:
         lib.dq_attn_decode.restype = i32
         lib.dq_pack_w4.argtypes = [p, i64, i64, p]
         lib.dq_pack_w4.restype = None
+        lib.dq_set_isa.argtypes = [i32]
+        lib.dq_set_isa.restype = i32
+        lib.dq_isa.restype = i32
+        choice = os.environ.get("DISTILLERY_CPU_ISA", "auto").lower()
+        if choice not in ISAS:
+            raise ValueError(f"DISTILLERY_CPU_ISA={choice!r}: expected one of {', '.join(ISAS)}")
+        if lib.dq_set_isa(ISAS[choice]) < 0:
+            raise KernelUnavailable(f"DISTILLERY_CPU_ISA={choice}: this CPU does not have it")
         self.lib = lib
         self.path = path
+
+    @property
+    def isa(self) -> str:
+        """The instruction set the linear kernels run on: "avx2" or "avxvnni"."""
+        code = self.lib.dq_isa()
+        return next(name for name, c in ISAS.items() if c == code)
+
+    def set_isa(self, name: str) -> str:
+        """Switch the linear kernels' instruction set (tests compare both); returns the one in use."""
+        if self.lib.dq_set_isa(ISAS[name]) < 0:
+            raise KernelUnavailable(f"this CPU lacks {name}")
+        return self.isa
 
 
 _lock = threading.Lock()
@@ -130,7 +155,7 @@ def _load() -> _Lib:
             if not cpu_supported():
                 raise KernelUnavailable("this CPU lacks AVX2/FMA/F16C (or is not Linux x86-64)")
             _loaded = _Lib(build())
-            log.info("int8/int4 CPU kernels: %s", _loaded.path)
+            log.info("int8/int4 CPU kernels (%s): %s", _loaded.isa, _loaded.path)
             return _loaded
         except (KernelUnavailable, OSError, subprocess.SubprocessError) as exc:
             _failure = str(exc)

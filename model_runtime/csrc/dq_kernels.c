@@ -16,13 +16,14 @@
  * Activations x [M, K] float32; y [M, N] float32 (+ bias [N] when given).
  * Activation blocks: B = G for int4 (so one scale pairs with one weight group), B = 32..128 for int8.
  */
+#ifndef DQ_KERNELS_DEFINED
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define DQ_ABI_VERSION 3
+#define DQ_ABI_VERSION 4
 
 int dq_abi_version(void) { return DQ_ABI_VERSION; }
 
@@ -133,77 +134,51 @@ static inline int64_t prefetch_rows(int64_t row_bytes) {
     return r < 1 ? 1 : r;
 }
 
-/* One weight row against mt (1..4) activation rows: r[j] = sum_b xs[j, b] * sum_{i in b} w[i] x[j, i].
-   The weight chunk and its absolute value are loaded once per chunk and reused for every row;
-   pf: the same offsets of a later weight row, prefetched into L1 block by block. */
-static inline __attribute__((always_inline)) void w8_tile(const int8_t* wr, const int8_t* xq, const float* xs,
-                                                          int64_t K, int64_t B, int64_t nb, int mt, float* r,
-                                                          const int8_t* pf) {
-    const __m256i ones16 = _mm256_set1_epi16(1);
-    __m256 accf[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t b = 0; b < nb; b++) {
-        for (int64_t o = b * B; o < (b + 1) * B; o += 64) _mm_prefetch((const char*)(pf + o), _MM_HINT_T0);
-        __m256i ai[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                         _mm256_setzero_si256()};
-        for (int64_t i = b * B; i < (b + 1) * B; i += 32) {
-            const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr + i));
-            const __m256i ua = _mm256_sign_epi8(wv, wv);  /* |w| as unsigned */
-            for (int j = 0; j < mt; j++) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + j * K + i));
-                const __m256i p = _mm256_maddubs_epi16(ua, _mm256_sign_epi8(xv, wv));  /* x * sign(w) */
-                ai[j] = _mm256_add_epi32(ai[j], _mm256_madd_epi16(p, ones16));
-            }
-        }
-        for (int j = 0; j < mt; j++)
-            accf[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[j]), _mm256_set1_ps(xs[j * nb + b]), accf[j]);
-    }
-    for (int j = 0; j < mt; j++) r[j] = hsum_ps(accf[j]);
+#define DQ_KERNELS_DEFINED 1
+
+/* The linear kernels, once per instruction set (the body below, included again under each target). */
+#define SFX(name) name##_avx2
+#define DQ_VNNI 0
+#include __FILE__
+#undef SFX
+#undef DQ_VNNI
+
+#if defined(__GNUC__) && (__GNUC__ >= 11 || (defined(__clang__) && __clang_major__ >= 12))
+#define DQ_HAVE_AVXVNNI 1
+#pragma GCC push_options
+#pragma GCC target("avxvnni")
+#define SFX(name) name##_avxvnni
+#define DQ_VNNI 1
+#include __FILE__
+#undef SFX
+#undef DQ_VNNI
+#pragma GCC pop_options
+#else
+#define DQ_HAVE_AVXVNNI 0
+#endif
+
+/* Which kernels run: 0 = not chosen yet, DQ_ISA_AVX2, DQ_ISA_AVXVNNI (dq_set_isa; default: the best
+   this CPU has). Chosen once, before the first call, by ckernels.py. */
+#define DQ_ISA_AVX2 1
+#define DQ_ISA_AVXVNNI 2
+static int dq_isa_selected = 0;
+
+static int dq_isa_supported(int isa) {
+    if (isa == DQ_ISA_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (isa == DQ_ISA_AVXVNNI) return DQ_HAVE_AVXVNNI && dq_isa_supported(DQ_ISA_AVX2) && __builtin_cpu_supports("avxvnni");
+    return 0;
 }
 
-/* int4: r[j] = sum_g xs[j, g] (s_g sum_{i in g} c_i q[j, i] + (z_g - 8 s_g) qsum[j, g]).
-   Codes are 0..15, so a maddubs pair sum is at most 2 * 15 * 127 = 3810 and up to 8 of them add up
-   in int16 without overflow: one widening madd per group instead of one per 32 values. */
-static inline __attribute__((always_inline)) void w4_tile(const uint8_t* wr, const int8_t* xq, const float* xs,
-                                                          const int32_t* xqs, const float* sg, const float* cg,
-                                                          int64_t K, int64_t G, int64_t ng, int mt, float* r,
-                                                          const uint8_t* pf) {
-    const __m256i ones16 = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
-    __m256 accf[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    float extra[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int64_t g = 0; g < ng; g++) {
-        for (int64_t o = (g * G / 2 + 63) & ~(int64_t)63; o < (g + 1) * G / 2; o += 64)
-            _mm_prefetch((const char*)(pf + o), _MM_HINT_T0);
-        __m256i a16[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                          _mm256_setzero_si256()};
-        if (G >= 64) {
-            for (int64_t i = g * G; i < (g + 1) * G; i += 64) {
-                const __m256i bytes = _mm256_loadu_si256((const __m256i*)(wr + i / 2));
-                const __m256i lo = _mm256_and_si256(bytes, low4);                        /* values i..i+31 */
-                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);  /* i+32..i+63 */
-                for (int j = 0; j < mt; j++) {
-                    const __m256i x0 = _mm256_loadu_si256((const __m256i*)(xq + j * K + i));
-                    const __m256i x1 = _mm256_loadu_si256((const __m256i*)(xq + j * K + i + 32));
-                    a16[j] = _mm256_add_epi16(a16[j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0),
-                                                                       _mm256_maddubs_epi16(hi, x1)));
-                }
-            }
-        } else { /* G == 32: the group is one half of a 64-value block */
-            const int64_t i = g * G;
-            const __m256i bytes = _mm256_loadu_si256((const __m256i*)(wr + (i / 64) * 32));
-            const __m256i c = (i % 64) ? _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4)
-                                       : _mm256_and_si256(bytes, low4);
-            for (int j = 0; j < mt; j++)
-                a16[j] = _mm256_maddubs_epi16(c, _mm256_loadu_si256((const __m256i*)(xq + j * K + i)));
-        }
-        for (int j = 0; j < mt; j++) {
-            const float d = xs[j * ng + g];
-            const __m256i ai = _mm256_madd_epi16(a16[j], ones16);
-            accf[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), _mm256_set1_ps(d * sg[g]), accf[j]);
-            extra[j] += d * (float)xqs[j * ng + g] * cg[g];
-        }
-    }
-    for (int j = 0; j < mt; j++) r[j] = hsum_ps(accf[j]) + extra[j];
+/* 0 = the best available; returns the instruction set now used, or -1 when `isa` is not available here. */
+int dq_set_isa(int isa) {
+    __builtin_cpu_init();
+    if (isa == 0) isa = dq_isa_supported(DQ_ISA_AVXVNNI) ? DQ_ISA_AVXVNNI : DQ_ISA_AVX2;
+    if (!dq_isa_supported(isa)) return -1;
+    dq_isa_selected = isa;
+    return isa;
 }
+
+int dq_isa(void) { return dq_isa_selected ? dq_isa_selected : dq_set_isa(0); }
 
 /* y = f(x) @ (w * ws[:, None])^T + bias, where f = RMSNorm(., norm_w, eps) when norm_w is given;
    accumulate: y += (the residual add of a pre-norm block, in place). 0, or -1 (bad block size /
@@ -211,88 +186,22 @@ static inline __attribute__((always_inline)) void w4_tile(const uint8_t* wr, con
 int dq_linear_w8(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* w, const float* ws,
                  const float* bias, int64_t N, float* y, int nthreads, const float* norm_w, float eps,
                  int accumulate) {
-    if (B <= 0 || B % 32 != 0 || K % B != 0) return -1;
-    const int64_t nb = K / B;
-    scratch_t sc;
-    if (scratch_init(&sc, M, K, nb) != 0) return -1;
-    int8_t* xq = sc.q;
-    float* xs = sc.scale;
-    quantize_rows(x, M, K, B, norm_w, eps, sc.tmp, xq, xs, sc.qsum, nthreads);
-    const int64_t ahead = prefetch_rows(K);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t n = 0; n < N; n++) {
-        const int8_t* wr = w + n * K;
-        const int8_t* pf = w + (n + ahead < N ? n + ahead : n) * K;
-        float r[4];
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int64_t mt = M - m0 < 4 ? M - m0 : 4;
-            const int8_t* xr = xq + m0 * K;
-            const float* sr = xs + m0 * nb;
-            switch (mt) {  /* constant tile sizes: the compiler keeps each tile's accumulators in registers */
-                case 4: w8_tile(wr, xr, sr, K, B, nb, 4, r, pf); break;
-                case 3: w8_tile(wr, xr, sr, K, B, nb, 3, r, pf); break;
-                case 2: w8_tile(wr, xr, sr, K, B, nb, 2, r, pf); break;
-                default: w8_tile(wr, xr, sr, K, B, nb, 1, r, pf); break;
-            }
-            for (int64_t j = 0; j < mt; j++) {
-                float v = r[j] * ws[n];
-                if (bias) v += bias[n];
-                float* out = y + (m0 + j) * N + n;
-                *out = accumulate ? *out + v : v;
-            }
-        }
-    }
-    free(sc.buf);
-    return 0;
+#if DQ_HAVE_AVXVNNI
+    if (dq_isa() == DQ_ISA_AVXVNNI)
+        return linear_w8_avxvnni(x, M, K, B, w, ws, bias, N, y, nthreads, norm_w, eps, accumulate);
+#endif
+    return linear_w8_avx2(x, M, K, B, w, ws, bias, N, y, nthreads, norm_w, eps, accumulate);
 }
 
 /* y = f(x) @ W^T + bias with W[n, k] = (code - 8) * s[n, k/G] + z[n, k/G]; f, accumulate as above. */
 int dq_linear_w4(const float* x, int64_t M, int64_t K, int64_t G, const uint8_t* w, const uint16_t* s,
                  const uint16_t* z, const float* bias, int64_t N, float* y, int nthreads, const float* norm_w,
                  float eps, int accumulate) {
-    /* groups of 32, or whole 64-value blocks (a group never splits a block unevenly); <= 256 for int16 */
-    if (G <= 0 || (G != 32 && G % 64 != 0) || K % G != 0 || K % 64 != 0 || G > 256) return -1;
-    const int64_t ng = K / G;
-    scratch_t sc;
-    if (scratch_init(&sc, M, K, ng) != 0) return -1;
-    int8_t* xq = sc.q;
-    float* xs = sc.scale;
-    int32_t* xsum = sc.qsum;
-    quantize_rows(x, M, K, G, norm_w, eps, sc.tmp, xq, xs, xsum, nthreads);
-    const int64_t ahead = prefetch_rows(K / 2);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t* wr = w + n * (K / 2);
-        const uint8_t* pf = w + (n + ahead < N ? n + ahead : n) * (K / 2);
-        _mm_prefetch((const char*)(s + (n + ahead < N ? n + ahead : n) * ng), _MM_HINT_T0);
-        _mm_prefetch((const char*)(z + (n + ahead < N ? n + ahead : n) * ng), _MM_HINT_T0);
-        float sg[ng > 0 ? ng : 1], cg[ng > 0 ? ng : 1];
-        for (int64_t g = 0; g < ng; g++) {
-            sg[g] = bf16_to_f32(s[n * ng + g]);
-            cg[g] = bf16_to_f32(z[n * ng + g]) - 8.f * sg[g];  /* (z - 8 s): the zero-point term */
-        }
-        float r[4];
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int64_t mt = M - m0 < 4 ? M - m0 : 4;
-            const int8_t* xr = xq + m0 * K;
-            const float* xsr = xs + m0 * ng;
-            const int32_t* xqs = xsum + m0 * ng;
-            switch (mt) {
-                case 4: w4_tile(wr, xr, xsr, xqs, sg, cg, K, G, ng, 4, r, pf); break;
-                case 3: w4_tile(wr, xr, xsr, xqs, sg, cg, K, G, ng, 3, r, pf); break;
-                case 2: w4_tile(wr, xr, xsr, xqs, sg, cg, K, G, ng, 2, r, pf); break;
-                default: w4_tile(wr, xr, xsr, xqs, sg, cg, K, G, ng, 1, r, pf); break;
-            }
-            for (int64_t j = 0; j < mt; j++) {
-                float v = r[j];
-                if (bias) v += bias[n];
-                float* out = y + (m0 + j) * N + n;
-                *out = accumulate ? *out + v : v;
-            }
-        }
-    }
-    free(sc.buf);
-    return 0;
+#if DQ_HAVE_AVXVNNI
+    if (dq_isa() == DQ_ISA_AVXVNNI)
+        return linear_w4_avxvnni(x, M, K, G, w, s, z, bias, N, y, nthreads, norm_w, eps, accumulate);
+#endif
+    return linear_w4_avx2(x, M, K, G, w, s, z, bias, N, y, nthreads, norm_w, eps, accumulate);
 }
 
 /* Portable int4 codes [N, K] (uint8 0..15) -> the kernel layout above, [N, K/2]. */
@@ -384,3 +293,181 @@ int dq_attn_decode(const float* qkv, int64_t B, int64_t nh, int64_t nkv, int64_t
     free(qr);
     return 0;
 }
+
+#else /* DQ_KERNELS_DEFINED: the body, compiled once per instruction set ------------------------- */
+
+#if DQ_VNNI
+/* acc (int32 x 8) += 4-byte dot products of u (unsigned) and s (signed): one instruction */
+#define DOT_ADD(acc, u, s) _mm256_dpbusd_avx_epi32((acc), (u), (s))
+/* int4 pairs: accumulated straight into int32, no int16 stage to widen */
+#define PAIR_ADD(acc, u0, s0, u1, s1) _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32((acc), (u0), (s0)), (u1), (s1))
+#define PAIR_WIDEN(acc) (acc)
+#else
+#define DOT_ADD(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
+#define PAIR_ADD(acc, u0, s0, u1, s1) \
+    _mm256_add_epi16((acc), _mm256_add_epi16(_mm256_maddubs_epi16((u0), (s0)), _mm256_maddubs_epi16((u1), (s1))))
+#define PAIR_WIDEN(acc) _mm256_madd_epi16((acc), _mm256_set1_epi16(1))
+#endif
+
+/* One weight row against mt (1..4) activation rows: r[j] = sum_b xs[j, b] * sum_{i in b} w[i] x[j, i].
+   The weight chunk and its absolute value are loaded once per chunk and reused for every row;
+   pf: the same offsets of a later weight row, prefetched into L1 block by block. */
+static inline __attribute__((always_inline)) void SFX(w8_tile)(const int8_t* wr, const int8_t* xq, const float* xs,
+                                                          int64_t K, int64_t B, int64_t nb, int mt, float* r,
+                                                          const int8_t* pf) {
+    __m256 accf[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < nb; b++) {
+        for (int64_t o = b * B; o < (b + 1) * B; o += 64) _mm_prefetch((const char*)(pf + o), _MM_HINT_T0);
+        __m256i ai[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                         _mm256_setzero_si256()};
+        for (int64_t i = b * B; i < (b + 1) * B; i += 32) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr + i));
+            const __m256i ua = _mm256_sign_epi8(wv, wv);  /* |w| as unsigned */
+            for (int j = 0; j < mt; j++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + j * K + i));
+                ai[j] = DOT_ADD(ai[j], ua, _mm256_sign_epi8(xv, wv));  /* |w| . x * sign(w) */
+            }
+        }
+        for (int j = 0; j < mt; j++)
+            accf[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[j]), _mm256_set1_ps(xs[j * nb + b]), accf[j]);
+    }
+    for (int j = 0; j < mt; j++) r[j] = hsum_ps(accf[j]);
+}
+
+/* int4: r[j] = sum_g xs[j, g] (s_g sum_{i in g} c_i q[j, i] + (z_g - 8 s_g) qsum[j, g]).
+   AVX2: codes are 0..15, so a maddubs pair sum is at most 2 * 15 * 127 = 3810 and up to 8 of them
+   add up in int16 without overflow: one widening madd per group instead of one per 32 values. */
+static inline __attribute__((always_inline)) void SFX(w4_tile)(const uint8_t* wr, const int8_t* xq, const float* xs,
+                                                          const int32_t* xqs, const float* sg, const float* cg,
+                                                          int64_t K, int64_t G, int64_t ng, int mt, float* r,
+                                                          const uint8_t* pf) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256 accf[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float extra[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t g = 0; g < ng; g++) {
+        for (int64_t o = (g * G / 2 + 63) & ~(int64_t)63; o < (g + 1) * G / 2; o += 64)
+            _mm_prefetch((const char*)(pf + o), _MM_HINT_T0);
+        __m256i a16[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                          _mm256_setzero_si256()};
+        if (G >= 64) {
+            for (int64_t i = g * G; i < (g + 1) * G; i += 64) {
+                const __m256i bytes = _mm256_loadu_si256((const __m256i*)(wr + i / 2));
+                const __m256i lo = _mm256_and_si256(bytes, low4);                        /* values i..i+31 */
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);  /* i+32..i+63 */
+                for (int j = 0; j < mt; j++) {
+                    const __m256i x0 = _mm256_loadu_si256((const __m256i*)(xq + j * K + i));
+                    const __m256i x1 = _mm256_loadu_si256((const __m256i*)(xq + j * K + i + 32));
+                    a16[j] = PAIR_ADD(a16[j], lo, x0, hi, x1);
+                }
+            }
+        } else { /* G == 32: the group is one half of a 64-value block */
+            const int64_t i = g * G;
+            const __m256i bytes = _mm256_loadu_si256((const __m256i*)(wr + (i / 64) * 32));
+            const __m256i c = (i % 64) ? _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4)
+                                       : _mm256_and_si256(bytes, low4);
+            for (int j = 0; j < mt; j++)
+                a16[j] = PAIR_ADD(a16[j], c, _mm256_loadu_si256((const __m256i*)(xq + j * K + i)),
+                                  _mm256_setzero_si256(), _mm256_setzero_si256());
+        }
+        for (int j = 0; j < mt; j++) {
+            const float d = xs[j * ng + g];
+            const __m256i ai = PAIR_WIDEN(a16[j]);
+            accf[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), _mm256_set1_ps(d * sg[g]), accf[j]);
+            extra[j] += d * (float)xqs[j * ng + g] * cg[g];
+        }
+    }
+    for (int j = 0; j < mt; j++) r[j] = hsum_ps(accf[j]) + extra[j];
+}
+
+/* dq_linear_w8 on this instruction set */
+static int SFX(linear_w8)(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* w, const float* ws,
+                 const float* bias, int64_t N, float* y, int nthreads, const float* norm_w, float eps,
+                 int accumulate) {
+    if (B <= 0 || B % 32 != 0 || K % B != 0) return -1;
+    const int64_t nb = K / B;
+    scratch_t sc;
+    if (scratch_init(&sc, M, K, nb) != 0) return -1;
+    int8_t* xq = sc.q;
+    float* xs = sc.scale;
+    quantize_rows(x, M, K, B, norm_w, eps, sc.tmp, xq, xs, sc.qsum, nthreads);
+    const int64_t ahead = prefetch_rows(K);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t* wr = w + n * K;
+        const int8_t* pf = w + (n + ahead < N ? n + ahead : n) * K;
+        float r[4];
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int64_t mt = M - m0 < 4 ? M - m0 : 4;
+            const int8_t* xr = xq + m0 * K;
+            const float* sr = xs + m0 * nb;
+            switch (mt) {  /* constant tile sizes: the compiler keeps each tile's accumulators in registers */
+                case 4: SFX(w8_tile)(wr, xr, sr, K, B, nb, 4, r, pf); break;
+                case 3: SFX(w8_tile)(wr, xr, sr, K, B, nb, 3, r, pf); break;
+                case 2: SFX(w8_tile)(wr, xr, sr, K, B, nb, 2, r, pf); break;
+                default: SFX(w8_tile)(wr, xr, sr, K, B, nb, 1, r, pf); break;
+            }
+            for (int64_t j = 0; j < mt; j++) {
+                float v = r[j] * ws[n];
+                if (bias) v += bias[n];
+                float* out = y + (m0 + j) * N + n;
+                *out = accumulate ? *out + v : v;
+            }
+        }
+    }
+    free(sc.buf);
+    return 0;
+}
+
+/* dq_linear_w4 on this instruction set */
+static int SFX(linear_w4)(const float* x, int64_t M, int64_t K, int64_t G, const uint8_t* w, const uint16_t* s,
+                 const uint16_t* z, const float* bias, int64_t N, float* y, int nthreads, const float* norm_w,
+                 float eps, int accumulate) {
+    /* groups of 32, or whole 64-value blocks (a group never splits a block unevenly); <= 256 for int16 */
+    if (G <= 0 || (G != 32 && G % 64 != 0) || K % G != 0 || K % 64 != 0 || G > 256) return -1;
+    const int64_t ng = K / G;
+    scratch_t sc;
+    if (scratch_init(&sc, M, K, ng) != 0) return -1;
+    int8_t* xq = sc.q;
+    float* xs = sc.scale;
+    int32_t* xsum = sc.qsum;
+    quantize_rows(x, M, K, G, norm_w, eps, sc.tmp, xq, xs, xsum, nthreads);
+    const int64_t ahead = prefetch_rows(K / 2);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t* wr = w + n * (K / 2);
+        const uint8_t* pf = w + (n + ahead < N ? n + ahead : n) * (K / 2);
+        _mm_prefetch((const char*)(s + (n + ahead < N ? n + ahead : n) * ng), _MM_HINT_T0);
+        _mm_prefetch((const char*)(z + (n + ahead < N ? n + ahead : n) * ng), _MM_HINT_T0);
+        float sg[ng > 0 ? ng : 1], cg[ng > 0 ? ng : 1];
+        for (int64_t g = 0; g < ng; g++) {
+            sg[g] = bf16_to_f32(s[n * ng + g]);
+            cg[g] = bf16_to_f32(z[n * ng + g]) - 8.f * sg[g];  /* (z - 8 s): the zero-point term */
+        }
+        float r[4];
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int64_t mt = M - m0 < 4 ? M - m0 : 4;
+            const int8_t* xr = xq + m0 * K;
+            const float* xsr = xs + m0 * ng;
+            const int32_t* xqs = xsum + m0 * ng;
+            switch (mt) {
+                case 4: SFX(w4_tile)(wr, xr, xsr, xqs, sg, cg, K, G, ng, 4, r, pf); break;
+                case 3: SFX(w4_tile)(wr, xr, xsr, xqs, sg, cg, K, G, ng, 3, r, pf); break;
+                case 2: SFX(w4_tile)(wr, xr, xsr, xqs, sg, cg, K, G, ng, 2, r, pf); break;
+                default: SFX(w4_tile)(wr, xr, xsr, xqs, sg, cg, K, G, ng, 1, r, pf); break;
+            }
+            for (int64_t j = 0; j < mt; j++) {
+                float v = r[j];
+                if (bias) v += bias[n];
+                float* out = y + (m0 + j) * N + n;
+                *out = accumulate ? *out + v : v;
+            }
+        }
+    }
+    free(sc.buf);
+    return 0;
+}
+
+#undef DOT_ADD
+#undef PAIR_ADD
+#undef PAIR_WIDEN
+#endif /* DQ_KERNELS_DEFINED */

@@ -28,10 +28,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.fixture(scope="module")
-def lib():
-    # on a machine with a C compiler and AVX2 the kernels must build: no silent fallback in tests
-    return ckernels._load()
+def _cpu_has(isa: str) -> bool:
+    return isa == "avx2" or {"avxvnni": "avx_vnni"}[isa] in ckernels._cpu_flags()  # /proc/cpuinfo's name
+
+
+@pytest.fixture(scope="module", params=["avx2", "avxvnni"])
+def lib(request):
+    """The library with its linear kernels on each instruction set this CPU has (every kernel test runs
+    on each); on a machine with a C compiler and AVX2 they must build: no silent fallback in tests."""
+    if not _cpu_has(request.param):
+        pytest.skip(f"this CPU lacks {request.param}")
+    loaded = ckernels._load()
+    assert loaded.set_isa(request.param) == request.param
+    yield loaded
+    loaded.set_isa("auto")
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +78,29 @@ def test_int4_linear_matches_the_dequantized_weights_and_is_batch_invariant(lib,
     assert rel_err(y, ref) < 0.015
     for i in range(m):
         assert torch.equal(y[i:i + 1], ckernels.linear_w4(x[i:i + 1].contiguous(), packed, s, z, None, group))
+
+
+@pytest.mark.skipif(not _cpu_has("avxvnni"), reason="this CPU lacks AVX-VNNI")
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_avx2_and_avxvnni_kernels_give_identical_results(int8_weights, m):
+    """Both sum the same integer products exactly (no int16 saturation on AVX2: |w| |x| pairs stay below
+    2^15), then apply the same float scales: bit-identical outputs, so the CPU never changes a token."""
+    loaded = ckernels._load()
+    codes, scales, _ = int8_weights
+    torch.manual_seed(m)
+    x, norm = torch.randn(m, 256), torch.rand(256) + 0.5
+    w4 = torch.randn(96, 256) * 0.05 + 0.01
+    int4 = {g: (ckernels.pack_w4(c), s, z) for g in (32, 64, 128) for c, s, z in [quantize_int4(w4, g)]}
+    outs = {}
+    try:
+        for isa in ("avx2", "avxvnni"):
+            loaded.set_isa(isa)
+            outs[isa] = [ckernels.linear_w8(x, codes, scales.float(), None, 128, norm=norm, eps=1e-6)]
+            outs[isa] += [ckernels.linear_w4(x, pk, s, z, None, g) for g, (pk, s, z) in int4.items()]
+    finally:
+        loaded.set_isa("auto")
+    for a, b in zip(outs["avx2"], outs["avxvnni"], strict=True):
+        assert torch.equal(a, b)
 
 
 def test_pack_w4_layout_is_low_nibbles_then_high_per_block_of_64(lib):
