@@ -21,8 +21,14 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed  ## create .venv with the operator, runtime and dev dependencies
 
+# llama-cpp-python compiles llama.cpp for this CPU (-march=native); its AMX kernels crash (SIGSEGV in
+# ggml_backend_amx_mul_mat) on the AMX-capable VMs this project also runs on, so they are left out
+# (explicit -mno-* flags win over -march=native; no effect on CPUs without AMX).
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS := '-DCMAKE_C_FLAGS=$(NO_AMX)' '-DCMAKE_CXX_FLAGS=$(NO_AMX)'
+
 $(VENV)/.bench-installed: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[bench]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e '.[bench]'
 	touch $@
 
 bench-venv: $(VENV)/.bench-installed  ## add the benchmark peers (llama-cpp-python, accelerate)

@@ -1,12 +1,13 @@
 """Kernel and decode-step micro-benchmarks behind the runtime's CPU kernel choice.
 
 - kernel_table: every linear shape of the real 0.5B and of the R1-Distill-1.5B shape, at 1/4/8
-  activation rows, through our AVX2 integer kernels (model_runtime.ckernels) and PyTorch's packed
+  activation rows, through our integer kernels (model_runtime.ckernels, on the best instruction set
+  this CPU has: AVX-VNNI or AVX2) and PyTorch's packed
   weight-only kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu, bf16 activations).
   Weights are random (speed does not depend on their values); each figure is the median of `repeats`
   timed calls after two warm-ups, with the weights cycled so a matrix is not served from cache.
 - decode_steps: the loaded model's decode step (no engine, no HTTP) at batch 1/4/8 for each mode
-  and backend: what the engine and the HTTP layer add on top shows up against the HTTP figures.
+  and backend (ours on each instruction set the CPU has, PyTorch's): what the engine and the HTTP layer add on top shows up against the HTTP figures.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def kernel_table(threads: int = 2, rows: tuple[int, ...] = (1, 4, 8), repeats: i
                     row["int4_speedup"] = round(row["aten_int4_ms"] / row["dq_int4_ms"], 2)
                     row["dq_int8_gb_s"] = round(n * k / row["dq_int8_ms"] / 1e6, 1)  # weight bytes read per s
                 out.append(row)
-    return {"rows": out, "threads": threads, "repeats": repeats, "dq_available": have_dq}
+    return {"rows": out, "threads": threads, "repeats": repeats, "dq_available": have_dq,
+            "dq_isa": ckernels._load().isa if have_dq else None}
 
 
 def decode_steps(model_dir: str, modes: list[str], threads: int = 2, batches: tuple[int, ...] = (1, 4, 8),
@@ -100,15 +102,20 @@ def decode_steps(model_dir: str, modes: list[str], threads: int = 2, batches: tu
 
     import torch
 
+    from model_runtime import ckernels
     from model_runtime.loader import load_model
 
     torch.set_num_threads(threads)
     results: list[dict[str, Any]] = []
+    # ours on each instruction set this CPU has (the best one first: what the runtime picks), then PyTorch's
+    isas = [isa for isa in ("avxvnni", "avx2") if ckernels.cpu_supported() and _isa_available(isa)]
     for mode in modes:
-        backends = ["dq", "aten"] if mode in ("int8", "int4") else ["-"]
+        backends = [f"dq-{isa}" for isa in isas] + ["aten"] if mode in ("int8", "int4") else ["-"]
         for backend in backends:
             if backend != "-":
-                os.environ["DISTILLERY_CPU_KERNELS"] = backend
+                os.environ["DISTILLERY_CPU_KERNELS"] = backend.split("-")[0]
+            if backend.startswith("dq-"):
+                ckernels._load().set_isa(backend.removeprefix("dq-"))
             loaded = load_model(model_dir, quantization="none" if mode == "bf16" else mode, max_model_len=512)
             model = loaded.model
             cache = model.new_cache(max(batches), 512)
@@ -126,4 +133,22 @@ def decode_steps(model_dir: str, modes: list[str], threads: int = 2, batches: tu
                                     "tok_s": round(b * 1e3 / ms, 1), "fused_decode": bool(model.fused_decode)})
             del model, loaded, cache
             os.environ.pop("DISTILLERY_CPU_KERNELS", None)
+            if backend.startswith("dq-"):
+                ckernels._load().set_isa("auto")
     return {"rows": results, "threads": threads, "steps": steps}
+
+
+def _isa_available(isa: str) -> bool:
+    from model_runtime import ckernels
+
+    try:
+        lib = ckernels._load()
+    except ckernels.KernelUnavailable:
+        return False
+    try:
+        lib.set_isa(isa)
+        return True
+    except ckernels.KernelUnavailable:
+        return False
+    finally:
+        lib.set_isa("auto")

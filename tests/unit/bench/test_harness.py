@@ -213,6 +213,10 @@ def test_kernel_and_decode_step_tables() -> None:
     assert table[0] == "| mode | kernels | batch 1 tok/s (ms/step) | batch 8 tok/s (ms/step) |"
     assert table[2] == "| int8 | ours (AVX2 int) | 40.0 (25.0) | 100.0 (80.0) |"
     assert table[3] == "| int8 | PyTorch packed | 20.0 (50.0) | - |"
+    # the instruction set the kernels ran on is named
+    assert report.kernel_table({**kern, "dq_isa": "avxvnni"}).splitlines()[0] == "Ours on AVX-VNNI."
+    per_isa = {"rows": [{"mode": "int4", "backend": "dq-avxvnni", "batch": 1, "step_ms": 20.0, "tok_s": 50.0}]}
+    assert report.decode_steps_table(per_isa).splitlines()[2] == "| int4 | ours (AVX-VNNI int) | 50.0 (20.0) |"
 
 
 def test_stored_decode_bytes_counts_the_head_once_and_the_embedding_table_apart() -> None:
