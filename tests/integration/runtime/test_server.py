@@ -241,10 +241,12 @@ def test_sdk_raises_typed_errors(client):
 
 
 async def test_full_queue_answers_429_with_retry_after(server):
-    """Batch 1 + queue 1: of five concurrent requests, some must be turned away with 429."""
-    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 40, "temperature": 1.0}
+    """Batch 1 + queue 1: of eight concurrent requests (each long enough to hold the batch slot while
+    the others arrive), some must be turned away with 429."""
+    wait_idle(server)
+    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 120, "temperature": 1.0}
     async with httpx.AsyncClient(base_url=server, timeout=60) as h:
-        responses = await asyncio.gather(*(h.post("/v1/completions", json=body) for _ in range(5)))
+        responses = await asyncio.gather(*(h.post("/v1/completions", json=body) for _ in range(8)))
     statuses = sorted(r.status_code for r in responses)
     assert statuses.count(200) >= 1 and 429 in statuses and set(statuses) <= {200, 429}, statuses
     rejected = next(r for r in responses if r.status_code == 429)
