@@ -335,17 +335,20 @@ def _meta(settings: Settings) -> dict[str, Any]:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
-    cpu = "?"
+    cpu, flags = "?", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == "?":
                 cpu = line.split(":", 1)[1].strip()
-                break
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
     import os
 
-    return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "host_cpu": cpu,
+    # the instruction sets that decide which kernels every engine here can use
+    isa = sorted(flags & {"avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8"})
+    return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "host_cpu": cpu, "cpu_isa": isa,
             "cpus": os.cpu_count(), "python": platform.python_version(), "versions": versions,
             "settings": asdict(settings), "prompt": PROMPT, "command": " ".join(["python -m bench.run", *sys.argv[1:]])}
 
