@@ -23,12 +23,13 @@ venv: $(VENV)/.installed  ## create .venv with the operator, runtime and dev dep
 
 # llama-cpp-python compiles llama.cpp for this CPU (-march=native); its AMX kernels crash (SIGSEGV in
 # ggml_backend_amx_mul_mat) on the AMX-capable VMs this project also runs on, so they are left out
-# (explicit -mno-* flags win over -march=native; no effect on CPUs without AMX).
+# (explicit -mno-* flags win over -march=native; no effect on CPUs without AMX). --no-cache-dir: a wheel
+# built earlier with AMX must not be reused from pip's cache.
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CMAKE_ARGS := '-DCMAKE_C_FLAGS=$(NO_AMX)' '-DCMAKE_CXX_FLAGS=$(NO_AMX)'
 
 $(VENV)/.bench-installed: $(VENV)/.installed
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e '.[bench]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir -e '.[bench]'
 	touch $@
 
 bench-venv: $(VENV)/.bench-installed  ## add the benchmark peers (llama-cpp-python, accelerate)

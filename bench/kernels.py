@@ -115,6 +115,7 @@ def decode_steps(model_dir: str, modes: list[str], threads: int = 2, batches: tu
             if backend != "-":
                 os.environ["DISTILLERY_CPU_KERNELS"] = backend.split("-")[0]
             if backend.startswith("dq-"):
+                before = ckernels._load().isa
                 ckernels._load().set_isa(backend.removeprefix("dq-"))
             loaded = load_model(model_dir, quantization="none" if mode == "bf16" else mode, max_model_len=512)
             model = loaded.model
@@ -134,7 +135,7 @@ def decode_steps(model_dir: str, modes: list[str], threads: int = 2, batches: tu
             del model, loaded, cache
             os.environ.pop("DISTILLERY_CPU_KERNELS", None)
             if backend.startswith("dq-"):
-                ckernels._load().set_isa("auto")
+                ckernels._load().set_isa(before)
     return {"rows": results, "threads": threads, "steps": steps}
 
 
@@ -145,10 +146,11 @@ def _isa_available(isa: str) -> bool:
         lib = ckernels._load()
     except ckernels.KernelUnavailable:
         return False
+    before = lib.isa
     try:
         lib.set_isa(isa)
         return True
     except ckernels.KernelUnavailable:
         return False
     finally:
-        lib.set_isa("auto")
+        lib.set_isa(before)

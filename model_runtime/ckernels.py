@@ -16,7 +16,7 @@ fails loudly when they cannot be built.
 
 Instruction set (DISTILLERY_CPU_ISA): the library holds the linear kernels twice, for AVX2 and for
 AVX-VNNI (one `vpdpbusd` where AVX2 needs maddubs + madd + add), and picks the best the CPU has
-("auto"); "avx2" / "avxvnni" force one ("avxvnni" fails loudly where the CPU lacks it).
+("auto"); "avx2" / "avxvnni" force one (an instruction set the CPU lacks is a ValueError at load).
 """
 
 from __future__ import annotations
@@ -120,8 +120,9 @@ class _Lib:
         choice = os.environ.get("DISTILLERY_CPU_ISA", "auto").lower()
         if choice not in ISAS:
             raise ValueError(f"DISTILLERY_CPU_ISA={choice!r}: expected one of {', '.join(ISAS)}")
-        if lib.dq_set_isa(ISAS[choice]) < 0:
-            raise KernelUnavailable(f"DISTILLERY_CPU_ISA={choice}: this CPU does not have it")
+        if lib.dq_set_isa(ISAS[choice]) < 0:  # a setting error, not a missing kernel: no quiet fallback
+            raise ValueError(f"DISTILLERY_CPU_ISA={choice}: this CPU (or the compiler that built {path.name}) "
+                             "does not have it; use auto or avx2")
         self.lib = lib
         self.path = path
 

@@ -263,10 +263,13 @@ class Engine:
         with self._lock:
             if self._stopping or self._thread is None:
                 raise GenerationError("the engine is not running")
-            # requests the next step admits into free slots are not queued: without this, two requests
-            # arriving together at an idle batch-1 engine would see the first in the queue and refuse one
-            if len(self._waiting) - len(self._free_slots) >= self.config.max_queue:
-                raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue "
+            # as many waiting requests as there are free batch slots are about to run, not queued: without
+            # this, two requests arriving together at an idle batch-1 engine would see the first one still
+            # waiting and refuse the second. (When max_tokens_in_flight holds requests back, slots stay
+            # free and up to max_queue + free slots wait: the bound is still fixed.)
+            queued = len(self._waiting) - len(self._free_slots)
+            if queued >= self.config.max_queue:
+                raise QueueFullError(f"{queued} requests are waiting for a batch slot (max_queue "
                                      f"{self.config.max_queue})", retry_after_s=self._retry_after())
             if request_id in self._by_id:
                 raise GenerationError(f"request id {request_id!r} is already in use")
@@ -488,15 +491,17 @@ def _sample(logits: Tensor, temperature: float, top_p: float, generator: torch.G
     idx: Tensor | None = None
     if 0 < top_p < 1:
         p, idx = torch.topk(probs, min(NUCLEUS_CANDIDATES, vocab))                 # [k], descending
-        cum = torch.cumsum(p, dim=0)
+        cum = torch.cumsum(p, dim=0, dtype=torch.float64)
         if float(cum[-1]) < top_p:  # a flat distribution: the nucleus is wider than the candidates
             p, idx = torch.sort(probs, descending=True)
-            cum = torch.cumsum(p, dim=0)
-        keep = int((cum - p < top_p).sum())   # the prefix up to the token that crosses top_p (>= 1 token)
+            cum = torch.cumsum(p, dim=0, dtype=torch.float64)
+        # the prefix up to and including the token whose cumulative probability reaches top_p
+        keep = min(int(torch.searchsorted(cum, torch.tensor(top_p, dtype=torch.float64))) + 1, p.numel())
         p, idx = p[:keep], idx[:keep]
     else:
         p = probs
-    cdf = torch.cumsum(p, dim=0)
-    u = torch.rand((), generator=generator) * cdf[-1]
+    # float64: over 151,936 tokens a float32 running sum rounds the tail's tiny probabilities away
+    cdf = torch.cumsum(p, dim=0, dtype=torch.float64)
+    u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
     choice = min(int(torch.searchsorted(cdf, u, right=True)), p.numel() - 1)
     return int(idx[choice]) if idx is not None else choice

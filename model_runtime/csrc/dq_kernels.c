@@ -130,26 +130,29 @@ static int scratch_init(scratch_t* s, int64_t M, int64_t K, int64_t nb) {
 #define PF_BYTES 4096
 #endif
 static inline int64_t prefetch_rows(int64_t row_bytes) {
+    if (row_bytes <= 0) return 1;
     const int64_t r = (PF_BYTES + row_bytes - 1) / row_bytes;
     return r < 1 ? 1 : r;
 }
 
 #define DQ_KERNELS_DEFINED 1
 
-/* The linear kernels, once per instruction set (the body below, included again under each target). */
+/* The linear kernels, once per instruction set: this file includes itself (the body after the #else at
+   the end) once plainly and once under an avxvnni target region. */
 #define SFX(name) name##_avx2
 #define DQ_VNNI 0
-#include __FILE__
+#include "dq_kernels.c"
 #undef SFX
 #undef DQ_VNNI
 
-#if defined(__GNUC__) && (__GNUC__ >= 11 || (defined(__clang__) && __clang_major__ >= 12))
+/* GCC >= 11 knows AVX-VNNI; clang ignores `#pragma GCC target`, so it builds the AVX2 kernels only */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define DQ_HAVE_AVXVNNI 1
 #pragma GCC push_options
 #pragma GCC target("avxvnni")
 #define SFX(name) name##_avxvnni
 #define DQ_VNNI 1
-#include __FILE__
+#include "dq_kernels.c"
 #undef SFX
 #undef DQ_VNNI
 #pragma GCC pop_options
@@ -161,11 +164,13 @@ static inline int64_t prefetch_rows(int64_t row_bytes) {
    this CPU has). Chosen once, before the first call, by ckernels.py. */
 #define DQ_ISA_AVX2 1
 #define DQ_ISA_AVXVNNI 2
-static int dq_isa_selected = 0;
+static int dq_isa_selected = 0;  /* read and written with relaxed atomics: tests switch it between calls */
 
 static int dq_isa_supported(int isa) {
     if (isa == DQ_ISA_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (isa == DQ_ISA_AVXVNNI) return DQ_HAVE_AVXVNNI && dq_isa_supported(DQ_ISA_AVX2) && __builtin_cpu_supports("avxvnni");
+#if DQ_HAVE_AVXVNNI  /* older compilers do not know the feature name */
+    if (isa == DQ_ISA_AVXVNNI) return dq_isa_supported(DQ_ISA_AVX2) && __builtin_cpu_supports("avxvnni");
+#endif
     return 0;
 }
 
@@ -174,11 +179,14 @@ int dq_set_isa(int isa) {
     __builtin_cpu_init();
     if (isa == 0) isa = dq_isa_supported(DQ_ISA_AVXVNNI) ? DQ_ISA_AVXVNNI : DQ_ISA_AVX2;
     if (!dq_isa_supported(isa)) return -1;
-    dq_isa_selected = isa;
+    __atomic_store_n(&dq_isa_selected, isa, __ATOMIC_RELAXED);
     return isa;
 }
 
-int dq_isa(void) { return dq_isa_selected ? dq_isa_selected : dq_set_isa(0); }
+int dq_isa(void) {
+    const int isa = __atomic_load_n(&dq_isa_selected, __ATOMIC_RELAXED);
+    return isa ? isa : dq_set_isa(0);
+}
 
 /* y = f(x) @ (w * ws[:, None])^T + bias, where f = RMSNorm(., norm_w, eps) when norm_w is given;
    accumulate: y += (the residual add of a pre-norm block, in place). 0, or -1 (bad block size /
@@ -301,11 +309,13 @@ int dq_attn_decode(const float* qkv, int64_t B, int64_t nh, int64_t nkv, int64_t
 #define DOT_ADD(acc, u, s) _mm256_dpbusd_avx_epi32((acc), (u), (s))
 /* int4 pairs: accumulated straight into int32, no int16 stage to widen */
 #define PAIR_ADD(acc, u0, s0, u1, s1) _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32((acc), (u0), (s0)), (u1), (s1))
+#define ONE_ADD(acc, u, s) _mm256_dpbusd_avx_epi32((acc), (u), (s))
 #define PAIR_WIDEN(acc) (acc)
 #else
 #define DOT_ADD(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
 #define PAIR_ADD(acc, u0, s0, u1, s1) \
     _mm256_add_epi16((acc), _mm256_add_epi16(_mm256_maddubs_epi16((u0), (s0)), _mm256_maddubs_epi16((u1), (s1))))
+#define ONE_ADD(acc, u, s) _mm256_add_epi16((acc), _mm256_maddubs_epi16((u), (s)))
 #define PAIR_WIDEN(acc) _mm256_madd_epi16((acc), _mm256_set1_epi16(1))
 #endif
 
@@ -366,8 +376,7 @@ static inline __attribute__((always_inline)) void SFX(w4_tile)(const uint8_t* wr
             const __m256i c = (i % 64) ? _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4)
                                        : _mm256_and_si256(bytes, low4);
             for (int j = 0; j < mt; j++)
-                a16[j] = PAIR_ADD(a16[j], c, _mm256_loadu_si256((const __m256i*)(xq + j * K + i)),
-                                  _mm256_setzero_si256(), _mm256_setzero_si256());
+                a16[j] = ONE_ADD(a16[j], c, _mm256_loadu_si256((const __m256i*)(xq + j * K + i)));
         }
         for (int j = 0; j < mt; j++) {
             const float d = xs[j * ng + g];
@@ -383,7 +392,7 @@ static inline __attribute__((always_inline)) void SFX(w4_tile)(const uint8_t* wr
 static int SFX(linear_w8)(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* w, const float* ws,
                  const float* bias, int64_t N, float* y, int nthreads, const float* norm_w, float eps,
                  int accumulate) {
-    if (B <= 0 || B % 32 != 0 || K % B != 0) return -1;
+    if (K <= 0 || B <= 0 || B % 32 != 0 || K % B != 0) return -1;
     const int64_t nb = K / B;
     scratch_t sc;
     if (scratch_init(&sc, M, K, nb) != 0) return -1;
@@ -423,7 +432,7 @@ static int SFX(linear_w4)(const float* x, int64_t M, int64_t K, int64_t G, const
                  const uint16_t* z, const float* bias, int64_t N, float* y, int nthreads, const float* norm_w,
                  float eps, int accumulate) {
     /* groups of 32, or whole 64-value blocks (a group never splits a block unevenly); <= 256 for int16 */
-    if (G <= 0 || (G != 32 && G % 64 != 0) || K % G != 0 || K % 64 != 0 || G > 256) return -1;
+    if (K <= 0 || G <= 0 || (G != 32 && G % 64 != 0) || K % G != 0 || K % 64 != 0 || G > 256) return -1;
     const int64_t ng = K / G;
     scratch_t sc;
     if (scratch_init(&sc, M, K, ng) != 0) return -1;
@@ -469,5 +478,6 @@ static int SFX(linear_w4)(const float* x, int64_t M, int64_t K, int64_t G, const
 
 #undef DOT_ADD
 #undef PAIR_ADD
+#undef ONE_ADD
 #undef PAIR_WIDEN
 #endif /* DQ_KERNELS_DEFINED */

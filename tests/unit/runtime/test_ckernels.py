@@ -39,9 +39,31 @@ def lib(request):
     if not _cpu_has(request.param):
         pytest.skip(f"this CPU lacks {request.param}")
     loaded = ckernels._load()
+    before = loaded.isa
     assert loaded.set_isa(request.param) == request.param
     yield loaded
-    loaded.set_isa("auto")
+    loaded.set_isa(before)
+
+
+def test_a_forced_instruction_set_that_cannot_run_is_a_loud_error(monkeypatch):
+    """DISTILLERY_CPU_ISA is a setting: a wrong or unavailable one stops the load (no quiet fallback to
+    PyTorch's kernels, which `auto` backend selection would otherwise do)."""
+    path = ckernels.build()
+    before = ckernels._load().isa  # the same library (dlopen shares it): its choice is process-wide
+    try:
+        monkeypatch.setenv("DISTILLERY_CPU_ISA", "avx1024")
+        with pytest.raises(ValueError, match="expected one of"):
+            ckernels._Lib(path)
+        monkeypatch.setenv("DISTILLERY_CPU_ISA", "avxvnni")
+        if _cpu_has("avxvnni"):
+            assert ckernels._Lib(path).isa == "avxvnni"
+        else:
+            with pytest.raises(ValueError, match="does not have it"):
+                ckernels._Lib(path)
+        monkeypatch.setenv("DISTILLERY_CPU_ISA", "avx2")
+        assert ckernels._Lib(path).isa == "avx2"
+    finally:
+        ckernels._load().set_isa(before)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +108,7 @@ def test_avx2_and_avxvnni_kernels_give_identical_results(int8_weights, m):
     """Both sum the same integer products exactly (no int16 saturation on AVX2: |w| |x| pairs stay below
     2^15), then apply the same float scales: bit-identical outputs, so the CPU never changes a token."""
     loaded = ckernels._load()
+    before = loaded.isa  # the module's `lib` fixture may have chosen one: give it back
     codes, scales, _ = int8_weights
     torch.manual_seed(m)
     x, norm = torch.randn(m, 256), torch.rand(256) + 0.5
@@ -98,7 +121,7 @@ def test_avx2_and_avxvnni_kernels_give_identical_results(int8_weights, m):
             outs[isa] = [ckernels.linear_w8(x, codes, scales.float(), None, 128, norm=norm, eps=1e-6)]
             outs[isa] += [ckernels.linear_w4(x, pk, s, z, None, g) for g, (pk, s, z) in int4.items()]
     finally:
-        loaded.set_isa("auto")
+        loaded.set_isa(before)
     for a, b in zip(outs["avx2"], outs["avxvnni"], strict=True):
         assert torch.equal(a, b)
 

@@ -291,7 +291,9 @@ def test_tokens_in_flight_cap_holds_requests_back(make_engine):
     assert ra == rb == "length" and a == b and peak["running"] == 1
 
 
-@pytest.mark.parametrize("candidates", [1024, 2])  # 2: the nucleus is wider than the candidates (full sort)
+# 4: the nucleus (3 tokens) found among fewer candidates than the vocabulary (6): the top-k path;
+# 2: the nucleus is wider than the candidates: the full-sort fallback; 1024: more candidates than tokens
+@pytest.mark.parametrize("candidates", [4, 2, 1024])
 def test_sampling_draws_from_the_exact_nucleus_distribution(monkeypatch, candidates):
     """Temperature + top_p: tokens outside the nucleus never come up, the others at their renormalised
     probabilities (20,000 draws, 4 sigma), whichever way the nucleus is found."""
