@@ -5,7 +5,7 @@ one row, which is negligible). So tokens/s <= copy bandwidth / weight bytes read
 count depends on how each mode stores its weights (bf16, int8 + a per-output-channel scale, int4 + a
 scale and zero per group); `weight_bytes_per_token` is that arithmetic, pure and unit-tested.
 `measure_copy_bandwidth` is the one measuring function (numpy and torch copies of large arrays,
-counting read + write bytes); it runs in a benchmark subprocess.
+counting read + write bytes, and for context a read-only torch sum); it runs in a benchmark subprocess.
 """
 
 from __future__ import annotations
@@ -131,6 +131,8 @@ class Bandwidth:
     torch_gb_s: float
     array_mib: int
     threads: int
+    # a read-only stream (torch sum): what a decode step does with its weights; context, not the bound
+    torch_read_gb_s: float | None = None
 
     @property
     def best_gb_s(self) -> float:
@@ -166,4 +168,11 @@ def measure_copy_bandwidth(array_mib: int = 512, repeats: int = 5, threads: int 
         tdst.copy_(tsrc)
         best = min(best, time.perf_counter() - t0)
     torch_gb_s = 2 * src.nbytes / best / 1e9
-    return Bandwidth(round(numpy_gb_s, 3), round(torch_gb_s, 3), array_mib, threads)
+
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        float(tsrc.sum())
+        best = min(best, time.perf_counter() - t0)
+    read_gb_s = src.nbytes / best / 1e9
+    return Bandwidth(round(numpy_gb_s, 3), round(torch_gb_s, 3), array_mib, threads, round(read_gb_s, 3))

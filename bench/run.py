@@ -428,7 +428,8 @@ def print_report(results: dict[str, Any]) -> None:
         print(report.decode_steps_table(steps))
     if bw:
         print(f"\nCopy bandwidth (read+write): numpy {bw.get('numpy_gb_s')} GB/s, torch {bw.get('torch_gb_s')} GB/s; "
-              f"bound = {bw.get('best_gb_s')} GB/s / weight bytes read per token.")
+              f"bound = {bw.get('best_gb_s')} GB/s / weight bytes read per token. Read-only stream (torch sum): "
+              f"{bw.get('torch_read_gb_s', '-')} GB/s.")
     if results.get("perplexity"):
         print("\n## Perplexity on bench/ppl_text.py (real 0.5B, our loader)\n")
         print(report.perplexity_table(results["perplexity"]))
