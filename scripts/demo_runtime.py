@@ -1,8 +1,9 @@
 """`make demo-runtime`: serve a real model and stream an answer through the `openai` client.
 
 Steps: fetch the Qwen2.5-0.5B GGUF (scripts/fetch_model.py; the only download), quantize it once
-with `model-runtime quantize` to the mode fastest on this machine (int8 on a CPU: see
-shared notes/cpu-inference.md; int4 only pays off where int4 kernels beat int8), start
+with `model-runtime quantize` to the mode fastest on this machine (int4 on our integer CPU kernels or
+on CUDA; int8 where only PyTorch's packed CPU kernels run, whose int4 is compute-bound: see the
+README's decode-step table), start
 `python -m model_runtime` on 127.0.0.1 at a free port, wait until ready, stream a chat answer
 printing tokens as they arrive, print time to first token and tokens/s, and stop the server
 whatever happens.
@@ -33,11 +34,13 @@ DEFAULT_PROMPT = "Write a Python function is_prime(n) that returns True when n i
 
 
 def fastest_method() -> str:
-    """int8 weight-only is the fast path on CPUs (bf16 x int8 packed matmul); on CUDA, int4."""
+    """int4 on CUDA and on our CPU kernels (fewest bytes per token); int8 on PyTorch's CPU kernels."""
     try:
         import torch
 
-        return "int4" if torch.cuda.is_available() else "int8"
+        from model_runtime import ckernels
+
+        return "int4" if torch.cuda.is_available() or ckernels.backend() == "dq" else "int8"
     except ImportError:
         return "int8"
 
