@@ -406,19 +406,13 @@ class Engine:
         best = logits.max(dim=-1)
         finite = torch.isfinite(best.values).tolist()
         argmax = best.indices.tolist()
-        tokens: list[int | None] = [None] * len(reqs)
-        for i, r in enumerate(reqs):
-            if r.params.temperature <= 0:
-                tokens[i] = argmax[i]
-        for i, r in enumerate(reqs):
-            if tokens[i] is None and finite[i]:
-                tokens[i] = _sample(logits[i], r.params.temperature, r.params.top_p, r.generator)
         for i, r in enumerate(reqs):
             if not finite[i]:
                 log.error("request %s produced non-finite logits; failing it alone", r.id)
                 self._finish(r, None, "error")
                 continue
-            tok = int(tokens[i])  # type: ignore[arg-type]
+            greedy = r.params.temperature <= 0
+            tok = argmax[i] if greedy else _sample(logits[i], r.params.temperature, r.params.top_p, r.generator)
             r.generated += 1
             self._stats.generated_tokens += 1
             self._recent.append((time.monotonic(), 1))
@@ -485,7 +479,7 @@ def _sample(logits: Tensor, temperature: float, top_p: float, generator: torch.G
     Exact, but cheap on a 151,936-token vocabulary: the nucleus (the most likely tokens whose probabilities
     first add up to top_p) is looked for among the top-k candidates, a partial sort, and only when they fall
     short among all tokens; the draw is one uniform number against the cumulative sum. A full sort + multinomial
-    cost ~15 ms per token here, more than the whole int4 decode step."""
+    cost ~15 ms per token here, most of an int4 decode step (~20 ms on the 0.5B)."""
     probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)         # [V]
     vocab = probs.numel()
     idx: Tensor | None = None
