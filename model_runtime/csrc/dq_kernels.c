@@ -1,5 +1,6 @@
 /*
- * Weight-only int8 / int4 linear layers for x86-64 CPUs with AVX2 (no AVX-512, VNNI or AMX needed).
+ * Weight-only int8 / int4 linear layers for x86-64 CPUs with AVX2 (no AVX-512 or AMX needed; the
+ * linear kernels also come compiled for AVX-VNNI and run on it where the CPU has it).
  *
  * Why: PyTorch's packed weight-only kernels (aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu)
  * convert every weight to float and multiply with FMAs; on a 2-core AVX2 machine that is
