@@ -34,6 +34,9 @@ from model_runtime.model import KVCache
 
 log = logging.getLogger("model_runtime.engine")
 
+RATE_WINDOW_S = 5.0     # tokens/s: the tokens of the last RATE_WINDOW_S seconds over the time since the first
+RATE_MIN_SPAN_S = 0.05  # ... but never over less than this: a burst of a few ms would read as an absurd rate
+
 
 @dataclass
 class SamplingParams:
@@ -309,7 +312,8 @@ class Engine:
             while True:
                 with self._lock:
                     while not self._stopping and not self._waiting and not self._running:
-                        self._lock.wait(timeout=1.0)
+                        if not self._lock.wait(timeout=1.0) and self._recent:
+                            self._update_stats(step=False)  # idle: the tokens/s window drains to 0
                     if self._stopping:
                         break
                 try:
@@ -449,20 +453,19 @@ class Engine:
         with self._lock:
             self._free_slots.append(slot)  # type: ignore[arg-type]
 
-    def _update_stats(self) -> None:
+    def _update_stats(self, step: bool = True) -> None:
         now = time.monotonic()
-        window = 5.0
-        while self._recent and now - self._recent[0][0] > window:
+        while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
             self._recent.popleft()
         n = sum(c for _, c in self._recent)
-        span = (now - self._recent[0][0]) if len(self._recent) > 1 else 0.0
+        span = now - self._recent[0][0] if self._recent else 0.0
         s = self._stats
-        s.tokens_per_s = n / span if span > 0.05 else s.tokens_per_s if self._running else 0.0
+        s.tokens_per_s = n / max(span, RATE_MIN_SPAN_S) if n else 0.0
         s.queue_depth = len(self._waiting)
         s.running = len(self._running)
         capacity = self.config.max_batch_size * self.max_len
         s.kv_cache_usage = sum(r.pos for r in self._running) / capacity if capacity else 0.0
-        s.steps += 1
+        s.steps += step
         if self.metrics is not None:
             try:
                 self.metrics.observe_step(s)

@@ -270,8 +270,24 @@ def test_stats_and_metrics(loaded):
         engine.stop()
     assert len(toks) == 20 and seen and max(r for r, _ in seen) == 1
     assert 0 < max(u for _, u in seen) <= (len(PROMPTS[0]) + 20) / (2 * 128)
-    assert engine.stats.tokens_per_s > 0
+    assert engine.stats.tokens_per_s > 0  # also right after a burst shorter than RATE_MIN_SPAN_S
     assert torch.get_num_threads() >= 1
+
+
+def test_tokens_per_second_drains_to_zero_when_idle(loaded, monkeypatch):
+    """The autoscaler reads tokens/s: an idle engine must not keep reporting its last busy rate."""
+    monkeypatch.setattr(engine_module, "RATE_WINDOW_S", 0.3)
+    engine = Engine(loaded, EngineConfig(max_batch_size=2, max_model_len=128))
+    engine.start()
+    try:
+        asyncio.run(collect(engine, PROMPTS[0], greedy(10), "busy"))
+        assert engine.stats.tokens_per_s > 0
+        deadline = time.monotonic() + 5  # the idle engine wakes once a second
+        while engine.stats.tokens_per_s > 0:
+            assert time.monotonic() < deadline, engine.stats
+            time.sleep(0.05)
+    finally:
+        engine.stop()
 
 
 def test_tokens_in_flight_cap_holds_requests_back(make_engine):
