@@ -12,6 +12,8 @@ Failure policy (kopf retries handlers that raise TemporaryError, never those tha
 - 5xx, 429, timeouts, connection errors: `kopf.TemporaryError` with exponential backoff.
 - An invalid spec: Validated=False with every problem, one Warning Event per generation, the running
   InferenceService untouched, then `kopf.PermanentError` (retrying cannot fix a spec).
+- 400/422 on a create or patch of the child (the API server or an admission webhook refuses what the spec
+  renders to): reported like an invalid spec, with the API's message; the running child stays as it was.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, NoReturn, Protocol, cast
 import kopf
 
 from . import constants, metrics
-from .api import DistilledModelSpec, InvalidSpec, parse_distilled_model
+from .api import DistilledModelSpec, InvalidSpec, Problem, parse_distilled_model
 from .render import render_inference_service
 from .settings import RenderSettings
 from .status import COND_VALIDATED, compute_status, condition, status_changed
@@ -261,6 +263,16 @@ class Unset:
 
 UNSET = Unset()
 MAX_CONFLICT_RETRIES = 3
+REFUSED = (400, 422)  # the API server refused the object itself: the same render would be refused again
+
+
+class _Refused(Exception):
+    """A create/patch of the child the API server refused; `live` is the child as it still runs (or None)."""
+
+    def __init__(self, error: ApiError, live: Mapping[str, Any] | None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.live = live
 
 
 class Reconciler:
@@ -408,10 +420,15 @@ class Reconciler:
         if live is not None and not isvc_in_sync(desired, live, uid):
             # The event's copy may be stale: decide on a fresh read before writing.
             live = await self._get_isvc(namespace, name, retry)
-        if live is None:
-            live = await self._create(desired, namespace, name, retry, outcome)
-        if outcome.action != "created" and live is not None and not isvc_in_sync(desired, live, uid):
-            live = await self._patch_isvc(desired, live, namespace, name, retry, outcome)
+        try:
+            if live is None:
+                live = await self._create(desired, namespace, name, retry, outcome)
+            if outcome.action != "created" and live is not None and not isvc_in_sync(desired, live, uid):
+                live = await self._patch_isvc(desired, live, namespace, name, retry, outcome)
+        except _Refused as refused:
+            problem = Problem("spec", f"the API server refused the InferenceService rendered from it ({refused.error}); "
+                                      "the running one, if any, is unchanged")
+            await self._record_invalid(body, namespace, name, InvalidSpec([problem]), refused.live, previous, retry)
 
         new = compute_status(
             name=name, generation=generation, spec=dm.spec, isvc=live, previous=previous, now=self.clock()
@@ -428,6 +445,8 @@ class Reconciler:
         try:
             created: dict[str, Any] = await self._call(self.client.create(ISVC, namespace, desired), retry)
         except ApiError as exc:
+            if exc.status in REFUSED:
+                raise _Refused(exc, None) from exc
             if exc.status != 409:
                 raise kopf.TemporaryError(f"creating InferenceService {name}: {exc}", delay=backoff(retry)) from exc
             found = await self._get_isvc(namespace, name, retry)  # created meanwhile: compare with it
@@ -462,6 +481,8 @@ class Reconciler:
             except ApiError as exc:
                 if exc.status == 404:  # deleted under our feet: create it again
                     return await self._create(desired, namespace, name, retry, outcome)
+                if exc.status in REFUSED:
+                    raise _Refused(exc, live) from exc
                 if exc.status != 409 or attempt == MAX_CONFLICT_RETRIES:
                     raise kopf.TemporaryError(f"patching InferenceService {name}: {exc}", delay=backoff(retry)) from exc
                 fresh = await self._get_isvc(namespace, name, retry)

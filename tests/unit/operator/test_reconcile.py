@@ -227,6 +227,29 @@ async def test_invalid_spec_is_recorded_once_and_leaves_the_child_untouched(clie
     assert client.writes() == [] and client.events == []
 
 
+@pytest.mark.parametrize("verb", ["create", "patch"])
+@pytest.mark.parametrize("status", [400, 422])
+async def test_a_child_the_api_server_refuses_is_reported_on_the_model_not_retried(
+    client, reconciler, verb: str, status: int
+) -> None:
+    """An admission webhook (or the API's own validation) refusing what a valid spec renders to is bad input
+    too: Validated=False with the API's message and one Warning Event, no retry loop, the running child kept."""
+    if verb == "create":
+        body, before = client.put(DM, dm_object()), None
+    else:
+        body = await converged(client, reconciler)
+        before = stored_isvc(client)
+        body["spec"]["serving"] = {"maxBatchSize": 2}
+        body["metadata"]["generation"] = 2
+    client.fail(verb, "inferenceservices", status)
+    with pytest.raises(kopf.PermanentError, match="refused"):
+        await reconciler.reconcile(body, trigger="update")
+    assert client.objects.get((ISVC.plural, NS, NAME)) == before
+    validated = next(c for c in stored_dm(client)["status"]["conditions"] if c["type"] == "Validated")
+    assert validated["status"] == "False" and f"HTTP {status}" in validated["message"]
+    assert [(e[1], e[2]) for e in client.events] == [("Warning", "InvalidSpec")]
+
+
 def test_contains_tolerates_defaulted_keys_but_not_changed_values() -> None:
     assert contains({"a": {"b": 1}}, {"a": {"b": 1, "defaulted": True}, "c": 2})
     assert not contains({"a": {"b": 1}}, {"a": {"b": 2}})
