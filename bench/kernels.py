@@ -2,12 +2,12 @@
 
 - kernel_table: every linear shape of the real 0.5B and of the R1-Distill-1.5B shape, at 1/4/8
   activation rows, through our integer kernels (model_runtime.ckernels, on the best instruction set
-  this CPU has: AVX-VNNI or AVX2) and PyTorch's packed
-  weight-only kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu, bf16 activations).
+  this CPU has: AVX-VNNI or AVX2) and PyTorch's packed weight-only kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu, bf16 activations).
   Weights are random (speed does not depend on their values); each figure is the median of `repeats`
   timed calls after two warm-ups, with the weights cycled so a matrix is not served from cache.
 - decode_steps: the loaded model's decode step (no engine, no HTTP) at batch 1/4/8 for each mode
-  and backend (ours on each instruction set the CPU has, PyTorch's): what the engine and the HTTP layer add on top shows up against the HTTP figures.
+  and backend (ours on each instruction set the CPU has, PyTorch's): what the engine and the HTTP
+  layer add on top shows up against the HTTP figures.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 # (name, out_features N, in_features K) per model; qkv/gate_up fused as the runtime fuses them
@@ -103,54 +104,48 @@ def decode_steps(model_dir: str, modes: list[str], threads: int = 2, batches: tu
     import torch
 
     from model_runtime import ckernels
-    from model_runtime.loader import load_model
 
     torch.set_num_threads(threads)
     results: list[dict[str, Any]] = []
     # ours on each instruction set this CPU has (the best one first: what the runtime picks), then PyTorch's
-    isas = [isa for isa in ("avxvnni", "avx2") if ckernels.cpu_supported() and _isa_available(isa)]
+    try:
+        lib: ckernels._Lib | None = ckernels._load()
+    except ckernels.KernelUnavailable:
+        lib = None
+    isas = lib.available_isas() if lib else []
     for mode in modes:
         backends = [f"dq-{isa}" for isa in isas] + ["aten"] if mode in ("int8", "int4") else ["-"]
         for backend in backends:
             if backend != "-":
                 os.environ["DISTILLERY_CPU_KERNELS"] = backend.split("-")[0]
-            if backend.startswith("dq-"):
-                before = ckernels._load().isa
-                ckernels._load().set_isa(backend.removeprefix("dq-"))
-            loaded = load_model(model_dir, quantization="none" if mode == "bf16" else mode, max_model_len=512)
-            model = loaded.model
-            cache = model.new_cache(max(batches), 512)
-            with torch.inference_mode():
-                for b in batches:
-                    ids = torch.randint(0, 1000, (b, 1))
-                    pos = torch.full((b, 1), 64)
-                    for _ in range(2):
-                        model(ids, pos, cache, slice(0, b))
-                    t = time.perf_counter()
-                    for i in range(steps):
-                        model(ids, pos + i, cache, slice(0, b))
-                    ms = (time.perf_counter() - t) / steps * 1e3
-                    results.append({"mode": mode, "backend": backend, "batch": b, "step_ms": round(ms, 2),
-                                    "tok_s": round(b * 1e3 / ms, 1), "fused_decode": bool(model.fused_decode)})
-            del model, loaded, cache
+            on_isa = lib.using_isa(backend.removeprefix("dq-")) if lib and backend.startswith("dq-") else nullcontext()
+            with on_isa:
+                results += _time_decode_steps(model_dir, mode, backend, batches, steps)
             os.environ.pop("DISTILLERY_CPU_KERNELS", None)
-            if backend.startswith("dq-"):
-                ckernels._load().set_isa(before)
     return {"rows": results, "threads": threads, "steps": steps}
 
 
-def _isa_available(isa: str) -> bool:
-    from model_runtime import ckernels
+def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[int, ...],
+                       steps: int) -> list[dict[str, Any]]:
+    """One model load, its decode step timed at each batch size."""
+    import torch
 
-    try:
-        lib = ckernels._load()
-    except ckernels.KernelUnavailable:
-        return False
-    before = lib.isa
-    try:
-        lib.set_isa(isa)
-        return True
-    except ckernels.KernelUnavailable:
-        return False
-    finally:
-        lib.set_isa(before)
+    from model_runtime.loader import load_model
+
+    loaded = load_model(model_dir, quantization="none" if mode == "bf16" else mode, max_model_len=512)
+    model = loaded.model
+    cache = model.new_cache(max(batches), 512)
+    results: list[dict[str, Any]] = []
+    with torch.inference_mode():
+        for b in batches:
+            ids = torch.randint(0, 1000, (b, 1))
+            pos = torch.full((b, 1), 64)
+            for _ in range(2):
+                model(ids, pos, cache, slice(0, b))
+            t = time.perf_counter()
+            for i in range(steps):
+                model(ids, pos + i, cache, slice(0, b))
+            ms = (time.perf_counter() - t) / steps * 1e3
+            results.append({"mode": mode, "backend": backend, "batch": b, "step_ms": round(ms, 2),
+                            "tok_s": round(b * 1e3 / ms, 1), "fused_decode": bool(model.fused_decode)})
+    return results

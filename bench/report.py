@@ -135,11 +135,15 @@ def perplexity_table(ppl: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+ISA_LABELS = {"avx2": "AVX2", "avxvnni": "AVX-VNNI"}  # model_runtime.ckernels' instruction-set names
+
+
 def kernel_table(kernels: dict[str, Any]) -> str:
     """Per layer shape and row count: PyTorch's packed kernels vs ours (ms per call, median)."""
     isa = kernels.get("dq_isa")
-    lines = ([f"Ours on {'AVX-VNNI' if isa == 'avxvnni' else 'AVX2'}.", ""] if isa else []) + ["| model | layer | N x K | M | aten int8 ms | ours int8 ms | aten int4 ms | ours int4 ms "
-             "| int8 speed-up | int4 speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Ours on {ISA_LABELS.get(isa, isa)}.", ""] if isa else []
+    lines += ["| model | layer | N x K | M | aten int8 ms | ours int8 ms | aten int4 ms | ours int4 ms "
+              "| int8 speed-up | int4 speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in kernels.get("rows", []):
         lines.append(f"| {r['model']} | {r['layer']} | {r['N']} x {r['K']} | {r['M']} | {_fmt(r.get('aten_int8_ms'), 3)} "
                      f"| {_fmt(r.get('dq_int8_ms'), 3)} | {_fmt(r.get('aten_int4_ms'), 3)} | {_fmt(r.get('dq_int4_ms'), 3)} "
@@ -157,8 +161,9 @@ def decode_steps_table(steps: dict[str, Any]) -> str:
     for r in rows:
         seen.setdefault((r["mode"], r["backend"]), {})[r["batch"]] = r
     for (mode, backend), per in seen.items():
-        label = {"dq": "ours (AVX2 int)", "dq-avx2": "ours (AVX2 int)", "dq-avxvnni": "ours (AVX-VNNI int)",
-                 "aten": "PyTorch packed", "-": "PyTorch bf16"}.get(backend, backend)
+        isa = "avx2" if backend == "dq" else backend.removeprefix("dq-")  # "dq": results from before the ISA split
+        label = ({"aten": "PyTorch packed", "-": "PyTorch bf16"}.get(backend)
+                 or (f"ours ({ISA_LABELS[isa]} int)" if isa in ISA_LABELS else backend))
         cells = [f"{per[b]['tok_s']} ({per[b]['step_ms']})" if b in per else "-" for b in batches]
         lines.append(f"| {mode} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

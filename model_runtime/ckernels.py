@@ -21,6 +21,7 @@ AVX-VNNI (one `vpdpbusd` where AVX2 needs maddubs + madd + add), and picks the b
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -137,6 +139,25 @@ class _Lib:
         if self.lib.dq_set_isa(ISAS[name]) < 0:
             raise KernelUnavailable(f"this CPU lacks {name}")
         return self.isa
+
+    @contextlib.contextmanager
+    def using_isa(self, name: str) -> Iterator[_Lib]:
+        """The linear kernels on `name` inside the block, on the previous choice after it (the choice is
+        process-wide; tests and the benchmark compare instruction sets)."""
+        before = self.isa
+        self.set_isa(name)
+        try:
+            yield self
+        finally:
+            self.set_isa(before)
+
+    def available_isas(self) -> list[str]:
+        """The instruction sets this CPU and this build of the library can run, best first."""
+        usable = []
+        for name in ("avxvnni", "avx2"):
+            with contextlib.suppress(KernelUnavailable), self.using_isa(name):
+                usable.append(name)
+        return usable
 
 
 _lock = threading.Lock()

@@ -38,19 +38,17 @@ def lib(request):
     on each); on a machine with a C compiler and AVX2 they must build: no silent fallback in tests."""
     if not _cpu_has(request.param):
         pytest.skip(f"this CPU lacks {request.param}")
-    loaded = ckernels._load()
-    before = loaded.isa
-    assert loaded.set_isa(request.param) == request.param
-    yield loaded
-    loaded.set_isa(before)
+    with ckernels._load().using_isa(request.param) as loaded:
+        assert loaded.isa == request.param
+        yield loaded
 
 
 def test_a_forced_instruction_set_that_cannot_run_is_a_loud_error(monkeypatch):
     """DISTILLERY_CPU_ISA is a setting: a wrong or unavailable one stops the load (no quiet fallback to
     PyTorch's kernels, which `auto` backend selection would otherwise do)."""
     path = ckernels.build()
-    before = ckernels._load().isa  # the same library (dlopen shares it): its choice is process-wide
-    try:
+    lib = ckernels._load()
+    with lib.using_isa(lib.isa):  # the same library (dlopen shares it): put its process-wide choice back
         monkeypatch.setenv("DISTILLERY_CPU_ISA", "avx1024")
         with pytest.raises(ValueError, match="expected one of"):
             ckernels._Lib(path)
@@ -62,8 +60,6 @@ def test_a_forced_instruction_set_that_cannot_run_is_a_loud_error(monkeypatch):
                 ckernels._Lib(path)
         monkeypatch.setenv("DISTILLERY_CPU_ISA", "avx2")
         assert ckernels._Lib(path).isa == "avx2"
-    finally:
-        ckernels._load().set_isa(before)
 
 
 @pytest.fixture(scope="module")
@@ -108,20 +104,16 @@ def test_avx2_and_avxvnni_kernels_give_identical_results(int8_weights, m):
     """Both sum the same integer products exactly (no int16 saturation on AVX2: |w| |x| pairs stay below
     2^15), then apply the same float scales: bit-identical outputs, so the CPU never changes a token."""
     loaded = ckernels._load()
-    before = loaded.isa  # the module's `lib` fixture may have chosen one: give it back
     codes, scales, _ = int8_weights
     torch.manual_seed(m)
     x, norm = torch.randn(m, 256), torch.rand(256) + 0.5
     w4 = torch.randn(96, 256) * 0.05 + 0.01
     int4 = {g: (ckernels.pack_w4(c), s, z) for g in (32, 64, 128) for c, s, z in [quantize_int4(w4, g)]}
     outs = {}
-    try:
-        for isa in ("avx2", "avxvnni"):
-            loaded.set_isa(isa)
+    for isa in ("avx2", "avxvnni"):
+        with loaded.using_isa(isa):  # the module's `lib` fixture may have chosen one: it gets it back
             outs[isa] = [ckernels.linear_w8(x, codes, scales.float(), None, 128, norm=norm, eps=1e-6)]
             outs[isa] += [ckernels.linear_w4(x, pk, s, z, None, g) for g, (pk, s, z) in int4.items()]
-    finally:
-        loaded.set_isa(before)
     for a, b in zip(outs["avx2"], outs["avxvnni"], strict=True):
         assert torch.equal(a, b)
 
