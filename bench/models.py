@@ -4,7 +4,7 @@
   bf16 safetensors checkpoint, so transformers (generate and serve) and our runtime read the same
   weights that llama.cpp reads from the GGUF.
 - A random-weight model with the exact DeepSeek-R1-Distill-Qwen-1.5B shape (speed does not depend on
-  the values), with the real R1 tokenizer from shared/reference.
+  the values), with the real R1 tokenizer from third_party/reference.
 - A Q8_0 GGUF made from the shipped Q4_K_M with llama.cpp's own quantize API. llama.cpp can only
   requantize what it has, so the Q8_0 codes carry Q4_K_M's error: a fair *speed* peer, not a
   quality one.

@@ -34,7 +34,8 @@ GGUF_Q4 = MODELS / "qwen2.5-0.5b-q4_k_m.gguf"
 GGUF_Q8 = MODELS / "qwen2.5-0.5b-q8_0.gguf"
 ST_0P5B = MODELS / "qwen2.5-0.5b-st"
 R1_1P5B = MODELS / "r1-distill-qwen-1.5b-shape-random"
-R1_TOKENIZER_CANDIDATES = [REPO_ROOT / "shared", REPO_ROOT.parent / "shared"]
+# The real R1-Distill tokenizer, carried in the repository (third_party/reference/README.md says whence).
+R1_TOKENIZER_DIR = REPO_ROOT / "third_party" / "reference" / "deepseek-r1-distill-qwen-tokenizer"
 SMALL, BIG = "qwen2.5-0.5b", "r1-1.5b-shape"
 
 # A raw completion prompt (no chat template, so every engine sees the same tokens) that a code model
@@ -70,14 +71,6 @@ class Settings:
     def quick(cls) -> Settings:
         return cls(single_tokens=16, repeats=1, conc_tokens=8, levels=(1, 4), big_tokens=8, overload_tokens=4,
                    ppl_max_tokens=256, ppl_window=128, bandwidth_mib=128)
-
-
-def _r1_tokenizer_dir() -> Path:
-    for base in R1_TOKENIZER_CANDIDATES:
-        path = base / "reference" / "deepseek-r1-distill-qwen-tokenizer"
-        if path.is_dir():
-            return path
-    raise FileNotFoundError("shared/reference/deepseek-r1-distill-qwen-tokenizer not found beside the repo")
 
 
 def _log(msg: str) -> None:
@@ -122,7 +115,7 @@ class Bench:
         prep = self.results.setdefault("prepare", {})
         prep["safetensors_0p5b"] = self.step("prepare/st", "prepare_st", {"gguf": str(GGUF_Q4), "dest": str(ST_0P5B)})
         prep["r1_1p5b_shape"] = self.step("prepare/r1", "prepare_r1",
-                                          {"dest": str(R1_1P5B), "tokenizer_dir": str(_r1_tokenizer_dir())})
+                                          {"dest": str(R1_1P5B), "tokenizer_dir": str(R1_TOKENIZER_DIR)})
         prep["q8_0"] = self.step("prepare/q8_0", "prepare_q8", {"src": str(GGUF_Q4), "dest": str(GGUF_Q8)})
 
     def bandwidth(self) -> None:
@@ -215,7 +208,7 @@ class Bench:
 
     def _ours_cmd(self, model_dir: Path, name: str, port: int, quant: str, *, max_batch: int,
                   max_queue: int, max_model_len: int | None = None) -> list[str]:
-        from distillery_operator import contract as c
+        from distillery_contract import flags as c
 
         extra = [c.FLAG_MAX_MODEL_LEN, str(max_model_len)] if max_model_len else []
         return [sys.executable, "-m", c.RUNTIME_MODULE, c.FLAG_MODEL_NAME, name, c.FLAG_MODEL_DIR, str(model_dir),
@@ -226,7 +219,7 @@ class Bench:
 
     def _ours(self, model: str, model_dir: Path, *, levels: tuple[int, ...], tokens: int, repeats: int,
               max_model_len: int | None = None) -> None:
-        from distillery_operator import contract as c
+        from distillery_contract import flags as c
 
         for mode, quant in (("bf16", "none"), ("int8", "int8"), ("int4", "int4")):
             if mode not in self.s.ours_modes:
@@ -267,7 +260,7 @@ class Bench:
         }
 
     def overload(self) -> None:
-        from distillery_operator import contract as c
+        from distillery_contract import flags as c
 
         port = free_port()
         key = f"{SMALL}/ours/int8-overload"

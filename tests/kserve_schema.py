@@ -1,6 +1,6 @@
 """Validate objects against a CRD's openAPIV3Schema, strictly (shared by the renderer and chart tests).
 
-The KServe CRDs in shared/reference/kserve-v0.20.0/ carry no `additionalProperties: false`, so a
+The KServe CRDs in third_party/reference/kserve-v0.20.0/ carry no `additionalProperties: false`, so a
 misspelled field would pass plain validation (the API server prunes it silently instead). We inject
 `additionalProperties: false` into every object schema that lists its properties and does not
 preserve unknown fields, and map OpenAPI's `nullable` and `x-kubernetes-int-or-string` onto JSON

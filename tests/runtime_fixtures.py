@@ -1,7 +1,7 @@
 """Builders of tiny models for the runtime tests (both conftests import this plain module).
 
 Nothing here downloads: weights are random (seeded), the tokenizer is the real R1-Distill one
-copied from shared/ (vocab 152064, so the tiny model's vocab matches it).
+carried in third_party/reference/ (vocab 152064, so the tiny model's vocab matches it).
 """
 
 from __future__ import annotations
