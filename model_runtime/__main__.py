@@ -2,7 +2,7 @@
 
 The ClusterServingRuntime runs this. The parser extends KServe's model_server.parser (so
 --http_port, --grpc_port, --workers ... keep KServe's meaning) with the flags named in
-distillery_operator.contract, which the operator's renderer writes into the InferenceService.
+distillery_contract.flags, which the operator's renderer writes into the InferenceService.
 The weights load first (KServe's pattern), then the HTTP server starts with the model ready
 (GET /v1/models/NAME -> 200). A load failure ends the process with exit status 1 and a log line
 that says why.
@@ -20,7 +20,7 @@ from pathlib import Path
 from kserve import model_server
 from kserve.utils.utils import strtobool
 
-from distillery_operator import contract
+from distillery_contract import flags, values
 from model_runtime.log_config import configure_logging
 from model_runtime.server import DistilleryModel, RuntimeModelServer, RuntimeOptions, add_openai_routes
 
@@ -56,35 +56,35 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """The contract's flags (and a few local ones) on top of KServe's parser."""
     existing = {opt for action in parser._actions for opt in action.option_strings}
     # KServe's parser already defines --model_name and --http_port; their meaning is the contract's.
-    assert contract.FLAG_MODEL_NAME in existing and contract.FLAG_HTTP_PORT in existing
+    assert flags.FLAG_MODEL_NAME in existing and flags.FLAG_HTTP_PORT in existing
     flag = {"nargs": "?", "const": True, "type": _bool}  # `--x` or `--x=false`
-    parser.add_argument(contract.FLAG_MODEL_DIR, default=contract.MODEL_MOUNT_DIR,
+    parser.add_argument(flags.FLAG_MODEL_DIR, default=flags.MODEL_MOUNT_DIR,
                         help="model directory (HF safetensors + tokenizer, our quantized artifact) or a .gguf file")
-    parser.add_argument(contract.FLAG_MODEL_FORMAT, default="auto", choices=["auto", "safetensors", "gguf"],
+    parser.add_argument(flags.FLAG_MODEL_FORMAT, default="auto", choices=["auto", *values.WEIGHT_FORMATS],
                         help="format of --model_dir; auto detects it")
-    parser.add_argument(contract.FLAG_QUANTIZATION, default="none", choices=["none", "int8", "int4"],
+    parser.add_argument(flags.FLAG_QUANTIZATION, default=values.QuantMethod.NONE.value, choices=values.QUANT_METHODS,
                         help="weight-only quantization applied at load")
-    parser.add_argument(contract.FLAG_GROUP_SIZE, default=128, type=int, choices=[32, 64, 128],
+    parser.add_argument(flags.FLAG_GROUP_SIZE, default=values.DEFAULT_GROUP_SIZE, type=int, choices=values.INT4_GROUP_SIZES,
                         help="int4 group size")
-    parser.add_argument(contract.FLAG_PREQUANTIZED, default=None, **flag,
+    parser.add_argument(flags.FLAG_PREQUANTIZED, default=None, **flag,
                         help="the weights are already our quantized artifact; unset: detect its manifest")
-    parser.add_argument(contract.FLAG_DTYPE, default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument(contract.FLAG_DEVICE, default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument(contract.FLAG_MAX_MODEL_LEN, default=None, type=_positive_int,
+    parser.add_argument(flags.FLAG_DTYPE, default="auto", choices=values.DTYPES)
+    parser.add_argument(flags.FLAG_DEVICE, default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument(flags.FLAG_MAX_MODEL_LEN, default=None, type=_positive_int,
                         help="context length; unset: the model's")
-    parser.add_argument(contract.FLAG_MAX_BATCH_SIZE, default=8, type=_positive_int,
+    parser.add_argument(flags.FLAG_MAX_BATCH_SIZE, default=values.DEFAULT_MAX_BATCH_SIZE, type=_positive_int,
                         help="sequences decoded together")
-    parser.add_argument(contract.FLAG_MAX_QUEUE, default=32, type=_positive_int,
+    parser.add_argument(flags.FLAG_MAX_QUEUE, default=values.DEFAULT_MAX_QUEUE, type=_positive_int,
                         help="waiting requests beyond this get HTTP 429")
-    parser.add_argument(contract.FLAG_DEFAULT_TEMPERATURE, default=None, type=_temperature,
+    parser.add_argument(flags.FLAG_DEFAULT_TEMPERATURE, default=None, type=_temperature,
                         help="default temperature; unset: the model's generation_config")
-    parser.add_argument(contract.FLAG_DEFAULT_TOP_P, default=None, type=_unit_float,
+    parser.add_argument(flags.FLAG_DEFAULT_TOP_P, default=None, type=_unit_float,
                         help="default top_p; unset: the model's generation_config")
-    parser.add_argument(contract.FLAG_DEFAULT_MAX_TOKENS, default=None, type=_positive_int,
+    parser.add_argument(flags.FLAG_DEFAULT_MAX_TOKENS, default=None, type=_positive_int,
                         help="default max_tokens; unset: up to the end of the context")
-    parser.add_argument(contract.FLAG_THINK_PREFIX, default=False, **flag,
+    parser.add_argument(flags.FLAG_THINK_PREFIX, default=False, **flag,
                         help='force "<think>\\n" after the generation prompt (DeepSeek-R1)')
-    parser.add_argument(contract.FLAG_SEPARATE_REASONING, default=False, **flag,
+    parser.add_argument(flags.FLAG_SEPARATE_REASONING, default=False, **flag,
                         help="return the thinking as reasoning_content (DeepSeek API style)")
     parser.add_argument("--http_host", default="0.0.0.0", help="address to listen on (127.0.0.1 for local use)")
     parser.add_argument("--request_timeout_s", default=600.0, type=float, help="per-request engine timeout")

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SUPPORTED_ARCHS = ("qwen2", "llama")
+from distillery_contract.values import ARCHITECTURES
+
+SUPPORTED_ARCHS = ARCHITECTURES
 
 
 @dataclass

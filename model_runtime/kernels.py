@@ -1,6 +1,6 @@
 """Weight-only int8/int4 linear layers and the matmul path each device uses (measured choices).
 
-CPU (AVX2, see shared notes/cpu-inference.md; 1x4096 @ 4096x4096, 2 threads):
+CPU (AVX2, measured on this project's 2-vCPU machines; 1x4096 @ 4096x4096, 2 threads):
   bf16 nn.Linear 2.3 ms; int8 `aten._weight_int8pack_mm` with bf16 activations 1.35-1.46 ms (the
   same kernel with fp32 activations is 9-14 ms, torchao's eager int8 21-40 ms); int4
   `aten._weight_int4pack_mm_for_cpu` g128 1.34-1.48 ms (compute-bound, no gain over int8 here).
@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distillery_contract.values import INT4_GROUP_SIZES
 from model_runtime import ckernels
-
-INT4_GROUP_SIZES = (32, 64, 128)
 
 
 class RMSNormLike(Protocol):

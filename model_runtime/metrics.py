@@ -1,4 +1,4 @@
-"""Prometheus metrics of the runtime, named once in distillery_operator.contract.
+"""Prometheus metrics of the runtime, named once in distillery_contract.metric_names.
 
 KServe's ModelServer already serves prometheus_client's default REGISTRY on /metrics, so the
 collectors are registered there (tests pass a private CollectorRegistry). Every series carries the
@@ -19,9 +19,9 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from distillery_operator import contract
+from distillery_contract import metric_names
 
-LABEL = contract.METRIC_LABEL_MODEL
+LABEL = metric_names.METRIC_LABEL_MODEL
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
@@ -40,24 +40,24 @@ def _build(registry: CollectorRegistry) -> dict[str, Any]:
         return Gauge(name, doc, (LABEL,), registry=registry)
 
     return {
-        "requests": counter(contract.METRIC_REQUESTS_TOTAL, "HTTP requests served", ("endpoint", "status")),
-        "errors": counter(contract.METRIC_REQUEST_ERRORS_TOTAL, "Failed requests by error type", ("type",)),
+        "requests": counter(metric_names.METRIC_REQUESTS_TOTAL, "HTTP requests served", ("endpoint", "status")),
+        "errors": counter(metric_names.METRIC_REQUEST_ERRORS_TOTAL, "Failed requests by error type", ("type",)),
         "ttft": Histogram(
-            contract.METRIC_TIME_TO_FIRST_TOKEN, "Time from request arrival to its first generated token",
+            metric_names.METRIC_TIME_TO_FIRST_TOKEN, "Time from request arrival to its first generated token",
             (LABEL,), buckets=TTFT_BUCKETS, registry=registry,
         ),
         "latency": Histogram(
-            contract.METRIC_REQUEST_LATENCY, "Time from request arrival to its last token",
+            metric_names.METRIC_REQUEST_LATENCY, "Time from request arrival to its last token",
             (LABEL,), buckets=LATENCY_BUCKETS, registry=registry,
         ),
-        "generated": counter(contract.METRIC_GENERATED_TOKENS_TOTAL, "Generated (completion) tokens"),
-        "prompt": counter(contract.METRIC_PROMPT_TOKENS_TOTAL, "Prompt tokens processed"),
-        "in_flight": gauge(contract.METRIC_REQUESTS_IN_FLIGHT, "Generation requests being served"),
-        "queue_depth": gauge(contract.METRIC_QUEUE_DEPTH, "Requests waiting for a batch slot"),
-        "running": gauge(contract.METRIC_RUNNING_SEQUENCES, "Sequences in the running batch"),
-        "kv_usage": gauge(contract.METRIC_KV_CACHE_USAGE, "KV cache use, 0..1"),
-        "tokens_per_s": gauge(contract.METRIC_TOKENS_PER_SECOND, "Decode rate over the last window"),
-        "rejected": counter(contract.METRIC_QUEUE_REJECTED_TOTAL, "Requests rejected with 429 (queue full)"),
+        "generated": counter(metric_names.METRIC_GENERATED_TOKENS_TOTAL, "Generated (completion) tokens"),
+        "prompt": counter(metric_names.METRIC_PROMPT_TOKENS_TOTAL, "Prompt tokens processed"),
+        "in_flight": gauge(metric_names.METRIC_REQUESTS_IN_FLIGHT, "Generation requests being served"),
+        "queue_depth": gauge(metric_names.METRIC_QUEUE_DEPTH, "Requests waiting for a batch slot"),
+        "running": gauge(metric_names.METRIC_RUNNING_SEQUENCES, "Sequences in the running batch"),
+        "kv_usage": gauge(metric_names.METRIC_KV_CACHE_USAGE, "KV cache use, 0..1"),
+        "tokens_per_s": gauge(metric_names.METRIC_TOKENS_PER_SECOND, "Decode rate over the last window"),
+        "rejected": counter(metric_names.METRIC_QUEUE_REJECTED_TOTAL, "Requests rejected with 429 (queue full)"),
     }
 
 

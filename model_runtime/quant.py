@@ -18,6 +18,14 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from distillery_contract.artifact import (
+    ARTIFACT_FORMAT,
+    ARTIFACT_FORMAT_VERSION,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    ArtifactManifest,
+)
+from distillery_contract.values import QUANTIZED_METHODS
 from model_runtime.kernels import (
     Int4Embedding,
     Int4Linear,
@@ -26,10 +34,8 @@ from model_runtime.kernels import (
     quantize_int8,
 )
 
-MANIFEST = "quantization.json"
-FORMAT = "distillery-quantized"
-FORMAT_VERSION = 1
-METHODS = ("int8", "int4")
+MANIFEST = MANIFEST_FILE
+METHODS = QUANTIZED_METHODS
 
 
 def tool_version() -> str:
@@ -139,16 +145,16 @@ def save_quantized(model: nn.Module, dst: Path, *, method: str, group_size: int,
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     state = artifact_state(model)
-    save_file(state, str(dst / "model.safetensors"), metadata={"format": FORMAT})
-    (dst / "model.safetensors").chmod(0o644)  # readable by the serving container's (other) user
+    save_file(state, str(dst / WEIGHTS_FILE), metadata={"format": ARTIFACT_FORMAT})
+    (dst / WEIGHTS_FILE).chmod(0o644)  # readable by the serving container's (other) user
     cfg = model.config
     (dst / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "method": method,
+    manifest: ArtifactManifest = {
+        "format": ARTIFACT_FORMAT, "format_version": ARTIFACT_FORMAT_VERSION, "method": method,
         "group_size": group_size if method == "int4" else None, "quantize_lm_head": quantize_lm_head,
         "lm_head": {Int8Linear: "int8", Int4Linear: "int4"}.get(type(model.lm_head), "float"),
         "source": source, "source_checksum": source_checksum, "tool_version": tool_version(),
-        "weights_checksum": file_checksum([dst / "model.safetensors"]), "config": cfg.as_dict(),
+        "weights_checksum": file_checksum([dst / WEIGHTS_FILE]), "config": cfg.as_dict(),
         "float_dtype": str(model.float_dtype).removeprefix("torch."),
     }
     for name, data in (extra_files or {}).items():
@@ -162,11 +168,11 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     if not f.is_file():
         return None
     manifest = json.loads(f.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{f}: not a {FORMAT} manifest")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"{f}: not a {ARTIFACT_FORMAT} manifest")
+    if int(manifest.get("format_version", 0)) > ARTIFACT_FORMAT_VERSION:
         raise ValueError(f"{f}: format version {manifest['format_version']} is newer than this runtime "
-                         f"supports ({FORMAT_VERSION}); upgrade the runtime")
+                         f"supports ({ARTIFACT_FORMAT_VERSION}); upgrade the runtime")
     return manifest
 
 

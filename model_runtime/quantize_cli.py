@@ -16,14 +16,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distillery_contract.values import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, QUANTIZED_METHODS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("src", help="source model: a HF directory (safetensors) or a .gguf file")
     p.add_argument("dst", help="output directory for the quantized artifact")
-    p.add_argument("--method", choices=["int8", "int4"], default="int8",
+    p.add_argument("--method", choices=QUANTIZED_METHODS, default="int8",
                    help="int8: per-output-channel; int4: group-wise (see --group-size)")
-    p.add_argument("--group-size", "--group_size", dest="group_size", type=int, choices=[32, 64, 128],
-                   default=128, help="int4 group size")
+    p.add_argument("--group-size", "--group_size", dest="group_size", type=int, choices=INT4_GROUP_SIZES,
+                   default=DEFAULT_GROUP_SIZE, help="int4 group size")
     p.add_argument("--lm-head", "--lm_head", dest="lm_head", choices=["auto", "float", "same"], default="auto",
                    help="output projection: auto = int8 (per-channel) for both methods, float = keep it in "
                         "--dtype, same = the --method (int4 head: smallest, least accurate)")

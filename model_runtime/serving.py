@@ -2,7 +2,7 @@
 
 Everything between the wire format (protocol.py) and the engine (engine.py) lives here:
 - validation that needs the model: model name (404), context length, max_tokens (400);
-- the chat template, with DeepSeek-R1's rules (see shared notes/deepseek-r1-conventions.md):
+- the chat template, with DeepSeek-R1's usage recommendations (the R1 model card):
   a system message is folded into the first user turn when the template drops system messages;
   "<think>\\n" is forced after the generation prompt when configured and the template did not add
   it; the thinking is returned as `reasoning_content` when configured;

@@ -22,6 +22,17 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from distillery_contract.values import (
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE,
+    Architecture,
+    Dtype,
+    GroupSize,
+    QuantMethod,
+    WeightFormat,
+)
+
 from . import constants
 
 
@@ -48,11 +59,6 @@ Quantity = Annotated[
 URI_SCHEMES = ("hf", "s3", "gs", "pvc", "oci", "https")
 
 
-class WeightFormat(StrEnum):
-    SAFETENSORS = "safetensors"
-    GGUF = "gguf"
-
-
 class ModelSource(ApiModel):
     """Where the distilled weights come from and what they are."""
 
@@ -72,18 +78,12 @@ class ModelSource(ApiModel):
     teacher: str | None = Field(
         None, description='Free-text lineage: the teacher model this student was distilled from, e.g. "DeepSeek-R1"'
     )
-    architecture: Literal["qwen2", "llama"] | None = Field(
+    architecture: Architecture | None = Field(
         None, description="Architecture hint (qwen2: R1-Distill-Qwen, llama: R1-Distill-Llama); read from the weights when empty"
     )
 
 
 # ------------------------------------------------------------------------------------- quantization
-class QuantMethod(StrEnum):
-    NONE = "none"
-    INT8 = "int8"
-    INT4 = "int4"
-
-
 class Quantization(ApiModel):
     """Weight-only quantization of the decoder's linear layers."""
 
@@ -91,7 +91,7 @@ class Quantization(ApiModel):
         QuantMethod.NONE,
         description="none: serve in the checkpoint's dtype; int8: per-channel weight-only; int4: group-wise weight-only",
     )
-    group_size: Literal[32, 64, 128] = Field(128, description="int4 group size (input channels per scale)")
+    group_size: GroupSize = Field(DEFAULT_GROUP_SIZE, description="int4 group size (input channels per scale)")
     prequantized: bool = Field(
         False, description="The weights are already in Distillery's quantized format (from model-runtime quantize)"
     )
@@ -126,9 +126,9 @@ class Serving(ApiModel):
     """How the runtime serves the model."""
 
     max_model_len: int = Field(4096, ge=128, le=1_048_576, description="Context length (prompt + generated tokens)")
-    max_batch_size: int = Field(8, ge=1, le=1024, description="Sequences decoded together (continuous batching)")
-    max_queue: int = Field(32, ge=1, le=100_000, description="Requests waiting for a batch slot before 429s")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024, description="Sequences decoded together (continuous batching)")
+    max_queue: int = Field(DEFAULT_MAX_QUEUE, ge=1, le=100_000, description="Requests waiting for a batch slot before 429s")
+    dtype: Dtype = Field(
         "auto", description="Activation dtype (auto: bfloat16 on CPU and recent GPUs, float16 on GPUs without bf16)"
     )
     sampling: Sampling = Field(default_factory=Sampling, description="Default sampling parameters")

@@ -12,7 +12,9 @@ import json
 import math
 from typing import Any
 
-from . import constants, contract
+from distillery_contract import flags, metric_names
+
+from . import constants
 from .api import (
     DEFAULT_TARGETS,
     HPA_METRICS,
@@ -38,26 +40,26 @@ def runtime_args(spec: DistilledModelSpec) -> list[str]:
     serving = spec.serving
     quant = spec.quantization
     args = [
-        f"{contract.FLAG_MODEL_FORMAT}={spec.model.format.value}",
-        f"{contract.FLAG_QUANTIZATION}={quant.method.value}",
+        f"{flags.FLAG_MODEL_FORMAT}={spec.model.format.value}",
+        f"{flags.FLAG_QUANTIZATION}={quant.method.value}",
     ]
     if quant.method == QuantMethod.INT4:
-        args.append(f"{contract.FLAG_GROUP_SIZE}={quant.group_size}")
+        args.append(f"{flags.FLAG_GROUP_SIZE}={quant.group_size}")
     if quant.prequantized:
-        args.append(contract.FLAG_PREQUANTIZED)
+        args.append(flags.FLAG_PREQUANTIZED)
     args += [
-        f"{contract.FLAG_DTYPE}={serving.dtype}",
-        f"{contract.FLAG_MAX_MODEL_LEN}={serving.max_model_len}",
-        f"{contract.FLAG_MAX_BATCH_SIZE}={serving.max_batch_size}",
-        f"{contract.FLAG_MAX_QUEUE}={serving.max_queue}",
-        f"{contract.FLAG_DEFAULT_TEMPERATURE}={serving.sampling.temperature:g}",
-        f"{contract.FLAG_DEFAULT_TOP_P}={serving.sampling.top_p:g}",
-        f"{contract.FLAG_DEFAULT_MAX_TOKENS}={serving.sampling.max_tokens}",
+        f"{flags.FLAG_DTYPE}={serving.dtype}",
+        f"{flags.FLAG_MAX_MODEL_LEN}={serving.max_model_len}",
+        f"{flags.FLAG_MAX_BATCH_SIZE}={serving.max_batch_size}",
+        f"{flags.FLAG_MAX_QUEUE}={serving.max_queue}",
+        f"{flags.FLAG_DEFAULT_TEMPERATURE}={serving.sampling.temperature:g}",
+        f"{flags.FLAG_DEFAULT_TOP_P}={serving.sampling.top_p:g}",
+        f"{flags.FLAG_DEFAULT_MAX_TOKENS}={serving.sampling.max_tokens}",
     ]
     if serving.reasoning.think_prefix:
-        args.append(contract.FLAG_THINK_PREFIX)
+        args.append(flags.FLAG_THINK_PREFIX)
     if serving.reasoning.separate_reasoning:
-        args.append(contract.FLAG_SEPARATE_REASONING)
+        args.append(flags.FLAG_SEPARATE_REASONING)
     return args + list(serving.args)
 
 
@@ -73,11 +75,11 @@ def keda_query(metric: ScaleMetric, name: str, namespace: str) -> str:
     """The Prometheus query KEDA evaluates for a KEDA-scaled metric (names from the runtime contract)."""
     if metric == ScaleMetric.QUEUE_DEPTH:
         return (
-            f'sum({contract.METRIC_QUEUE_DEPTH}{{namespace="{namespace}",'
-            f'{contract.METRIC_LABEL_MODEL}="{name}"}})'
+            f'sum({metric_names.METRIC_QUEUE_DEPTH}{{namespace="{namespace}",'
+            f'{metric_names.METRIC_LABEL_MODEL}="{name}"}})'
         )
     if metric == ScaleMetric.GPU_UTILIZATION:
-        return f'avg({contract.METRIC_DCGM_GPU_UTIL}{{namespace="{namespace}",pod=~"{name}-predictor-.*"}})'
+        return f'avg({metric_names.METRIC_DCGM_GPU_UTIL}{{namespace="{namespace}",pod=~"{name}-predictor-.*"}})'
     raise ValueError(f"{metric} is not a KEDA metric")
 
 
@@ -215,8 +217,8 @@ def render_inference_service(dm: DistilledModel, settings: RenderSettings) -> di
         "args": runtime_args(spec),
         "startupProbe": {
             "httpGet": {
-                "path": contract.HEALTH_READY_PATH_TEMPLATE.format(model_name=name),
-                "port": contract.RUNTIME_HTTP_PORT,
+                "path": flags.HEALTH_READY_PATH_TEMPLATE.format(model_name=name),
+                "port": flags.RUNTIME_HTTP_PORT,
             },
             "periodSeconds": STARTUP_PROBE_PERIOD_S,
             "failureThreshold": max(1, math.ceil(spec.startup_timeout_seconds / STARTUP_PROBE_PERIOD_S)),

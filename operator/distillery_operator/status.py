@@ -18,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .api import DistilledModelSpec, Phase, Problem, QuantMethod, resolve_resources
+from distillery_contract.values import QuantMethod
+
+from .api import DistilledModelSpec, Phase, Problem, resolve_resources
 
 COND_VALIDATED = "Validated"
 COND_ISVC_READY = "InferenceServiceReady"

@@ -14,8 +14,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from distillery_operator import contract
+from distillery_contract import flags, metric_names, values
 from distillery_operator.api import parse_distilled_model
+from distillery_operator.crd import build_crd
 from distillery_operator.render import render_inference_service
 from distillery_operator.settings import RenderSettings
 from model_runtime.__main__ import build_parser
@@ -23,8 +24,8 @@ from model_runtime.metrics import RuntimeMetrics
 
 SAMPLES = sorted((Path(__file__).resolve().parents[2] / "manifests" / "samples").glob("*.yaml"))
 # What the ClusterServingRuntime itself passes before the InferenceService's args (KServe appends ours).
-RUNTIME_ARGS = [f"{contract.FLAG_MODEL_NAME}=m", f"{contract.FLAG_MODEL_DIR}={contract.MODEL_MOUNT_DIR}",
-                f"{contract.FLAG_HTTP_PORT}={contract.RUNTIME_HTTP_PORT}"]
+RUNTIME_ARGS = [f"{flags.FLAG_MODEL_NAME}=m", f"{flags.FLAG_MODEL_DIR}={flags.MODEL_MOUNT_DIR}",
+                f"{flags.FLAG_HTTP_PORT}={flags.RUNTIME_HTTP_PORT}"]
 
 
 def rendered(obj):
@@ -64,8 +65,30 @@ def test_extreme_spec_values_are_accepted_by_the_runtime():
 
 def test_every_contract_flag_is_a_runtime_flag():
     options = {opt for action in build_parser()._actions for opt in action.option_strings}
-    flags = {value for name, value in vars(contract).items() if name.startswith("FLAG_")}
-    assert flags <= options, flags - options
+    declared = {value for name, value in vars(flags).items() if name.startswith("FLAG_")}
+    assert declared <= options, declared - options
+
+
+def _choices(flag: str) -> list[object]:
+    action = next(a for a in build_parser()._actions if flag in a.option_strings)
+    return list(action.choices or [])
+
+
+def test_allowed_values_are_the_same_in_the_crd_and_the_runtime_parser():
+    """Each allowed value is written once (distillery_contract.values): the CRD's enums and the runtime's
+    argparse choices both come from it, so a value one side accepts the other accepts too."""
+    spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    quant, serving = spec["quantization"]["properties"], spec["serving"]["properties"]
+    assert quant["method"]["enum"] == _choices(flags.FLAG_QUANTIZATION) == list(values.QUANT_METHODS)
+    assert quant["groupSize"]["enum"] == _choices(flags.FLAG_GROUP_SIZE) == list(values.INT4_GROUP_SIZES)
+    assert serving["dtype"]["enum"] == _choices(flags.FLAG_DTYPE) == list(values.DTYPES)
+    assert spec["model"]["properties"]["format"]["enum"] == _choices(flags.FLAG_MODEL_FORMAT)[1:]
+    assert _choices(flags.FLAG_MODEL_FORMAT)[0] == "auto"
+    # the defaults agree too: a model with no serving section runs with the runtime's own defaults
+    defaults = build_parser().parse_args(RUNTIME_ARGS)
+    assert (serving["maxBatchSize"]["default"], serving["maxQueue"]["default"]) == (
+        defaults.max_batch_size, defaults.max_queue) == (values.DEFAULT_MAX_BATCH_SIZE, values.DEFAULT_MAX_QUEUE)
+    assert quant["groupSize"]["default"] == defaults.group_size == values.DEFAULT_GROUP_SIZE
 
 
 def test_keda_queries_use_metrics_the_runtime_exports():
@@ -79,4 +102,4 @@ def test_keda_queries_use_metrics_the_runtime_exports():
             names = set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", query))
             ours = {n for n in names if n.startswith("distillery_")}
             assert ours and ours <= exported, (query, exported)
-            assert f'{contract.METRIC_LABEL_MODEL}="' in query
+            assert f'{metric_names.METRIC_LABEL_MODEL}="' in query

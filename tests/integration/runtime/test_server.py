@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from distillery_operator import contract
+from distillery_contract import flags, metric_names
 from model_runtime.reasoning import split_reasoning
 
 pytestmark = pytest.mark.integration
@@ -45,11 +45,11 @@ def server(tiny_qwen2_dir, tmp_path_factory):
     SERVER_LOG["path"] = log_path
     cmd = [
         sys.executable, "-m", "model_runtime",
-        f"{contract.FLAG_MODEL_NAME}={MODEL}", f"{contract.FLAG_MODEL_DIR}={tiny_qwen2_dir}",
-        "--http_host=127.0.0.1", f"{contract.FLAG_HTTP_PORT}={port}", "--enable_grpc=false",
-        f"{contract.FLAG_MAX_MODEL_LEN}={MAX_MODEL_LEN}", f"{contract.FLAG_MAX_BATCH_SIZE}=1",
-        f"{contract.FLAG_MAX_QUEUE}=1", f"{contract.FLAG_DEVICE}=cpu", f"{contract.FLAG_DTYPE}=float32",
-        contract.FLAG_THINK_PREFIX, contract.FLAG_SEPARATE_REASONING,
+        f"{flags.FLAG_MODEL_NAME}={MODEL}", f"{flags.FLAG_MODEL_DIR}={tiny_qwen2_dir}",
+        "--http_host=127.0.0.1", f"{flags.FLAG_HTTP_PORT}={port}", "--enable_grpc=false",
+        f"{flags.FLAG_MAX_MODEL_LEN}={MAX_MODEL_LEN}", f"{flags.FLAG_MAX_BATCH_SIZE}=1",
+        f"{flags.FLAG_MAX_QUEUE}=1", f"{flags.FLAG_DEVICE}=cpu", f"{flags.FLAG_DTYPE}=float32",
+        flags.FLAG_THINK_PREFIX, flags.FLAG_SEPARATE_REASONING,
     ]
     repo = Path(__file__).resolve().parents[3]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
@@ -61,8 +61,8 @@ def server(tiny_qwen2_dir, tmp_path_factory):
         ready = False
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                live = httpx.get(f"{base}{contract.HEALTH_LIVE_PATH}", timeout=1)
-                ready_resp = httpx.get(base + contract.HEALTH_READY_PATH_TEMPLATE.format(model_name=MODEL), timeout=1)
+                live = httpx.get(f"{base}{flags.HEALTH_LIVE_PATH}", timeout=1)
+                ready_resp = httpx.get(base + flags.HEALTH_READY_PATH_TEMPLATE.format(model_name=MODEL), timeout=1)
                 if live.status_code == 200 and ready_resp.status_code == 200:
                     ready = True
                     break
@@ -95,8 +95,8 @@ def r1_tokenizer(tiny_qwen2_dir):
 
 
 def metric(base: str, name: str, **labels: str) -> float:
-    text = httpx.get(f"{base}{contract.METRICS_PATH}", timeout=5).text
-    want = {contract.METRIC_LABEL_MODEL: MODEL, **labels}
+    text = httpx.get(f"{base}{flags.METRICS_PATH}", timeout=5).text
+    want = {metric_names.METRIC_LABEL_MODEL: MODEL, **labels}
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in want.items()):
@@ -110,8 +110,8 @@ def wait_idle(base: str, timeout_s: float = 10.0) -> None:
     the whole batch + queue (batch 1, queue 1 here) start from an idle server."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if (metric(base, contract.METRIC_REQUESTS_IN_FLIGHT) == 0 and metric(base, contract.METRIC_RUNNING_SEQUENCES) == 0
-                and metric(base, contract.METRIC_QUEUE_DEPTH) == 0):
+        if (metric(base, metric_names.METRIC_REQUESTS_IN_FLIGHT) == 0 and metric(base, metric_names.METRIC_RUNNING_SEQUENCES) == 0
+                and metric(base, metric_names.METRIC_QUEUE_DEPTH) == 0):
             return
         time.sleep(0.05)
     pytest.fail(f"the runtime did not become idle within {timeout_s} s")
@@ -252,7 +252,7 @@ async def test_full_queue_answers_429_with_retry_after(server):
     rejected = next(r for r in responses if r.status_code == 429)
     assert int(rejected.headers["retry-after"]) >= 1
     assert rejected.json()["error"]["code"] == "queue_full"
-    assert metric(server, contract.METRIC_QUEUE_REJECTED_TOTAL) >= statuses.count(429)
+    assert metric(server, metric_names.METRIC_QUEUE_REJECTED_TOTAL) >= statuses.count(429)
 
 
 def test_client_disconnect_aborts_the_stream(server):
@@ -265,9 +265,9 @@ def test_client_disconnect_aborts_the_stream(server):
         first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["object"] == "text_completion"
     deadline = time.monotonic() + 10
-    while metric(server, contract.METRIC_REQUESTS_IN_FLIGHT) > 0 and time.monotonic() < deadline:
+    while metric(server, metric_names.METRIC_REQUESTS_IN_FLIGHT) > 0 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert metric(server, contract.METRIC_REQUESTS_IN_FLIGHT) == 0
+    assert metric(server, metric_names.METRIC_REQUESTS_IN_FLIGHT) == 0
     log_lines = [json.loads(line) for line in SERVER_LOG["path"].read_text().splitlines() if line.startswith("{")]
     assert any(entry["msg"] == "client disconnected" for entry in log_lines)  # aborted, did not run to the end
     assert not any(entry.get("prompt") == "Go" for entry in log_lines)  # no prompt text in logs by default
@@ -277,21 +277,21 @@ def test_client_disconnect_aborts_the_stream(server):
 
 
 def test_metrics_exported_with_contract_names(server):
-    text = httpx.get(f"{server}{contract.METRICS_PATH}").text
-    for name in (contract.METRIC_REQUESTS_TOTAL, contract.METRIC_TIME_TO_FIRST_TOKEN + "_bucket",
-                 contract.METRIC_GENERATED_TOKENS_TOTAL, contract.METRIC_QUEUE_DEPTH,
-                 contract.METRIC_REQUESTS_IN_FLIGHT, contract.METRIC_RUNNING_SEQUENCES):
+    text = httpx.get(f"{server}{flags.METRICS_PATH}").text
+    for name in (metric_names.METRIC_REQUESTS_TOTAL, metric_names.METRIC_TIME_TO_FIRST_TOKEN + "_bucket",
+                 metric_names.METRIC_GENERATED_TOKENS_TOTAL, metric_names.METRIC_QUEUE_DEPTH,
+                 metric_names.METRIC_REQUESTS_IN_FLIGHT, metric_names.METRIC_RUNNING_SEQUENCES):
         assert f"\n{name}{{" in text, name
-    assert metric(server, contract.METRIC_GENERATED_TOKENS_TOTAL) > 0
-    assert metric(server, contract.METRIC_REQUESTS_TOTAL, endpoint="chat", status="200") >= 3
+    assert metric(server, metric_names.METRIC_GENERATED_TOKENS_TOTAL) > 0
+    assert metric(server, metric_names.METRIC_REQUESTS_TOTAL, endpoint="chat", status="200") >= 3
 
 
 def test_pickle_weights_are_refused_with_exit_1_and_a_message(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
     proc = subprocess.run(
-        [sys.executable, "-m", "model_runtime", f"{contract.FLAG_MODEL_NAME}=x", f"{contract.FLAG_MODEL_DIR}={tmp_path}",
-         "--http_host=127.0.0.1", f"{contract.FLAG_HTTP_PORT}={_free_port()}", "--enable_grpc=false"],
+        [sys.executable, "-m", "model_runtime", f"{flags.FLAG_MODEL_NAME}=x", f"{flags.FLAG_MODEL_DIR}={tmp_path}",
+         "--http_host=127.0.0.1", f"{flags.FLAG_HTTP_PORT}={_free_port()}", "--enable_grpc=false"],
         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[3],
     )
     assert proc.returncode == 1

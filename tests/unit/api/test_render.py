@@ -8,7 +8,8 @@ import copy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distillery_operator import constants, contract
+from distillery_contract import metric_names
+from distillery_operator import constants
 from distillery_operator.api import InvalidSpec, parse_distilled_model
 from distillery_operator.render import keda_query, render_inference_service
 from tests.kserve_admission import admission_errors
@@ -60,7 +61,7 @@ def test_keda_queue_depth_sample_queries_the_runtime_metric(sample_objects, rend
     assert "scaleMetric" not in predictor  # KServe refuses scaleMetric with KEDA
     external = predictor["autoScaling"]["metrics"][0]["external"]
     assert external["metric"]["serverAddress"] == render_settings.prometheus_url
-    assert contract.METRIC_QUEUE_DEPTH in external["metric"]["query"]
+    assert metric_names.METRIC_QUEUE_DEPTH in external["metric"]["query"]
     assert 'model_name="r1-qwen-7b"' in external["metric"]["query"]
     assert external["target"] == {"type": "Value", "value": "8"}
     assert "--prequantized" in predictor["model"]["args"] and "--group_size=128" in predictor["model"]["args"]
@@ -90,7 +91,7 @@ def test_hpa_cpu_and_gpu_utilization(render_settings, isvc_validator):
     check_valid(gpu, isvc_validator)
     query = gpu["spec"]["predictor"]["autoScaling"]["metrics"][0]["external"]["metric"]["query"]
     assert query == keda_query(__import__("distillery_operator.api").api.ScaleMetric.GPU_UTILIZATION, "r1", "models")
-    assert contract.METRIC_DCGM_GPU_UTIL in query and 'pod=~"r1-predictor-.*"' in query
+    assert metric_names.METRIC_DCGM_GPU_UTIL in query and 'pod=~"r1-predictor-.*"' in query
 
 
 def test_render_is_deterministic_and_hash_tracks_changes(render_settings):

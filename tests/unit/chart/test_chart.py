@@ -19,13 +19,15 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from distillery_operator import constants, contract
+from distillery_contract import flags
+from distillery_operator import constants
 from distillery_operator.api import parse_distilled_model
 from distillery_operator.cli import build_parser
 from distillery_operator.crd import build_crd
 from distillery_operator.render import render_inference_service
 from distillery_operator.settings import OperatorSettings
 from tests.kserve_schema import assert_valid, kserve_validator
+from tests.reference import PROMETHEUS_OPERATOR_REFERENCE
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -42,10 +44,10 @@ def crd_validators(kserve_reference_dir: Path) -> dict[tuple[str, str], Any]:
             kserve_reference_dir / "serving.kserve.io_clusterservingruntimes.yaml"
         ),
         ("monitoring.coreos.com/v1", "PodMonitor"): kserve_validator(
-            HERE / "reference" / "monitoring.coreos.com_podmonitors.yaml", "v1"
+            PROMETHEUS_OPERATOR_REFERENCE / "monitoring.coreos.com_podmonitors.yaml", "v1"
         ),
         ("monitoring.coreos.com/v1", "ServiceMonitor"): kserve_validator(
-            HERE / "reference" / "monitoring.coreos.com_servicemonitors.yaml", "v1"
+            PROMETHEUS_OPERATOR_REFERENCE / "monitoring.coreos.com_servicemonitors.yaml", "v1"
         ),
     }
 
@@ -333,7 +335,7 @@ def _flag_value(args: list[str], flag: str) -> str | None:
 
 
 def test_runtimes_follow_the_runtime_contract(rendered) -> None:
-    contract_flags = {v for k, v in vars(contract).items() if k.startswith("FLAG_")}
+    contract_flags = {v for k, v in vars(flags).items() if k.startswith("FLAG_")}
     for rt in rendered.of_kind("ClusterServingRuntime"):
         spec = rt["spec"]
         assert [f["name"] for f in spec["supportedModelFormats"]] == [constants.MODEL_FORMAT_NAME]
@@ -341,25 +343,25 @@ def test_runtimes_follow_the_runtime_contract(rendered) -> None:
         (c,) = spec["containers"]
         assert c["name"] == "kserve-container"
         args = c["args"]
-        assert {a.split("=", 1)[0] for a in args} <= contract_flags, "a runtime flag that contract.py lacks"
-        assert _flag_value(args, contract.FLAG_MODEL_NAME) == "{{.Name}}"
-        assert _flag_value(args, contract.FLAG_MODEL_DIR) == contract.MODEL_MOUNT_DIR
-        assert _flag_value(args, contract.FLAG_HTTP_PORT) == str(contract.RUNTIME_HTTP_PORT)
-        device = _flag_value(args, contract.FLAG_DEVICE)
+        assert {a.split("=", 1)[0] for a in args} <= contract_flags, "a runtime flag that distillery_contract.flags lacks"
+        assert _flag_value(args, flags.FLAG_MODEL_NAME) == "{{.Name}}"
+        assert _flag_value(args, flags.FLAG_MODEL_DIR) == flags.MODEL_MOUNT_DIR
+        assert _flag_value(args, flags.FLAG_HTTP_PORT) == str(flags.RUNTIME_HTTP_PORT)
+        device = _flag_value(args, flags.FLAG_DEVICE)
         variant = rt["metadata"]["labels"]["distillery.dev/runtime-variant"]
         assert device == {"cpu": "cpu", "gpu": "cuda"}[variant]
         assert c["image"].endswith({"cpu": "-cpu", "gpu": "-cuda"}[variant])
-        assert [p["containerPort"] for p in c["ports"]] == [contract.RUNTIME_HTTP_PORT]
-        ready = contract.HEALTH_READY_PATH_TEMPLATE.format(model_name="{{.Name}}")
-        assert c["readinessProbe"]["httpGet"] == {"path": ready, "port": contract.RUNTIME_HTTP_PORT}
+        assert [p["containerPort"] for p in c["ports"]] == [flags.RUNTIME_HTTP_PORT]
+        ready = flags.HEALTH_READY_PATH_TEMPLATE.format(model_name="{{.Name}}")
+        assert c["readinessProbe"]["httpGet"] == {"path": ready, "port": flags.RUNTIME_HTTP_PORT}
         assert c["livenessProbe"]["httpGet"] == {
-            "path": contract.HEALTH_LIVE_PATH,
-            "port": contract.RUNTIME_HTTP_PORT,
+            "path": flags.HEALTH_LIVE_PATH,
+            "port": flags.RUNTIME_HTTP_PORT,
         }
         assert spec["annotations"] == {
             "serving.kserve.io/enable-prometheus-scraping": "true",
-            "prometheus.kserve.io/port": str(contract.RUNTIME_HTTP_PORT),
-            "prometheus.kserve.io/path": contract.METRICS_PATH,
+            "prometheus.kserve.io/port": str(flags.RUNTIME_HTTP_PORT),
+            "prometheus.kserve.io/path": flags.METRICS_PATH,
         }
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in spec["volumes"]}
@@ -439,7 +441,7 @@ def test_monitoring_objects_only_when_asked(rendered_default, render_chart) -> N
         p["name"] for rt in r.of_kind("ClusterServingRuntime") for p in rt["spec"]["containers"][0]["ports"]
     }
     assert pods["spec"]["podMetricsEndpoints"][0]["port"] in runtime_ports
-    assert pods["spec"]["podMetricsEndpoints"][0]["path"] == contract.METRICS_PATH
+    assert pods["spec"]["podMetricsEndpoints"][0]["path"] == flags.METRICS_PATH
     assert r.env["DISTILLERY_PROMETHEUS_URL"] == "http://kube-prometheus-stack-prometheus.monitoring.svc:9090"
 
 

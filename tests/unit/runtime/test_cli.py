@@ -7,19 +7,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distillery_operator import contract
+from distillery_contract import flags
 from model_runtime.__main__ import build_parser, check_model_dir, main, options_from_args
 from model_runtime.cli import main as cli_main
 
-BOOL_FLAGS = {contract.FLAG_PREQUANTIZED, contract.FLAG_THINK_PREFIX, contract.FLAG_SEPARATE_REASONING}
+BOOL_FLAGS = {flags.FLAG_PREQUANTIZED, flags.FLAG_THINK_PREFIX, flags.FLAG_SEPARATE_REASONING}
 SAMPLE_VALUES = {
-    contract.FLAG_MODEL_NAME: "r1", contract.FLAG_MODEL_DIR: "/mnt/models", contract.FLAG_HTTP_PORT: "9000",
-    contract.FLAG_MODEL_FORMAT: "gguf", contract.FLAG_QUANTIZATION: "int4", contract.FLAG_GROUP_SIZE: "64",
-    contract.FLAG_DTYPE: "bfloat16", contract.FLAG_DEVICE: "cpu", contract.FLAG_MAX_MODEL_LEN: "2048",
-    contract.FLAG_MAX_BATCH_SIZE: "4", contract.FLAG_MAX_QUEUE: "8", contract.FLAG_DEFAULT_TEMPERATURE: "0.6",
-    contract.FLAG_DEFAULT_TOP_P: "0.95", contract.FLAG_DEFAULT_MAX_TOKENS: "256",
+    flags.FLAG_MODEL_NAME: "r1", flags.FLAG_MODEL_DIR: "/mnt/models", flags.FLAG_HTTP_PORT: "9000",
+    flags.FLAG_MODEL_FORMAT: "gguf", flags.FLAG_QUANTIZATION: "int4", flags.FLAG_GROUP_SIZE: "64",
+    flags.FLAG_DTYPE: "bfloat16", flags.FLAG_DEVICE: "cpu", flags.FLAG_MAX_MODEL_LEN: "2048",
+    flags.FLAG_MAX_BATCH_SIZE: "4", flags.FLAG_MAX_QUEUE: "8", flags.FLAG_DEFAULT_TEMPERATURE: "0.6",
+    flags.FLAG_DEFAULT_TOP_P: "0.95", flags.FLAG_DEFAULT_MAX_TOKENS: "256",
 }
-CONTRACT_FLAGS = {name: value for name, value in vars(contract).items() if name.startswith("FLAG_")}
+CONTRACT_FLAGS = {name: value for name, value in vars(flags).items() if name.startswith("FLAG_")}
 
 
 def test_every_contract_flag_is_accepted():
@@ -38,7 +38,7 @@ def test_every_contract_flag_is_accepted():
 def test_bool_flags_default_off_and_take_explicit_values():
     args = build_parser().parse_args([])
     assert (args.think_prefix, args.separate_reasoning, args.prequantized) == (False, False, None)
-    args = build_parser().parse_args([f"{contract.FLAG_THINK_PREFIX}=false", contract.FLAG_SEPARATE_REASONING])
+    args = build_parser().parse_args([f"{flags.FLAG_THINK_PREFIX}=false", flags.FLAG_SEPARATE_REASONING])
     assert (args.think_prefix, args.separate_reasoning) == (False, True)
 
 

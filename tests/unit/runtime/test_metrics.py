@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from distillery_operator import contract
+from distillery_contract import metric_names
 from model_runtime.metrics import EngineMetrics, RuntimeMetrics
 
 
@@ -14,11 +14,11 @@ def test_engine_step_stats_set_the_gauges():
     registry = CollectorRegistry()
     EngineMetrics("m", registry).observe_step(
         SimpleNamespace(queue_depth=3, running=5, kv_cache_usage=0.25, tokens_per_s=42.0))
-    value = lambda name: registry.get_sample_value(name, {contract.METRIC_LABEL_MODEL: "m"})  # noqa: E731
-    assert value(contract.METRIC_QUEUE_DEPTH) == 3
-    assert value(contract.METRIC_RUNNING_SEQUENCES) == 5
-    assert value(contract.METRIC_KV_CACHE_USAGE) == 0.25
-    assert value(contract.METRIC_TOKENS_PER_SECOND) == 42.0
+    value = lambda name: registry.get_sample_value(name, {metric_names.METRIC_LABEL_MODEL: "m"})  # noqa: E731
+    assert value(metric_names.METRIC_QUEUE_DEPTH) == 3
+    assert value(metric_names.METRIC_RUNNING_SEQUENCES) == 5
+    assert value(metric_names.METRIC_KV_CACHE_USAGE) == 0.25
+    assert value(metric_names.METRIC_TOKENS_PER_SECOND) == 42.0
 
 
 def test_every_contract_metric_is_exported_with_the_model_label():
@@ -32,13 +32,13 @@ def test_every_contract_metric_is_exported_with_the_model_label():
     metrics.request_finished("chat", 200, 1.5)
     metrics.observe_step(SimpleNamespace(queue_depth=0, running=0, kv_cache_usage=0.0, tokens_per_s=0.0))
     text = generate_latest(registry).decode()
-    names = [v for k, v in vars(contract).items() if k.startswith("METRIC_") and v.startswith("distillery_")]
+    names = [v for k, v in vars(metric_names).items() if k.startswith("METRIC_") and v.startswith("distillery_")]
     for name in names:
-        suffix = "_bucket" if name in (contract.METRIC_TIME_TO_FIRST_TOKEN, contract.METRIC_REQUEST_LATENCY) else ""
+        suffix = "_bucket" if name in (metric_names.METRIC_TIME_TO_FIRST_TOKEN, metric_names.METRIC_REQUEST_LATENCY) else ""
         lines = [line for line in text.splitlines() if line.startswith(f"{name}{suffix}{{")]
-        assert lines and all(f'{contract.METRIC_LABEL_MODEL}="m"' in line for line in lines), name
-    assert registry.get_sample_value(contract.METRIC_GENERATED_TOKENS_TOTAL, {"model_name": "m"}) == 11
-    assert registry.get_sample_value(contract.METRIC_REQUESTS_IN_FLIGHT, {"model_name": "m"}) == 0
+        assert lines and all(f'{metric_names.METRIC_LABEL_MODEL}="m"' in line for line in lines), name
+    assert registry.get_sample_value(metric_names.METRIC_GENERATED_TOKENS_TOTAL, {"model_name": "m"}) == 11
+    assert registry.get_sample_value(metric_names.METRIC_REQUESTS_IN_FLIGHT, {"model_name": "m"}) == 0
 
 
 def test_metrics_are_created_once_per_registry():
@@ -65,6 +65,6 @@ def test_a_new_registry_never_inherits_a_collected_ones_collectors():
         assert len(metrics._collectors) == cached, "a collected registry's collectors are still cached"
         fresh = CollectorRegistry()  # often gets the collected one's id
         RuntimeMetrics("m", fresh).rejected()
-        assert fresh.get_sample_value(contract.METRIC_QUEUE_REJECTED_TOTAL, {"model_name": "m"}) == 1, i
+        assert fresh.get_sample_value(metric_names.METRIC_QUEUE_REJECTED_TOTAL, {"model_name": "m"}) == 1, i
         del fresh
         gc.collect()

@@ -1,9 +1,8 @@
-"""The contract between the control plane and the model runtime, defined once.
+"""The model runtime's command line, port, mount path and probe paths.
 
-The renderer writes these flags into the InferenceService's container args and these metric names
-into KEDA's Prometheus queries; the runtime's CLI parses the same flags and exports the same
-metrics. Tests on both sides import this module so the two halves cannot drift apart.
-This module imports nothing heavy: the runtime image and the operator image both carry it.
+The renderer writes these flags into the InferenceService's container args; the runtime's parser
+(model_runtime/__main__.py) defines the same flags, with choices and defaults from `values`.
+`tests/unit/test_contract.py` parses every rendered argument list with the runtime's real parser.
 """
 
 from __future__ import annotations
@@ -39,21 +38,3 @@ MODEL_MOUNT_DIR: Final = "/mnt/models"  # where KServe's storage initializer put
 HEALTH_LIVE_PATH: Final = "/"  # KServe ModelServer answers {"status": "alive"} here
 HEALTH_READY_PATH_TEMPLATE: Final = "/v1/models/{model_name}"  # 200 only once weights are loaded
 METRICS_PATH: Final = "/metrics"
-
-# --- Prometheus metric names exported by the runtime (label: model_name) ---
-METRIC_LABEL_MODEL: Final = "model_name"
-METRIC_REQUESTS_TOTAL: Final = "distillery_requests_total"  # counter, labels: model_name, endpoint, status
-METRIC_REQUEST_ERRORS_TOTAL: Final = "distillery_request_errors_total"  # counter, labels: model_name, type
-METRIC_TIME_TO_FIRST_TOKEN: Final = "distillery_time_to_first_token_seconds"  # histogram
-METRIC_REQUEST_LATENCY: Final = "distillery_request_duration_seconds"  # histogram
-METRIC_GENERATED_TOKENS_TOTAL: Final = "distillery_generated_tokens_total"  # counter
-METRIC_PROMPT_TOKENS_TOTAL: Final = "distillery_prompt_tokens_total"  # counter
-METRIC_REQUESTS_IN_FLIGHT: Final = "distillery_requests_in_flight"  # gauge
-METRIC_QUEUE_DEPTH: Final = "distillery_queue_depth"  # gauge: requests waiting for a batch slot
-METRIC_RUNNING_SEQUENCES: Final = "distillery_running_sequences"  # gauge
-METRIC_KV_CACHE_USAGE: Final = "distillery_kv_cache_usage_ratio"  # gauge 0..1
-METRIC_TOKENS_PER_SECOND: Final = "distillery_tokens_per_second"  # gauge, decode rate over the last window
-METRIC_QUEUE_REJECTED_TOTAL: Final = "distillery_queue_rejected_total"  # counter: 429s
-
-# NVIDIA DCGM exporter's utilisation gauge, for the gpuUtilization autoscaling metric.
-METRIC_DCGM_GPU_UTIL: Final = "DCGM_FI_DEV_GPU_UTIL"
