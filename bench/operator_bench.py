@@ -103,10 +103,15 @@ def _start_operator(url: str, tmp: str) -> subprocess.Popen[bytes]:
 async def _e2e(with_operator: bool, bounded_log: bool) -> dict[str, Any]:
     from bench.procs import RssMonitor
     from distillery_operator.api import parse_distilled_model
-    from distillery_operator.emulator import DM_RESOURCE, EVENTS_RESOURCE, ISVC_RESOURCE, ClusterEmulator
     from distillery_operator.reconcile import owner_reference
     from distillery_operator.render import render_inference_service
     from distillery_operator.settings import RenderSettings
+    from distillery_operator.testing.emulator import (
+        DM_RESOURCE,
+        EVENTS_RESOURCE,
+        ISVC_RESOURCE,
+        ClusterEmulator,
+    )
 
     dm_path = f"/apis/distillery.dev/v1alpha1/namespaces/{NS}/distilledmodels"
     isvc_path = f"/apis/serving.kserve.io/v1beta1/namespaces/{NS}/inferenceservices"
@@ -192,9 +197,9 @@ async def _cpu(debug: bool) -> dict[str, Any]:
     import kopf
 
     from distillery_operator import handlers
-    from distillery_operator.memclient import MemoryClient
     from distillery_operator.reconcile import DM, Reconciler
     from distillery_operator.settings import RenderSettings
+    from distillery_operator.testing.memclient import MemoryClient
 
     client = MemoryClient(record=False)
     memo = kopf.Memo(reconciler=Reconciler(client, RenderSettings()))

@@ -24,9 +24,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "operator"))
 
-from distillery_operator.emulator import DM_RESOURCE, ISVC_RESOURCE, ClusterEmulator  # noqa: E402
 from distillery_operator.runner import OperatorThread  # noqa: E402
 from distillery_operator.settings import OperatorSettings  # noqa: E402
+from distillery_operator.testing.emulator import DM_RESOURCE, ISVC_RESOURCE, ClusterEmulator  # noqa: E402
 
 COLUMNS = ("NAME", "READY", "PHASE", "URL", "GPU", "QUANT", "MIN", "MAX", "AGE")
 

@@ -21,9 +21,9 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from distillery_operator.emulator import DM_RESOURCE, EVENTS_RESOURCE, ISVC_RESOURCE, ClusterEmulator
 from distillery_operator.runner import OperatorThread
 from distillery_operator.settings import OperatorSettings
+from distillery_operator.testing.emulator import DM_RESOURCE, EVENTS_RESOURCE, ISVC_RESOURCE, ClusterEmulator
 
 pytestmark = pytest.mark.integration
 NS = "default"

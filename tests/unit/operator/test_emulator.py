@@ -9,7 +9,7 @@ from typing import Any
 import kmock
 import pytest_asyncio
 
-from distillery_operator.emulator import DM_RESOURCE, ISVC_RESOURCE, ClusterEmulator
+from distillery_operator.testing.emulator import DM_RESOURCE, ISVC_RESOURCE, ClusterEmulator
 
 DM_PATH = "/apis/distillery.dev/v1alpha1/namespaces/ns/distilledmodels"
 ISVC_PATH = "/apis/serving.kserve.io/v1beta1/namespaces/ns/inferenceservices"

@@ -10,7 +10,6 @@ import pytest
 
 from distillery_operator import constants
 from distillery_operator.api import parse_distilled_model
-from distillery_operator.memclient import MemoryClient
 from distillery_operator.reconcile import (
     DM,
     ISVC,
@@ -24,6 +23,7 @@ from distillery_operator.reconcile import (
 )
 from distillery_operator.render import render_inference_service
 from distillery_operator.settings import RenderSettings
+from distillery_operator.testing.memclient import MemoryClient
 
 NS, NAME = "models", "r1"
 CLOCK = "2026-01-01T00:00:00Z"

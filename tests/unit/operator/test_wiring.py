@@ -11,9 +11,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from distillery_operator import constants, handlers, metrics, rbac, reconcile, runner
-from distillery_operator.memclient import MemoryClient
 from distillery_operator.reconcile import DM, ISVC, Reconciler
 from distillery_operator.settings import OperatorSettings, RenderSettings
+from distillery_operator.testing.memclient import MemoryClient
 
 PACKAGE = Path(handlers.__file__).parent
 BLOCKING_MODULES = {"kubernetes", "requests", "urllib.request", "http.client", "pykube", "subprocess"}

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .reconcile import ApiError, Ref
+from ..reconcile import ApiError, Ref
 
 
 def merge(target: Any, patch: Any) -> Any:

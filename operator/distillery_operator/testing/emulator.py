@@ -7,7 +7,7 @@ generateName, the status subresource (a status patch changes only status; a main
 optimistic concurrency (a stale metadata.resourceVersion in a patch is a 409), garbage collection of
 objects whose controller owner was deleted, plus fault injection (`fail`) and per-object write counts,
 and a bounded request log (kmock's own grows without end and makes every request slower than the last).
-It needs kmock (the dev extra); the operator itself never imports this module.
+It needs kmock (the dev extra); no production module imports it, and the operator image leaves it out.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import attrs
 import kmock
 from kmock._internal import dicts, enums, rendering  # kmock's own merge-patch, as its PATCH applies it
 
-from . import constants
-from .crd import build_crd
+from .. import constants
+from ..crd import build_crd
 
 DM_RESOURCE = f"{constants.GROUP}/{constants.VERSION}/{constants.PLURAL}"
 ISVC_RESOURCE = f"{constants.KSERVE_GROUP}/{constants.KSERVE_VERSION}/{constants.ISVC_PLURAL}"
