@@ -25,6 +25,19 @@ class WeightFormat(StrEnum):
     GGUF = "gguf"
 
 
+class HardwareProfile(StrEnum):
+    """Hardware presets (what a DistilledModel serves on, what a DistillationJob trains on)."""
+
+    CPU = "cpu"
+    T4 = "t4"
+    L4 = "l4"
+    A10G = "a10g"
+    RTX4090 = "rtx4090"
+    A100_40GB = "a100-40gb"
+    A100_80GB = "a100-80gb"
+    H100 = "h100"
+
+
 QUANT_METHODS: Final[tuple[str, ...]] = tuple(m.value for m in QuantMethod)
 # Methods that store integer codes (a pre-quantized artifact holds one of these).
 QUANTIZED_METHODS: Final[tuple[str, ...]] = (QuantMethod.INT8.value, QuantMethod.INT4.value)

@@ -20,8 +20,8 @@ from pydantic import (
     Field,
     ValidationError,
 )
-from pydantic.alias_generators import to_camel
 
+from distillery_contract.apimodel import ApiModel
 from distillery_contract.values import (
     DEFAULT_GROUP_SIZE,
     DEFAULT_MAX_BATCH_SIZE,
@@ -29,17 +29,12 @@ from distillery_contract.values import (
     Architecture,
     Dtype,
     GroupSize,
+    HardwareProfile,
     QuantMethod,
     WeightFormat,
 )
 
 from . import constants
-
-
-class ApiModel(BaseModel):
-    """Base: camelCase on the wire, unknown fields refused (typos must not pass silently)."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
 
 def _quantity_to_str(value: object) -> object:
@@ -138,17 +133,6 @@ class Serving(ApiModel):
 
 
 # ---------------------------------------------------------------------------------------- resources
-class HardwareProfile(StrEnum):
-    CPU = "cpu"
-    T4 = "t4"
-    L4 = "l4"
-    A10G = "a10g"
-    RTX4090 = "rtx4090"
-    A100_40GB = "a100-40gb"
-    A100_80GB = "a100-80gb"
-    H100 = "h100"
-
-
 class Gpu(ApiModel):
     """GPUs for the model server."""
 
