@@ -31,6 +31,8 @@ MANIFESTS = REPO / "manifests"
 HELM = REPO / ".tools" / "helm"
 CRD_SPEC_FILE = CHART / "crd-files" / "distilledmodels.distillery.dev.spec.yaml"
 CRD_NAME = "distilledmodels.distillery.dev"  # templates/crd.yaml names it; checked against build_crd()
+DJ_CRD_SPEC_FILE = CHART / "crd-files" / "distillationjobs.distillery.dev.spec.yaml"
+DJ_CRD_NAME = "distillationjobs.distillery.dev"  # ... and build_distillation_crd()
 
 RELEASE = "distillery"
 NAMESPACE = "distillery-system"
@@ -55,6 +57,7 @@ KIND_DIRS = {
     "ClusterKopfPeering": "operator",
     "ClusterServingRuntime": "runtime",
     "PodMonitor": "runtime",
+    "ClusterTrainingRuntime": "runtime",
 }
 
 
@@ -62,15 +65,15 @@ class GenerationError(RuntimeError):
     pass
 
 
-def crd_spec_text() -> str:
-    """The CRD's spec as YAML text, from the API models (imported here so --help works without them)."""
+def crd_spec_text(kind: str = "DistilledModel") -> str:
+    """A CRD's spec as YAML text, from the API models (imported here so --help works without them)."""
     sys.path.insert(0, str(REPO / "operator"))
-    from distillery_operator.crd import build_crd
+    from distillery_operator.crd import build_crd, build_distillation_crd
 
-    crd = build_crd()
-    if crd["metadata"]["name"] != CRD_NAME:
+    crd, expected = (build_crd(), CRD_NAME) if kind == "DistilledModel" else (build_distillation_crd(), DJ_CRD_NAME)
+    if crd["metadata"]["name"] != expected:
         raise GenerationError(
-            f"build_crd() names {crd['metadata']['name']!r}; templates/crd.yaml expects {CRD_NAME!r}"
+            f"the generated CRD is named {crd['metadata']['name']!r}; templates/crd.yaml expects {expected!r}"
         )
     body = yaml.safe_dump(
         {"spec": crd["spec"]}, sort_keys=False, default_flow_style=False, width=10_000, allow_unicode=True
@@ -156,25 +159,26 @@ def manifest_files(rendered: str) -> dict[str, str]:
 
 def expected_files() -> dict[Path, str]:
     """Every generated file (absolute path -> text): the chart's CRD file first, then manifests/."""
-    crd_text = crd_spec_text()
-    files: dict[Path, str] = {CRD_SPEC_FILE: crd_text}
-    # Render with the fresh CRD file in place, so a stale CRD file does not leak into manifests/.
-    rendered = _render_with_crd(crd_text)
+    crd_files = {CRD_SPEC_FILE: crd_spec_text(), DJ_CRD_SPEC_FILE: crd_spec_text("DistillationJob")}
+    files: dict[Path, str] = dict(crd_files)
+    # Render with the fresh CRD files in place, so a stale CRD file does not leak into manifests/.
+    rendered = _render_with_crd(crd_files)
     for rel, text in manifest_files(rendered).items():
         files[MANIFESTS / rel] = text
     return files
 
 
-def _render_with_crd(crd_text: str) -> str:
-    """Render the chart as it will be once the CRD file holds crd_text (via a copy when it differs)."""
-    if CRD_SPEC_FILE.exists() and CRD_SPEC_FILE.read_text() == crd_text:
+def _render_with_crd(crd_files: dict[Path, str]) -> str:
+    """Render the chart as it will be once the CRD files hold these texts (via a copy when one differs)."""
+    if all(path.exists() and path.read_text() == text for path, text in crd_files.items()):
         return helm_template(CHART)
     with tempfile.TemporaryDirectory(prefix="distillery-chart-") as tmp:
         copy = Path(tmp) / "distillery"
         shutil.copytree(CHART, copy)
-        target = copy / CRD_SPEC_FILE.relative_to(CHART)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(crd_text)
+        for path, text in crd_files.items():
+            target = copy / path.relative_to(CHART)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
         return helm_template(copy)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Final, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from distillery_contract.apimodel import ApiModel
 from distillery_contract.values import DEFAULT_GROUP_SIZE, GroupSize, HardwareProfile
@@ -26,6 +26,23 @@ DISTILLATION_URI_SCHEMES: Final = ("hf", "s3", "gs", "pvc")
 
 LINEAGE_FILE: Final = "lineage.json"  # written into the artifact beside the weights
 QUANTIZED_SUBDIR: Final = "quantized"  # the optional pre-quantized artifact, inside the output
+
+# --- how the operator's TrainJob and the trainer meet (both sides import these) ---
+# pvc://CLAIM/PATH: the operator mounts claim CLAIM at PVC_MOUNT_ROOT/CLAIM in every trainer pod, so the
+# trainer reads and writes PVC_MOUNT_ROOT/CLAIM/PATH (`pvc_path`).
+PVC_MOUNT_ROOT: Final = "/mnt/pvc"
+# The pods run `distillery-train -f JOB_FILE` (under torchrun); JOB_FILE holds the DistillationJob
+# manifest as JSON (apiVersion, kind, metadata, spec; JSON is YAML), projected from a pod annotation.
+JOB_DIR: Final = "/etc/distillery"
+JOB_FILE: Final = f"{JOB_DIR}/job.json"
+# When it finishes, rank 0 writes a `TrainResult` as JSON to RESULT_FILE (the container's Kubernetes
+# termination message, at most 4096 bytes); the operator reads it from the pod's status and fills the
+# DistillationJob's status.artifact, status.lineage and status.progress from it.
+RESULT_FILE: Final = "/dev/termination-log"
+RESULT_MAX_BYTES: Final = 4096
+# Progress while running: Kubeflow Trainer's TrainJob status.trainerStatus (progressPercentage and
+# metrics), which the operator mirrors; the metric names it reads:
+PROGRESS_METRICS: Final = ("step", "totalSteps", "loss")
 
 
 class ModelRef(ApiModel):
@@ -177,3 +194,46 @@ def spec_problems(spec: DistillationJobSpec) -> list[tuple[str, str]]:
     if spec.training.precision == "bf16" and resources.hardware_profile == HardwareProfile.T4:
         problems.append(("spec.training.precision", "t4 has no bfloat16: use fp16 or auto"))
     return problems
+
+
+def pvc_path(uri: str) -> str:
+    """Where the pods see pvc://CLAIM/PATH: PVC_MOUNT_ROOT/CLAIM/PATH."""
+    scheme, sep, rest = uri.partition("://")
+    if scheme != "pvc" or not sep or not rest.strip("/"):
+        raise ValueError(f"{uri!r} is not a pvc://CLAIM/PATH URI")
+    return f"{PVC_MOUNT_ROOT}/{rest.strip('/')}"
+
+
+def pvc_claims(spec: DistillationJobSpec) -> list[str]:
+    """The PersistentVolumeClaims a job reads or writes (first path segment of each pvc:// URI), sorted."""
+    uris = (spec.teacher.uri, spec.student.uri, spec.dataset.uri, spec.output.uri)
+    return sorted({u.partition("://")[2].strip("/").split("/")[0] for u in uris if u.startswith("pvc://")} - {""})
+
+
+class _Lenient(ApiModel):
+    # Read from a trainer that may be newer than the operator: unknown fields are ignored, not refused.
+    model_config = ConfigDict(extra="ignore")
+
+
+class ArtifactRef(_Lenient):
+    """The distilled student as written."""
+
+    uri: str = Field(description="Where it was written (spec.output.uri)")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of its lineage.json (which lists every weight file's sha256)")
+
+
+class TrainProgress(_Lenient):
+    """How far training is."""
+
+    step: int = Field(0, ge=0, description="Optimizer steps done")
+    total_steps: int | None = Field(None, ge=0, description="Optimizer steps planned")
+    loss: float | None = Field(None, description="Latest training loss")
+    validation_loss: float | None = Field(None, description="Latest validation loss")
+
+
+class TrainResult(_Lenient):
+    """What rank 0 writes to RESULT_FILE at the end: the artifact, the final progress, a lineage summary."""
+
+    artifact: ArtifactRef
+    progress: TrainProgress | None = None
+    lineage: dict[str, object] = Field(default_factory=dict, description="Summary of lineage.json")

@@ -378,12 +378,12 @@ def _loc_to_path(prefix: str, loc: tuple[int | str, ...]) -> str:
     return path
 
 
-def problems_from_validation_error(error: ValidationError, prefix: str) -> list[Problem]:
+def problems_from_validation_error(error: ValidationError, prefix: str, short_name: str = "dm") -> list[Problem]:
     problems = []
     for item in error.errors():
         message = item["msg"]
         if item["type"] == "extra_forbidden":
-            message = "unknown field (check the spelling; see kubectl explain dm.spec)"
+            message = f"unknown field (check the spelling; see kubectl explain {short_name}.spec)"
         problems.append(Problem(_loc_to_path(prefix, item["loc"]), message))
     return problems
 
@@ -547,15 +547,16 @@ class ProfilePreset:
     gpu_type: str | None
     cpu: str
     memory: str
+    max_gpus_per_node: int = 8  # the largest node of this kind (a DistillationJob's gpusPerNode cap)
 
 
 HARDWARE_PROFILES: dict[HardwareProfile, ProfilePreset] = {
-    HardwareProfile.CPU: ProfilePreset(0, None, "4", "8Gi"),
+    HardwareProfile.CPU: ProfilePreset(0, None, "4", "8Gi", max_gpus_per_node=0),
     HardwareProfile.T4: ProfilePreset(1, "nvidia-tesla-t4", "4", "16Gi"),
     HardwareProfile.L4: ProfilePreset(1, "nvidia-l4", "8", "32Gi"),
     HardwareProfile.A10G: ProfilePreset(1, "nvidia-a10g", "8", "32Gi"),
     HardwareProfile.RTX4090: ProfilePreset(1, "nvidia-geforce-rtx-4090", "8", "32Gi"),
-    HardwareProfile.A100_40GB: ProfilePreset(1, "nvidia-tesla-a100", "12", "85Gi"),
+    HardwareProfile.A100_40GB: ProfilePreset(1, "nvidia-tesla-a100", "12", "85Gi", max_gpus_per_node=16),
     HardwareProfile.A100_80GB: ProfilePreset(1, "nvidia-a100-80gb", "12", "170Gi"),
     HardwareProfile.H100: ProfilePreset(1, "nvidia-h100-80gb", "16", "200Gi"),
 }

@@ -1,8 +1,9 @@
 """`distillery`: render, validate and generate the CRD with the same pure functions the operator uses, or run it.
 
     distillery render -f dm.yaml [--namespace NS]   # the InferenceService YAML (GitOps / dry-run path)
+    distillery render -f job.yaml                   # a DistillationJob: the Kubeflow Trainer TrainJob YAML
     distillery validate -f dm.yaml                  # exit 0, or 1 with every problem listed
-    distillery crd                                  # the DistilledModel CRD YAML
+    distillery crd [--kind DistillationJob]         # the DistilledModel (or DistillationJob) CRD YAML
     distillery run [--namespace NS ... | --all-namespaces] [--standalone]
 
 `-f -` reads standard input; a file may hold several YAML documents.
@@ -17,8 +18,11 @@ from typing import Any, TextIO
 
 import yaml
 
+from . import constants
 from .api import InvalidSpec, Problem, parse_distilled_model
-from .crd import build_crd
+from .crd import build_crd, build_distillation_crd
+from .distillation_api import DistillationJob, parse_distillation_job
+from .distillation_render import render_train_job
 from .render import render_inference_service
 from .settings import OperatorSettings
 
@@ -63,6 +67,8 @@ def _check(doc: Any, label: str, namespace: str | None) -> Any:
         raise InvalidSpec([Problem(label, "is not a YAML mapping")])
     if namespace:
         doc = {**doc, "metadata": {**(doc.get("metadata") or {}), "namespace": namespace}}
+    if doc.get("kind") == constants.DJ_KIND:
+        return parse_distillation_job(doc)
     return parse_distilled_model(doc)
 
 
@@ -71,7 +77,11 @@ def cmd_render(args: argparse.Namespace) -> int:
     rendered, failed = [], False
     for label, doc in load_documents(args.file):
         try:
-            rendered.append(render_inference_service(_check(doc, label, args.namespace), settings))
+            obj = _check(doc, label, args.namespace)
+            if isinstance(obj, DistillationJob):
+                rendered.append(render_train_job(obj, settings))
+            else:
+                rendered.append(render_inference_service(obj, settings))
         except InvalidSpec as error:
             failed = True
             _report(label, error.problems)
@@ -94,7 +104,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    dump_yaml([build_crd()], sys.stdout)
+    dump_yaml([build_distillation_crd() if args.kind == constants.DJ_KIND else build_crd()], sys.stdout)
     return 0
 
 
@@ -118,15 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     for name, func, text in (
-        ("render", cmd_render, "print the InferenceService(s) a DistilledModel file renders to"),
-        ("validate", cmd_validate, "check DistilledModel file(s); exit 1 listing every problem"),
+        ("render", cmd_render, "print what a file's DistilledModels (InferenceServices) and DistillationJobs "
+                               "(TrainJobs) render to"),
+        ("validate", cmd_validate, "check DistilledModel / DistillationJob file(s); exit 1 listing every problem"),
     ):
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("-f", "--file", required=True, help="YAML file with DistilledModel(s), or - for stdin")
+        p.add_argument("-f", "--file", required=True,
+                       help="YAML file with DistilledModel(s) / DistillationJob(s), or - for stdin")
         p.add_argument("-n", "--namespace", help="namespace to render into (default: the object's, else default)")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("crd", help="print the DistilledModel CRD generated from the API models")
+    p = sub.add_parser("crd", help="print a CRD generated from the API models")
+    p.add_argument("--kind", choices=(constants.KIND, constants.DJ_KIND), default=constants.KIND,
+                   help="which resource's CRD (default DistilledModel)")
     p.set_defaults(func=cmd_crd)
 
     p = sub.add_parser("run", help="run the operator")

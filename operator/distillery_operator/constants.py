@@ -48,3 +48,28 @@ RUNTIME_NAME_GPU: Final = "distillery-runtime-gpu"
 
 GPU_TAINT_KEY: Final = "nvidia.com/gpu"
 DEFAULT_GPU_RESOURCE: Final = "nvidia.com/gpu"
+
+# The DistillationJob (same group and version) and its child, a Kubeflow Trainer TrainJob.
+DJ_KIND: Final = "DistillationJob"
+DJ_PLURAL: Final = "distillationjobs"
+DJ_SINGULAR: Final = "distillationjob"
+DJ_SHORT_NAMES: Final = ("dj",)
+LABEL_JOB: Final = f"{GROUP}/distillation-job"  # value: the DistillationJob's name (on its TrainJob)
+ANN_JOB_MANIFEST: Final = f"{GROUP}/job"  # pod annotation holding the job as JSON (projected to JOB_FILE)
+ANN_LINEAGE: Final = f"{GROUP}/lineage"  # on a deployed DistilledModel: the lineage of its weights (JSON)
+ANN_SOURCE_JOB: Final = f"{GROUP}/source-job"  # on a deployed DistilledModel: the DistillationJob behind it
+
+TRAINER_GROUP: Final = "trainer.kubeflow.org"
+TRAINER_VERSION: Final = "v1alpha1"
+TRAINER_API_VERSION: Final = f"{TRAINER_GROUP}/{TRAINER_VERSION}"
+TRAINJOB_KIND: Final = "TrainJob"
+TRAINJOB_PLURAL: Final = "trainjobs"
+TRAINING_RUNTIME_KIND: Final = "ClusterTrainingRuntime"
+TRAINING_RUNTIME_NAME: Final = "distillery-distillation"  # the chart's ClusterTrainingRuntime
+TRAINER_NODE_JOB: Final = "node"  # the replicated job (and container) of a torch ClusterTrainingRuntime
+# The trainer image's default tag is the chart's appVersion (a test keeps them equal).
+DEFAULT_TRAINER_IMAGE: Final = "ghcr.io/distillery-dev/distillery-trainer:0.1.0"
+TRAINER_PATCH_MANAGER: Final = f"{GROUP}/operator"  # our entry in the TrainJob's runtimePatches
+LABEL_JOBSET_NAME: Final = "jobset.sigs.k8s.io/jobset-name"  # on every pod of a TrainJob (JobSet = TrainJob name)
+LABEL_JOB_INDEX: Final = "jobset.sigs.k8s.io/job-index"
+LABEL_COMPLETION_INDEX: Final = "batch.kubernetes.io/job-completion-index"

@@ -1,4 +1,4 @@
-"""Generate the DistilledModel CustomResourceDefinition from the pydantic API models.
+"""Generate the DistilledModel and DistillationJob CustomResourceDefinitions from the pydantic API models.
 
 The pydantic JSON schema is turned into a structural OpenAPI v3 schema: $refs inlined, Optional[X]
 collapsed to X, enums and bounds kept, descriptions on every field (so `kubectl explain` works), and the
@@ -11,8 +11,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from distillery_contract.distillation import DistillationJobSpec
+
 from . import constants
 from .api import DistilledModelSpec, DistilledModelStatus
+from .distillation_api import DistillationJobStatus
 
 # JSON-schema keywords that a structural CRD schema may carry (others, like title or const, are dropped).
 _KEEP = {
@@ -169,21 +172,82 @@ def _require_descriptions(schema: dict[str, Any], path: str = "spec") -> None:
             _require_descriptions(prop["items"], f"{path}.{name}[]")
 
 
-def build_crd() -> dict[str, Any]:
-    """The DistilledModel CRD (apiextensions.k8s.io/v1)."""
-    spec_schema = model_schema(DistilledModelSpec)
-    spec_schema["description"] = DistilledModelSpec.__doc__
-    spec_schema["x-kubernetes-validations"] = SPEC_RULES
+# Cross-field rules of a DistillationJob's spec, each mirroring one of distillery_contract.distillation.spec_problems
+# (or distillation_api.operator_problems) with the same reason.
+DJ_SPEC_RULES: list[dict[str, str]] = [
+    {
+        "rule": "!has(self.lora) || (has(self.method) && self.method == 'lora')",
+        "message": "lora settings apply only to method lora",
+        "fieldPath": ".lora",
+    },
+    {
+        "rule": "self.teacher.uri != self.student.uri || "
+                "(has(self.teacher.revision) ? self.teacher.revision : '') != "
+                "(has(self.student.revision) ? self.student.revision : '')",
+        "message": "the student is the teacher: distil into a different model",
+        "fieldPath": ".student.uri",
+    },
+    {
+        "rule": "!has(self.resources) || !has(self.resources.hardwareProfile) || "
+                "self.resources.hardwareProfile != 'cpu' || self.resources.gpusPerNode == 0",
+        "message": "hardwareProfile cpu has no GPU: set gpusPerNode 0",
+        "fieldPath": ".resources.gpusPerNode",
+    },
+    {
+        "rule": "!has(self.resources) || !has(self.resources.hardwareProfile) || "
+                "self.resources.hardwareProfile == 'cpu' || self.resources.gpusPerNode >= 1",
+        "message": "a GPU hardwareProfile needs gpusPerNode >= 1",
+        "fieldPath": ".resources.gpusPerNode",
+    },
+    {
+        "rule": "!has(self.training) || !has(self.training.precision) || self.training.precision != 'bf16' || "
+                "!has(self.resources) || !has(self.resources.hardwareProfile) || self.resources.hardwareProfile != 't4'",
+        "message": "t4 has no bfloat16: use fp16 or auto",
+        "fieldPath": ".training.precision",
+    },
+] + [
+    {
+        "rule": f"self.{field}.uri.matches('^(hf|s3|gs|pvc)://.*[^/].*')",
+        "message": f"{field}.uri must start with hf://, s3://, gs:// or pvc:// and name a location",
+        "fieldPath": f".{field}.uri",
+    }
+    for field in ("teacher", "student", "dataset", "output")
+] + [
+    {
+        "rule": f"!has(self.{field}.revision) || self.{field}.uri.startsWith('hf://')",
+        "message": "revision applies only to hf:// sources",
+        "fieldPath": f".{field}.revision",
+    }
+    for field in ("teacher", "student")
+]
+
+DJ_PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
+    {"name": "Teacher", "type": "string", "jsonPath": ".spec.teacher.uri"},
+    {"name": "Student", "type": "string", "jsonPath": ".spec.student.uri"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def _build(
+    *, kind: str, plural: str, singular: str, short_names: tuple[str, ...], description: str,
+    spec_model: type[Any], status_model: type[Any], rules: list[dict[str, str]], columns: list[dict[str, Any]],
+    subresources: dict[str, Any],
+) -> dict[str, Any]:
+    spec_schema = model_schema(spec_model)
+    spec_schema["description"] = spec_model.__doc__
+    spec_schema["x-kubernetes-validations"] = rules
     _require_descriptions(spec_schema)
-    status_schema = model_schema(DistilledModelStatus)
-    status_schema["description"] = DistilledModelStatus.__doc__
+    status_schema = model_schema(status_model)
+    status_schema["description"] = status_model.__doc__
     status_schema["x-kubernetes-preserve-unknown-fields"] = True  # kopf's own bookkeeping lives here too
     schema = {
         "type": "object",
-        "description": "A distilled, quantized LLM served by KServe through Distillery's runtime.",
+        "description": description,
         "properties": {
             "apiVersion": {"type": "string", "description": "API version of this object"},
-            "kind": {"type": "string", "description": "Kind of this object (DistilledModel)"},
+            "kind": {"type": "string", "description": f"Kind of this object ({kind})"},
             "metadata": {"type": "object"},
             "spec": spec_schema,
             "status": status_schema,
@@ -194,18 +258,18 @@ def build_crd() -> dict[str, Any]:
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{constants.PLURAL}.{constants.GROUP}",
+            "name": f"{plural}.{constants.GROUP}",
             "labels": {constants.LABEL_PART_OF: constants.PART_OF},
         },
         "spec": {
             "group": constants.GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": constants.KIND,
-                "listKind": f"{constants.KIND}List",
-                "plural": constants.PLURAL,
-                "singular": constants.SINGULAR,
-                "shortNames": list(constants.SHORT_NAMES),
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": list(short_names),
                 "categories": list(constants.CATEGORIES),
             },
             "versions": [
@@ -214,15 +278,33 @@ def build_crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "schema": {"openAPIV3Schema": schema},
-                    "subresources": {
-                        "status": {},
-                        "scale": {
-                            "specReplicasPath": ".spec.replicas",
-                            "statusReplicasPath": ".status.replicas",
-                        },
-                    },
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "subresources": subresources,
+                    "additionalPrinterColumns": columns,
                 }
             ],
         },
     }
+
+
+def build_crd() -> dict[str, Any]:
+    """The DistilledModel CRD (apiextensions.k8s.io/v1)."""
+    return _build(
+        kind=constants.KIND, plural=constants.PLURAL, singular=constants.SINGULAR, short_names=constants.SHORT_NAMES,
+        description="A distilled, quantized LLM served by KServe through Distillery's runtime.",
+        spec_model=DistilledModelSpec, status_model=DistilledModelStatus, rules=SPEC_RULES, columns=PRINTER_COLUMNS,
+        subresources={
+            "status": {},
+            "scale": {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas"},
+        },
+    )
+
+
+def build_distillation_crd() -> dict[str, Any]:
+    """The DistillationJob CRD (apiextensions.k8s.io/v1)."""
+    return _build(
+        kind=constants.DJ_KIND, plural=constants.DJ_PLURAL, singular=constants.DJ_SINGULAR,
+        short_names=constants.DJ_SHORT_NAMES,
+        description="Teacher -> student knowledge distillation on Kubeflow Trainer, handed to a DistilledModel.",
+        spec_model=DistillationJobSpec, status_model=DistillationJobStatus, rules=DJ_SPEC_RULES,
+        columns=DJ_PRINTER_COLUMNS, subresources={"status": {}},
+    )

@@ -12,7 +12,7 @@ from . import constants
 
 REQUIRED_PERMISSIONS: Final[list[tuple[str, str, str]]] = [
     # DistilledModels: kopf lists and watches them; reconcile.py reads one when its InferenceService
-    # changes. Nothing patches the object itself: kopf keeps its bookkeeping in status (handlers.py).
+    # changes. Only a DistillationJob's deploy patches one (below); kopf keeps its bookkeeping in status.
     (constants.GROUP, constants.PLURAL, "get"),
     (constants.GROUP, constants.PLURAL, "list"),
     (constants.GROUP, constants.PLURAL, "watch"),
@@ -28,6 +28,23 @@ REQUIRED_PERMISSIONS: Final[list[tuple[str, str, str]]] = [
     (constants.KSERVE_GROUP, constants.ISVC_PLURAL, "watch"),
     (constants.KSERVE_GROUP, constants.ISVC_PLURAL, "create"),
     (constants.KSERVE_GROUP, constants.ISVC_PLURAL, "patch"),
+    # DistillationJobs, like DistilledModels: watched, status written, owners of their TrainJob.
+    (constants.GROUP, constants.DJ_PLURAL, "get"),
+    (constants.GROUP, constants.DJ_PLURAL, "list"),
+    (constants.GROUP, constants.DJ_PLURAL, "watch"),
+    (constants.GROUP, f"{constants.DJ_PLURAL}/status", "patch"),
+    (constants.GROUP, f"{constants.DJ_PLURAL}/finalizers", "update"),
+    # spec.deploy: the DistillationJob creates or patches its DistilledModel to serve the artifact.
+    (constants.GROUP, constants.PLURAL, "create"),
+    (constants.GROUP, constants.PLURAL, "patch"),
+    # The child TrainJobs: watched, read, created, labels restored; deleted by the garbage collector.
+    (constants.TRAINER_GROUP, constants.TRAINJOB_PLURAL, "get"),
+    (constants.TRAINER_GROUP, constants.TRAINJOB_PLURAL, "list"),
+    (constants.TRAINER_GROUP, constants.TRAINJOB_PLURAL, "watch"),
+    (constants.TRAINER_GROUP, constants.TRAINJOB_PLURAL, "create"),
+    (constants.TRAINER_GROUP, constants.TRAINJOB_PLURAL, "patch"),
+    # The trainer's result: rank 0's termination message, on the finished TrainJob's pods.
+    ("", "pods", "list"),
     # Events on the DistilledModels (ours and kopf's warnings).
     ("", "events", "create"),
     # Not needed: kopf's namespace and CRD observers list/watch namespaces and CRDs when allowed and,

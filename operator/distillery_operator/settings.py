@@ -33,6 +33,13 @@ class RenderSettings(BaseModel):
         "cloud.google.com/gke-accelerator",
         description="Node label whose value is the GPU type (spec.resources.gpu.type) in node selectors",
     )
+    trainer_image: str = Field(
+        constants.DEFAULT_TRAINER_IMAGE, min_length=1, description="Image of the DistillationJobs' TrainJobs"
+    )
+    training_runtime_name: str = Field(
+        constants.TRAINING_RUNTIME_NAME, min_length=1,
+        description="ClusterTrainingRuntime the DistillationJobs' TrainJobs run on (the chart ships it)",
+    )
 
 
 class OperatorSettings(BaseSettings):
@@ -50,6 +57,8 @@ class OperatorSettings(BaseSettings):
     runtime_image: str | None = None
     prometheus_url: str = RenderSettings.model_fields["prometheus_url"].default
     gpu_node_label: str = RenderSettings.model_fields["gpu_node_label"].default
+    trainer_image: str = RenderSettings.model_fields["trainer_image"].default
+    training_runtime_name: str = RenderSettings.model_fields["training_runtime_name"].default
     resync_seconds: float = Field(300.0, gt=0, description="Periodic resync (drift backstop) interval")
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

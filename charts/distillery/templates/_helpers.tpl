@@ -89,3 +89,9 @@ app.kubernetes.io/component: operator
 {{- list .Release.Namespace | toJson }}
 {{- end }}
 {{- end }}
+
+{{/* The trainer image of DistillationJobs: repository:tag (tag defaults to appVersion). */}}
+{{- define "distillery.trainerImage" -}}
+{{- $img := .Values.trainer.image }}
+{{- printf "%s:%s" $img.repository (default .Chart.AppVersion $img.tag) }}
+{{- end }}

@@ -27,7 +27,7 @@ from distillery_operator.crd import build_crd
 from distillery_operator.render import render_inference_service
 from distillery_operator.settings import OperatorSettings
 from tests.kserve_schema import assert_valid, kserve_validator
-from tests.reference import PROMETHEUS_OPERATOR_REFERENCE
+from tests.reference import PROMETHEUS_OPERATOR_REFERENCE, TRAINER_REFERENCE
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -42,6 +42,9 @@ def crd_validators(kserve_reference_dir: Path) -> dict[tuple[str, str], Any]:
     return {
         ("serving.kserve.io/v1alpha1", "ClusterServingRuntime"): kserve_validator(
             kserve_reference_dir / "serving.kserve.io_clusterservingruntimes.yaml"
+        ),
+        ("trainer.kubeflow.org/v1alpha1", "ClusterTrainingRuntime"): kserve_validator(
+            TRAINER_REFERENCE / "trainer.kubeflow.org_clustertrainingruntimes.yaml"
         ),
         ("monitoring.coreos.com/v1", "PodMonitor"): kserve_validator(
             PROMETHEUS_OPERATOR_REFERENCE / "monitoring.coreos.com_podmonitors.yaml", "v1"

@@ -60,7 +60,7 @@ def test_layout_and_kustomization(expected: dict[Path, str]) -> None:
     assert by_dir["crd"] == {"CustomResourceDefinition"}
     assert by_dir["rbac"] <= {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
     assert "Deployment" in by_dir["operator"]
-    assert by_dir["runtime"] == {"ClusterServingRuntime"}
+    assert by_dir["runtime"] == {"ClusterServingRuntime", "ClusterTrainingRuntime"}
     kustomization = yaml.safe_load(expected[manifests / "kustomization.yaml"])
     listed = set(kustomization["resources"])
     on_disk = {str(p.relative_to(manifests)) for p in expected if manifests in p.parents} - {
