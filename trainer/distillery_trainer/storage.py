@@ -1,0 +1,130 @@
+"""Where the job's teacher, student, dataset and output live: hf://, s3://, gs:// or pvc:// URIs -> local paths.
+
+pvc://CLAIM/PATH is a PersistentVolumeClaim mounted into the pod at PVC_ROOT/CLAIM (the TrainJob mounts
+it there), so it is a plain path. hf:// is fetched with huggingface_hub, s3:// and gs:// with fsspec (s3fs,
+gcsfs); each only when that library is installed, otherwise a clear error says which one is missing.
+An output on hf/s3/gs is written to a local staging directory first and uploaded when complete.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+PVC_ROOT_ENV = "DISTILLERY_PVC_ROOT"
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+CACHE_ENV = "DISTILLERY_CACHE_DIR"
+
+
+class StorageError(RuntimeError):
+    """A location cannot be read or written (names the URI and why)."""
+
+
+def pvc_root() -> Path:
+    return Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, os.path.join(os.environ.get("TMPDIR", "/tmp"), "distillery-cache")))
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        raise StorageError(f"{uri!r} is not a URI (hf://, s3://, gs:// or pvc://)")
+    return scheme, rest.strip("/")
+
+
+def pvc_path(uri: str, root: Path | None = None) -> Path:
+    _, rest = split_uri(uri)
+    claim, _, path = rest.partition("/")
+    return (root or pvc_root()) / claim / path
+
+
+def fetch(uri: str, *, revision: str | None = None, root: Path | None = None, cache: Path | None = None) -> Path:
+    """A local path holding what `uri` names (a model directory or a dataset file)."""
+    scheme, rest = split_uri(uri)
+    if scheme == "pvc":
+        local = pvc_path(uri, root)
+        if not local.exists():
+            claim = rest.partition("/")[0]
+            raise StorageError(f"{uri}: {local} does not exist (is claim {claim} mounted at "
+                               f"{(root or pvc_root()) / claim}?)")
+        return local
+    if scheme == "hf":
+        return _hf_fetch(rest, revision, cache or cache_dir())
+    if scheme in ("s3", "gs"):
+        fs = _filesystem(scheme, uri)
+        dst = (cache or cache_dir()) / scheme / rest
+        if not dst.exists():
+            try:
+                if fs.isdir(uri):
+                    fs.get(uri.rstrip("/") + "/", str(dst) + "/", recursive=True)
+                else:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    fs.get(uri, str(dst))
+            except Exception as exc:  # noqa: BLE001 - the backends raise their own kinds
+                raise StorageError(f"{uri}: cannot download: {exc}") from exc
+        return dst
+    raise StorageError(f"{uri}: unknown scheme {scheme}:// (hf, s3, gs, pvc)")
+
+
+def _hf_fetch(repo: str, revision: str | None, cache: Path) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise StorageError(f"hf://{repo}: huggingface_hub is not installed") from exc
+    try:
+        return Path(snapshot_download(repo, revision=revision, cache_dir=str(cache / "hf")))
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"hf://{repo}: cannot download: {exc}") from exc
+
+
+def _filesystem(scheme: str, uri: str):  # type: ignore[no-untyped-def]
+    try:
+        import fsspec
+
+        return fsspec.filesystem(scheme)
+    except ImportError as exc:
+        lib = {"s3": "s3fs", "gs": "gcsfs"}[scheme]
+        raise StorageError(f"{uri}: reading and writing {scheme}:// needs fsspec and {lib} installed") from exc
+    except ValueError as exc:
+        raise StorageError(f"{uri}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """Where the trainer writes the artifact (`local`), and how it reaches the URI afterwards (`publish`)."""
+
+    local: Path
+    publish: Callable[[], None] | None = None
+
+
+def output_target(uri: str, *, root: Path | None = None, staging: Path | None = None) -> OutputTarget:
+    scheme, rest = split_uri(uri)
+    if scheme == "pvc":
+        return OutputTarget(pvc_path(uri, root))
+    local = (staging or cache_dir() / "output") / scheme / rest
+    if scheme == "hf":
+        try:
+            from huggingface_hub import HfApi
+        except ImportError as exc:
+            raise StorageError(f"{uri}: huggingface_hub is not installed") from exc
+
+        def publish_hf() -> None:
+            HfApi().upload_folder(repo_id=rest, folder_path=str(local), ignore_patterns=["checkpoints/*"])
+
+        return OutputTarget(local, publish_hf)
+    if scheme in ("s3", "gs"):
+        fs = _filesystem(scheme, uri)
+
+        def publish_fs() -> None:
+            for f in sorted(local.rglob("*")):
+                rel = f.relative_to(local)
+                if f.is_file() and rel.parts[0] != "checkpoints":
+                    fs.put(str(f), f"{uri.rstrip('/')}/{rel.as_posix()}")
+
+        return OutputTarget(local, publish_fs)
+    raise StorageError(f"{uri}: unknown scheme {scheme}:// (hf, s3, gs, pvc)")
