@@ -22,7 +22,8 @@ from kserve.utils.utils import strtobool
 
 from distillery_contract import flags, values
 from model_runtime.log_config import configure_logging
-from model_runtime.server import DistilleryModel, RuntimeModelServer, RuntimeOptions, add_openai_routes
+from model_runtime.request_decoding import DEFAULT_MAX_BODY_BYTES
+from model_runtime.server import DistilleryModel, RuntimeModelServer, RuntimeOptions, add_routes
 
 log = logging.getLogger("model_runtime")
 
@@ -35,6 +36,13 @@ def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return number
 
 
@@ -52,12 +60,17 @@ def _temperature(value: str) -> float:
     return number
 
 
+def _add_bool_flag(parser: argparse.ArgumentParser, name: str, *, default: bool | None,
+                   help: str | None = None) -> None:
+    """A boolean flag given as `--x` (true) or `--x=false`."""
+    parser.add_argument(name, default=default, nargs="?", const=True, type=_bool, help=help)
+
+
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """The contract's flags (and a few local ones) on top of KServe's parser."""
     existing = {opt for action in parser._actions for opt in action.option_strings}
     # KServe's parser already defines --model_name and --http_port; their meaning is the contract's.
     assert flags.FLAG_MODEL_NAME in existing and flags.FLAG_HTTP_PORT in existing
-    flag = {"nargs": "?", "const": True, "type": _bool}  # `--x` or `--x=false`
     parser.add_argument(flags.FLAG_MODEL_DIR, default=flags.MODEL_MOUNT_DIR,
                         help="model directory (HF safetensors + tokenizer, our quantized artifact) or a .gguf file")
     parser.add_argument(flags.FLAG_MODEL_FORMAT, default="auto", choices=["auto", *values.WEIGHT_FORMATS],
@@ -66,8 +79,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight-only quantization applied at load")
     parser.add_argument(flags.FLAG_GROUP_SIZE, default=values.DEFAULT_GROUP_SIZE, type=int, choices=values.INT4_GROUP_SIZES,
                         help="int4 group size")
-    parser.add_argument(flags.FLAG_PREQUANTIZED, default=None, **flag,
-                        help="the weights are already our quantized artifact; unset: detect its manifest")
+    _add_bool_flag(parser, flags.FLAG_PREQUANTIZED, default=None,
+                   help="the weights are already our quantized artifact; unset: detect its manifest")
     parser.add_argument(flags.FLAG_DTYPE, default="auto", choices=values.DTYPES)
     parser.add_argument(flags.FLAG_DEVICE, default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument(flags.FLAG_MAX_MODEL_LEN, default=None, type=_positive_int,
@@ -82,16 +95,32 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default top_p; unset: the model's generation_config")
     parser.add_argument(flags.FLAG_DEFAULT_MAX_TOKENS, default=None, type=_positive_int,
                         help="default max_tokens; unset: up to the end of the context")
-    parser.add_argument(flags.FLAG_THINK_PREFIX, default=False, **flag,
-                        help='force "<think>\\n" after the generation prompt (DeepSeek-R1)')
-    parser.add_argument(flags.FLAG_SEPARATE_REASONING, default=False, **flag,
-                        help="return the thinking as reasoning_content (DeepSeek API style)")
+    _add_bool_flag(parser, flags.FLAG_THINK_PREFIX, default=False,
+                   help='force "<think>\\n" after the generation prompt (DeepSeek-R1)')
+    _add_bool_flag(parser, flags.FLAG_SEPARATE_REASONING, default=False,
+                   help="return the thinking as reasoning_content (DeepSeek API style)")
     parser.add_argument("--http_host", default="0.0.0.0", help="address to listen on (127.0.0.1 for local use)")
     parser.add_argument("--request_timeout_s", default=600.0, type=float, help="per-request engine timeout")
     parser.add_argument("--log_level", default=os.environ.get("LOG_LEVEL", "INFO"))
-    parser.add_argument("--log_prompts", default=False, **flag, help="log prompt text (debugging only)")
-    parser.add_argument("--allow_pickle", default=False, **flag, help="allow .bin/.pt (pickle) weights")
-    parser.add_argument("--trust_remote_code", default=False, **flag)
+    _add_bool_flag(parser, "--log_prompts", default=False, help="log prompt text (debugging only)")
+    _add_bool_flag(parser, "--allow_pickle", default=False, help="allow .bin/.pt (pickle) weights")
+    _add_bool_flag(parser, "--trust_remote_code", default=False)
+    # hostile clients: limits and timeouts on every route
+    parser.add_argument("--max_body_bytes", default=DEFAULT_MAX_BODY_BYTES, type=_positive_int,
+                        help="request body limit on every route (larger: HTTP 413)")
+    parser.add_argument("--max_prompt_bytes", default=None, type=_positive_int,
+                        help="prompt text tokenized per request at most; unset: 32 bytes per token of context, "
+                             "at least 64 KiB")
+    parser.add_argument("--header_timeout_s", default=10.0, type=_positive_float,
+                        help="a client must send its request headers within this (slowloris)")
+    parser.add_argument("--body_timeout_s", default=60.0, type=_positive_float,
+                        help="a client must send its request body within this after the headers")
+    parser.add_argument("--request_workers", default=2, type=_positive_int,
+                        help="threads for chat templating, tokenization and large-body decoding")
+    _add_bool_flag(parser, "--enable_model_repository_routes", default=False,
+                   help="enable KServe's unauthenticated /v2/repository/models/NAME/load|unload routes")
+    _add_bool_flag(parser, "--allow_special_tokens_in_content", default=False,
+                   help="trusted clients only: control tokens typed in message text are read as control tokens")
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -115,6 +144,10 @@ def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
         default_max_tokens=args.default_max_tokens, think_prefix=args.think_prefix,
         separate_reasoning=args.separate_reasoning, log_prompts=args.log_prompts,
         allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        max_body_bytes=args.max_body_bytes, max_prompt_bytes=args.max_prompt_bytes,
+        header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
+        enable_model_repository_routes=args.enable_model_repository_routes,
+        allow_special_tokens_in_content=args.allow_special_tokens_in_content, request_workers=args.request_workers,
     )
 
 
@@ -152,9 +185,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         http_host=args.http_host, http_port=args.http_port, grpc_port=args.grpc_port, enable_grpc=args.enable_grpc,
         enable_docs_url=args.enable_docs_url, enable_latency_logging=args.enable_latency_logging,
         max_asyncio_workers=args.max_asyncio_workers, timeout_keep_alive=args.timeout_keep_alive,
+        header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
     )
     # Before ModelServer.start(): KServe adds its routes after ours, so ours win where paths overlap.
-    add_openai_routes(model_server.app, model)
+    add_routes(model_server.app, model)
     # Load in the main thread, before the server starts (KServe's pattern: the pod is not ready
     # until then). Loading in a helper thread leaves that thread's OpenMP pool spinning, which
     # made decoding on 2 cores ~10x slower (measured: 50 tokens 7.5 s vs 0.6 s on the tiny model).

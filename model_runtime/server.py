@@ -10,6 +10,12 @@
   Bodies are parsed here (not by FastAPI) so every malformed or invalid request is a 400 with an
   OpenAI error body; a full engine queue is a 429 with Retry-After; a client that disconnects
   aborts its engine request.
+- KServeRoutes: V1 predict, V2 infer (JSON and binary tensors), the health and readiness probes and
+  vLLM's `GET /health`, also added before KServe's own, so every route decodes its body through
+  request_decoding (size limit, strict UTF-8, depth, tensor checks) and answers a bad request with
+  a 4xx in KServe's `{"error": ...}` shape. The model repository's load/unload routes answer 403
+  unless enabled (`--enable_model_repository_routes`): unauthenticated, they take the model away.
+- Templating and tokenization run in a worker pool, never on the event loop.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import kserve
 from fastapi import FastAPI, Request
@@ -31,9 +38,11 @@ from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
 from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.rest.server import RESTServer
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from model_runtime.http_timeouts import timed_protocol
 from model_runtime.metrics import RuntimeMetrics
 from model_runtime.protocol import (
     ChatChoice,
@@ -51,16 +60,31 @@ from model_runtime.protocol import (
     ModelList,
     V1Request,
     V1Response,
-    V2Request,
     dump,
-    validation_error_param,
+)
+from model_runtime.request_decoding import (
+    DEFAULT_MAX_BODY_BYTES,
+    OFFLOAD_BYTES,
+    V2_HEADER_LENGTH,
+    BodyLimitMiddleware,
+    V2Prompts,
+    check_decoded,
+    decode_json,
+    decode_v1,
+    decode_v2_binary,
+    decode_v2_json,
+    error_body,
+    too_large,
+    v2_prompts_from_dict,
+    validate,
 )
 from model_runtime.serving import Delta, Job, Serving, ServingConfig, ServingError, invalid
+from model_runtime.worker_pool import WorkerPool
 
 log = logging.getLogger("model_runtime.server")
 
 OPENAI_PREFIXES = ("/openai/v1", "/v1")
-MAX_BODY_BYTES = 16 * 2**20  # far beyond any context window; bounds the tokenizer's work per request
+MAX_BODY_BYTES = DEFAULT_MAX_BODY_BYTES
 
 
 @dataclass
@@ -87,9 +111,16 @@ class RuntimeOptions:
     log_prompts: bool = False
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # every route: a larger body is a 413
+    max_prompt_bytes: int | None = None  # None: 32 bytes per token of context, at least 64 KiB
+    header_timeout_s: float = 10.0  # a client must send its request headers within this
+    body_timeout_s: float = 60.0  # ... and its body within this after the headers
+    enable_model_repository_routes: bool = False  # KServe's unauthenticated load/unload
+    allow_special_tokens_in_content: bool = False  # trusted clients: control tokens in message text count
+    request_workers: int = 2  # threads for templating, tokenization and large-body decoding
 
 
-class DistilleryModel(kserve.Model):
+class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no type information (no py.typed)
     """One served model. `self.generator` is the engine (kserve.Model already uses `self.engine`)."""
 
     def __init__(self, options: RuntimeOptions, metrics: RuntimeMetrics | None = None) -> None:
@@ -98,6 +129,7 @@ class DistilleryModel(kserve.Model):
         self.metrics = metrics or RuntimeMetrics(options.model_name)
         self.serving: Serving | None = None
         self.generator: Any = None
+        self.pool = WorkerPool(options.request_workers)
 
     def load(self) -> bool:
         from model_runtime.engine import Engine, EngineConfig
@@ -154,6 +186,8 @@ class DistilleryModel(kserve.Model):
                 model_name=self.name, default_temperature=o.default_temperature, default_top_p=o.default_top_p,
                 default_max_tokens=o.default_max_tokens, think_prefix=o.think_prefix,
                 separate_reasoning=o.separate_reasoning, log_prompts=o.log_prompts,
+                max_prompt_bytes=o.max_prompt_bytes,
+                allow_special_tokens_in_content=o.allow_special_tokens_in_content,
             ),
             self.metrics,
         )
@@ -165,48 +199,49 @@ class DistilleryModel(kserve.Model):
             self.generator.stop()
             self.generator = None
 
-    # ---- KServe V1 / V2
+    @property
+    def max_instances(self) -> int:
+        """Requests the engine can ever hold at once: one V1/V2 request with more prompts never fits."""
+        return self.options.max_batch_size + self.options.max_queue
+
+    # ---- KServe V1 / V2 (the HTTP routes are KServeRoutes'; this is KServe's dataplane path, e.g. gRPC)
     async def predict(self, payload: Any, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> Any:
         serving = self._serving()
         if isinstance(payload, InferRequest):
-            return await self._infer_v2(serving, payload)
-        if isinstance(payload, bytes | str):
-            try:
-                payload = json.loads(payload)
-            except ValueError as exc:
-                raise invalid("request body is not valid JSON") from exc
-        req = _validate(V1Request, payload)
-        jobs = []
-        for i, inst in enumerate(req.instances):
-            params = req.parameters if isinstance(inst, str) else inst
-            prompt = inst if isinstance(inst, str) else inst.prompt
-            try:
-                jobs.append(serving.prepare_text(prompt, params))
-            except ServingError as exc:
-                exc.param = f"instances.{i}.{exc.param or 'prompt'}"
-                raise
-        texts = await _gather_or_cancel([self._text(serving, job) for job in jobs])
-        return V1Response(predictions=list(texts)).model_dump()
+            decoded = v2_prompts_from_dict(_infer_request_dict(payload), self.max_instances)
+            texts = await self.generate(serving, decoded.prompts, decoded.parameters)
+            output = InferOutput(name="text_output", shape=[len(texts)], datatype="BYTES", data=list(texts))
+            return InferResponse(response_id=payload.id or new_request_id(), model_name=self.name,
+                                 infer_outputs=[output])
+        if isinstance(payload, str):
+            raw = payload.encode("utf-8", "surrogatepass")  # a lone surrogate then fails strict decoding: 400
+        elif isinstance(payload, bytes):
+            raw = payload
+        else:
+            raw = json.dumps(payload, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        req = decode_v1(raw, self.max_instances)
+        return V1Response(predictions=await self.v1_texts(serving, req)).model_dump()
 
-    async def _infer_v2(self, serving: Serving, request: InferRequest) -> InferResponse:
-        tensor = request.inputs[0] if request.inputs else None
-        data = list(tensor.data) if tensor is not None and tensor.data is not None else []
-        body = {
-            "id": request.id,
-            "inputs": [{
-                "name": tensor.name if tensor else "", "shape": list(tensor.shape) if tensor else [],
-                "datatype": tensor.datatype if tensor else "",
-                "data": [d.decode() if isinstance(d, bytes) else d for d in data],
-            }] if tensor is not None else [],
-            "parameters": _plain_parameters(request.parameters),
-        }
-        req = _validate(V2Request, body)
-        jobs = [serving.prepare_text(text, req.parameters) for text in req.inputs[0].data]
-        texts = await _gather_or_cancel([self._text(serving, job) for job in jobs])
-        output = InferOutput(name="text_output", shape=[len(texts)], datatype="BYTES", data=list(texts))
-        return InferResponse(response_id=request.id or jobs[0].request_id, model_name=self.name,
-                             infer_outputs=[output])
+    async def v1_texts(self, serving: Serving, req: V1Request) -> list[str]:
+        prompts: list[tuple[str, GenerationParameters, str]] = []
+        for i, inst in enumerate(req.instances):
+            if isinstance(inst, str):
+                prompts.append((inst, req.parameters, f"instances.{i}"))
+            else:
+                prompts.append((inst.prompt, inst, f"instances.{i}"))
+        jobs = []
+        for prompt, params, where in prompts:
+            try:
+                jobs.append(await self.pool.run(serving.prepare_text, prompt, params))
+            except ServingError as exc:
+                exc.param = f"{where}.{exc.param or 'prompt'}"
+                raise
+        return list(await _gather_or_cancel([self._text(serving, job) for job in jobs]))
+
+    async def generate(self, serving: Serving, prompts: list[str], params: GenerationParameters) -> list[str]:
+        jobs = [await self.pool.run(serving.prepare_text, text, params) for text in prompts]
+        return list(await _gather_or_cancel([self._text(serving, job) for job in jobs]))
 
     @staticmethod
     async def _text(serving: Serving, job: Job) -> str:
@@ -233,6 +268,25 @@ async def _gather_or_cancel(coros: list[Any]) -> list[Any]:
         raise
 
 
+def new_request_id() -> str:
+    return f"gen-{uuid.uuid4().hex}"
+
+
+def _infer_request_dict(request: InferRequest) -> dict[str, Any]:
+    """A dataplane InferRequest back into the V2 JSON shape, for the one V2 decoder."""
+    inputs = []
+    for tensor in request.inputs or []:
+        data = list(tensor.data) if tensor.data is not None else []
+        try:
+            data = [d.decode("utf-8") if isinstance(d, bytes) else d for d in data]
+        except UnicodeDecodeError as exc:
+            raise invalid("inputs.0: a BYTES element is not valid UTF-8", param="inputs.0") from exc
+        inputs.append({"name": tensor.name, "shape": list(tensor.shape), "datatype": tensor.datatype, "data": data})
+    body = {"id": request.id, "inputs": inputs, "parameters": _plain_parameters(request.parameters)}
+    check_decoded(body)
+    return body
+
+
 def _plain_parameters(parameters: Any) -> dict[str, Any]:
     if not parameters:
         return {}
@@ -244,23 +298,17 @@ def _plain_parameters(parameters: Any) -> dict[str, Any]:
     return out
 
 
-def _validate(cls: type[BaseModel], data: Any) -> Any:
-    if not isinstance(data, dict):
-        raise invalid("request body must be a JSON object")
-    try:
-        return cls.model_validate(data)
-    except ValidationError as exc:
-        message, param = validation_error_param(exc)
-        raise invalid(message, param=param) from exc
+_validate = validate
 
 
-def error_response(exc: ServingError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+def error_response(exc: ServingError, path: str = "/v1/completions") -> JSONResponse:
+    """The error in the route's protocol shape (OpenAI's object, or KServe's {"error": ...})."""
+    return JSONResponse(error_body(exc, path), status_code=exc.status, headers=exc.headers)
 
 
 async def serving_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServingError)
-    return error_response(exc)
+    return error_response(exc, request.url.path)
 
 
 async def request_validation_handler(request: Request, exc: Exception) -> Response:
@@ -268,7 +316,7 @@ async def request_validation_handler(request: Request, exc: Exception) -> Respon
     errors = exc.errors()
     loc = ".".join(str(p) for p in (errors[0].get("loc", ()) if errors else ()) if p != "body") or None
     msg = errors[0].get("msg", "invalid request") if errors else "invalid request"
-    return error_response(invalid(f"{loc}: {msg}" if loc else msg, param=loc))
+    return error_response(invalid(f"{loc}: {msg}" if loc else msg, param=loc), request.url.path)
 
 
 def _sse(data: dict[str, Any] | str) -> str:
@@ -359,20 +407,13 @@ class OpenAIRoutes:
 
         try:
             serving = self.model._serving()
-            raw = await request.body()
-            if len(raw) > MAX_BODY_BYTES:
-                raise ServingError(413, f"request body over {MAX_BODY_BYTES // 2**20} MiB", code="body_too_large")
-            try:
-                data = json.loads(raw)
-            except ValueError as exc:
-                raise invalid(f"request body is not valid JSON: {exc}") from exc
-            req = _validate(cls, data)
+            req = await read_request(request, self.model, lambda raw: validate(cls, decode_json(raw)))
             response = await run(request, serving, req, finish)
             if not isinstance(response, StreamingResponse):
                 finish(response.status_code)
             return response
         except ServingError as exc:
-            metrics.error(exc.code or exc.type)
+            record_error(metrics, exc)
             finish(exc.status)
             return error_response(exc)
         except Exception:
@@ -387,7 +428,7 @@ class OpenAIRoutes:
 
     async def _chat(self, request: Request, serving: Serving, req: ChatCompletionRequest,
                     finish: Callable[[int], None]) -> Response:
-        job = serving.prepare_chat(req)
+        job = await self.model.pool.run(serving.prepare_chat, req)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self._stream(request, serving, job, finish, include_usage, chat=True)
@@ -401,7 +442,7 @@ class OpenAIRoutes:
 
     async def _completion(self, request: Request, serving: Serving, req: CompletionRequest,
                           finish: Callable[[int], None]) -> Response:
-        job = serving.prepare_completion(req)
+        job = await self.model.pool.run(serving.prepare_completion, req)
         echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -443,7 +484,7 @@ class OpenAIRoutes:
             return dump(body)
 
         async def events() -> AsyncIterator[str]:
-            status = 200
+            status = 499  # until the answer is complete: a stream closed early is the client's leaving
             try:
                 async with abort_on_disconnect(request, serving, job):
                     if chat:
@@ -462,10 +503,11 @@ class OpenAIRoutes:
                                 yield _sse(dump(usage_chunk))
                             break
                         delta = await deltas.__anext__()
+                    status = 200
                     yield _sse("[DONE]")
             except ServingError as exc:
                 status = exc.status
-                self.model.metrics.error(exc.code or exc.type)
+                record_error(self.model.metrics, exc)
                 yield _sse(exc.body())
                 yield _sse("[DONE]")
             finally:
@@ -476,23 +518,175 @@ class OpenAIRoutes:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+T = TypeVar("T")
+
+
+async def read_request(request: Request, model: DistilleryModel, decode: Callable[[bytes], T]) -> T:
+    """The body, decoded by `decode` (in the worker pool when it is large): every route's one way in."""
+    try:
+        raw = await request.body()
+    except ClientDisconnect as exc:
+        raise client_closed() from exc
+    limit = model.options.max_body_bytes
+    if len(raw) > limit:
+        raise too_large(limit)
+    if len(raw) > OFFLOAD_BYTES:
+        return await model.pool.run(decode, raw)
+    return decode(raw)
+
+
+def client_closed() -> ServingError:
+    return ServingError(499, "client closed the request", type="client_closed", code="client_closed")
+
+
+def record_error(metrics: RuntimeMetrics, exc: ServingError) -> None:
+    metrics.error(exc.code or exc.type)
+    if exc.status == 429:
+        metrics.rejected()  # once per rejected request, however many prompts it carried
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """`work`, cancelled (which aborts its engine requests) as soon as the client disconnects: 499."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        log.info("client disconnected", extra={"path": request.url.path})
+        raise client_closed()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+class KServeRoutes:
+    """KServe V1/V2 inference, the probes and `GET /health`, bound to one DistilleryModel."""
+
+    def __init__(self, model: DistilleryModel) -> None:
+        self.model = model
+
+    def register(self, app: FastAPI) -> None:
+        app.add_api_route("/v1/models/{model_name}:predict", self.v1_predict, methods=["POST"], response_model=None)
+        for path in ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer"):
+            app.add_api_route(path, self.v2_infer, methods=["POST"], response_model=None)
+        app.add_api_route("/health", self.health, methods=["GET"], response_model=None)
+        app.add_api_route("/v2/health/ready", self.server_ready, methods=["GET"], response_model=None)
+        for path in ("/v1/models/{model_name}", "/v2/models/{model_name}/ready"):
+            app.add_api_route(path, self.model_ready, methods=["GET"], response_model=None)
+        if not self.model.options.enable_model_repository_routes:
+            for action in ("load", "unload"):
+                app.add_api_route(f"/v2/repository/models/{{model_name}}/{action}", self.repository_disabled,
+                                  methods=["POST"], response_model=None)
+
+    async def health(self) -> Response:
+        """vLLM's probe path (load tools such as guidellm wait for it): 200 while the server is up."""
+        return Response(status_code=200)
+
+    async def server_ready(self) -> Response:
+        ready = bool(self.model.ready)
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    async def model_ready(self, model_name: str) -> Response:
+        """Readiness follows the model: false whenever it is not loaded (so Kubernetes takes the pod out)."""
+        if model_name != self.model.name:
+            return JSONResponse({"error": f"Model with name {model_name} does not exist."}, status_code=404)
+        if not self.model.ready or self.model.serving is None:
+            return JSONResponse({"error": f"Model with name {model_name} is not ready."}, status_code=503)
+        return JSONResponse({"name": model_name, "ready": True})
+
+    async def repository_disabled(self, model_name: str) -> Response:
+        return JSONResponse({"error": "the model repository's load/unload routes are disabled on this server "
+                                      "(start it with --enable_model_repository_routes to allow them)"},
+                            status_code=403)
+
+    async def v1_predict(self, model_name: str, request: Request) -> Response:
+        model = self.model
+
+        def decode(raw: bytes) -> V1Request:
+            return decode_v1(raw, model.max_instances)
+
+        async def run(serving: Serving, req: V1Request) -> dict[str, Any]:
+            return V1Response(predictions=await model.v1_texts(serving, req)).model_dump()
+
+        return await self._handle(request, "v1_predict", model_name, decode, run)
+
+    async def v2_infer(self, model_name: str, request: Request, model_version: str | None = None) -> Response:
+        model = self.model
+        header = request.headers.get(V2_HEADER_LENGTH)
+
+        def decode(raw: bytes) -> V2Prompts:
+            if header is not None:
+                return decode_v2_binary(raw, header, model.max_instances)
+            return decode_v2_json(raw, model.max_instances)
+
+        async def run(serving: Serving, req: V2Prompts) -> dict[str, Any]:
+            texts = await model.generate(serving, req.prompts, req.parameters)
+            return {"model_name": model.name, "id": req.id or new_request_id(),
+                    "outputs": [{"name": "text_output", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]}
+
+        return await self._handle(request, "v2_infer", model_name, decode, run)
+
+    async def _handle(self, request: Request, endpoint: str, model_name: str, decode: Callable[[bytes], T],
+                      run: Callable[[Serving, T], Awaitable[dict[str, Any]]]) -> Response:
+        metrics = self.model.metrics
+        started = time.monotonic()
+        metrics.request_started()
+        status = 499  # unless it ends otherwise: cancelled with its client
+        try:
+            if model_name != self.model.name:
+                raise ServingError(404, f"Model with name {model_name} does not exist.", code="model_not_found")
+            serving = self.model._serving()
+            req = await read_request(request, self.model, decode)
+            body = await until_disconnect(request, run(serving, req))
+            status = 200
+            return JSONResponse(body)
+        except ServingError as exc:
+            record_error(metrics, exc)
+            status = exc.status
+            return error_response(exc, request.url.path)
+        except Exception:
+            log.exception("unexpected error", extra={"endpoint": endpoint})
+            metrics.error("server_error")
+            status = 500
+            return JSONResponse({"error": "Internal server error."}, status_code=500)
+        finally:
+            metrics.request_finished(endpoint, status, time.monotonic() - started)
+
+
 def add_openai_routes(app: FastAPI, model: DistilleryModel) -> OpenAIRoutes:
+    """All of the runtime's routes (OpenAI, KServe V1/V2, probes) and the body limit, on `app`."""
     routes = OpenAIRoutes(model)
     routes.register(app)
+    KServeRoutes(model).register(app)
+    app.add_middleware(BodyLimitMiddleware, limit=model.options.max_body_bytes)
     return routes
 
 
-class RuntimeModelServer(model_server.ModelServer):
+add_routes = add_openai_routes
+
+
+class RuntimeModelServer(model_server.ModelServer):  # type: ignore[misc]  # kserve: untyped (no py.typed)
     """KServe's ModelServer, single-process, listening on a chosen host.
 
     KServe binds 0.0.0.0 unconditionally; in a pod that is right (the default here too), but tests
     and the demo bind 127.0.0.1. Otherwise this is ModelServer.start() for one worker.
     """
 
-    def __init__(self, *, http_host: str = "0.0.0.0", **kwargs: Any) -> None:
+    def __init__(self, *, http_host: str = "0.0.0.0", header_timeout_s: float = 10.0, body_timeout_s: float = 60.0,
+                 **kwargs: Any) -> None:
         kwargs["workers"] = 1  # the model and its engine live in this process
         super().__init__(**kwargs)
         self.http_host = http_host
+        self.header_timeout_s = header_timeout_s
+        self.body_timeout_s = body_timeout_s
 
     def start(self, models: list[Any]) -> None:
         self._register_and_check_atleast_one_model_is_ready(models)
@@ -503,6 +697,7 @@ class RuntimeModelServer(model_server.ModelServer):
             ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile,
         )
         self._rest_server.config.host = self.http_host
+        self._rest_server.config.http = timed_protocol(self.header_timeout_s, self.body_timeout_s)
         self.servers.append(self._rest_server.start())
         if self.enable_grpc:
             self._grpc_server = GRPCServer(

@@ -14,12 +14,16 @@ The HTTP layer (server.py) only parses, calls prepare_*() and stream()/complete(
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+import weakref
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 from model_runtime.engine import (
     GenerationError,
@@ -34,7 +38,7 @@ from model_runtime.protocol import (
     GenerationParameters,
     Usage,
 )
-from model_runtime.reasoning import THINK_START, ReasoningSplitter
+from model_runtime.reasoning import THINK_END, THINK_START, ReasoningSplitter
 
 log = logging.getLogger("model_runtime.serving")
 
@@ -80,6 +84,9 @@ class ServingConfig:
     think_prefix: bool = False
     separate_reasoning: bool = False
     log_prompts: bool = False  # prompt text in logs: for debugging only
+    max_prompt_bytes: int | None = None  # None: 32 bytes per token of context, at least 64 KiB
+    # Trusted clients only: control tokens typed in message text (e.g. "<｜Assistant｜>") count as such.
+    allow_special_tokens_in_content: bool = False
 
 
 @dataclass
@@ -129,7 +136,8 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text: str = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return text
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -191,6 +199,11 @@ class Serving:
         self.config = config
         self.metrics = metrics
         self.system_role_supported = self._probe_system_role()
+        # ids the model has rows for: the tokenizer may know more (R1-Distill-1.5B: 152064 vs 151936)
+        self.vocab_size = _model_vocab(loaded, len(self.tokenizer))
+        limit = config.max_prompt_bytes
+        self.max_prompt_bytes = limit if limit is not None else max(64 * 2**10, 32 * self.max_model_len)
+        self._plain: Any = None if config.allow_special_tokens_in_content else plain_text_tokenizer(self.tokenizer)
 
     @property
     def model_name(self) -> str:
@@ -222,11 +235,41 @@ class Serving:
 
     def render_chat(self, messages: list[ChatMessage]) -> str:
         """The prompt text for a conversation, with the generation prompt (and "<think>\\n")."""
+        return self._template(self._chat_dicts(messages))
+
+    def chat_prompt(self, messages: list[ChatMessage]) -> tuple[str, list[int]]:
+        """The prompt text and its token ids. Only the template's own text may become control tokens:
+        each message's content is tokenized as plain text (unless allow_special_tokens_in_content)."""
+        msgs = self._chat_dicts(messages)
+        text = self._template(msgs)
+        if self._plain is None:
+            return text, self._encode(text, add_special_tokens=False)  # the template already has the BOS
+        # Render once more with a unique mark in place of each content: the marks split the template's
+        # text from the contents. R1's template drops earlier turns' thinking; the second try does too.
+        for attempt in (msgs, [_without_thinking(m) for m in msgs]):
+            nonce = uuid.uuid4().hex
+            skeleton = self._template([{**m, "content": f"\ue000{nonce}:{i}\ue001"} for i, m in enumerate(attempt)])
+            parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", skeleton)
+            pieces = [(attempt[int(part)]["content"] if k % 2 else part, bool(k % 2)) for k, part in enumerate(parts)]
+            if "".join(piece for piece, _ in pieces) == text:
+                ids: list[int] = []
+                for piece, content in pieces:
+                    if piece:
+                        ids += self._plain.encode(piece, add_special_tokens=False).ids if content else \
+                            self._encode(piece, add_special_tokens=False)
+                return text, ids
+        raise invalid("messages could not be tokenized safely with the model's chat template", param="messages")
+
+    def _chat_dicts(self, messages: list[ChatMessage]) -> list[dict[str, str]]:
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
         if not any(m["role"] == "user" for m in msgs):
             raise invalid("messages must contain at least one user message", param="messages")
+        self.check_prompt_bytes(sum(_utf8_len(m["content"]) for m in msgs), "messages")
         if not self.system_role_supported:
             msgs = fold_system_into_first_user(msgs)
+        return msgs
+
+    def _template(self, msgs: list[dict[str, str]]) -> str:
         if getattr(self.tokenizer, "chat_template", None) is None:
             text = fallback_chat_template(msgs)
         else:
@@ -237,6 +280,13 @@ class Serving:
         if self.config.think_prefix and not text.endswith(THINK_PREFIX):
             text = text + ("\n" if text.endswith(THINK_START) else THINK_PREFIX)
         return text
+
+    def check_prompt_bytes(self, size: int, param: str) -> None:
+        """Refuse a prompt far beyond the context before spending CPU on tokenizing it."""
+        if size > self.max_prompt_bytes:
+            raise invalid(f"the prompt is {size} bytes; this server tokenizes at most {self.max_prompt_bytes} "
+                          f"bytes per request (its context is {self.max_model_len} tokens)", param=param,
+                          code="context_length_exceeded")
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
@@ -307,8 +357,7 @@ class Serving:
 
     def prepare_chat(self, req: ChatCompletionRequest) -> Job:
         self.check_model(req.model)
-        text = self.render_chat(req.messages)
-        ids = self._encode(text, add_special_tokens=False)  # the template already has the BOS
+        text, ids = self.chat_prompt(req.messages)
         max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
         params = self._sampling(len(ids), max_tokens, req.temperature, req.top_p, req.seed, "messages")
         return self._job("chatcmpl", text, ids, params, req.stop_list(), chat=True,
@@ -317,14 +366,17 @@ class Serving:
     def prepare_completion(self, req: CompletionRequest) -> Job:
         self.check_model(req.model)
         prompt = req.prompt
+        text: str | None
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             ids = [int(t) for t in prompt]
-            vocab = len(self.tokenizer)
+            vocab = self.vocab_size
             if any(t < 0 or t >= vocab for t in ids):
                 raise invalid(f"prompt token ids must be in [0, {vocab})", param="prompt")
             text = None
         else:
-            text = prompt[0] if isinstance(prompt, list) else prompt
+            # a list whose first item is not an int is a list[str] (the model validates the type)
+            text = cast(str, prompt[0]) if isinstance(prompt, list) else prompt
+            self.check_prompt_bytes(_utf8_len(str(text)), "prompt")
             ids = self._encode(str(text), add_special_tokens=True)
         params = self._sampling(len(ids), req.max_tokens, req.temperature, req.top_p, req.seed, "prompt")
         return self._job("cmpl", text, ids, params, req.stop_list(), chat=False, separate=False)
@@ -332,17 +384,17 @@ class Serving:
     def prepare_text(self, prompt: str, p: GenerationParameters) -> Job:
         """KServe V1/V2: raw text in (or one user turn through the chat template when p.chat)."""
         if p.chat:
-            text = self.render_chat([ChatMessage(role="user", content=prompt)])
-            ids = self._encode(text, add_special_tokens=False)
+            text, ids = self.chat_prompt([ChatMessage(role="user", content=prompt)])
         else:
             text = prompt
+            self.check_prompt_bytes(_utf8_len(prompt), "prompt")
             ids = self._encode(prompt, add_special_tokens=True)
         params = self._sampling(len(ids), p.max_tokens, p.temperature, p.top_p, p.seed, "prompt")
         stop = [p.stop] if isinstance(p.stop, str) else list(p.stop or [])
         return self._job("gen", text, ids, params, stop, chat=p.chat, separate=False)  # V1/V2: one text
 
     # ---- generation
-    async def stream(self, job: Job) -> AsyncIterator[Delta]:
+    async def stream(self, job: Job) -> AsyncGenerator[Delta, None]:
         """Deltas of the job's output; the first one as soon as the engine accepted the request.
 
         Raises ServingError (429 queue full, 504 timeout, 500 generation failure). Closing this
@@ -395,8 +447,7 @@ class Serving:
                 raise ServingError(500, "the engine ended the request without a finish reason",
                                    type="server_error", code="generation_error")
         except QueueFullError as exc:
-            if self.metrics is not None:
-                self.metrics.rejected()
+            # (queue_rejected_total counts rejected HTTP requests: the HTTP layer records it once per request)
             retry = max(1, round(float(getattr(exc, "retry_after_s", 1.0) or 1.0)))
             raise ServingError(
                 429, "The server is busy: the request queue is full. Retry later.",
@@ -447,6 +498,64 @@ def _finish_reason(engine_reason: str | None, request_id: str) -> str:
         raise ServingError(503, "The request was aborted (the server is shutting down?).",
                            type="server_error", code="aborted")
     raise GenerationError(f"request {request_id} ended with {engine_reason}")
+
+
+def _model_vocab(loaded: Any, tokenizer_len: int) -> int:
+    model_vocab = getattr(getattr(loaded, "config", None), "vocab_size", None)
+    return min(tokenizer_len, int(model_vocab)) if model_vocab else tokenizer_len
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _without_thinking(msg: dict[str, str]) -> dict[str, str]:
+    if msg["role"] == "assistant" and THINK_END in msg["content"]:
+        return {**msg, "content": msg["content"].split(THINK_END)[-1]}
+    return msg
+
+
+_plain_tokenizers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def plain_text_tokenizer(tokenizer: Any) -> Any:
+    """A copy of the HF tokenizer's Rust tokenizer that reads every added token (control tokens,
+    `<think>`) as plain text: all marked special, special tokens not extracted. Without a Rust
+    tokenizer, `split_special_tokens` (which covers only the special ones). Built once per tokenizer
+    (the copy goes through the tokenizer's JSON: seconds for R1's)."""
+    try:
+        return _plain_tokenizers[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    plain = _build_plain_tokenizer(tokenizer)
+    with contextlib.suppress(TypeError):
+        _plain_tokenizers[tokenizer] = plain
+    return plain
+
+
+def _build_plain_tokenizer(tokenizer: Any) -> Any:
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return _SplitSpecial(tokenizer)
+    from tokenizers import Tokenizer
+
+    spec = json.loads(backend.to_str())
+    for added in spec.get("added_tokens", []):
+        added["special"] = True
+    plain = Tokenizer.from_str(json.dumps(spec))
+    plain.encode_special_tokens = True
+    return plain
+
+
+class _SplitSpecial:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> Any:
+        ids = self.tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True)["input_ids"]
+        return SimpleNamespace(ids=list(ids))
 
 
 def fold_system_into_first_user(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
