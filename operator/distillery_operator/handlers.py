@@ -6,6 +6,8 @@
 - any change of a child InferenceService (label distillery.dev/model) -> mirror its status, restore it
   when it was edited or deleted by hand;
 - a timer per DistilledModel -> periodic resync, the backstop for missed events;
+- DistillationJob create / update / resume / a timer -> DistillationReconciler; any change of a child
+  TrainJob (label distillery.dev/distillation-job) -> reconcile its job;
 - startup: kopf settings, the API client, the metrics endpoint; cleanup: a log line.
 """
 
@@ -20,12 +22,15 @@ from typing import Any
 import kopf
 
 from . import constants, metrics
+from .distillation_reconcile import DistillationReconciler
 from .reconcile import KopfClient, Reconciler
 from .settings import OperatorSettings
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 DM = (constants.GROUP, constants.VERSION, constants.PLURAL)
 ISVC = (constants.KSERVE_GROUP, constants.KSERVE_VERSION, constants.ISVC_PLURAL)
+DJ = (constants.GROUP, constants.VERSION, constants.DJ_PLURAL)
+TRAINJOB = (constants.TRAINER_GROUP, constants.TRAINER_VERSION, constants.TRAINJOB_PLURAL)
 CHILD_EVENT_ATTEMPTS = 4  # kopf never retries event handlers; a child event retries transient errors itself
 
 
@@ -44,7 +49,9 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: L
     # per handled change carries both, instead of an annotation patch plus a status patch.
     settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf.lastHandledConfiguration")
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
-    memo.reconciler = Reconciler(KopfClient(settings, logger), config.render_settings())
+    client = KopfClient(settings, logger)
+    memo.reconciler = Reconciler(client, config.render_settings())
+    memo.jobs = DistillationReconciler(client, config.render_settings())
     metrics.serve(config.metrics_port)
     logger.info("distillery operator started (resync every %ss)", config.resync_seconds)
 
@@ -88,6 +95,36 @@ async def on_child(type: str, body: kopf.Body, memo: kopf.Memo, logger: Logger, 
             await asyncio.sleep(min(exc.delay or 1.0, 5.0))
 
 
+async def on_job(body: kopf.Body, reason: str, retry: int, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """create / update / resume of a DistillationJob."""
+    jobs: DistillationReconciler = memo.jobs
+    await jobs.reconcile(body, trigger=str(reason), retry=retry, status_sink=patch.status)
+
+
+async def on_job_deleted(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    jobs: DistillationReconciler = memo.jobs
+    jobs.forget(namespace or "default", name)
+
+
+async def on_job_resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    jobs: DistillationReconciler = memo.jobs
+    with contextlib.suppress(kopf.PermanentError):
+        await jobs.reconcile(body, trigger="resync")
+
+
+async def on_train_job(body: kopf.Body, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
+    """Any event of a child TrainJob."""
+    jobs: DistillationReconciler = memo.jobs
+    for attempt in range(CHILD_EVENT_ATTEMPTS):
+        try:
+            await jobs.reconcile_child(body)
+            return
+        except kopf.TemporaryError as exc:
+            logger.warning("TrainJob %s: %s (attempt %d/%d)", body.get("metadata", {}).get("name"), exc, attempt + 1,
+                           CHILD_EVENT_ATTEMPTS)
+            await asyncio.sleep(min(exc.delay or 1.0, 5.0))
+
+
 def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> kopf.OperatorRegistry:
     """Register every handler of the operator into `registry`."""
     kopf.on.startup(registry=registry)(on_startup)
@@ -100,6 +137,14 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> kopf.
     kopf.timer(
         *DM, id="resync", interval=config.resync_seconds, initial_delay=config.resync_seconds, registry=registry
     )(on_resync)
+    kopf.on.create(*DJ, id="job-create", registry=registry)(on_job)
+    kopf.on.update(*DJ, id="job-update", registry=registry)(on_job)
+    kopf.on.resume(*DJ, id="job-resume", registry=registry)(on_job)
+    kopf.on.delete(*DJ, id="job-forget", optional=True, registry=registry)(on_job_deleted)
+    kopf.on.event(*TRAINJOB, labels={constants.LABEL_JOB: kopf.PRESENT}, registry=registry)(on_train_job)
+    kopf.timer(
+        *DJ, id="job-resync", interval=config.resync_seconds, initial_delay=config.resync_seconds, registry=registry
+    )(on_job_resync)
     # kopf puts a finalizer on objects with timers so it can stop them gracefully; the resync is stateless
     # and idempotent, so a deleted model can simply drop it: no finalizer, no extra write per model.
     spawning = registry._spawning

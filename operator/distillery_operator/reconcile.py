@@ -59,6 +59,9 @@ class Ref:
 DM = Ref(constants.GROUP, constants.VERSION, constants.PLURAL)
 ISVC = Ref(constants.KSERVE_GROUP, constants.KSERVE_VERSION, constants.ISVC_PLURAL)
 EVENTS = Ref("", "v1", "events")
+DJ = Ref(constants.GROUP, constants.VERSION, constants.DJ_PLURAL)
+TRAINJOB = Ref(constants.TRAINER_GROUP, constants.TRAINER_VERSION, constants.TRAINJOB_PLURAL)
+PODS = Ref("", "v1", "pods")
 
 
 class ApiError(Exception):
@@ -86,6 +89,13 @@ class KubeClient(Protocol):
     ) -> dict[str, Any]: ...
 
     async def event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None: ...
+
+    async def list(self, ref: Ref, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]: ...
+
+
+def has_labels(obj: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    own = (obj.get("metadata") or {}).get("labels") or {}
+    return all(own.get(key) == value for key, value in labels.items())
 
 
 class KopfClient:
@@ -141,6 +151,14 @@ class KopfClient:
         result: dict[str, Any] = await self._request("patch", url, patch, "application/merge-patch+json")
         return result
 
+    async def list(self, ref: Ref, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        from urllib.parse import quote
+
+        selector = ",".join(f"{key}={value}" for key, value in labels.items())
+        result = await self._request("get", f"{ref.path(namespace)}?labelSelector={quote(selector)}", None, None)
+        # Filtered here too: an API that ignores the selector must not hand us strangers' objects.
+        return [item for item in (result or {}).get("items") or [] if has_labels(item, labels)]
+
     async def event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         # kopf queues it and posts it from its own task (with its own retries): never blocks a reconcile.
         kopf.event(cast(kopf.Body, dict(involved)), type=type_, reason=reason, message=message)
@@ -151,11 +169,11 @@ def utcnow() -> str:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
+def owner_reference(body: Mapping[str, Any], kind: str = constants.KIND) -> dict[str, Any]:
     meta = body.get("metadata") or {}
     return {
         "apiVersion": constants.API_VERSION,
-        "kind": constants.KIND,
+        "kind": kind,
         "name": meta.get("name"),
         "uid": meta.get("uid"),
         "controller": True,
@@ -193,7 +211,7 @@ def merge_patch(live: Any, desired: Any) -> Any:
 OWNED_META_PREFIXES = ("app.kubernetes.io/", f"{constants.GROUP}/", "serving.kserve.io/", "autoscaling.knative.dev/")
 
 
-def _owned_meta_patch(live: Mapping[str, str] | None, desired: Mapping[str, str]) -> dict[str, str | None]:
+def owned_meta_patch(live: Mapping[str, str] | None, desired: Mapping[str, str]) -> dict[str, str | None]:
     patch: dict[str, str | None] = {
         key: None for key in (live or {}) if key not in desired and key.startswith(OWNED_META_PREFIXES)
     }
@@ -223,8 +241,8 @@ def isvc_patch(desired: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str,
     others = [r for r in lmeta.get("ownerReferences") or [] if r.get("uid") != ours["uid"] and not r.get("controller")]
     return {
         "metadata": {
-            "labels": _owned_meta_patch(lmeta.get("labels"), desired["metadata"]["labels"]),
-            "annotations": _owned_meta_patch(lmeta.get("annotations"), desired["metadata"]["annotations"]),
+            "labels": owned_meta_patch(lmeta.get("labels"), desired["metadata"]["labels"]),
+            "annotations": owned_meta_patch(lmeta.get("annotations"), desired["metadata"]["annotations"]),
             "ownerReferences": [*others, ours],
         },
         "spec": merge_patch(live.get("spec") or {}, desired["spec"]),
@@ -234,6 +252,39 @@ def isvc_patch(desired: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str,
 def backoff(retry: int) -> float:
     """Seconds before kopf retries a handler that hit a transient API error (1, 2, 4 ... 60)."""
     return float(min(60, 2 ** max(0, retry)))
+
+
+async def call_api(awaitable: Any, retry: int) -> Any:
+    """Await a client call; transient API failures become kopf.TemporaryError with backoff."""
+    try:
+        return await awaitable
+    except ApiError as exc:
+        metrics.API_ERRORS.labels(str(exc.status)).inc()
+        if exc.transient:
+            raise kopf.TemporaryError(f"Kubernetes API: {exc}", delay=backoff(retry)) from exc
+        raise
+
+
+async def post_event(client: KubeClient, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    try:
+        await client.event(body, type_, reason, message)
+    except ApiError as exc:  # an Event is best effort: never fail a reconcile for one
+        log.warning("could not post Event %s on %s: %s", reason, (body.get("metadata") or {}).get("name"), exc)
+
+
+async def patch_status(client: KubeClient, ref: Ref, namespace: str, name: str, new: Mapping[str, Any],
+                       retry: int) -> bool:
+    """Write a status through the status subresource (409s retried); False when the object is gone."""
+    for attempt in range(MAX_CONFLICT_RETRIES + 1):
+        try:
+            await call_api(client.patch(ref, namespace, name, {"status": dict(new)}, "status"), retry)
+            return True
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            if exc.status != 409 or attempt == MAX_CONFLICT_RETRIES:
+                raise kopf.TemporaryError(f"writing status of {name}: {exc}", delay=backoff(retry)) from exc
+    return True
 
 
 @dataclass
@@ -372,14 +423,7 @@ class Reconciler:
         return not status_changed(seen.status, new)
 
     async def _call(self, awaitable: Any, retry: int) -> Any:
-        """Await a client call; transient API failures become kopf.TemporaryError with backoff."""
-        try:
-            return await awaitable
-        except ApiError as exc:
-            metrics.API_ERRORS.labels(str(exc.status)).inc()
-            if exc.transient:
-                raise kopf.TemporaryError(f"Kubernetes API: {exc}", delay=backoff(retry)) from exc
-            raise
+        return await call_api(awaitable, retry)
 
     async def _get_isvc(self, namespace: str, name: str, retry: int) -> dict[str, Any] | None:
         result: dict[str, Any] | None = await self._call(self.client.get(ISVC, namespace, name), retry)
@@ -515,17 +559,10 @@ class Reconciler:
             sink.update(new)
             outcome.writes += 1
             return
-        for attempt in range(MAX_CONFLICT_RETRIES + 1):
-            try:
-                await self._call(self.client.patch(DM, namespace, name, {"status": new}, "status"), retry)
-                outcome.writes += 1
-                return
-            except ApiError as exc:
-                if exc.status == 404:
-                    outcome.action = "gone"
-                    return
-                if exc.status != 409 or attempt == MAX_CONFLICT_RETRIES:
-                    raise kopf.TemporaryError(f"writing status of {name}: {exc}", delay=backoff(retry)) from exc
+        if await patch_status(self.client, DM, namespace, name, new, retry):
+            outcome.writes += 1
+        else:
+            outcome.action = "gone"
 
     async def _post_events(
         self, body: Mapping[str, Any], previous: Mapping[str, Any], new: Mapping[str, Any], outcome: Outcome
@@ -549,10 +586,7 @@ class Reconciler:
                 await self._event(body, "Warning", "Degraded", str(new.get("message") or "the model is degraded"))
 
     async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-        try:
-            await self.client.event(body, type_, reason, message)
-        except ApiError as exc:  # an Event is best effort: never fail a reconcile for one
-            log.warning("could not post Event %s on %s: %s", reason, (body.get("metadata") or {}).get("name"), exc)
+        await post_event(self.client, body, type_, reason, message)
 
     async def _record_invalid(
         self,

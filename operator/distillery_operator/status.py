@@ -87,7 +87,7 @@ def _conditions_by_type(obj: Mapping[str, Any] | None) -> dict[str, Mapping[str,
     return {str(c.get("type")): c for c in conditions if isinstance(c, Mapping)}
 
 
-def _condition(
+def make_condition(
     type_: str,
     status: str,
     reason: str,
@@ -163,16 +163,16 @@ def compute_status(
     prev_phase = previous.get("phase")
 
     if problems:
-        validated = _condition(
+        validated = make_condition(
             COND_VALIDATED, "False", "InvalidSpec", "; ".join(str(p) for p in problems), generation, prev_conditions, now
         )
     else:
-        validated = _condition(COND_VALIDATED, "True", "Valid", "spec is valid", generation, prev_conditions, now)
+        validated = make_condition(COND_VALIDATED, "True", "Valid", "spec is valid", generation, prev_conditions, now)
 
     url: str | None = None
     replicas: int | None = None
     if isvc is None:
-        isvc_ready = _condition(
+        isvc_ready = make_condition(
             COND_ISVC_READY, "Unknown", "NotCreated", f"InferenceService {name} does not exist yet", generation,
             prev_conditions, now,
         )
@@ -195,7 +195,7 @@ def compute_status(
                 if ctype != "Ready" and cond.get("status") != "True"
             ]
             message = message or "; ".join(unready) or "waiting for KServe to report readiness"
-        isvc_ready = _condition(
+        isvc_ready = make_condition(
             COND_ISVC_READY, str(kserve_ready.get("status") or "Unknown"), reason, message, generation,
             prev_conditions, now,
         )
@@ -221,7 +221,7 @@ def compute_status(
     else:
         phase, reason, message_out = Phase.DEPLOYING, str(isvc_ready["reason"]), str(isvc_ready["message"])
 
-    ready = _condition(
+    ready = make_condition(
         COND_READY,
         "True" if phase == Phase.READY else "False",
         reason,
@@ -244,14 +244,14 @@ def compute_status(
     return result
 
 
-def owned_subset(status: Mapping[str, Any] | None) -> dict[str, Any]:
+def owned_subset(status: Mapping[str, Any] | None, keys: Sequence[str] = OWNED_KEYS) -> dict[str, Any]:
     """Our keys of a status, without empty values: what two statuses are compared on."""
     status = status or {}
-    return {key: status[key] for key in OWNED_KEYS if status.get(key) is not None}
+    return {key: status[key] for key in keys if status.get(key) is not None}
 
 
-def status_changed(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
-    return owned_subset(previous) != owned_subset(new)
+def status_changed(previous: Mapping[str, Any] | None, new: Mapping[str, Any], keys: Sequence[str] = OWNED_KEYS) -> bool:
+    return owned_subset(previous, keys) != owned_subset(new, keys)
 
 
 def condition(status: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any] | None:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..reconcile import ApiError, Ref
+from ..reconcile import ApiError, Ref, has_labels
 
 
 def merge(target: Any, patch: Any) -> Any:
@@ -33,7 +33,7 @@ def merge(target: Any, patch: Any) -> Any:
 
 @dataclass
 class Call:
-    verb: str  # get | create | patch | event
+    verb: str  # get | create | patch | event | list
     plural: str
     name: str
     subresource: str | None = None
@@ -112,6 +112,12 @@ class MemoryClient:
             meta["generation"] = int(meta.get("generation") or 0) + 1
         self.objects[key] = updated
         return copy.deepcopy(updated)
+
+    async def list(self, ref: Ref, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        self._log(Call("list", ref.plural, ""))
+        self._check("list", ref.plural)
+        return [copy.deepcopy(obj) for (plural, ns, _), obj in self.objects.items()
+                if plural == ref.plural and ns == namespace and has_labels(obj, labels)]
 
     async def event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         name = str((involved.get("metadata") or {}).get("name"))

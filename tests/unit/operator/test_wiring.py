@@ -22,17 +22,20 @@ BLOCKING_MODULES = {"kubernetes", "requests", "urllib.request", "http.client", "
 def test_every_handler_is_async_and_timers_need_no_finalizer() -> None:
     registry = handlers.register(kopf.OperatorRegistry(), OperatorSettings())
     changing = registry._changing.get_all_handlers()
-    assert {h.id for h in changing} == {"reconcile-create", "reconcile-update", "reconcile-resume", "forget"}
+    assert {h.id for h in changing} == {"reconcile-create", "reconcile-update", "reconcile-resume", "forget",
+                                        "job-create", "job-update", "job-resume", "job-forget"}
     assert all(not h.requires_finalizer for h in changing), "no finalizer: the ownerReference does the cleanup"
     spawning = registry._spawning.get_all_handlers()
-    assert [h.id for h in spawning] == ["resync"] and not spawning[0].requires_finalizer
+    assert [h.id for h in spawning] == ["resync", "job-resync"]
+    assert not any(h.requires_finalizer for h in spawning)
     watching = registry._watching.get_all_handlers()
-    assert watching[0].labels == {constants.LABEL_MODEL: kopf.PRESENT}
+    assert [h.labels for h in watching] == [{constants.LABEL_MODEL: kopf.PRESENT}, {constants.LABEL_JOB: kopf.PRESENT}]
     for handler in [*changing, *spawning, *watching]:
         assert inspect.iscoroutinefunction(handler.fn), handler.id
 
 
-@pytest.mark.parametrize("module", ["handlers.py", "reconcile.py", "status.py", "runner.py", "metrics.py"])
+@pytest.mark.parametrize("module", ["handlers.py", "reconcile.py", "status.py", "runner.py", "metrics.py",
+                                    "distillation_reconcile.py", "distillation_status.py"])
 def test_operator_code_imports_no_blocking_client(module: str) -> None:
     tree = ast.parse((PACKAGE / module).read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
