@@ -43,7 +43,7 @@ class ModelConfig:
         model_type = cfg.get("model_type", "")
         if model_type not in SUPPORTED_ARCHS:
             raise ValueError(f"unsupported model_type {model_type!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
-        rope = dict(cfg.get("rope_parameters") or {})
+        rope: dict[str, Any] = dict(cfg.get("rope_parameters") or {})
         scaling = cfg.get("rope_scaling") or None
         theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
         rope_type = (scaling or rope).get("rope_type") or (scaling or rope).get("type")

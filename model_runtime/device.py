@@ -26,10 +26,10 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     except (OSError, ValueError):
         pass
     try:  # cgroup v1
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        if quota > 0 and period > 0:
-            return max(1, math.ceil(quota / period))
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        if quota_us > 0 and period_us > 0:
+            return max(1, math.ceil(quota_us / period_us))
     except (OSError, ValueError):
         pass
     return None

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -359,7 +359,7 @@ class Engine:
             self._running.append(req)
             in_flight += req.budget()
             admitted.append(req)
-        self._running.sort(key=lambda r: r.slot)
+        self._running.sort(key=lambda r: cast(int, r.slot))  # running requests all hold a slot
         return admitted
 
     def _guarded(self, reqs: list[_Request], fn: Callable[..., None], *args: Any) -> None:
@@ -390,7 +390,7 @@ class Engine:
         device = self.model.device
         ids = torch.tensor([[r.next_token] for r in reqs], device=device)          # [B, 1]
         positions = torch.tensor([[r.pos] for r in reqs], device=device)           # [B, 1]
-        slot_list = [r.slot for r in reqs]
+        slot_list = [cast(int, r.slot) for r in reqs]  # decoding requests all hold a slot
         if slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list))):
             slots: Tensor | slice = slice(slot_list[0], slot_list[0] + len(slot_list))  # a view of the cache
         else:

@@ -20,7 +20,7 @@ deterministically, so a saved artifact reloads bit-exactly.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,19 @@ from model_runtime import ckernels
 
 
 class RMSNormLike(Protocol):
-    weight: Tensor
-    eps: float
+    """model.RMSNorm as the fused kernels read it (read-only: its weight is an nn.Parameter)."""
+
+    @property
+    def weight(self) -> Tensor: ...
+
+    @property
+    def eps(self) -> float: ...
+
+
+class FusedLinear(Protocol):
+    """A quantized linear on the dq backend (Int8Linear, Int4Linear): Block.decode_fused calls it."""
+
+    def fused(self, x: Tensor, norm: RMSNormLike | None = None, out: Tensor | None = None) -> Tensor: ...
 
 
 CHUNK_ELEMENTS = 1 << 21  # values quantized at a time: float32 temporaries stay ~8 MiB each
@@ -44,7 +55,9 @@ def _chunk_rows(k: int) -> int:
 
 class RowsLike(Protocol):
     """A [N, K] weight that can be sliced by rows: a Tensor, or loader.LazyRows reading from the file."""
-    shape: torch.Size | tuple[int, ...]
+
+    @property
+    def shape(self) -> torch.Size | tuple[int, ...]: ...
 
     def __getitem__(self, rows: slice) -> Tensor: ...
 
@@ -122,6 +135,11 @@ def dequantize_int4(codes: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
 class Int8Linear(nn.Module):
     """y = x @ (codes * scales)^T + bias, codes int8 [N, K], one scale per output channel."""
 
+    # registered buffers (nn.Module.__getattr__ would type them as Tensor | Module)
+    codes: Tensor
+    scales: Tensor
+    bias: Tensor | None
+
     def __init__(self, codes: Tensor, scales: Tensor, bias: Tensor | None, act_dtype: torch.dtype) -> None:
         super().__init__()
         self.out_features, self.in_features = codes.shape
@@ -147,6 +165,7 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.backend == "dq" and x2.device.type == "cpu":
             return self.fused(x2.float().contiguous()).to(x.dtype).view(*shape, self.out_features)
+        y: Tensor
         if x2.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.codes, self._mm_scales)
             y = y.to(x.dtype)
@@ -187,12 +206,20 @@ class Int4Linear(nn.Module):
     qweight: the portable nibble-packed codes [N, K/2]. On CPU they are repacked once into the
     kernel's layout and, unless keep_codes (quantize_cli saves them), dropped to save memory."""
 
+    # registered buffers (nn.Module.__getattr__ would type them as Tensor | Module); qweight is
+    # None once repacked for the CPU kernels unless keep_codes
+    qweight: Tensor | None
+    scales: Tensor
+    zeros: Tensor
+    bias: Tensor | None
+
     def __init__(self, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None,
                  act_dtype: torch.dtype, keep_codes: bool = False) -> None:
         super().__init__()
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
         self.group_size = self.in_features // scales.shape[1]
-        self.register_buffer("qweight", qweight.contiguous())
+        codes_packed = qweight.contiguous()
+        self.register_buffer("qweight", codes_packed)
         self.register_buffer("scales", scales.contiguous())  # [N, K/g]
         self.register_buffer("zeros", zeros.contiguous())    # [N, K/g]
         self.register_buffer("bias", None if bias is None else bias.to(act_dtype))
@@ -204,10 +231,10 @@ class Int4Linear(nn.Module):
                 and ckernels.backend() == "dq"):
             # our kernel's nibble layout; scales/zeros stay bfloat16 (widened in registers)
             self.backend = "dq"
-            self._packed = torch.empty_like(self.qweight)
+            self._packed = torch.empty_like(codes_packed)
             step = _chunk_rows(self.in_features)
             for r in range(0, self.out_features, step):  # repacked in chunks: no [N, K] transient
-                self._packed[r:r + step] = ckernels.pack_w4(unpack_nibbles(self.qweight[r:r + step]))
+                self._packed[r:r + step] = ckernels.pack_w4(unpack_nibbles(codes_packed[r:r + step]))
             self._dq_scales = self.scales.to(torch.bfloat16).contiguous()
             self._dq_zeros = self.zeros.to(torch.bfloat16).contiguous()
             self._dq_bias = None if self.bias is None else self.bias.float().contiguous()
@@ -215,7 +242,7 @@ class Int4Linear(nn.Module):
                 self.qweight = None
         elif qweight.device.type == "cpu" and self.group_size in (32, 64, 128, 256):  # aten's group sizes
             # [N, K/2] uint8 in the CPU kernel's layout; scale_and_zero [K/g, N, 2] bf16
-            codes = unpack_nibbles(self.qweight).to(torch.int32)
+            codes = unpack_nibbles(codes_packed).to(torch.int32)
             self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             self._sz = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
             if not keep_codes:
@@ -233,11 +260,13 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.backend == "dq" and x2.device.type == "cpu":
             return self.fused(x2.float().contiguous()).to(x.dtype).view(*shape, self.out_features)
+        y: Tensor
         if self._packed is not None and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self._packed,
                                                             self.group_size, self._sz).to(x.dtype)
         else:
-            w = dequantize_int4(unpack_nibbles(self.qweight), self.scales, self.zeros)
+            # without a CPU packing the codes were kept (qweight is None only when _packed is set)
+            w = dequantize_int4(unpack_nibbles(cast(Tensor, self.qweight)), self.scales, self.zeros)
             y = F.linear(x2, w.to(x.dtype))
         if self.bias is not None:
             y = y + self.bias
@@ -245,7 +274,8 @@ class Int4Linear(nn.Module):
 
     def fused(self, x: Tensor, norm: RMSNormLike | None = None, out: Tensor | None = None) -> Tensor:
         """dq backend only: as Int8Linear.fused."""
-        return ckernels.linear_w4(x, self._packed, self._dq_scales, self._dq_zeros, self._dq_bias, self.group_size,
+        # the dq backend always sets _packed (in __init__)
+        return ckernels.linear_w4(x, cast(Tensor, self._packed), self._dq_scales, self._dq_zeros, self._dq_bias, self.group_size,
                                   norm=None if norm is None else norm.weight,
                                   eps=0.0 if norm is None else norm.eps, out=out)
 
@@ -256,6 +286,9 @@ class Int4Linear(nn.Module):
 class Int8Embedding(nn.Module):
     """Token embedding stored as per-row int8 codes + scales (the same quantization as an int8
     Linear's rows), so a tied lm_head and the embedding share one copy. Lookup: codes[ids] * scale."""
+
+    codes: Tensor   # registered buffers
+    scales: Tensor
 
     def __init__(self, codes: Tensor, scales: Tensor, out_dtype: torch.dtype) -> None:
         super().__init__()
@@ -281,6 +314,10 @@ class Int4Embedding(nn.Module):
     """Token embedding as group-wise int4 rows (the Int4Linear format: nibble-packed codes, scales,
     zeros per group of G values). llama.cpp's Q4_K_M likewise keeps token_embd at 4-5 bits; used
     for int4 models whose embedding is not shared with an int8 head. Lookup dequantizes the rows."""
+
+    qweight: Tensor   # registered buffers
+    scales: Tensor
+    zeros: Tensor
 
     def __init__(self, qweight: Tensor, scales: Tensor, zeros: Tensor, out_dtype: torch.dtype) -> None:
         super().__init__()

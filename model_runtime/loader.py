@@ -21,7 +21,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -45,11 +45,11 @@ class ModelLoadError(Exception):
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
+    model: Transformer
     config: ModelConfig
     tokenizer: Any
     eos_token_ids: list[int]
-    generation_defaults: dict = field(default_factory=dict)
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.bfloat16
     quantization: str = "none"
@@ -148,7 +148,7 @@ class TensorSource:
         if any(p is None for p in parts):
             return self.get(ours)
         if len(parts) == 1:
-            return parts[0]  # type: ignore[return-value]
+            return cast(LazyRows, parts[0])  # not None: checked above
         return _stacked_rows([p for p in parts if p is not None])
 
     def has(self, ours: str) -> bool:
@@ -203,7 +203,8 @@ def detect_format(p: Path) -> tuple[str, Path]:
 # ---------------------------------------------------------------- HF checkpoints
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"cannot read {path}: {exc}") from exc
 
@@ -297,7 +298,8 @@ class SafetensorsFile:
         buf = torch.empty(end - begin, dtype=torch.uint8)
         with self.path.open("rb", buffering=0) as fh:
             fh.seek(self.data_start + begin)
-            view = memoryview(buf.numpy())
+            # an ndarray has the buffer protocol; numpy's stubs declare __buffer__ for Python >= 3.12 only
+            view = memoryview(buf.numpy())  # type: ignore[arg-type]
             got = 0
             while got < len(view):
                 n = fh.readinto(view[got:])
@@ -307,12 +309,12 @@ class SafetensorsFile:
         return buf
 
 
-_TOKENIZERS: dict[tuple, Any] = {}
+_TOKENIZERS: dict[tuple[object, ...], Any] = {}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                     "vocab.json", "merges.txt")
 
 
-def _stat_key(files: list[Path]) -> tuple:
+def _stat_key(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
     return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
 
 
@@ -460,7 +462,10 @@ def gguf_config(g: GGUFFile) -> ModelConfig:
     arch = g.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ModelLoadError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
-    a = lambda k, d=None: g.get(f"{arch}.{k}", d)  # noqa: E731
+
+    def a(k: str, d: Any = None) -> Any:
+        return g.get(f"{arch}.{k}", d)
+
     n_heads = int(a("attention.head_count"))
     if "rope_freqs.weight" in g.tensors:
         raise ModelLoadError("GGUF with rope_freqs (llama3 RoPE scaling) is not supported yet; use the HF checkpoint")
@@ -529,7 +534,8 @@ def gguf_tokenizer(g: GGUFFile) -> Any:
         bos_id = g.get("tokenizer.ggml.bos_token_id")
         tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
                                                           special_tokens=[(bos, bos_id)])
-    out = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=tok("eos"),
+    # transformers' PreTrainedTokenizerFast (TokenizersBackend) has an unannotated __init__
+    out = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=tok("eos"),  # type: ignore[no-untyped-call]
                                   pad_token=tok("padding"), unk_token=tok("unknown"))
     out.chat_template = g.get("tokenizer.chat_template")
     return out
@@ -600,7 +606,8 @@ def build_model(cfg: ModelConfig, src: TensorSource, *, dtype: torch.dtype, devi
                 del weight
             else:
                 new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-                new.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
+                # method "none": src.get() gave the whole tensor, not LazyRows
+                new.weight = nn.Parameter(cast(Tensor, weight).to(device=device, dtype=dtype), requires_grad=False)
                 if module.bias is not None:
                     b = bias if bias is not None else torch.zeros(module.out_features)
                     new.bias = nn.Parameter(b.to(device=device, dtype=dtype), requires_grad=False)
@@ -614,7 +621,8 @@ def build_model(cfg: ModelConfig, src: TensorSource, *, dtype: torch.dtype, devi
                 raise ModelLoadError(f"{name}: weight shape {tuple(w.shape)} != expected {tuple(module.weight.shape)}")
             module.weight = nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False)
     if isinstance(model.lm_head, nn.Linear) and model.lm_head.weight.is_meta:
-        model.lm_head.weight = model.embed.weight
+        # a float head left untied in the loop: the embedding is float too (embedding_method)
+        model.lm_head.weight = cast(nn.Embedding, model.embed).weight
     if isinstance(model.embed, nn.Embedding) and model.embed.weight.is_meta:
         # tied and int8: the embedding is the int8 lm_head's rows (one copy for both)
         assert isinstance(model.lm_head, Int8Linear)

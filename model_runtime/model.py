@@ -13,6 +13,7 @@ so sequences of different lengths share one forward without padding the inputs.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,11 @@ from torch import Tensor, nn
 
 from model_runtime import ckernels
 from model_runtime.config import ModelConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from model_runtime.kernels import FusedLinear, Int4Embedding, Int8Embedding
 
 
 class RMSNorm(nn.Module):
@@ -96,7 +102,8 @@ class Attention(nn.Module):
         # attention runs in the cache's dtype (float32 on CPU: see kv_cache_dtype)
         y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask,
                                            enable_gqa=True).to(x.dtype)         # [B, nh, T, hd]
-        return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+        out: Tensor = self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+        return out
 
 
 class MLP(nn.Module):
@@ -108,7 +115,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).split(self.inter, dim=-1)
-        return self.down(F.silu(gate) * up)
+        out: Tensor = self.down(F.silu(gate) * up)
+        return out
 
 
 class Block(nn.Module):
@@ -119,24 +127,26 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, *attn_args) -> Tensor:
+    def forward(self, x: Tensor, *attn_args: Tensor | slice | int) -> Tensor:
         x = x + self.attn(self.attn_norm(x), *attn_args)
-        return x + self.mlp(self.mlp_norm(x))
+        mlp_out: Tensor = self.mlp(self.mlp_norm(x))
+        return x + mlp_out
 
     def decode_fused(self, x: Tensor, kc: Tensor, vc: Tensor, slot_idx: Tensor, positions: Tensor,
                      cos: Tensor, sin: Tensor, validate: bool = True) -> None:
         """One decode step on the CPU integer kernels (ckernels.py), x [B, C] float32 updated in place.
 
         Same math as forward(): the norms are fused into the next linear's activation quantization,
-        the residual adds into the linear's output, RoPE + cache write + attention into one call."""
+        the residual adds into the linear's output, RoPE + cache write + attention into one call.
+        Every linear here is a quantized one with a `fused` method (the loader replaced nn.Linear)."""
         a, m = self.attn, self.mlp
-        qkv = a.qkv.fused(x, norm=self.attn_norm)                               # [B, (nh + 2 nkv) hd]
+        qkv = cast("FusedLinear", a.qkv).fused(x, norm=self.attn_norm)          # [B, (nh + 2 nkv) hd]
         y = ckernels.attn_decode(qkv, a.n_heads, a.n_kv, a.hd, slot_idx, positions, cos, sin, kc, vc,
                                  validate=validate)                             # [B, nh hd]
-        a.o.fused(y, out=x)                                                     # x += o(y)
-        gu = m.gate_up.fused(x, norm=self.mlp_norm)                             # [B, 2 I]
+        cast("FusedLinear", a.o).fused(y, out=x)                                # x += o(y)
+        gu = cast("FusedLinear", m.gate_up).fused(x, norm=self.mlp_norm)        # [B, 2 I]
         h = F.silu(gu[:, : m.inter]) * gu[:, m.inter:]                          # [B, I]
-        m.down.fused(h, out=x)                                                  # x += down(h)
+        cast("FusedLinear", m.down).fused(h, out=x)                             # x += down(h)
 
 
 class Transformer(nn.Module):
@@ -145,12 +155,14 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, max_len: int | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # the loader may store it quantized (kernels.Int8Embedding / Int4Embedding)
+        self.embed: nn.Embedding | Int8Embedding | Int4Embedding = embed
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed.weight
+            self.lm_head.weight = embed.weight
         self.rope_len = 0
         # dtype of the activations between layers; None: the embedding's dtype. float32 when the
         # CPU integer kernels run every linear (ckernels.py): they take float32 rows, and float32
@@ -160,7 +172,7 @@ class Transformer(nn.Module):
         # CPU integer kernels and activations are float32)
         self.fused_decode = False
         self.float_dtype = torch.float32  # the dtype float weights are kept in (the loader sets it)
-        if not self.embed.weight.is_meta:  # the loader builds on "meta" and calls set_rope itself
+        if not embed.weight.is_meta:  # the loader builds on "meta" and calls set_rope itself
             self.set_rope(max_len or cfg.max_position)
 
     def set_rope(self, max_len: int, device: torch.device | str = "cpu") -> None:
@@ -177,7 +189,8 @@ class Transformer(nn.Module):
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
-            self.lm_head.weight = self.embed.weight
+            # a float head ties to a float embedding
+            self.lm_head.weight = cast(nn.Embedding, self.embed).weight
 
     def kv_cache_dtype(self) -> torch.dtype:
         """float32 on CPU: this CPU (AVX2, no native bf16 math) runs decode attention 8-13x faster in
@@ -204,20 +217,20 @@ class Transformer(nn.Module):
             slot_idx = torch.arange(slots.start, slots.stop, device=input_ids.device)
         else:
             slot_idx = slots
-        x = self.embed(input_ids)                                        # [B, T, C]
+        x: Tensor = self.embed(input_ids)                                # [B, T, C]
         if self.act_dtype is not None:
             x = x.to(self.act_dtype)
         if self.fused_decode and T == 1 and cache.k[0].dtype == torch.float32 and x.device.type == "cpu":
             x = x.reshape(B, -1).contiguous()                            # [B, C]
             pos = positions.reshape(B).to(torch.int64).contiguous()
             slot_idx = slot_idx.to(torch.int64).contiguous()
-            for i, layer in enumerate(self.layers):
+            for i, block in enumerate(cast("Iterable[Block]", self.layers)):
                 # every layer's cache has the same shape: the indices are checked once, at layer 0
-                layer.decode_fused(x, cache.k[i], cache.v[i], slot_idx, pos, self.rope_cos, self.rope_sin,
+                block.decode_fused(x, cache.k[i], cache.v[i], slot_idx, pos, self.rope_cos, self.rope_sin,
                                    validate=i == 0)
             if logits == "none":
                 return None
-            out = self.lm_head.fused(x, norm=self.norm)                  # [B, V] float32
+            out = cast("FusedLinear", self.lm_head).fused(x, norm=self.norm)  # [B, V] float32
             return out if logits == "last" else out[:, None, :]
         dtype = x.dtype
         cos = self.rope_cos[positions].to(dtype).unsqueeze(2)            # [B, T, 1, hd]
@@ -231,4 +244,5 @@ class Transformer(nn.Module):
             return None
         if logits == "last":
             x = x[:, -1, :]                                              # [B, C]
-        return self.lm_head(self.norm(x)).float()
+        head: Tensor = self.lm_head(self.norm(x))
+        return head.float()

@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors.torch import save_file
@@ -31,8 +31,12 @@ from model_runtime.kernels import (
     Int4Linear,
     Int8Embedding,
     Int8Linear,
+    RowsLike,
     quantize_int8,
 )
+
+if TYPE_CHECKING:
+    from model_runtime.model import Transformer
 
 MANIFEST = MANIFEST_FILE
 METHODS = QUANTIZED_METHODS
@@ -54,7 +58,7 @@ def is_quantized_linear(m: nn.Module) -> bool:
     return isinstance(m, QUANTIZED_LINEARS)
 
 
-def quantize_linear(weight: Tensor, bias: Tensor | None, method: str, group_size: int,
+def quantize_linear(weight: RowsLike, bias: Tensor | None, method: str, group_size: int,
                     act_dtype: torch.dtype, keep_codes: bool = False) -> nn.Module:
     """A weight [N, K] (any float dtype; quantized from its float32 value) -> Int8Linear/Int4Linear."""
     if method == "int8":
@@ -82,7 +86,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, *, quan
         raise ValueError(f"unknown quantization method {method!r} (int8, int4)")
     names = quantizable(model, quantize_lm_head)
     for name in progress(names) if progress else names:
-        linear = model.get_submodule(name)
+        linear = cast(nn.Linear, model.get_submodule(name))  # quantizable() lists nn.Linear layers
         bias = None if linear.bias is None else linear.bias.data
         model.set_submodule(name, quantize_linear(linear.weight.data, bias, method, group_size, act_dtype, keep_codes))
     return model
@@ -139,7 +143,7 @@ def artifact_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_quantized(model: nn.Module, dst: Path, *, method: str, group_size: int, quantize_lm_head: Any,
+def save_quantized(model: Transformer, dst: Path, *, method: str, group_size: int, quantize_lm_head: Any,
                    source: str, source_checksum: str, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write dst/model.safetensors, dst/quantization.json, dst/config.json (+ tokenizer files given)."""
     dst = Path(dst)
@@ -167,7 +171,7 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     f = Path(path) / MANIFEST
     if not f.is_file():
         return None
-    manifest = json.loads(f.read_text())
+    manifest: dict[str, Any] = json.loads(f.read_text())
     if manifest.get("format") != ARTIFACT_FORMAT:
         raise ValueError(f"{f}: not a {ARTIFACT_FORMAT} manifest")
     if int(manifest.get("format_version", 0)) > ARTIFACT_FORMAT_VERSION:

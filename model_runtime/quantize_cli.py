@@ -47,8 +47,8 @@ def build_parser(prog: str = "model-runtime quantize") -> argparse.ArgumentParse
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `quantize` on a parent CLI's subparsers (cli.py may delegate this way)."""
-    p = subparsers.add_parser("quantize", help="write a quantized safetensors artifact",
-                              description=__doc__.split("\n\n")[0])
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "quantize", help="write a quantized safetensors artifact", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     p.set_defaults(func=run)
     return p

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from distillery_contract import flags, metric_names
+from distillery_contract.values import QuantMethod
 
 from . import constants
 from .api import (
@@ -23,7 +24,6 @@ from .api import (
     DeploymentMode,
     DistilledModel,
     DistilledModelSpec,
-    QuantMethod,
     ResolvedResources,
     ScaleMetric,
     effective_deployment_mode,
