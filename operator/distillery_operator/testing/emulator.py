@@ -27,10 +27,13 @@ import kmock
 from kmock._internal import dicts, enums, rendering  # kmock's own merge-patch, as its PATCH applies it
 
 from .. import constants
-from ..crd import build_crd
+from ..crd import build_crd, build_distillation_crd
 
 DM_RESOURCE = f"{constants.GROUP}/{constants.VERSION}/{constants.PLURAL}"
 ISVC_RESOURCE = f"{constants.KSERVE_GROUP}/{constants.KSERVE_VERSION}/{constants.ISVC_PLURAL}"
+DJ_RESOURCE = f"{constants.GROUP}/{constants.VERSION}/{constants.DJ_PLURAL}"
+TRAINJOB_RESOURCE = f"{constants.TRAINER_GROUP}/{constants.TRAINER_VERSION}/{constants.TRAINJOB_PLURAL}"
+PODS_RESOURCE = "v1/pods"
 CRD_RESOURCE = "apiextensions.k8s.io/v1/customresourcedefinitions"
 EVENTS_RESOURCE = "v1/events"
 NAMESPACES_RESOURCE = "v1/namespaces"
@@ -64,17 +67,39 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     # O(requests so far) per request, which is why it slows down as a run goes on. With `bounded_log` the
     # record keeps only the requests still in flight (all that routing needs); False keeps kmock's.
     bounded_log: bool = True
+    # Resources this cluster does not serve (an API group not installed): every request for one is a 404,
+    # as a real API server answers (kmock itself would accept them).
+    absent: set[str] = attrs.field(factory=set, init=False)
     _inflight: dict[int, rendering.Request] = attrs.field(factory=dict, init=False)
 
     # --------------------------------------------------------------------------------- set-up
-    def register_distillery(self) -> None:
-        """Make DistilledModels, InferenceServices and Events known (discovery + CRD objects)."""
+    def register_distillery(self, *, trainer: bool = True) -> None:
+        """Make DistilledModels, DistillationJobs, InferenceServices, Pods and Events known (discovery + CRD
+        objects), and TrainJobs unless `trainer` is False (a cluster without Kubeflow Trainer)."""
         crd = build_crd()
         names = crd["spec"]["names"]
         self.resources[DM_RESOURCE] = kmock.ResourceInfo(
             kind=names["kind"], singular=names["singular"], namespaced=True,
             shortnames=set(names.get("shortNames", [])), categories=set(names.get("categories", [])),
             verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status", "scale"},
+        )
+        dj_crd = build_distillation_crd()
+        dj_names = dj_crd["spec"]["names"]
+        self.resources[DJ_RESOURCE] = kmock.ResourceInfo(
+            kind=dj_names["kind"], singular=dj_names["singular"], namespaced=True,
+            shortnames=set(dj_names.get("shortNames", [])), categories=set(dj_names.get("categories", [])),
+            verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status"},
+        )
+        if trainer:
+            self.resources[TRAINJOB_RESOURCE] = kmock.ResourceInfo(
+                kind=constants.TRAINJOB_KIND, singular="trainjob", namespaced=True,
+                verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status"},
+            )
+        else:
+            self.absent.add(TRAINJOB_RESOURCE)
+        self.resources[PODS_RESOURCE] = kmock.ResourceInfo(
+            kind="Pod", singular="pod", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"},
+            subresources={"status"},
         )
         self.resources[ISVC_RESOURCE] = kmock.ResourceInfo(
             kind=constants.ISVC_KIND, singular="inferenceservice", namespaced=True, shortnames={"isvc"},
@@ -91,6 +116,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             kind="Namespace", singular="namespace", namespaced=False, verbs={"get", "list", "watch", "create"}
         )
         self.objects[CRD_RESOURCE, None, crd["metadata"]["name"]] = self._stamp(copy.deepcopy(crd), None)
+        self.objects[CRD_RESOURCE, None, dj_crd["metadata"]["name"]] = self._stamp(copy.deepcopy(dj_crd), None)
         self.add_namespace("default")
 
     def add_namespace(self, name: str) -> None:
@@ -161,6 +187,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     async def _handle_stamped(self, request: rendering.Request) -> Any:
         if request.resource is not None:
             self.requests[(_method(request), str(request.resource.plural), request.subresource or "")] += 1
+        if request.resource is not None and any(request.resource == kmock.resource(r) for r in self.absent):
+            raise kmock.KubernetesError(status=404, reason="NotFound",
+                                        message="the server could not find the requested resource")
         fault = self._fault(request)
         if fault is not None:
             raise kmock.KubernetesError(status=fault.status, reason="Injected", message=f"injected HTTP {fault.status}")

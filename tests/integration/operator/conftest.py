@@ -120,10 +120,16 @@ def sample_dm(repo_root: Path) -> Callable[[str], dict[str, Any]]:
     return make
 
 
+@pytest.fixture
+def trainer_installed() -> bool:
+    """Whether the emulated cluster serves Kubeflow Trainer's TrainJobs; a test module can override this."""
+    return True
+
+
 @pytest_asyncio.fixture
-async def cluster() -> AsyncIterator[Cluster]:
+async def cluster(trainer_installed: bool) -> AsyncIterator[Cluster]:
     async with ClusterEmulator() as emulator, kmock.Server(emulator):
-        emulator.register_distillery()
+        emulator.register_distillery(trainer=trainer_installed)
         yield Cluster(emulator)
 
 
