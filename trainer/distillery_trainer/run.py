@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from distillery_contract.distillation import DistillationJobSpec, Lora, Method
 from distillery_trainer import artifact, data, models, storage
 from distillery_trainer.progress import PROGRESS_FILE, ProgressReporter
+from distillery_trainer.result import train_result, write_result
 from distillery_trainer.trainer import (
     DistillationTrainer,
     evaluate_distillation,
@@ -157,4 +158,8 @@ def run_job(spec: DistillationJobSpec, overrides: Overrides = Overrides(), *, ca
     if target.publish is not None:
         log.info("uploading %s to %s", out, spec.output.uri)
         target.publish()
+    written = write_result(train_result(spec.output.uri if overrides.output is None else output_origin, out,
+                                        lineage))
+    if written:
+        log.info("result for the operator in %s", written)
     return Result(out, lineage, before, after, state.global_step)

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from distillery_contract.distillation import PVC_MOUNT_ROOT
+
 PVC_ROOT_ENV = "DISTILLERY_PVC_ROOT"
-DEFAULT_PVC_ROOT = "/mnt/pvc"
+DEFAULT_PVC_ROOT = PVC_MOUNT_ROOT  # where the operator mounts each claim (the TrainJob's pod template)
 CACHE_ENV = "DISTILLERY_CACHE_DIR"
 
 
