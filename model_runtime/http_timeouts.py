@@ -37,7 +37,8 @@ def timed_protocol(header_timeout_s: float, body_timeout_s: float) -> type[HttpT
                 return
             cycle = self.cycle
             answered = cycle is not None and (cycle.response_started or cycle.response_complete)
-            if not answered and (what == "body" or self.url or self.headers):
+            begun = what == "body" or bool(getattr(self, "url", b""))  # a request was under way
+            if not answered and begun:
                 body = json.dumps({"error": f"request {what} not received within the server's time limit"}).encode()
                 self.transport.write(
                     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"

@@ -9,18 +9,22 @@ One server for the module (start-up dominates the cost): batch 1 and a queue of 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from distillery_contract import flags, metric_names
 from model_runtime.reasoning import split_reasoning
@@ -29,6 +33,7 @@ pytestmark = pytest.mark.integration
 
 MODEL = "tiny-r1"
 MAX_MODEL_LEN = 512
+CLIENT_TIMEOUT_S = 3.0  # the server's header and body deadlines
 SERVER_LOG: dict[str, Path] = {}  # the module server's log file, for tests that check what it logged
 
 
@@ -50,6 +55,7 @@ def server(tiny_qwen2_dir, tmp_path_factory):
         f"{flags.FLAG_MAX_MODEL_LEN}={MAX_MODEL_LEN}", f"{flags.FLAG_MAX_BATCH_SIZE}=1",
         f"{flags.FLAG_MAX_QUEUE}=1", f"{flags.FLAG_DEVICE}=cpu", f"{flags.FLAG_DTYPE}=float32",
         flags.FLAG_THINK_PREFIX, flags.FLAG_SEPARATE_REASONING,
+        f"--header_timeout_s={CLIENT_TIMEOUT_S}", f"--body_timeout_s={CLIENT_TIMEOUT_S}",  # short: the slowloris test
     ]
     repo = Path(__file__).resolve().parents[3]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
@@ -298,3 +304,216 @@ def test_pickle_weights_are_refused_with_exit_1_and_a_message(tmp_path):
     errors = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{") and '"error"' in line]
     assert errors and "model load failed" in errors[0]["msg"], proc.stderr[-2000:]
     assert "pickle" in errors[0]["msg"].lower() or ".bin" in errors[0]["msg"]
+
+
+# ------------------------------------------------------------------ hostile clients (issue 13)
+def _health_probe(base: str, stop: threading.Event, worst: list[float]) -> None:
+    """Probe GET /health until `stop`; record the slowest answer."""
+    with httpx.Client(base_url=base, timeout=10) as h:
+        while not stop.is_set():
+            started = time.monotonic()
+            assert h.get("/health").status_code == 200
+            worst.append(time.monotonic() - started)
+            time.sleep(0.05)
+
+
+def _while_probing(base: str, work):
+    stop, worst = threading.Event(), [0.0]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        probe = pool.submit(_health_probe, base, stop, worst)
+        try:
+            result = work()
+        finally:
+            stop.set()
+        probe.result()
+    return result, max(worst)
+
+
+V2_PATH = f"/v2/models/{MODEL}/infer"
+V1_PATH = f"/v1/models/{MODEL}:predict"
+# a binary V2 tensor that declares 100 bytes of data where the body holds 9
+BINARY_HEADER = json.dumps({"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES",
+                                        "parameters": {"binary_data_size": 100}}]}).encode()
+
+
+def test_hostile_bodies_get_4xx_and_the_connection_keeps_serving(server):
+    bad = [
+        ("/v1/chat/completions", b'{"model": "tiny-r1", "messages": ' + b"[" * 1000 + b"]" * 1000 + b"}", {}),
+        ("/v1/chat/completions", b'{"model": "tiny-r1", "messages": [{"role": "user", "content": "\\ud800"}]}', {}),
+        ("/v1/chat/completions", b'{"model": "tiny-r1", "messages": [{"role": "user", "content": "\xed\xa0\x80"}]}',
+         {}),
+        ("/v1/completions", b'{"model": "tiny-r1", "prompt": "\\udfff"}', {}),
+        ("/v1/completions", b'{"model": "\\ud800", "prompt": "x"}', {}),
+        (V2_PATH, json.dumps({"inputs": [{"name": "t", "shape": [0], "datatype": "BYTES", "data": []}]}).encode(), {}),
+        (V2_PATH, json.dumps({"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["\ud800"]}]})
+         .encode(), {}),
+        (V2_PATH, json.dumps({"inputs": [{"name": "t", "shape": [2], "datatype": "BYTES", "data": ["a"]}]}).encode(),
+         {}),
+        (V2_PATH, BINARY_HEADER + b"\x05\x00\x00\x00hello", {"inference-header-content-length": str(len(BINARY_HEADER))}),
+        (V1_PATH, json.dumps({"instances": ["a", "b", "c"]}).encode(), {}),  # batch 1 + queue 1 can never hold 3
+    ]
+    with httpx.Client(base_url=server, timeout=30) as h:
+        for path, body, headers in bad:
+            resp = h.post(path, content=body, headers={"content-type": "application/json", **headers})
+            assert resp.status_code == 400, (path, body[:80], resp.text)
+            error = resp.json()["error"]
+            assert ("message" in error) if path.startswith("/v1/c") else isinstance(error, str)
+            assert "Error :" not in resp.text and "Traceback" not in resp.text
+        ok = h.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert ok.status_code == 200
+    assert "at most 2" in httpx.post(f"{server}{V1_PATH}", json={"instances": ["a", "b", "c"]}).text
+
+
+def test_40mb_bodies_are_413_on_every_route_while_health_answers(server):
+    big = b" " * (40 * 2**20)
+
+    def upload() -> list[int]:
+        with httpx.Client(base_url=server, timeout=60) as h:
+            return [h.post(p, content=big, headers={"content-type": "application/json"}).status_code
+                    for p in ("/v1/chat/completions", "/openai/v1/completions", V1_PATH, V2_PATH)]
+
+    statuses, worst = _while_probing(server, upload)
+    assert statuses == [413] * 4
+    assert worst < 1.0
+
+
+def test_a_10mb_prompt_is_refused_without_stalling_health(server):
+    body = {"model": MODEL, "prompt": "word " * (2 * 2**20), "max_tokens": 1}
+
+    def send() -> httpx.Response:
+        return httpx.post(f"{server}/v1/completions", json=body, timeout=60)
+
+    resp, worst = _while_probing(server, send)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded"
+    assert worst < 1.0
+
+
+def test_repository_unload_is_refused_and_readiness_stays_true(server):
+    for action in ("unload", "load"):
+        resp = httpx.post(f"{server}/v2/repository/models/{MODEL}/{action}")
+        assert resp.status_code == 403 and "--enable_model_repository_routes" in resp.json()["error"]
+    assert httpx.get(f"{server}/v1/models/{MODEL}").json() == {"name": MODEL, "ready": True}
+    assert httpx.get(f"{server}/v2/health/ready").status_code == 200
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_slow_clients_are_cut_off(server):
+    """Half-sent headers or bodies (slowloris) get a 408 and a closed connection after the deadline."""
+    host, port = server.removeprefix("http://").split(":")
+
+    def stall(request: bytes) -> tuple[bytes, float]:
+        with socket.create_connection((host, int(port)), timeout=CLIENT_TIMEOUT_S * 4) as sock:
+            sock.sendall(request)
+            started = time.monotonic()
+            data = b""
+            while chunk := sock.recv(4096):  # until the server closes
+                data += chunk
+            return data, time.monotonic() - started
+
+    requests = [b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: app",  # headers never end
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\":"]  # nor the body
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        idle = [pool.submit(stall, b"") for _ in range(30)]  # connections that never send a byte
+        results = [f.result() for f in [pool.submit(stall, r) for r in requests] + idle]
+    assert all(waited < CLIENT_TIMEOUT_S + 2 for _, waited in results), [w for _, w in results]
+    assert all(data.startswith(b"HTTP/1.1 408") for data, _ in results[:2]), results[:2]
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+@pytest.mark.parametrize("path", [V1_PATH, V2_PATH, "/v1/completions-stream"])
+def test_a_client_leaving_aborts_its_generation_and_is_counted_499(server, path):
+    wait_idle(server)
+    long = {"max_tokens": MAX_MODEL_LEN - 8, "temperature": 1.0}
+    endpoint, body = {
+        V1_PATH: ("v1_predict", {"instances": [{"prompt": "Go", **long}]}),
+        V2_PATH: ("v2_infer", {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["Go"]}],
+                               "parameters": long}),
+        "/v1/completions-stream": ("completions", {"model": MODEL, "prompt": "Go", "stream": True, **long}),
+    }[path]
+    before = metric(server, metric_names.METRIC_REQUESTS_TOTAL, endpoint=endpoint, status="499")
+    completed = metric(server, metric_names.METRIC_GENERATED_TOKENS_TOTAL)
+    if path.endswith("-stream"):
+        with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as resp:
+            next(line for line in resp.iter_lines() if line.startswith("data: "))
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server}{path}", json=body, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while metric(server, metric_names.METRIC_REQUESTS_IN_FLIGHT) > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server, metric_names.METRIC_REQUESTS_IN_FLIGHT) == 0
+    assert metric(server, metric_names.METRIC_REQUESTS_TOTAL, endpoint=endpoint, status="499") == before + 1
+    assert metric(server, metric_names.METRIC_GENERATED_TOKENS_TOTAL) == completed  # never ran to the end
+
+
+# ------------------------------------------------------------------ property-based fuzzing (hypothesis)
+_odd_text = st.one_of(st.text(max_size=12), st.sampled_from(["\ud800", "a\udfff", "<｜Assistant｜><think>", "\x00", ""]))
+_json = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
+                               _odd_text),
+                     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_odd_text, inner, max_size=3)),
+                     max_leaves=8)
+_small_max_tokens = st.one_of(st.integers(-2, 3), st.sampled_from(["3", 1.5, [], {}]))  # never long generations
+_message = st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["user", "system", "assistant", "developer"]), _json),
+                                  "content": st.one_of(_odd_text, _json)})
+_sampling = {"temperature": st.one_of(st.floats(-1, 3), _json), "top_p": st.one_of(st.floats(-1, 2), _json),
+             "stream": st.booleans(), "stop": st.one_of(_odd_text, st.lists(_odd_text, max_size=3), _json),
+             "seed": st.one_of(st.integers(-(2**65), 2**65), _json), "n": st.integers(0, 2)}
+CHAT_BODIES = st.fixed_dictionaries(
+    {"model": st.one_of(st.just(MODEL), _odd_text), "messages": st.one_of(st.lists(_message, max_size=3), _json),
+     "max_tokens": _small_max_tokens}, optional=_sampling)
+COMPLETION_BODIES = st.fixed_dictionaries(
+    {"model": st.one_of(st.just(MODEL), _odd_text),
+     "prompt": st.one_of(_odd_text, st.lists(st.integers(-3, 152100), max_size=4), st.lists(_odd_text, max_size=2),
+                         _json),
+     "max_tokens": _small_max_tokens}, optional={**_sampling, "echo": st.booleans()})
+_tensor = st.fixed_dictionaries({"name": st.one_of(st.just("text_input"), _json),
+                                 "shape": st.one_of(st.lists(st.integers(-1, 3), max_size=2), _json),
+                                 "datatype": st.one_of(st.sampled_from(["BYTES", "FP32"]), _json),
+                                 "data": st.one_of(st.lists(st.one_of(_odd_text, _json), max_size=3), _json)})
+V2_BODIES = st.fixed_dictionaries(
+    {"inputs": st.one_of(st.lists(_tensor, max_size=2), _json),
+     "parameters": st.fixed_dictionaries({"max_tokens": _small_max_tokens}, optional={"chat": st.booleans()})},
+    optional={"id": st.one_of(_odd_text, _json)})
+FUZZ = settings(max_examples=40, deadline=None, database=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def _local_port(resp: httpx.Response) -> int:
+    return int(resp.extensions["network_stream"].get_extra_info("client_addr")[1])
+
+
+def _fuzz_once(h: httpx.Client, path: str, body: bytes) -> None:
+    resp = h.post(path, content=body, headers={"content-type": "application/json"})
+    assert resp.status_code < 500, (path, body[:200], resp.text[:300])
+    port = _local_port(resp)
+    ok = h.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+    assert ok.status_code == 200 and _local_port(ok) == port  # the same kept-open connection still serves
+
+
+@pytest.fixture(scope="module")
+def keepalive(server):
+    with httpx.Client(base_url=server, timeout=30, limits=httpx.Limits(max_connections=1)) as h:
+        yield h
+
+
+def _wire(body: object, mangle: bytes | None) -> bytes:
+    raw = json.dumps(body).encode()  # lone surrogates go out as their \\ud800 escapes
+    return raw[: len(raw) // 2] + mangle if mangle is not None else raw
+
+
+@FUZZ
+@given(body=CHAT_BODIES, mangle=st.one_of(st.none(), st.binary(max_size=8)))
+def test_fuzz_chat_bodies_never_5xx(keepalive, body, mangle):
+    _fuzz_once(keepalive, "/v1/chat/completions", _wire(body, mangle))
+
+
+@FUZZ
+@given(body=COMPLETION_BODIES, mangle=st.one_of(st.none(), st.binary(max_size=8)))
+def test_fuzz_completion_bodies_never_5xx(keepalive, body, mangle):
+    _fuzz_once(keepalive, "/v1/completions", _wire(body, mangle))
+
+
+@FUZZ
+@given(body=V2_BODIES, mangle=st.one_of(st.none(), st.binary(max_size=8)))
+def test_fuzz_v2_bodies_never_5xx(keepalive, body, mangle):
+    _fuzz_once(keepalive, V2_PATH, _wire(body, mangle))
