@@ -292,6 +292,10 @@ class DistilledModelStatus(ApiModel):
     message: str | None = Field(None, description="Why the model is not Ready, when it is not")
     gpu: str | None = Field(None, description="GPU summary for printer columns, e.g. 1x nvidia-tesla-t4")
     quantization: str | None = Field(None, description="Quantization summary for printer columns, e.g. int4-g128")
+    lineage: dict[str, Any] | None = Field(
+        None, description="Where the weights come from: the DistillationJob, its artifact's sha256 and lineage "
+        "(from the distillery.dev/lineage annotation that a DistillationJob's deploy writes)",
+    )
 
 
 class ObjectMeta(BaseModel):

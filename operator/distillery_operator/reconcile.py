@@ -32,7 +32,7 @@ from . import constants, metrics
 from .api import DistilledModelSpec, InvalidSpec, Problem, parse_distilled_model
 from .render import render_inference_service
 from .settings import RenderSettings
-from .status import COND_VALIDATED, compute_status, condition, status_changed
+from .status import COND_VALIDATED, compute_status, condition, lineage_of, status_changed
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +418,8 @@ class Reconciler:
         if not isvc_in_sync(seen.desired, isvc, uid):
             return False
         new = compute_status(
-            name=name, generation=seen.generation, spec=seen.spec, isvc=isvc, previous=seen.status, now=self.clock()
+            name=name, generation=seen.generation, spec=seen.spec, isvc=isvc, previous=seen.status, now=self.clock(),
+            lineage=seen.status.get("lineage"),
         )
         return not status_changed(seen.status, new)
 
@@ -475,7 +476,8 @@ class Reconciler:
             await self._record_invalid(body, namespace, name, InvalidSpec([problem]), refused.live, previous, retry)
 
         new = compute_status(
-            name=name, generation=generation, spec=dm.spec, isvc=live, previous=previous, now=self.clock()
+            name=name, generation=generation, spec=dm.spec, isvc=live, previous=previous, now=self.clock(),
+            lineage=lineage_of(body),
         )
         await self._write_status(body, namespace, name, previous, new, retry, outcome, status_sink)
         outcome.phase = new["phase"]
@@ -604,7 +606,7 @@ class Reconciler:
         self._seen.pop((namespace, name), None)  # child events must read the model again
         new = compute_status(
             name=name, generation=generation, spec=None, problems=invalid.problems, isvc=live, previous=previous,
-            now=self.clock(),
+            now=self.clock(), lineage=lineage_of(body),
         )
         before = condition(previous, COND_VALIDATED)
         already_reported = (

@@ -15,10 +15,13 @@ identical status and the reconciler can skip the write.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from distillery_contract.values import QuantMethod
+
+from .constants import ANN_LINEAGE
 
 from .api import DistilledModelSpec, Phase, Problem, resolve_resources
 
@@ -37,6 +40,7 @@ OWNED_KEYS = (
     "message",
     "gpu",
     "quantization",
+    "lineage",
 )
 
 FAILED_MODEL_STATES = frozenset({"FailedToLoad"})
@@ -152,11 +156,13 @@ def compute_status(
     isvc: Mapping[str, Any] | None,
     previous: Mapping[str, Any] | None,
     now: str,
+    lineage: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The DistilledModel status (wire format, our keys only) for a spec and its live InferenceService.
 
     `spec` is None when the spec failed validation (`problems` says why); `previous` is the current
-    status, whose conditions keep their lastTransitionTime when their status does not change.
+    status, whose conditions keep their lastTransitionTime when their status does not change; `lineage`
+    is the model's distillery.dev/lineage annotation, parsed (a DistillationJob's deploy writes it).
     """
     previous = previous or {}
     prev_conditions = {str(c.get("type")): c for c in previous.get("conditions") or [] if isinstance(c, Mapping)}
@@ -240,8 +246,19 @@ def compute_status(
         "message": message_out,
         "gpu": gpu_summary(spec) if spec is not None else previous.get("gpu"),
         "quantization": quantization_summary(spec) if spec is not None else previous.get("quantization"),
+        "lineage": dict(lineage) if lineage else None,
     }
     return result
+
+
+def lineage_of(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The distillery.dev/lineage annotation of an object, parsed (None when absent or not a JSON object)."""
+    text = (((body.get("metadata") or {}).get("annotations")) or {}).get(ANN_LINEAGE)
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def owned_subset(status: Mapping[str, Any] | None, keys: Sequence[str] = OWNED_KEYS) -> dict[str, Any]:

@@ -107,6 +107,9 @@ async def test_complete_succeeds_with_artifact_lineage_and_deploys(cluster, oper
     assert dm["spec"]["model"]["uri"] == "s3://models/out/quantized"
     assert dm["spec"]["quantization"] == {"prequantized": True, "method": "int4", "groupSize": 128}
     assert json.loads(dm["metadata"]["annotations"][constants.ANN_LINEAGE])["sha256"] == SHA
+    dm_lineage = await cluster.eventually(lambda: (cluster.dm("r1-distilled").get("status") or {}).get("lineage"),
+                                          what="the lineage in the DistilledModel's status")
+    assert dm_lineage["sha256"] == SHA and dm_lineage["job"] == "dj-ok" and dm_lineage["finalKl"] == 0.21
     isvc = await cluster.eventually(lambda: cluster.isvc("r1-distilled"), what="the InferenceService")
     assert isvc["spec"]["predictor"]["model"]["storageUri"] == "s3://models/out/quantized"
     assert "--prequantized" in isvc["spec"]["predictor"]["model"]["args"]
