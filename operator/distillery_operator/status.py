@@ -21,9 +21,8 @@ from typing import Any
 
 from distillery_contract.values import QuantMethod
 
-from .constants import ANN_LINEAGE
-
 from .api import DistilledModelSpec, Phase, Problem, resolve_resources
+from .constants import ANN_LINEAGE
 
 COND_VALIDATED = "Validated"
 COND_ISVC_READY = "InferenceServiceReady"
