@@ -16,7 +16,7 @@ help:  ## list the targets
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[operator,runtime,dev]'
+	$(PY) -m pip install -q -e '.[operator,runtime,trainer,dev]'
 	touch $@
 
 venv: $(VENV)/.installed  ## create .venv with the operator, runtime and dev dependencies

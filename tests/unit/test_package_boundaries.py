@@ -23,6 +23,7 @@ PACKAGES = {
     "distillery_contract": REPO_ROOT / "contract" / "distillery_contract",
     "distillery_operator": REPO_ROOT / "operator" / "distillery_operator",
     "model_runtime": REPO_ROOT / "model_runtime",
+    "distillery_trainer": REPO_ROOT / "trainer" / "distillery_trainer",
 }
 TESTING_SUBPACKAGE = "distillery_operator.testing"  # test doubles, as kopf.testing; the images exclude it
 
@@ -77,6 +78,12 @@ def test_operator_imports_nothing_from_the_runtime_nor_torch_nor_kmock():
     assert offenders("distillery_operator", forbidden) == {}
 
 
+def test_trainer_imports_nothing_from_the_operator():
+    # the trainer image holds the trainer, the contract and (for the quantized copy) the runtime's quantizer
+    assert len(production_modules("distillery_trainer")) >= 8
+    assert offenders("distillery_trainer", {"distillery_operator", "kopf", "kubernetes", "kmock"}) == {}
+
+
 def test_contract_imports_only_the_standard_library_and_pydantic():
     # pydantic: the DistillationJob spec is parsed by both the operator and the trainer
     stdlib = set(sys.stdlib_module_names) | {"__future__", "distillery_contract", "pydantic"}
@@ -128,3 +135,11 @@ def test_importing_the_runtime_loads_no_operator_code():
     loaded = loaded_roots(["model_runtime.__main__", "model_runtime.quantize_cli", "model_runtime.cli"])
     assert {"model_runtime", "distillery_contract", "torch"} <= loaded
     assert loaded & {"distillery_operator", "kopf", "kmock"} == set()
+
+
+def test_importing_the_trainer_loads_no_operator_code():
+    # every module but __main__ (which runs the CLI when imported)
+    modules = sorted(m for m in production_modules("distillery_trainer") if not m.endswith("__main__"))
+    loaded = loaded_roots(modules)
+    assert {"distillery_trainer", "distillery_contract", "torch", "transformers"} <= loaded
+    assert loaded & {"distillery_operator", "kopf", "kmock", "kubernetes"} == set()
