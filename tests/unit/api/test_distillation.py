@@ -156,6 +156,11 @@ def test_cli_renders_and_validates_a_job(tmp_path, capsys) -> None:
     assert "spec.lora" in capsys.readouterr().err
 
 
+def test_cli_prints_the_distillation_crd(capsys) -> None:
+    assert cli_main(["crd", "--kind", "DistillationJob"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == build_distillation_crd()
+
+
 # ------------------------------------------------------------------------------------------ CRD + CEL
 @pytest.fixture(scope="module")
 def dj_version() -> dict[str, Any]:

@@ -90,3 +90,11 @@ async def test_request_log_stays_bounded(emu) -> None:
         await call(emu, "POST", DM_PATH, dm(f"m{i}"))
     assert len(emu._requests) < 40
     assert sum(n for (method, plural, _), n in emu.requests.items() if plural == "distilledmodels") == 60
+
+
+async def test_an_absent_api_group_answers_404() -> None:
+    async with ClusterEmulator() as emulator, kmock.Server(emulator):
+        emulator.register_distillery(trainer=False)
+        path = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ns/trainjobs"
+        assert (await call(emulator, "POST", path, {"metadata": {"name": "t"}}))[0] == 404
+        assert (await call(emulator, "GET", f"{path}/t"))[0] == 404
