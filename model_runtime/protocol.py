@@ -267,6 +267,8 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "distillery"
     max_model_len: int | None = None
+    # where a distilled model came from: its artifact's lineage.json (teacher, data, losses, weight hashes)
+    lineage: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):
@@ -284,7 +286,7 @@ def dump(model: BaseModel) -> dict[str, Any]:
     `reasoning_content` only exists when reasoning is separated.
     """
     data = model.model_dump(mode="json")
-    _drop_none(data, {"reasoning_content", "usage", "max_model_len", "role"})
+    _drop_none(data, {"reasoning_content", "usage", "max_model_len", "role", "lineage"})
     return data
 
 

@@ -373,7 +373,8 @@ class OpenAIRoutes:
 
     async def models(self) -> Response:
         card = ModelCard(id=self.model.name,
-                         max_model_len=self.model.serving.max_model_len if self.model.serving else None)
+                         max_model_len=self.model.serving.max_model_len if self.model.serving else None,
+                         lineage=self.model.serving.lineage if self.model.serving else None)
         return JSONResponse(dump(ModelList(data=[card], models=[self.model.name])))
 
     async def retrieve_model(self, model_id: str) -> Response:
@@ -381,7 +382,8 @@ class OpenAIRoutes:
             return error_response(ServingError(404, f"The model '{model_id}' does not exist", param="model",
                                                code="model_not_found"))
         card = ModelCard(id=self.model.name,
-                         max_model_len=self.model.serving.max_model_len if self.model.serving else None)
+                         max_model_len=self.model.serving.max_model_len if self.model.serving else None,
+                         lineage=self.model.serving.lineage if self.model.serving else None)
         return JSONResponse(dump(card))
 
     async def chat(self, request: Request) -> Response:

@@ -15,6 +15,7 @@ The HTTP layer (server.py) only parses, calls prepare_*() and stream()/complete(
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import time
@@ -22,9 +23,11 @@ import uuid
 import weakref
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+from distillery_contract.distillation import LINEAGE_FILE
 from model_runtime.engine import (
     GenerationError,
     QueueFullError,
@@ -186,6 +189,21 @@ class StopMatcher:
         return out, False
 
 
+def read_lineage(model_path: str | None) -> dict[str, Any] | None:
+    """The lineage.json a distillation wrote beside the weights (None for any other model, or an unreadable
+    one: provenance is reported, never required)."""
+    if not model_path:
+        return None
+    path = Path(model_path) / LINEAGE_FILE
+    try:
+        lineage = json.loads(path.read_text())
+    except (OSError, ValueError):
+        if path.exists():
+            log.warning("ignoring unreadable %s", path)
+        return None
+    return lineage if isinstance(lineage, dict) else None
+
+
 # --------------------------------------------------------------------------- serving
 class Serving:
     """The request -> job -> text path for one loaded model and its engine."""
@@ -204,6 +222,7 @@ class Serving:
         limit = config.max_prompt_bytes
         self.max_prompt_bytes = limit if limit is not None else max(64 * 2**10, 32 * self.max_model_len)
         self._plain: Any = None if config.allow_special_tokens_in_content else plain_text_tokenizer(self.tokenizer)
+        self.lineage = read_lineage(getattr(loaded, "source_path", None))
 
     @property
     def model_name(self) -> str:
