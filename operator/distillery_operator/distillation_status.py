@@ -1,7 +1,8 @@
 """Translate a TrainJob (and the trainer's result) into a DistillationJob's status (pure: dicts in, dict out).
 
 Kubeflow Trainer reports a TrainJob's end in its conditions: `Complete` (True: Succeeded) or `Failed`
-(True: Failed, with the JobSet's reason and message); `Suspended` keeps it Pending; otherwise it runs.
+(True: Failed, with the JobSet's reason and message); `Suspended` keeps it Pending; it is Running once a
+child Job has all its pods ready (status.jobsStatus) or the trainer reports progress, Pending before.
 Progress while running comes from status.trainerStatus (Trainer's TrainJobStatus feature: a percentage
 and metrics, of which we read `step`, `totalSteps` and `loss`); at the end, from the trainer's result
 (distillery_contract.distillation.TrainResult, rank 0's termination message), which also carries the
@@ -63,7 +64,11 @@ def trainjob_outcome(train_job: Mapping[str, Any]) -> tuple[JobPhase, str, str |
         return JobPhase.SUCCEEDED, "Complete", None
     if suspended.get("status") == "True":
         return JobPhase.PENDING, "Suspended", str(suspended.get("message") or "the TrainJob is suspended")
-    return JobPhase.RUNNING, "Running", None
+    status = train_job.get("status") or {}
+    jobs = [j for j in status.get("jobsStatus") or [] if isinstance(j, Mapping)]
+    if status.get("trainerStatus") or any((j.get("ready") or 0) > 0 or (j.get("succeeded") or 0) > 0 for j in jobs):
+        return JobPhase.RUNNING, "Running", None
+    return JobPhase.PENDING, "Starting", "the TrainJob is created; waiting for its pods to be scheduled and ready"
 
 
 def _number(text: Any) -> float | None:

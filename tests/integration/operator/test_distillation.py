@@ -57,8 +57,12 @@ def job_phase(cluster, name: str) -> str | None:
 async def started(cluster, name: str, **spec: Any) -> dict[str, Any]:
     await cluster.request("POST", DJ_PATH, dj(name, **spec))
     tj = await cluster.eventually(lambda: train_job(cluster, name), what=f"TrainJob {name}")
+    await cluster.eventually(lambda: job_phase(cluster, name) == "Pending", what="phase Pending")
+    # Kubeflow Trainer reports the node Job ready: the job runs.
+    ready = {"jobsStatus": [{"name": "node", "active": 1, "ready": 1, "succeeded": 0, "failed": 0, "suspended": 0}]}
+    await cluster.request("PATCH", f"{TJ_PATH}/{name}/status", {"status": ready}, "application/merge-patch+json")
     await cluster.eventually(lambda: job_phase(cluster, name) == "Running", what="phase Running")
-    return tj
+    return train_job(cluster, name) or tj
 
 
 async def finish(cluster, name: str, condition: dict[str, str], result: dict[str, Any] | None = None) -> None:

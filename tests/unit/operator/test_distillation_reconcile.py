@@ -78,12 +78,14 @@ async def test_create_then_complete_then_idempotent(world) -> None:
     assert tj["metadata"]["ownerReferences"] == [{
         "apiVersion": "distillery.dev/v1alpha1", "kind": "DistillationJob", "name": "dj1",
         "uid": world.job()["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
-    assert world.job()["status"]["phase"] == "Running" and world.job()["status"]["trainJob"] == "dj1"
+    assert world.job()["status"]["phase"] == "Pending" and world.job()["status"]["trainJob"] == "dj1"
+    assert world.condition("Succeeded")["reason"] == "Starting"
 
     tj["status"] = {"trainerStatus": {"progressPercentage": 40, "lastUpdatedTime": "2026-01-01T00:00:00Z",
                                       "metrics": [{"name": "step", "value": "20"}, {"name": "totalSteps", "value": "50"},
                                                   {"name": "loss", "value": "2.5"}]}}
     await world.run()
+    assert world.job()["status"]["phase"] == "Running"
     assert world.job()["status"]["progress"] == {"step": 20, "totalSteps": 50, "loss": 2.5, "percent": 40,
                                                  "summary": "20/50"}
 
@@ -182,7 +184,7 @@ async def test_invalid_update_sets_the_condition_and_leaves_the_train_job(world)
     assert world.train_job() == before and world.client.writes(TRAINJOB.plural) == []
     validated = world.condition("Validated")
     assert validated["status"] == "False" and "spec.loss.temperature" in validated["message"]
-    assert world.job()["status"]["phase"] == "Running"
+    assert world.job()["status"]["phase"] == "Pending", "the phase still follows the TrainJob"
     assert [e[1:3] for e in world.client.events if e[2] == "InvalidSpec"] == [("Warning", "InvalidSpec")]
     with pytest.raises(kopf.PermanentError):
         await world.run()
