@@ -15,13 +15,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distillery_contract.distillation import JOB_FILE, PVC_MOUNT_ROOT, DistillationJobSpec
+from distillery_contract.distillation import JOB_FILE, PVC_MOUNT_ROOT, RESULT_FILE, DistillationJobSpec
 from distillery_operator import constants
 from distillery_operator.api import InvalidSpec
 from distillery_operator.cli import main as cli_main
 from distillery_operator.crd import DJ_SPEC_RULES, build_distillation_crd
 from distillery_operator.distillation_api import parse_distillation_job, trainjob_name_max
-from distillery_operator.distillation_render import render_train_job
+from distillery_operator.distillation_render import TRAINER_COMMAND, render_train_job
 from distillery_operator.settings import OperatorSettings, RenderSettings
 from tests.kserve_schema import assert_valid, kserve_validator
 from tests.reference import TRAINER_REFERENCE
@@ -110,6 +110,20 @@ def test_cpu_job_and_operator_settings() -> None:
     assert tj["spec"]["runtimeRef"]["name"] == "my-rt"
     pod = tj["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     assert "nodeSelector" not in pod["template"]["spec"]["template"]["spec"]
+
+
+def test_the_chart_runtime_runs_what_the_train_jobs_expect() -> None:
+    """The chart's ClusterTrainingRuntime (default values) and the renderer agree on names, command and image."""
+    runtime = yaml.safe_load((REPO / "manifests/runtime/clustertrainingruntime-distillery-distillation.yaml").read_text())
+    assert_valid(kserve_validator(TRAINER_REFERENCE / "trainer.kubeflow.org_clustertrainingruntimes.yaml"), runtime)
+    assert runtime["metadata"]["name"] == SETTINGS.training_runtime_name
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    (container,) = node["template"]["spec"]["template"]["spec"]["containers"]
+    assert node["name"] == container["name"] == constants.TRAINER_NODE_JOB
+    assert container["command"] == list(TRAINER_COMMAND) and container["args"] == ["-f", JOB_FILE]
+    assert container["image"] == SETTINGS.trainer_image
+    assert container["terminationMessagePath"] == RESULT_FILE
+    assert "torch" in runtime["spec"]["mlPolicy"]
 
 
 def test_default_trainer_image_tag_is_the_chart_app_version() -> None:
