@@ -235,3 +235,14 @@ async def test_rbac_covers_every_call(world) -> None:
     assert {("trainer.kubeflow.org", "trainjobs", "patch"), ("", "pods", "list"),
             ("distillery.dev", "distilledmodels", "patch")} <= used
     assert used <= set(rbac.REQUIRED_PERMISSIONS), used - set(rbac.REQUIRED_PERMISSIONS)
+
+
+async def test_a_refused_train_job_is_reported_like_an_invalid_spec(world) -> None:
+    world.client.put(DJ, job_body())
+    world.client.fail("create", TRAINJOB.plural, 422, count=1)
+    with pytest.raises(kopf.PermanentError):
+        await world.run()
+    validated = world.condition("Validated")
+    assert validated["status"] == "False" and "refused the TrainJob" in validated["message"]
+    assert world.job()["status"]["phase"] == "Failed" and world.train_job() is None
+    assert [e[2] for e in world.client.events] == ["InvalidSpec"]
