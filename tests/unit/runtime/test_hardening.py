@@ -225,3 +225,20 @@ async def test_tokenization_runs_off_the_event_loop(r1_tokenizer, monkeypatch):
         assert (await h.get("/health")).status_code == 200
         assert asyncio.get_running_loop().time() - started < 0.5
         assert (await work).status_code == 200
+
+
+def test_hardening_flags_reach_the_options():
+    from model_runtime.__main__ import build_parser, options_from_args
+
+    defaults = options_from_args(build_parser().parse_args(["--model_name", "m"]))
+    assert not defaults.enable_model_repository_routes and not defaults.allow_special_tokens_in_content
+    assert defaults.max_body_bytes == 16 * 2**20 and defaults.header_timeout_s > 0 and defaults.body_timeout_s > 0
+    o = options_from_args(build_parser().parse_args([
+        "--model_name", "m", "--max_body_bytes=1000", "--max_prompt_bytes=500", "--header_timeout_s=2",
+        "--body_timeout_s=3", "--request_workers=4", "--enable_model_repository_routes",
+        "--allow_special_tokens_in_content"]))
+    assert (o.max_body_bytes, o.max_prompt_bytes, o.header_timeout_s, o.body_timeout_s, o.request_workers) == (
+        1000, 500, 2.0, 3.0, 4)
+    assert o.enable_model_repository_routes and o.allow_special_tokens_in_content
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--model_name", "m", "--body_timeout_s=0"])
