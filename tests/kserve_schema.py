@@ -3,8 +3,8 @@
 The KServe CRDs in third_party/reference/kserve-v0.20.0/ carry no `additionalProperties: false`, so a
 misspelled field would pass plain validation (the API server prunes it silently instead). We inject
 `additionalProperties: false` into every object schema that lists its properties and does not
-preserve unknown fields, and map OpenAPI's `nullable` and `x-kubernetes-int-or-string` onto JSON
-Schema, so a typo fails the test with its path.
+preserve unknown fields, and map OpenAPI's `nullable` and `x-kubernetes-int-or-string` (and RE2's
+`^(?i)` patterns) onto JSON Schema, so a typo fails the test with its path.
 
 Usage (pyproject sets pytest's pythonpath to the repo root, so `tests` imports as a namespace package):
     from tests.kserve_schema import assert_valid, kserve_validator
@@ -51,6 +51,10 @@ def _strict_in_place(node: dict[str, Any]) -> None:
         node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
     if node.pop("nullable", False) and isinstance(node.get("type"), str):
         node["type"] = [node["type"], "null"]
+    pattern = node.get("pattern")
+    if isinstance(pattern, str) and pattern.startswith("^(?i)"):
+        # Go's RE2 takes a flag group anywhere (prometheus-operator writes ^(?i)...); Python only at the start
+        node["pattern"] = "(?i)^" + pattern[len("^(?i)"):]
 
 
 def crd_schema(crd: dict[str, Any], version: str | None = None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from distillery_operator import constants
 from distillery_operator.api import parse_distilled_model
 from distillery_operator.cli import build_parser
 from distillery_operator.crd import build_crd
+from distillery_operator.monitoring import alerts, dashboard
 from distillery_operator.render import render_inference_service
 from distillery_operator.settings import OperatorSettings
 from tests.kserve_schema import assert_valid, kserve_validator
@@ -51,6 +52,9 @@ def crd_validators(kserve_reference_dir: Path) -> dict[tuple[str, str], Any]:
         ),
         ("monitoring.coreos.com/v1", "ServiceMonitor"): kserve_validator(
             PROMETHEUS_OPERATOR_REFERENCE / "monitoring.coreos.com_servicemonitors.yaml", "v1"
+        ),
+        ("monitoring.coreos.com/v1", "PrometheusRule"): kserve_validator(
+            PROMETHEUS_OPERATOR_REFERENCE / "monitoring.coreos.com_prometheusrules.yaml", "v1"
         ),
     }
 
@@ -446,6 +450,24 @@ def test_monitoring_objects_only_when_asked(rendered_default, render_chart) -> N
     assert pods["spec"]["podMetricsEndpoints"][0]["port"] in runtime_ports
     assert pods["spec"]["podMetricsEndpoints"][0]["path"] == flags.METRICS_PATH
     assert r.env["DISTILLERY_PROMETHEUS_URL"] == "http://kube-prometheus-stack-prometheus.monitoring.svc:9090"
+
+
+def test_alert_rules_and_dashboard_only_when_asked(rendered_default, render_chart) -> None:
+    """Off by default; when on, the PrometheusRule carries exactly the rules and the ConfigMap exactly the
+    dashboard that distillery_operator.monitoring builds (the same PromQL as the rollout gates)."""
+    assert rendered_default.of_kind("PrometheusRule") == []
+    assert [c for c in rendered_default.of_kind("ConfigMap") if "dashboard" in c["metadata"]["name"]] == []
+    r = render_chart("metrics-on")
+    rule = r.one("PrometheusRule")
+    assert rule["spec"]["groups"] == alerts.rule_groups()
+    assert rule["metadata"]["labels"]["role"] == "alert-rules"  # what a Prometheus ruleSelector matches
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    [board_map] = [c for c in r.of_kind("ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    assert board_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert board_map["metadata"]["namespace"] == "monitoring"
+    assert board_map["metadata"]["annotations"] == {"grafana_folder": "LLMs"}
+    board = json.loads(board_map["data"]["distillery-models.json"])
+    assert {k: v for k, v in board.items() if k != "description"} == dashboard.dashboard()
 
 
 # --- values and schema ----------------------------------------------------------------------------------
