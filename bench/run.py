@@ -24,11 +24,12 @@ from typing import Any
 
 from bench import report
 from bench.bandwidth import ModelShape, weight_bytes_per_token
+from bench.guidellm_run import run_guidellm
 from bench.loadgen import run_http_benchmark, run_overload
 from bench.procs import REPO_ROOT, ServerUnderTest, free_port, run_step
 
 SECTIONS = ["prepare", "bandwidth", "kernels", "llamacpp", "hf", "hf_serve", "ours", "ours_1p5b", "overload",
-            "perplexity", "operator"]
+            "guidellm", "perplexity", "operator"]
 MODELS = REPO_ROOT / "models"
 GGUF_Q4 = MODELS / "qwen2.5-0.5b-q4_k_m.gguf"
 GGUF_Q8 = MODELS / "qwen2.5-0.5b-q8_0.gguf"
@@ -66,11 +67,13 @@ class Settings:
     step_timeout_s: float = 900.0
     ours_compile: bool = False  # DISTILLERY_COMPILE=1 for our server (torch.compile warm-up at start)
     ours_modes: tuple[str, ...] = ("bf16", "int8", "int4")  # which of our modes the ours* sections run
+    guidellm_seconds: float = 30.0  # guidellm's run against our server (int8 0.5B), concurrent streams
+    guidellm_streams: int = 4
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(single_tokens=16, repeats=1, conc_tokens=8, levels=(1, 4), big_tokens=8, overload_tokens=4,
-                   ppl_max_tokens=256, ppl_window=128, bandwidth_mib=128)
+                   ppl_max_tokens=256, ppl_window=128, bandwidth_mib=128, guidellm_seconds=10.0)
 
 
 def _log(msg: str) -> None:
@@ -283,6 +286,30 @@ class Bench:
         _log(f"{key}: {out.get('error') or 'ok'}")
         self.results["overload"] = out
 
+    def guidellm(self) -> None:
+        """guidellm (a load client that probes GET /health) against our server, no route configuration."""
+        from distillery_contract import flags as c
+
+        port = free_port()
+        key = f"{SMALL}/ours/int8-guidellm"
+        cmd = self._ours_cmd(ST_0P5B, SMALL, port, "int8", max_batch=self.s.guidellm_streams,
+                             max_queue=4 * self.s.guidellm_streams, max_model_len=self.s.max_model_len)
+        out: dict[str, Any] = {"model": SMALL, "mode": "int8"}
+        _log(f"{key} ...")
+        server = ServerUnderTest(key.replace("/", "_"), cmd,
+                                 f"http://127.0.0.1:{port}{c.HEALTH_READY_PATH_TEMPLATE.format(model_name=SMALL)}",
+                                 threads=self.s.threads)
+        try:
+            with server:
+                out.update(run_guidellm(f"http://127.0.0.1:{port}", ST_0P5B, REPO_ROOT / "bench" / "results" / "guidellm",
+                                        streams=self.s.guidellm_streams, seconds=self.s.guidellm_seconds))
+                out["server_alive_after"] = server.alive()
+        except Exception as exc:  # noqa: BLE001
+            out["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+        out["log"] = str(server.log_path)
+        _log(f"{key}: {out.get('error') or 'ok'}")
+        self.results["guidellm"] = out
+
     def perplexity(self) -> None:
         ppl: dict[str, Any] = {}
         for mode, quant in (("bf16", "none"), ("int8", "int8"), ("int4", "int4")):
@@ -431,6 +458,12 @@ def print_report(results: dict[str, Any]) -> None:
         print(f"\nOverload ({over.get('requested_streams')} streams, max_batch_size {over.get('max_batch_size')}, max_queue "
               f"{over.get('max_queue')}): ok {over.get('ok')}, 429 {over.get('http_429')}, errors {over.get('errors')}, "
               f"healthy after {over.get('healthy_after')} {over.get('error') or ''}")
+    gl = results.get("guidellm")
+    if gl:
+        print(f"guidellm ({gl.get('streams')} streams, {gl.get('seconds')} s, {gl.get('prompt_tokens')}+"
+              f"{gl.get('output_tokens')} tokens): {gl.get('requests_completed')} requests ok, "
+              f"{gl.get('requests_errored')} errors, {gl.get('output_tokens_per_s')} output tok/s, TTFT median "
+              f"{gl.get('ttft_ms_median')} ms, ITL median {gl.get('itl_ms_median')} ms {gl.get('error') or ''}")
     mem = results.get("memory_1p5b")
     if mem:
         print(f"1.5B shape peak RSS: bf16 {mem.get('bf16_peak_rss_mb')} MiB, int8 {mem.get('int8_peak_rss_mb')} MiB, "

@@ -1,0 +1,77 @@
+"""guidellm (vLLM's load tool, PyPI `guidellm`) against an OpenAI-compatible server, as a client would run it.
+
+No route configuration: guidellm finds the server through `GET /health` and `GET /v1/models` on its own,
+which is the point of running it (it refused to start against a server without `/health`). One short
+concurrent run of synthetic prompts; its JSON report is reduced to the figures the bench records.
+
+guidellm lives in its own environment (its dependencies are not the runtime's): the `guidellm` executable
+next to this interpreter, else $GUIDELLM, else on PATH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def guidellm_executable() -> str | None:
+    beside = Path(sys.executable).with_name("guidellm")
+    if beside.exists():
+        return str(beside)
+    return os.environ.get("GUIDELLM") or shutil.which("guidellm")
+
+
+def guidellm_command(exe: str, base_url: str, tokenizer_dir: Path, out_json: Path, *, streams: int,
+                     seconds: float, prompt_tokens: int, output_tokens: int) -> list[str]:
+    return [exe, "run", "--backend", f"kind=openai_http,target={base_url}",
+            "--profile", f"kind=concurrent,streams={streams}",
+            "--constraint", f"kind=max_duration,seconds={seconds:g}",
+            "--data", f"kind=synthetic_text,prompt_tokens={prompt_tokens},output_tokens={output_tokens}",
+            "--tokenizer", f"kind=hf_auto,model={tokenizer_dir}",
+            "--output", f"kind=json,path={out_json}", "--disable-progress"]
+
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures of guidellm's JSON report (first benchmark) that the bench records."""
+    metrics = report["benchmarks"][0]["metrics"]
+
+    def ok(name: str, stat: str = "mean") -> float | None:
+        value = ((metrics.get(name) or {}).get("successful") or {})
+        if stat.startswith("p"):
+            value = value.get("percentiles") or {}
+        number = value.get(stat)
+        return round(float(number), 2) if number is not None else None
+
+    totals = metrics["request_totals"]
+    return {
+        "requests_completed": totals.get("successful"), "requests_errored": totals.get("errored"),
+        "requests_incomplete": totals.get("incomplete"),
+        "requests_per_s": ok("requests_per_second"), "output_tokens_per_s": ok("output_tokens_per_second"),
+        "ttft_ms_median": ok("time_to_first_token_ms", "median"), "ttft_ms_p95": ok("time_to_first_token_ms", "p95"),
+        "itl_ms_median": ok("inter_token_latency_ms", "median"),
+        "request_latency_s_median": ok("request_latency", "median"),
+    }
+
+
+def run_guidellm(base_url: str, tokenizer_dir: Path, out_dir: Path, *, streams: int = 4, seconds: float = 30.0,
+                 prompt_tokens: int = 64, output_tokens: int = 32) -> dict[str, Any]:
+    exe = guidellm_executable()
+    if exe is None:
+        return {"error": "guidellm not installed (pip install guidellm, or `pip install .[bench]`; or set $GUIDELLM)"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_json = out_dir / "guidellm.json"
+    cmd = guidellm_command(exe, base_url, tokenizer_dir, out_json, streams=streams, seconds=seconds,
+                           prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 300)
+    (out_dir / "guidellm.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not out_json.exists():
+        return {"error": f"guidellm exit {proc.returncode}: {(proc.stderr or proc.stdout)[-800:]}",
+                "command": " ".join(cmd)}
+    return {**summarize(json.loads(out_json.read_text())), "streams": streams, "seconds": seconds,
+            "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "command": " ".join(cmd),
+            "report": str(out_json)}
