@@ -91,6 +91,15 @@ def test_contract_imports_only_the_standard_library_and_pydantic():
     assert outside == {}
 
 
+def test_the_evaluation_runner_needs_only_the_standard_library_and_aiohttp():
+    # distillery-eval runs as a Job from the operator image: no torch, and no openai/httpx client either
+    evaluation = {name: roots for name, roots in imports_of("distillery_operator").items()
+                  if name.startswith("distillery_operator.evaluation")}
+    assert len(evaluation) >= 5
+    allowed = set(sys.stdlib_module_names) | {"__future__", "aiohttp", "distillery_operator"}
+    assert {name: roots - allowed for name, roots in evaluation.items() if roots - allowed} == {}
+
+
 def test_only_the_testing_subpackage_imports_kmock():
     emulator = PACKAGES["distillery_operator"] / "testing" / "emulator.py"
     # the check above is not vacuous: the emulator does import kmock, and it lives in testing/
