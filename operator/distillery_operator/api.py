@@ -222,11 +222,70 @@ class Autoscaling(ApiModel):
     )
 
 
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds of a Go-style duration string (120s, 2m, 1m30s, 500ms)."""
+    return sum(float(value) * _DURATION_UNITS[unit] for value, unit in _DURATION_PART.findall(text))
+
+
+class Scorer(StrEnum):
+    BOXED = "boxed"
+    EXACT = "exact"
+    CONTAINS = "contains"
+
+
+class EvaluationDataset(ApiModel):
+    """The benchmark the candidate is scored on: JSON lines of {"prompt" or "messages", "answer"}."""
+
+    uri: str = Field(description="Location of the dataset file, e.g. pvc://evals/gsm8k-sample.jsonl", min_length=1,
+                     max_length=2048)
+
+
+class Evaluation(ApiModel):
+    """Accuracy gate, run against the candidate (and the stable revision) before any traffic moves."""
+
+    dataset: EvaluationDataset = Field(description="The benchmark dataset")
+    scorer: Scorer = Field(Scorer.BOXED, description="boxed: the answer in the last \\boxed{} (R1 math); exact; contains")
+    limit: int = Field(200, ge=1, le=100_000, description="Examples scored per repeat")
+    repeats: int = Field(3, ge=1, le=20, description="Runs over the dataset; the gate judges their mean")
+    min_score: float | None = Field(None, ge=0.0, le=1.0, description="Lowest mean score the candidate may have")
+    max_regression: float | None = Field(
+        None, ge=0.0, le=1.0, description="Largest drop of the mean score vs the stable revision, measured in the same run"
+    )
+
+
+class Slo(ApiModel):
+    """What each step is judged on, over its interval, on the candidate revision's own pods."""
+
+    p99_latency_seconds: float | None = Field(None, gt=0, description="Highest P99 request latency (seconds)")
+    max_error_rate: float | None = Field(None, ge=0.0, le=1.0, description="Highest share of 5xx answers (0..1)")
+    min_tokens_per_second: float | None = Field(None, ge=0, description="Lowest generated tokens per second")
+
+
+class Analysis(ApiModel):
+    """How each rollout step is judged (needs the operator's Prometheus: rollouts.analysis.enabled in the chart)."""
+
+    interval: str = Field("120s", pattern=DURATION_PATTERN, description="How long each step runs before it is judged")
+    slo: Slo = Field(default_factory=Slo, description="Service level objectives of the candidate")
+    evaluation: Evaluation | None = Field(None, description="Optional accuracy gate, run before any traffic moves")
+
+
 class Rollout(ApiModel):
-    """Rollout of spec changes."""
+    """Rollout of spec changes: by hand (canaryTrafficPercent) or in steps, judged and rolled back automatically."""
 
     canary_traffic_percent: int | None = Field(
-        None, ge=0, le=100, description="Percent of traffic sent to the new revision (Knative mode only)"
+        None, ge=0, le=100, description="Percent of traffic sent to the new revision (Knative mode only; manual mode)"
+    )
+    steps: list[Annotated[int, Field(ge=1, le=99)]] | None = Field(
+        None, min_length=1, max_length=20,
+        description="Traffic % to the new revision, increasing, in order; promoted after the last (Knative mode)",
+    )
+    analysis: Analysis | None = Field(
+        None, description="How each step is judged; without it each step advances after 120s"
     )
 
 
@@ -278,6 +337,51 @@ class Condition(ApiModel):
     observed_generation: int | None = Field(None, description="The generation this condition was computed from")
 
 
+class RolloutPhase(StrEnum):
+    IDLE = "Idle"
+    EVALUATING = "Evaluating"
+    PROGRESSING = "Progressing"
+    PROMOTED = "Promoted"
+    ROLLED_BACK = "RolledBack"
+
+
+class AnalysisResult(ApiModel):
+    """The last judgement of the candidate: what was measured, and why it passed or failed."""
+
+    time: str | None = Field(None, description="When it was judged (RFC 3339)")
+    p99_latency_seconds: float | None = Field(None, description="Candidate's P99 latency over the step (seconds)")
+    error_rate: float | None = Field(None, description="Candidate's 5xx share over the step")
+    tokens_per_second: float | None = Field(None, description="Candidate's generated tokens per second")
+    score: float | None = Field(None, description="Candidate's mean evaluation score")
+    score_std_dev: float | None = Field(None, description="Standard deviation of the score over the repeats")
+    stable_score: float | None = Field(None, description="Stable revision's mean score in the same run")
+    passed: bool | None = Field(None, description="Whether the gate passed")
+    gate: str | None = Field(None, description="Which gate was judged: evaluation, slo or timer")
+    reasons: list[str] = Field(default_factory=list, description="Why it failed (each gate with its numbers)")
+
+
+class RolloutStatus(ApiModel):
+    """Where the stepped rollout of the served model stands (status.rollout)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    phase: RolloutPhase | None = Field(None, description="Idle, Evaluating, Progressing, Promoted or RolledBack")
+    step: int | None = Field(None, description="The step in force (1-based), 0 while evaluating")
+    traffic_percent: int | None = Field(None, description="Percent of traffic on the candidate revision")
+    candidate: str | None = Field(None, description="Hash of the candidate's rendered model server")
+    stable: str | None = Field(None, description="Hash of the stable (serving) model server")
+    stable_spec: dict[str, Any] | None = Field(
+        None, description="The DistilledModel spec of the stable revision (restored on rollback)",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    candidate_revision: str | None = Field(None, description="Knative revision of the candidate")
+    started_at: str | None = Field(None, description="When the rollout started (RFC 3339)")
+    step_started_at: str | None = Field(None, description="When the current step (or the evaluation) started")
+    evaluation_job: str | None = Field(None, description="Name of the evaluation Job of this rollout")
+    message: str | None = Field(None, description="What the rollout is doing or why it ended")
+    last_analysis: AnalysisResult | None = Field(None, description="The last judgement")
+
+
 class DistilledModelStatus(ApiModel):
     """Observed state, written by the operator."""
 
@@ -292,6 +396,7 @@ class DistilledModelStatus(ApiModel):
     message: str | None = Field(None, description="Why the model is not Ready, when it is not")
     gpu: str | None = Field(None, description="GPU summary for printer columns, e.g. 1x nvidia-tesla-t4")
     quantization: str | None = Field(None, description="Quantization summary for printer columns, e.g. int4-g128")
+    rollout: RolloutStatus | None = Field(None, description="The stepped rollout (spec.rollout.steps)")
     lineage: dict[str, Any] | None = Field(
         None, description="Where the weights come from: the DistillationJob, its artifact's sha256 and lineage "
         "(from the distillery.dev/lineage annotation that a DistillationJob's deploy writes)",
@@ -413,7 +518,9 @@ def effective_deployment_mode(spec: DistilledModelSpec) -> DeploymentMode:
     return DeploymentMode.STANDARD
 
 
-def semantic_problems(spec: DistilledModelSpec, name: str, namespace: str | None = None) -> list[Problem]:
+def semantic_problems(
+    spec: DistilledModelSpec, name: str, namespace: str | None = None, capabilities: Capabilities | None = None
+) -> list[Problem]:
     """Cross-field rules that a schema cannot express, each with the reason spelled out."""
     problems: list[Problem] = []
     add = problems.append
@@ -503,11 +610,70 @@ def semantic_problems(spec: DistilledModelSpec, name: str, namespace: str | None
                         "scale-down delay is a Knative KPA setting; it does not apply to cpu/memory on Knative"))
     if spec.rollout.canary_traffic_percent is not None and mode != DeploymentMode.KNATIVE:
         add(Problem("spec.rollout.canaryTrafficPercent", "KServe supports canary rollouts only in Knative mode"))
+    problems += _rollout_problems(spec, mode)
+    if capabilities is not None:
+        problems += capability_problems(spec, capabilities)
     return problems
 
 
-def parse_distilled_model(obj: dict[str, Any]) -> DistilledModel:
-    """Validate a DistilledModel object (as read from YAML or the API); raise InvalidSpec with every problem."""
+def _rollout_problems(spec: DistilledModelSpec, mode: DeploymentMode) -> list[Problem]:
+    rollout = spec.rollout
+    problems: list[Problem] = []
+    if rollout.steps is not None:
+        if any(b <= a for a, b in zip(rollout.steps, rollout.steps[1:], strict=False)):
+            problems.append(Problem("spec.rollout.steps", f"{rollout.steps} must be strictly increasing"))
+        if rollout.canary_traffic_percent is not None:
+            problems.append(Problem("spec.rollout.steps", "set either canaryTrafficPercent (manual) or steps, not both"))
+        if mode != DeploymentMode.KNATIVE:
+            # KServe v0.20's schema carries a top-level spec.canary list, but its traffic split in Standard
+            # (raw Deployment) mode is not something we can verify or observe per revision: refuse.
+            problems.append(Problem("spec.rollout.steps", "stepped rollouts need Knative mode (KServe splits traffic "
+                                    "between revisions only there): set deploymentMode Knative"))
+    if rollout.analysis is not None:
+        if rollout.steps is None:
+            problems.append(Problem("spec.rollout.analysis", "analysis judges rollout steps: set spec.rollout.steps"))
+        if duration_seconds(rollout.analysis.interval) < 1:
+            problems.append(Problem("spec.rollout.analysis.interval", f"{rollout.analysis.interval!r} is under 1s"))
+        evaluation = rollout.analysis.evaluation
+        if evaluation is not None and evaluation.min_score is None and evaluation.max_regression is None:
+            problems.append(Problem("spec.rollout.analysis.evaluation",
+                                    "set minScore and/or maxRegression: an evaluation without either judges nothing"))
+        if evaluation is not None and not evaluation.dataset.uri.startswith("pvc://"):
+            problems.append(Problem("spec.rollout.analysis.evaluation.dataset.uri",
+                                    "the evaluation Job mounts its dataset from a PersistentVolumeClaim: use pvc://CLAIM/PATH"))
+        elif evaluation is not None and not evaluation.dataset.uri[len("pvc://"):].partition("/")[2]:
+            problems.append(Problem("spec.rollout.analysis.evaluation.dataset.uri",
+                                    f"{evaluation.dataset.uri!r} names no file in the claim: use pvc://CLAIM/PATH"))
+    return problems
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the cluster offers, as the operator's settings say: checked only where the operator validates."""
+
+    prometheus: bool = False  # a Prometheus the operator may query for rollout analysis
+    keda: bool = True
+
+
+def capability_problems(spec: DistilledModelSpec, capabilities: Capabilities) -> list[Problem]:
+    problems: list[Problem] = []
+    slo = spec.rollout.analysis.slo if spec.rollout.analysis is not None else None
+    if slo is not None and slo.model_dump(exclude_none=True) and not capabilities.prometheus:
+        # Only the SLO thresholds query Prometheus: an interval or an evaluation gate alone does not.
+        problems.append(Problem("spec.rollout.analysis.slo", "this operator has no Prometheus to judge rollouts with "
+                                "(chart value rollouts.analysis.enabled / DISTILLERY_ROLLOUT_ANALYSIS_ENABLED): "
+                                "remove analysis (steps then advance on a timer) or configure Prometheus"))
+    metric = effective_metric(spec)
+    if metric in KEDA_METRICS and not capabilities.keda:
+        assert metric is not None
+        problems.append(Problem("spec.autoscaling.metric", f"{metric.value} scales through KEDA, which this cluster "
+                                "does not have (chart value keda.enabled / DISTILLERY_KEDA_ENABLED): use cpu or memory"))
+    return problems
+
+
+def parse_distilled_model(obj: dict[str, Any], capabilities: Capabilities | None = None) -> DistilledModel:
+    """Validate a DistilledModel object (as read from YAML or the API); raise InvalidSpec with every problem.
+    `capabilities` (the operator's view of the cluster) adds the checks that depend on it; None skips them."""
     problems: list[Problem] = []
     if obj.get("apiVersion") != constants.API_VERSION:
         problems.append(Problem("apiVersion", f"expected {constants.API_VERSION}, got {obj.get('apiVersion')!r}"))
@@ -525,7 +691,7 @@ def parse_distilled_model(obj: dict[str, Any]) -> DistilledModel:
         spec = DistilledModelSpec.model_validate(raw_spec)
     except ValidationError as error:
         raise InvalidSpec(problems_from_validation_error(error, "spec")) from None
-    problems = semantic_problems(spec, metadata["name"], metadata.get("namespace"))
+    problems = semantic_problems(spec, metadata["name"], metadata.get("namespace"), capabilities)
     if problems:
         raise InvalidSpec(problems)
     status = obj.get("status") or None

@@ -73,3 +73,7 @@ TRAINER_PATCH_MANAGER: Final = f"{GROUP}/operator"  # our entry in the TrainJob'
 LABEL_JOBSET_NAME: Final = "jobset.sigs.k8s.io/jobset-name"  # on every pod of a TrainJob (JobSet = TrainJob name)
 LABEL_JOB_INDEX: Final = "jobset.sigs.k8s.io/job-index"
 LABEL_COMPLETION_INDEX: Final = "batch.kubernetes.io/job-completion-index"
+# The rollout controller's evaluation Jobs run distillery-eval from the operator's own image.
+DEFAULT_OPERATOR_IMAGE: Final = "ghcr.io/distillery-dev/distillery-operator:0.1.0"
+ANN_TAG_ROUTING: Final = "serving.kserve.io/enable-tag-routing"  # gives a canary revision its own URL
+LABEL_ROLLOUT_EVAL: Final = f"{GROUP}/rollout-evaluation"  # on evaluation Jobs (value: the model's name)

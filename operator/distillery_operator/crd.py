@@ -75,6 +75,36 @@ SPEC_RULES: list[dict[str, str]] = [
         "fieldPath": ".rollout.canaryTrafficPercent",
     },
     {
+        "rule": (
+            # steps has at most 20 items (maxItems): compare each neighbouring pair by index
+            "!has(self.rollout) || !has(self.rollout.steps) || "
+            "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19].all(k, "
+            "k >= size(self.rollout.steps) || self.rollout.steps[k - 1] < self.rollout.steps[k])"
+        ),
+        "message": "rollout.steps must be strictly increasing",
+        "fieldPath": ".rollout.steps",
+    },
+    {
+        "rule": "!has(self.rollout) || !has(self.rollout.steps) || !has(self.rollout.canaryTrafficPercent)",
+        "message": "set either rollout.canaryTrafficPercent (manual) or rollout.steps, not both",
+        "fieldPath": ".rollout.steps",
+    },
+    {
+        "rule": (
+            "!has(self.rollout) || !has(self.rollout.steps) || "
+            "(has(self.deploymentMode) && self.deploymentMode == 'Knative') || "
+            "(!has(self.deploymentMode) && has(self.autoscaling) && "
+            "(!has(self.autoscaling.metric) || self.autoscaling.metric in ['concurrency', 'rps']))"
+        ),
+        "message": "stepped rollouts need Knative mode",
+        "fieldPath": ".rollout.steps",
+    },
+    {
+        "rule": "!has(self.rollout) || !has(self.rollout.analysis) || has(self.rollout.steps)",
+        "message": "rollout.analysis judges rollout steps: set rollout.steps",
+        "fieldPath": ".rollout.analysis",
+    },
+    {
         "rule": "!has(self.quantization) || !self.quantization.prequantized || self.quantization.method != 'none'",
         "message": "prequantized weights need quantization method int8 or int4",
         "fieldPath": ".quantization.prequantized",

@@ -40,6 +40,16 @@ class RenderSettings(BaseModel):
         constants.TRAINING_RUNTIME_NAME, min_length=1,
         description="ClusterTrainingRuntime the DistillationJobs' TrainJobs run on (the chart ships it)",
     )
+    keda_enabled: bool = Field(
+        True, description="The cluster has KEDA: queueDepth/gpuUtilization autoscaling is accepted (chart keda.enabled)"
+    )
+    rollout_analysis_enabled: bool = Field(
+        False, description="Rollout analysis may query Prometheus at prometheus_url (chart rollouts.analysis.enabled)"
+    )
+    evaluation_image: str = Field(
+        constants.DEFAULT_OPERATOR_IMAGE, min_length=1,
+        description="Image of the rollout evaluation Jobs (distillery-eval; the operator's own image)",
+    )
 
 
 class OperatorSettings(BaseSettings):
@@ -59,6 +69,12 @@ class OperatorSettings(BaseSettings):
     gpu_node_label: str = RenderSettings.model_fields["gpu_node_label"].default
     trainer_image: str = RenderSettings.model_fields["trainer_image"].default
     training_runtime_name: str = RenderSettings.model_fields["training_runtime_name"].default
+    keda_enabled: bool = RenderSettings.model_fields["keda_enabled"].default
+    rollout_analysis_enabled: bool = RenderSettings.model_fields["rollout_analysis_enabled"].default
+    evaluation_image: str = RenderSettings.model_fields["evaluation_image"].default
+    rollout_tick_seconds: float = Field(
+        10.0, gt=0, description="How often a model in a rollout is looked at (steps are judged on their interval)"
+    )
     resync_seconds: float = Field(300.0, gt=0, description="Periodic resync (drift backstop) interval")
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -121,6 +121,12 @@ def test_samples_pass_every_cel_rule(sample_objects, version):
         ({"resources": {"gpu": {"count": 0, "type": "nvidia-l4"}}}, "gpu.count"),
         ({"serving": {"maxModelLen": 1024, "sampling": {"maxTokens": 2000}}}, "maxTokens"),
         ({"model": {"uri": "ftp://x/y"}}, "model.uri"),
+        ({"deploymentMode": "Knative", "rollout": {"steps": [10, 50, 50]}}, "strictly increasing"),
+        ({"deploymentMode": "Knative", "rollout": {"steps": [50, 10]}}, "strictly increasing"),
+        ({"deploymentMode": "Knative", "rollout": {"steps": [10], "canaryTrafficPercent": 10}}, "not both"),
+        ({"deploymentMode": "Standard", "rollout": {"steps": [10, 50]}}, "need Knative"),
+        ({"rollout": {"steps": [10, 50]}}, "need Knative"),  # Standard by default (no autoscaling)
+        ({"deploymentMode": "Knative", "rollout": {"analysis": {"interval": "60s"}}}, "set rollout.steps"),
     ],
 )
 def test_cel_rules_refuse_what_python_refuses(spec, message_fragment, version):
@@ -137,6 +143,9 @@ def test_cel_rules_accept_valid_edge_cases(version):
         {"deploymentMode": "Standard", "autoscaling": {"minReplicas": 0, "maxReplicas": 3, "metric": "queueDepth"}},
         {"autoscaling": {"maxReplicas": 3}, "rollout": {"canaryTrafficPercent": 20}},
         {"replicas": 3},
+        {"deploymentMode": "Knative", "rollout": {"steps": [10, 50, 90]}},
+        {"autoscaling": {"maxReplicas": 3}, "rollout": {"steps": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+                                                                17, 18, 19, 20]}},
     ):
         obj = minimal_dm(**spec)
         parse_distilled_model(obj)
