@@ -48,15 +48,19 @@ def _fraction(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--endpoint", required=True, help="base URL of the OpenAI-compatible API (…/v1 optional)")
+    parser.add_argument("--endpoint", required=True,
+                        help="base URL of the OpenAI-compatible API (…/v1 optional)")
     parser.add_argument("--model", required=True, help="the model name to ask for")
     parser.add_argument("--dataset", required=True, help='JSONL: {"prompt" or "messages", "answer"} per line')
     parser.add_argument("--scorer", choices=sorted(SCORERS), default="boxed")
-    parser.add_argument("--limit", type=_positive_int, default=None, help="the first N examples (default all)")
-    parser.add_argument("--repeats", type=_positive_int, default=1, help="runs over the examples (mean and std)")
+    parser.add_argument("--limit", type=_positive_int, default=None,
+                        help="the first N examples (default all)")
+    parser.add_argument("--repeats", type=_positive_int, default=1,
+                        help="runs over the examples (mean and std)")
     parser.add_argument("--concurrency", type=_positive_int, default=8, help="requests in flight at most")
     parser.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds per request")
-    parser.add_argument("--max-tokens", type=_positive_int, default=None, help="per answer (default: the server's)")
+    parser.add_argument("--max-tokens", type=_positive_int, default=None,
+                        help="per answer (default: the server's)")
     parser.add_argument("--retries", type=int, choices=range(0, 11), default=2, metavar="0..10",
                         help="extra attempts after a connection failure, 5xx or 429")
     parser.add_argument("--min-score", type=_fraction, default=None, help="passed: mean score >= this")
@@ -68,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def summary_line(result: EvalResult) -> str:
     lat = result.latency_s
-    verdict = "" if result.passed is None else (" PASSED" if result.passed else f" FAILED (min {result.min_score})")
+    verdict = ("" if result.passed is None
+               else " PASSED" if result.passed else f" FAILED (min {result.min_score})")
     latency = " ".join(f"{k} {v:.3f}s" if v is not None else f"{k} -" for k, v in lat.items())
     scores = ", ".join(f"{s:.3f}" for s in result.scores)
     return (f"{result.model} on {result.examples} examples x {result.repeats} repeats ({result.scorer}): "

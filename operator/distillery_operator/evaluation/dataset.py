@@ -55,7 +55,8 @@ def parse_example(obj: Any, where: str, line: int) -> Example:
         messages = _messages(obj["messages"], where)
     answer = obj.get("answer")
     if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
-        raise DatasetError(f"{where}: 'answer' must be a non-empty string or a number, got {json.dumps(answer)}")
+        raise DatasetError(f"{where}: 'answer' must be a non-empty string or a number, "
+                           f"got {json.dumps(answer)}")
     return Example(line=line, messages=messages, answer=str(answer))
 
 

@@ -182,17 +182,20 @@ class Runner:
         attempts = self.config.retries + 1
         for attempt in range(attempts):
             try:
-                async with session.get(url, timeout=aiohttp.ClientTimeout(total=self.config.timeout_s)) as resp:
+                timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
+                async with session.get(url, timeout=timeout) as resp:
                     payload = await resp.json(content_type=None) if resp.status == 200 else None
                 break
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 if attempt + 1 == attempts:
-                    raise EvalError(f"endpoint {url} unreachable after {attempts} attempts: {exc!r}") from None
+                    message = f"endpoint {url} unreachable after {attempts} attempts: {exc!r}"
+                    raise EvalError(message) from None
                 await self._backoff(attempt)
         if isinstance(payload, dict) and isinstance(payload.get("data"), list):
             served = [m.get("id") for m in payload["data"] if isinstance(m, dict)]
             if self.config.model not in served:
-                raise EvalError(f"model {self.config.model!r} is not served at {self.base} (it serves {served})")
+                raise EvalError(f"model {self.config.model!r} is not served at {self.base} "
+                                f"(it serves {served})")
 
     async def ask(self, session: aiohttp.ClientSession, body: dict[str, Any]) -> tuple[str, float]:
         """The reply to one request and its latency; retried on connection failures, 5xx and 429."""

@@ -97,7 +97,7 @@ _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
 
 
 def as_number(text: str) -> Fraction | None:
-    """The exact value of a normalised numeric answer: 12, -3.5, .5, 1/2, \\frac{1}{2}, -\\frac12; else None."""
+    """The exact value of a normalised answer (12, -3.5, .5, 1/2, \\frac{1}{2}, -\\frac12); else None."""
     if re.fullmatch(_NUMBER, text):
         return Fraction(text)
     fraction = (re.fullmatch(rf"({_NUMBER})/({_NUMBER})", text)

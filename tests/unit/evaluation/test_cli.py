@@ -56,7 +56,8 @@ def half_right(body: dict[str, Any], state: dict[str, Any]) -> tuple[int, dict[s
     reasoning (inline <think> and reasoning_content), which must not count."""
     index, answer = ANSWERS[question_of(body)]
     if index < len(EXAMPLES) // 2:
-        return 200, completion(f"<think>\nMaybe \\boxed{{0}}? No.\n</think>\n\nSo it is \\boxed{{{answer}}}."), 0.0
+        reply = f"<think>\nMaybe \\boxed{{0}}? No.\n</think>\n\nSo it is \\boxed{{{answer}}}."
+        return 200, completion(reply), 0.0
     return 200, completion(f"<think>it is \\boxed{{{answer}}}</think>\\boxed{{999}}",
                            reasoning=f"it is \\boxed{{{answer}}}"), 0.0
 
@@ -256,9 +257,9 @@ def test_the_console_script(tmp_path):
     if not script.exists():
         pytest.skip(f"{script} is not installed (pip install -e .)")
     with openai_stub(half_right) as (url, _):
-        proc = subprocess.run([str(script), "--endpoint", url + "/v1", "--model", MODEL, "--dataset", str(DATASET),
-                               "--scorer", "boxed", "--limit", "2", "--repeats", "2", "--output", str(tmp_path / "r")],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run([str(script), "--endpoint", url + "/v1", "--model", MODEL, "--dataset",
+                               str(DATASET), "--scorer", "boxed", "--limit", "2", "--repeats", "2",
+                               "--output", str(tmp_path / "r")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "r").read_text())["scores"] == [1.0, 1.0]
 
