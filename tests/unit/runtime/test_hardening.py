@@ -242,3 +242,25 @@ def test_hardening_flags_reach_the_options():
     assert o.enable_model_repository_routes and o.allow_special_tokens_in_content
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--model_name", "m", "--body_timeout_s=0"])
+
+
+async def test_readiness_follows_the_model_after_an_unload(r1_tokenizer):
+    """KServe's repository unload (when enabled) calls model.stop(): readiness must turn false with it."""
+    from fastapi import FastAPI
+    from prometheus_client import CollectorRegistry
+
+    from model_runtime.metrics import RuntimeMetrics
+    from model_runtime.server import DistilleryModel, RuntimeOptions, add_routes
+
+    model = DistilleryModel(RuntimeOptions(model_name="r1", model_dir="/nowhere", enable_model_repository_routes=True),
+                            metrics=RuntimeMetrics("r1", CollectorRegistry()))
+    model.attach(fake_loaded(r1_tokenizer), ScriptedEngine([EOS]))
+    app = FastAPI()
+    add_routes(app, model)
+    async with http(app) as h:
+        assert (await h.get("/v1/models/r1")).status_code == 200
+        model.stop()
+        for path in ("/v1/models/r1", "/v2/models/r1/ready", "/v2/health/ready"):
+            assert (await h.get(path)).status_code == 503, path
+        assert (await h.get("/health")).status_code == 200
+        assert (await h.post("/v1/completions", json={"model": "r1", "prompt": "x"})).status_code == 503
