@@ -119,6 +119,15 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                         help="threads for chat templating, tokenization and large-body decoding")
     _add_bool_flag(parser, "--enable_model_repository_routes", default=False,
                    help="enable KServe's unauthenticated /v2/repository/models/NAME/load|unload routes")
+    parser.add_argument("--kernel_backend", default=os.environ.get("DISTILLERY_CPU_KERNELS") or "auto",
+                        choices=["auto", "dq", "aten", "generic"],
+                        help="quantized linears' kernels: auto (CPU: our integer kernels when they build, else "
+                             "PyTorch's packed ones; CUDA: int8pack/tinygemm), dq, aten, or generic (the "
+                             "device-generic PyTorch path the GPU runs minus its CUDA-only kernels); default "
+                             "from DISTILLERY_CPU_KERNELS")
+    _add_bool_flag(parser, "--compile", default=None,
+                   help="torch.compile the decode step (CUDA: reduce-overhead, CUDA graphs); unset: on for "
+                        "CUDA, off on CPU (DISTILLERY_COMPILE=1 turns it on); --compile=false turns it off")
     _add_bool_flag(parser, "--allow_special_tokens_in_content", default=False,
                    help="trusted clients only: control tokens typed in message text are read as control tokens")
 
@@ -148,6 +157,7 @@ def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
         header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
         enable_model_repository_routes=args.enable_model_repository_routes,
         allow_special_tokens_in_content=args.allow_special_tokens_in_content, request_workers=args.request_workers,
+        kernel_backend=args.kernel_backend, compile=args.compile,
     )
 
 

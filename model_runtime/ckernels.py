@@ -10,9 +10,11 @@ DISTILLERY_KERNEL_DIR (default ~/.cache/distillery/kernels) and loaded with ctyp
 image builds it at image build time (`python -m model_runtime.ckernels build`). It links
 OpenMP by soname, so it shares the libgomp that torch has already loaded (one thread pool).
 
-Backend choice (DISTILLERY_CPU_KERNELS): "auto" (default) uses these kernels when the CPU has AVX2
-and FMA and the library builds; "aten" forces PyTorch's packed kernels; "dq" requires ours and
-fails loudly when they cannot be built.
+Backend choice (DISTILLERY_CPU_KERNELS, or the serving command's --kernel_backend): "auto" (default)
+uses these kernels when the CPU has AVX2 and FMA and the library builds; "aten" forces PyTorch's
+packed kernels; "generic" the device-generic PyTorch path (what the GPU runs but its CUDA-only
+kernels); "dq" requires ours and fails loudly when they cannot be built. The choice is made once, by
+plan.make_plan (which calls load() to learn whether the library is usable); layers get it passed in.
 
 Instruction set (DISTILLERY_CPU_ISA): the library holds the linear kernels twice, for AVX2 and for
 AVX-VNNI (one `vpdpbusd` where AVX2 needs maddubs + madd + add), and picks the best the CPU has
@@ -42,7 +44,7 @@ log = logging.getLogger("model_runtime.ckernels")
 SOURCE = Path(__file__).parent / "csrc" / "dq_kernels.c"
 ABI_VERSION = 4
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-D_POSIX_C_SOURCE=200809L"]
-BACKENDS = ("auto", "dq", "aten")
+BACKENDS = ("auto", "dq", "aten", "generic")
 ISAS = {"auto": 0, "avx2": 1, "avxvnni": 2}  # DISTILLERY_CPU_ISA -> dq_set_isa's argument
 
 
@@ -184,13 +186,19 @@ def _load() -> _Lib:
             raise KernelUnavailable(_failure) from exc
 
 
+def load() -> None:
+    """Build (once) and load the library; KernelUnavailable says why it cannot be used here."""
+    _load()
+
+
 def backend() -> str:
-    """"dq" (our kernels) or "aten" (PyTorch's), per DISTILLERY_CPU_KERNELS and what this machine can do."""
+    """"dq" (our kernels), "aten" (PyTorch's) or "generic", per DISTILLERY_CPU_KERNELS and what this
+    machine can do (scripts and the bench ask; the runtime's layers get theirs from the KernelPlan)."""
     choice = os.environ.get("DISTILLERY_CPU_KERNELS", "auto").lower()
     if choice not in BACKENDS:
         raise ValueError(f"DISTILLERY_CPU_KERNELS={choice!r}: expected one of {', '.join(BACKENDS)}")
-    if choice == "aten":
-        return "aten"
+    if choice in ("aten", "generic"):
+        return choice
     try:
         _load()
         return "dq"

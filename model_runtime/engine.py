@@ -154,6 +154,9 @@ class Engine:
         # test hook: called with (logits [B, V], request ids) before sampling; may edit logits in place
         self.logits_hook: Callable[[Tensor, list[str]], None] | None = None
         use_compile = config.compile
+        plan = getattr(loaded, "plan", None)
+        if use_compile is None and plan is not None:
+            use_compile = plan.compile  # the KernelPlan decided it (flag, environment, device)
         if use_compile is None:
             use_compile = os.environ.get("DISTILLERY_COMPILE", "").lower() in ("1", "true", "yes")
         self._decode_fn: Callable[..., Any] = self.model.forward

@@ -11,7 +11,13 @@ does. On this machine a decode row (M=1) runs ~1.5-2x faster for int8 and ~2-3x 
 the aten kernels, batches of 4-8 rows ~1.3-2x (per-shape figures: the kernel table of
 `make bench`, bench/kernels.py). With that backend the model computes in float32 between the
 linears (model.act_dtype), so the kernels take float32 rows with no conversions.
-CUDA: dequantize-then-matmul in the activation dtype (simple and correct; not tuned: no GPU here).
+Device-generic ("generic", any device; DISTILLERY_CPU_KERNELS=generic selects it on the CPU): int8 as
+gpt-fast's `F.linear(x, codes.to(x.dtype)) * scales`, int4 dequantized inside the matmul in the
+activation dtype; under torch.compile the conversion fuses into the matmul.
+CUDA ("cuda-int8", "cuda-int4-tinygemm"): torch's `_weight_int8pack_mm` or the generic int8 form
+compiled (the plan's int8_kernel; bench/gpu.py measures both), tinygemm for int4 (sm80+, layout built
+at load). Not yet measured on hardware. Which backend a layer runs is the KernelPlan's (plan.py)
+decision, passed to the constructor.
 
 What is stored (and saved by quant.py) is the portable form: int8 codes + scales, or int4 codes
 (0..15) + scales + zeros; the CPU int4 packed layout is derived from the codes at load time,
@@ -26,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distillery_contract.values import INT4_GROUP_SIZES
 from model_runtime import ckernels
+from model_runtime.plan import ATEN_INT4_GROUPS, TINYGEMM_INNER_K_TILES, int4_group_size
+
+__all__ = ["int4_group_size"]  # re-exported: quant.py and the tests ask kernels for it
 
 
 class RMSNormLike(Protocol):
@@ -54,7 +62,7 @@ def _chunk_rows(k: int) -> int:
 
 
 class RowsLike(Protocol):
-    """A [N, K] weight that can be sliced by rows: a Tensor, or loader.LazyRows reading from the file."""
+    """A [N, K] weight that can be sliced by rows: a Tensor, or tensor_source.LazyRows reading from the file."""
 
     @property
     def shape(self) -> torch.Size | tuple[int, ...]: ...
@@ -62,44 +70,48 @@ class RowsLike(Protocol):
     def __getitem__(self, rows: slice) -> Tensor: ...
 
 
-def quantize_int8(w: RowsLike, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
+def _target(w: RowsLike, device: torch.device | str | None) -> torch.device:
+    """Where the codes go: the requested device, else the weight's own (a LazyRows reads to the CPU)."""
+    if device is not None:
+        return torch.device(device)
+    return w.device if isinstance(w, Tensor) else torch.device("cpu")
+
+
+def quantize_int8(w: RowsLike, scale_dtype: torch.dtype = torch.bfloat16,
+                  device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
     """Symmetric per-output-channel: w [N, K] -> (codes int8 [N, K], scales [N]); w ~ codes * scales[:, None].
 
     The scale is rounded to its storage dtype first, and the codes computed against that rounded
     scale, so the stored pair is self-consistent. Rows are processed ~CHUNK_ELEMENTS values at a time (the
-    result does not depend on the chunking) so a 150k-row lm_head never has a float32 copy."""
+    result does not depend on the chunking) so a 150k-row lm_head never has a float32 copy. Each chunk
+    is moved to `device` (default: the weight's) and quantized there: the outputs live on that device."""
     n, k = w.shape
-    codes = torch.empty((n, k), dtype=torch.int8)
-    scales = torch.empty(n, dtype=scale_dtype)
+    dev = _target(w, device)
+    codes = torch.empty((n, k), dtype=torch.int8, device=dev)
+    scales = torch.empty(n, dtype=scale_dtype, device=dev)
     step = _chunk_rows(k)
     for r in range(0, n, step):
-        wf = w[r:r + step].float()
+        wf = w[r:r + step].to(dev).float()
         sc = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-8).to(scale_dtype)
         codes[r:r + step] = torch.round(wf / sc.float()[:, None]).clamp(-128, 127).to(torch.int8)
         scales[r:r + step] = sc
     return codes, scales
 
 
-def int4_group_size(k: int, group_size: int) -> int:
-    """The requested group size, or the largest smaller supported one dividing K (tiny models)."""
-    for g in sorted({group_size, *INT4_GROUP_SIZES}, reverse=True):
-        if g <= group_size and k % g == 0:
-            return g
-    raise ValueError(f"in_features {k} is not a multiple of any int4 group size {INT4_GROUP_SIZES}")
-
-
-def quantize_int4(w: RowsLike, group_size: int, scale_dtype: torch.dtype = torch.bfloat16
-                  ) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_int4(w: RowsLike, group_size: int, scale_dtype: torch.dtype = torch.bfloat16,
+                  device: torch.device | str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric group-wise (tinygemm convention): w [N, K] -> (codes uint8 0..15 [N, K],
-    scales [N, K/g], zeros [N, K/g]) with w ~ (codes - 8) * scale + zero per group (row-chunked)."""
+    scales [N, K/g], zeros [N, K/g]) with w ~ (codes - 8) * scale + zero per group (row-chunked,
+    on `device` as quantize_int8)."""
     n, k = w.shape
     g = int4_group_size(k, group_size)
-    codes = torch.empty((n, k), dtype=torch.uint8)
-    scales = torch.empty((n, k // g), dtype=scale_dtype)
-    zeros = torch.empty((n, k // g), dtype=scale_dtype)
+    dev = _target(w, device)
+    codes = torch.empty((n, k), dtype=torch.uint8, device=dev)
+    scales = torch.empty((n, k // g), dtype=scale_dtype, device=dev)
+    zeros = torch.empty((n, k // g), dtype=scale_dtype, device=dev)
     step = _chunk_rows(k)
     for r in range(0, n, step):
-        wg = w[r:r + step].float()
+        wg = w[r:r + step].to(dev).float()
         wg = wg.view(wg.shape[0], k // g, g)
         lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
         sc = ((hi - lo) / 15.0).clamp(min=1e-6).to(scale_dtype)
@@ -110,17 +122,19 @@ def quantize_int4(w: RowsLike, group_size: int, scale_dtype: torch.dtype = torch
     return codes, scales, zeros
 
 
-def quantize_int4_packed(w: RowsLike, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_int4_packed(w: RowsLike, group_size: int,
+                         device: torch.device | str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """quantize_int4 + pack_nibbles a chunk of rows at a time: (qweight [N, K/2], scales, zeros)
     without the [N, K] byte-per-code intermediate (a load-time memory peak for big matrices)."""
     n, k = w.shape
     g = int4_group_size(k, group_size)
-    qweight = torch.empty((n, k // 2), dtype=torch.uint8)
-    scales = torch.empty((n, k // g), dtype=torch.bfloat16)
-    zeros = torch.empty((n, k // g), dtype=torch.bfloat16)
+    dev = _target(w, device)
+    qweight = torch.empty((n, k // 2), dtype=torch.uint8, device=dev)
+    scales = torch.empty((n, k // g), dtype=torch.bfloat16, device=dev)
+    zeros = torch.empty((n, k // g), dtype=torch.bfloat16, device=dev)
     step = _chunk_rows(k)
     for r in range(0, n, step):
-        codes, scales[r:r + step], zeros[r:r + step] = quantize_int4(w[r:r + step], g)
+        codes, scales[r:r + step], zeros[r:r + step] = quantize_int4(w[r:r + step], g, device=dev)
         qweight[r:r + step] = pack_nibbles(codes)
     return qweight, scales, zeros
 
@@ -132,46 +146,59 @@ def dequantize_int4(codes: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
     return w.view(n, k)
 
 
+def int8_matmul_generic(x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
+    """x [M, K] @ (codes * scales)^T in x's dtype, written as gpt-fast's WeightOnlyInt8Linear: the scale
+    applies to the output, so under torch.compile the int8 -> float conversion fuses into the matmul
+    (no float weight in memory); eager, the conversion is one [N, K] temporary in x's dtype."""
+    return F.linear(x, codes.to(x.dtype)) * scales.to(x.dtype)
+
+
 class Int8Linear(nn.Module):
-    """y = x @ (codes * scales)^T + bias, codes int8 [N, K], one scale per output channel."""
+    """y = x @ (codes * scales)^T + bias, codes int8 [N, K], one scale per output channel.
+
+    `backend` (from the KernelPlan): "dq" (ckernels, float32 rows), "aten" (CPU _weight_int8pack_mm,
+    bf16 activations), "generic" (int8_matmul_generic, any device), "cuda-int8" (int8_kernel
+    "int8pack_mm": torch's CUDA _weight_int8pack_mm; "dequant": the generic form, fused when compiled)."""
 
     # registered buffers (nn.Module.__getattr__ would type them as Tensor | Module)
     codes: Tensor
     scales: Tensor
     bias: Tensor | None
 
-    def __init__(self, codes: Tensor, scales: Tensor, bias: Tensor | None, act_dtype: torch.dtype) -> None:
+    def __init__(self, codes: Tensor, scales: Tensor, bias: Tensor | None, act_dtype: torch.dtype,
+                 backend: str = "aten", int8_kernel: str = "") -> None:
         super().__init__()
         self.out_features, self.in_features = codes.shape
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scales", scales.contiguous())
-        self.register_buffer("bias", None if bias is None else bias.to(act_dtype))
+        self.register_buffer("bias", None if bias is None else bias.to(device=codes.device, dtype=act_dtype))
         self.act_dtype = act_dtype
-        self._mm_scales = scales.to(torch.bfloat16)  # the CPU kernel wants scales in the activation dtype
-        self.backend = "aten"
-        if codes.device.type == "cpu" and ckernels.backend() == "dq" and self.in_features % 32 == 0:
-            self.backend = "dq"
+        self.backend = backend
+        self.int8_kernel = int8_kernel
+        if backend == "dq":
             self._dq_scales = scales.float().contiguous()
             self._dq_bias = None if self.bias is None else self.bias.float().contiguous()
             self._dq_block = ckernels.act_block(self.in_features)
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear, act_dtype: torch.dtype) -> Int8Linear:
-        codes, scales = quantize_int8(linear.weight.data)
-        return cls(codes, scales, None if linear.bias is None else linear.bias.data, act_dtype)
+        elif backend == "aten":
+            self._mm_scales = scales.to(torch.bfloat16)  # the CPU kernel wants scales in the activation dtype
+        elif backend == "cuda-int8" and int8_kernel == "int8pack_mm":
+            self._mm_scales = scales.to(act_dtype)
+        elif backend not in ("generic", "cuda-int8"):
+            raise ValueError(f"Int8Linear: unknown backend {backend!r}")
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.backend == "dq" and x2.device.type == "cpu":
+        if self.backend == "dq":
             return self.fused(x2.float().contiguous()).to(x.dtype).view(*shape, self.out_features)
         y: Tensor
-        if x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.codes, self._mm_scales)
-            y = y.to(x.dtype)
+        if self.backend == "aten":
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.codes, self._mm_scales).to(x.dtype)
+        elif self.int8_kernel == "int8pack_mm":
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(self.act_dtype).contiguous(), self.codes,
+                                                   self._mm_scales).to(x.dtype)
         else:
-            w = self.codes.to(x.dtype) * self.scales.to(x.dtype)[:, None]
-            y = F.linear(x2, w)
+            y = int8_matmul_generic(x2, self.codes, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape, self.out_features)
@@ -183,7 +210,7 @@ class Int8Linear(nn.Module):
                                   eps=0.0 if norm is None else norm.eps, out=out)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel, {self.backend}"
 
 
 def pack_nibbles(codes: Tensor) -> Tensor:
@@ -200,21 +227,47 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
     return out
 
 
+def int4_matmul_generic(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    """x [M, K] @ dequant(qweight)^T with the dequantization in x's dtype (no float32 temporaries):
+    the device-generic int4 path, and what a GPU without tinygemm runs (fused when compiled)."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    g = k // scales.shape[1]
+    dt = x.dtype
+    codes = unpack_nibbles(qweight).view(n, k // g, g).to(dt)
+    w = (codes - 8) * scales.to(dt)[..., None] + zeros.to(dt)[..., None]
+    return F.linear(x, w.view(n, k))
+
+
+def tinygemm_layout(qweight: Tensor) -> Tensor:
+    """Our portable nibbles (even k in the low nibble) -> the [N, K/2] uint8 that
+    _convert_weight_to_int4pack takes (even k in the high nibble, as gpt-fast packs it)."""
+    codes = unpack_nibbles(qweight)
+    return (codes[:, 0::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()
+
+
+def tinygemm_scales_and_zeros(scales: Tensor, zeros: Tensor) -> Tensor:
+    """scales/zeros [N, K/g] -> tinygemm's [K/g, N, 2] bfloat16 (w = (q - 8) * scale + zero, our convention)."""
+    return torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
 class Int4Linear(nn.Module):
     """Group-wise int4: y = x @ dequant(codes, scales, zeros)^T + bias.
 
-    qweight: the portable nibble-packed codes [N, K/2]. On CPU they are repacked once into the
-    kernel's layout and, unless keep_codes (quantize_cli saves them), dropped to save memory."""
+    qweight: the portable nibble-packed codes [N, K/2]. `backend` (from the KernelPlan): "dq" and
+    "aten" repack them once into the CPU kernel's layout, "cuda-int4-tinygemm" into tinygemm's (at
+    load), and unless keep_codes (quantize_cli saves them) drop them to save memory; "generic"
+    keeps them and dequantizes inside the matmul (int4_matmul_generic). "aten" with a group size
+    its kernel lacks (a foreign artifact) runs the generic math."""
 
     # registered buffers (nn.Module.__getattr__ would type them as Tensor | Module); qweight is
-    # None once repacked for the CPU kernels unless keep_codes
+    # None once repacked unless keep_codes
     qweight: Tensor | None
     scales: Tensor
     zeros: Tensor
     bias: Tensor | None
 
     def __init__(self, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None,
-                 act_dtype: torch.dtype, keep_codes: bool = False) -> None:
+                 act_dtype: torch.dtype, keep_codes: bool = False, backend: str = "aten") -> None:
         super().__init__()
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
         self.group_size = self.in_features // scales.shape[1]
@@ -222,15 +275,15 @@ class Int4Linear(nn.Module):
         self.register_buffer("qweight", codes_packed)
         self.register_buffer("scales", scales.contiguous())  # [N, K/g]
         self.register_buffer("zeros", zeros.contiguous())    # [N, K/g]
-        self.register_buffer("bias", None if bias is None else bias.to(act_dtype))
+        self.register_buffer("bias", None if bias is None else bias.to(device=qweight.device, dtype=act_dtype))
         self.act_dtype = act_dtype
         self._packed: Tensor | None = None
         self._sz: Tensor | None = None
-        self.backend = "aten"
-        if (qweight.device.type == "cpu" and ckernels.w4_group_supported(self.group_size, self.in_features)
-                and ckernels.backend() == "dq"):
+        if backend == "aten" and self.group_size not in ATEN_INT4_GROUPS:
+            backend = "generic"
+        self.backend = backend
+        if backend == "dq":
             # our kernel's nibble layout; scales/zeros stay bfloat16 (widened in registers)
-            self.backend = "dq"
             self._packed = torch.empty_like(codes_packed)
             step = _chunk_rows(self.in_features)
             for r in range(0, self.out_features, step):  # repacked in chunks: no [N, K] transient
@@ -238,36 +291,34 @@ class Int4Linear(nn.Module):
             self._dq_scales = self.scales.to(torch.bfloat16).contiguous()
             self._dq_zeros = self.zeros.to(torch.bfloat16).contiguous()
             self._dq_bias = None if self.bias is None else self.bias.float().contiguous()
-            if not keep_codes:
-                self.qweight = None
-        elif qweight.device.type == "cpu" and self.group_size in (32, 64, 128, 256):  # aten's group sizes
+        elif backend == "aten":
             # [N, K/2] uint8 in the CPU kernel's layout; scale_and_zero [K/g, N, 2] bf16
             codes = unpack_nibbles(codes_packed).to(torch.int32)
             self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-            self._sz = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-            if not keep_codes:
-                self.qweight = None
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear, group_size: int, act_dtype: torch.dtype,
-                   keep_codes: bool = False) -> Int4Linear:
-        qweight, scales, zeros = quantize_int4_packed(linear.weight.data, group_size)
-        bias = None if linear.bias is None else linear.bias.data
-        return cls(qweight, scales, zeros, bias, act_dtype, keep_codes)
+            self._sz = tinygemm_scales_and_zeros(self.scales, self.zeros)
+        elif backend == "cuda-int4-tinygemm":
+            self._packed = torch.ops.aten._convert_weight_to_int4pack(tinygemm_layout(codes_packed),
+                                                                      TINYGEMM_INNER_K_TILES)
+            self._sz = tinygemm_scales_and_zeros(self.scales, self.zeros)
+        elif backend != "generic":
+            raise ValueError(f"Int4Linear: unknown backend {backend!r}")
+        if self._packed is not None and not keep_codes:
+            self.qweight = None
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.backend == "dq" and x2.device.type == "cpu":
+        if self.backend == "dq":
             return self.fused(x2.float().contiguous()).to(x.dtype).view(*shape, self.out_features)
         y: Tensor
-        if self._packed is not None and x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self._packed,
+        if self.backend == "aten":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), cast(Tensor, self._packed),
                                                             self.group_size, self._sz).to(x.dtype)
-        else:
-            # without a CPU packing the codes were kept (qweight is None only when _packed is set)
-            w = dequantize_int4(unpack_nibbles(cast(Tensor, self.qweight)), self.scales, self.zeros)
-            y = F.linear(x2, w.to(x.dtype))
+        elif self.backend == "cuda-int4-tinygemm":
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), cast(Tensor, self._packed),
+                                                   self.group_size, self._sz).to(x.dtype)
+        else:  # generic: the codes are kept (qweight is None only when _packed is set)
+            y = int4_matmul_generic(x2, cast(Tensor, self.qweight), self.scales, self.zeros)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape, self.out_features)
@@ -275,12 +326,12 @@ class Int4Linear(nn.Module):
     def fused(self, x: Tensor, norm: RMSNormLike | None = None, out: Tensor | None = None) -> Tensor:
         """dq backend only: as Int8Linear.fused."""
         # the dq backend always sets _packed (in __init__)
-        return ckernels.linear_w4(x, cast(Tensor, self._packed), self._dq_scales, self._dq_zeros, self._dq_bias, self.group_size,
-                                  norm=None if norm is None else norm.weight,
+        return ckernels.linear_w4(x, cast(Tensor, self._packed), self._dq_scales, self._dq_zeros, self._dq_bias,
+                                  self.group_size, norm=None if norm is None else norm.weight,
                                   eps=0.0 if norm is None else norm.eps, out=out)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}"
+        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}, {self.backend}"
 
 
 class Int8Embedding(nn.Module):
@@ -298,13 +349,14 @@ class Int8Embedding(nn.Module):
         self.out_dtype = out_dtype
 
     @classmethod
-    def from_weight(cls, w: RowsLike, out_dtype: torch.dtype) -> Int8Embedding:
-        codes, scales = quantize_int8(w)
+    def from_weight(cls, w: RowsLike, out_dtype: torch.dtype,
+                    device: torch.device | str | None = None) -> Int8Embedding:
+        codes, scales = quantize_int8(w, device=device)
         return cls(codes, scales, out_dtype)
 
     def forward(self, ids: Tensor) -> Tensor:
-        rows = self.codes[ids].float() * self.scales[ids].float().unsqueeze(-1)   # [..., C]
-        return rows.to(self.out_dtype)
+        # dequantized in the output dtype (float32 on the CPU fused path, the activation dtype elsewhere)
+        return self.codes[ids].to(self.out_dtype) * self.scales[ids].to(self.out_dtype).unsqueeze(-1)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
@@ -328,8 +380,9 @@ class Int4Embedding(nn.Module):
         self.out_dtype = out_dtype
 
     @classmethod
-    def from_weight(cls, w: RowsLike, group_size: int, out_dtype: torch.dtype) -> Int4Embedding:
-        return cls(*quantize_int4_packed(w, group_size), out_dtype)
+    def from_weight(cls, w: RowsLike, group_size: int, out_dtype: torch.dtype,
+                    device: torch.device | str | None = None) -> Int4Embedding:
+        return cls(*quantize_int4_packed(w, group_size, device=device), out_dtype)
 
     def forward(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)

@@ -74,9 +74,6 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.max_batch, self.max_len = max_batch, max_len
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -164,14 +161,15 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = embed.weight
         self.rope_len = 0
-        # dtype of the activations between layers; None: the embedding's dtype. float32 when the
-        # CPU integer kernels run every linear (ckernels.py): they take float32 rows, and float32
-        # elementwise math is faster than bfloat16 on CPUs without native bf16.
+        # dtype of the activations between layers (the plan's); None: the embedding's dtype. float32
+        # when the CPU integer kernels run every linear (ckernels.py): they take float32 rows, and
+        # float32 elementwise math is faster than bfloat16 on CPUs without native bf16.
         self.act_dtype: torch.dtype | None = None
-        # decode steps through Block.decode_fused (set by the loader when every linear runs on the
-        # CPU integer kernels and activations are float32)
+        # decode steps through Block.decode_fused (the KernelPlan's: every linear on the CPU integer
+        # kernels and activations float32); set by build.build_model with the plan's dtypes
         self.fused_decode = False
-        self.float_dtype = torch.float32  # the dtype float weights are kept in (the loader sets it)
+        self.float_dtype = torch.float32  # the dtype float weights are kept in
+        self.kv_dtype: torch.dtype | None = None
         if not embed.weight.is_meta:  # the loader builds on "meta" and calls set_rope itself
             self.set_rope(max_len or cfg.max_position)
 
@@ -187,16 +185,14 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
-            # a float head ties to a float embedding
-            self.lm_head.weight = cast(nn.Embedding, self.embed).weight
-
     def kv_cache_dtype(self) -> torch.dtype:
-        """float32 on CPU: this CPU (AVX2, no native bf16 math) runs decode attention 8-13x faster in
-        float32 than in bf16 (measured: batch 8 x 512 positions 0.45 ms vs 3.7 ms per layer), which
-        is worth the 2x cache memory; the model's dtype elsewhere."""
-        w = self.norm.weight  # the model's float dtype (the embedding may be int8)
+        """The plan's (loader): float32 on CPU, where this CPU (AVX2, no native bf16 math) runs decode
+        attention 8-13x faster in float32 than in bf16 (measured: batch 8 x 512 positions 0.45 ms vs
+        3.7 ms per layer), which is worth the 2x cache memory; the model's dtype elsewhere. A model
+        built by hand (tests): float32 on CPU, else its norm's dtype."""
+        if self.kv_dtype is not None:
+            return self.kv_dtype
+        w = self.norm.weight
         return torch.float32 if w.device.type == "cpu" else w.dtype
 
     def new_cache(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:

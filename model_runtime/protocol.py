@@ -269,6 +269,8 @@ class ModelCard(BaseModel):
     max_model_len: int | None = None
     # where a distilled model came from: its artifact's lineage.json (teacher, data, losses, weight hashes)
     lineage: dict[str, Any] | None = None
+    # how the runtime runs it: device, dtypes, quantization, kernel backends (model_runtime.plan.KernelPlan)
+    kernel_plan: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):
@@ -286,7 +288,7 @@ def dump(model: BaseModel) -> dict[str, Any]:
     `reasoning_content` only exists when reasoning is separated.
     """
     data = model.model_dump(mode="json")
-    _drop_none(data, {"reasoning_content", "usage", "max_model_len", "role", "lineage"})
+    _drop_none(data, {"reasoning_content", "usage", "max_model_len", "role", "lineage", "kernel_plan"})
     return data
 
 

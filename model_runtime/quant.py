@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -32,6 +32,7 @@ from model_runtime.kernels import (
     Int8Embedding,
     Int8Linear,
     RowsLike,
+    quantize_int4_packed,
     quantize_int8,
 )
 
@@ -59,37 +60,17 @@ def is_quantized_linear(m: nn.Module) -> bool:
 
 
 def quantize_linear(weight: RowsLike, bias: Tensor | None, method: str, group_size: int,
-                    act_dtype: torch.dtype, keep_codes: bool = False) -> nn.Module:
-    """A weight [N, K] (any float dtype; quantized from its float32 value) -> Int8Linear/Int4Linear."""
+                    act_dtype: torch.dtype, keep_codes: bool = False, *, backend: str = "aten",
+                    int8_kernel: str = "", device: torch.device | None = None) -> nn.Module:
+    """A weight [N, K] (any float dtype; quantized from its float32 value, a chunk of rows at a time on
+    `device`, default the weight's) -> Int8Linear/Int4Linear running on `backend` (the plan's)."""
     if method == "int8":
-        codes, scales = quantize_int8(weight)
-        return Int8Linear(codes, scales, bias, act_dtype)
+        codes, scales = quantize_int8(weight, device=device)
+        return Int8Linear(codes, scales, bias, act_dtype, backend=backend, int8_kernel=int8_kernel)
     if method == "int4":
-        from model_runtime.kernels import quantize_int4_packed
-
-        qweight, scales, zeros = quantize_int4_packed(weight, group_size)
-        return Int4Linear(qweight, scales, zeros, bias, act_dtype, keep_codes)
+        qweight, scales, zeros = quantize_int4_packed(weight, group_size, device=device)
+        return Int4Linear(qweight, scales, zeros, bias, act_dtype, keep_codes, backend=backend)
     raise ValueError(f"unknown quantization method {method!r} (int8, int4)")
-
-
-def quantizable(model: nn.Module, quantize_lm_head: bool) -> list[str]:
-    """Names of the Linear layers that get quantized: the decoder's, plus lm_head when asked."""
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and (n != "lm_head" or quantize_lm_head)]
-
-
-def quantize_model(model: nn.Module, method: str, group_size: int = 128, *, quantize_lm_head: bool = False,
-                   act_dtype: torch.dtype = torch.bfloat16, keep_codes: bool = False,
-                   progress: Callable[[Iterable[str]], Iterable[str]] | None = None) -> nn.Module:
-    """Replace Linear layers in place (a tied lm_head gets its own quantized copy)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown quantization method {method!r} (int8, int4)")
-    names = quantizable(model, quantize_lm_head)
-    for name in progress(names) if progress else names:
-        linear = cast(nn.Linear, model.get_submodule(name))  # quantizable() lists nn.Linear layers
-        bias = None if linear.bias is None else linear.bias.data
-        model.set_submodule(name, quantize_linear(linear.weight.data, bias, method, group_size, act_dtype, keep_codes))
-    return model
 
 
 def file_checksum(paths: Iterable[Path]) -> str:
@@ -181,12 +162,14 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
 
 
 def linear_from_state(name: str, keys: set[str], get: Callable[[str], Tensor], act_dtype: torch.dtype,
-                      device: torch.device) -> nn.Module | None:
+                      device: torch.device, *, backend: str = "aten", int8_kernel: str = "",
+                      keep_codes: bool = False) -> nn.Module | None:
     """Rebuild a quantized Linear stored under `name` (None when it was stored as a float weight)."""
     bias = get(f"{name}.bias").to(device) if f"{name}.bias" in keys else None
     if f"{name}.codes" in keys:
-        return Int8Linear(get(f"{name}.codes").to(device), get(f"{name}.scales").to(device), bias, act_dtype)
+        return Int8Linear(get(f"{name}.codes").to(device), get(f"{name}.scales").to(device), bias, act_dtype,
+                          backend=backend, int8_kernel=int8_kernel)
     if f"{name}.qweight" in keys:
         return Int4Linear(get(f"{name}.qweight").to(device), get(f"{name}.scales").to(device),
-                          get(f"{name}.zeros").to(device), bias, act_dtype)
+                          get(f"{name}.zeros").to(device), bias, act_dtype, keep_codes, backend=backend)
     return None

@@ -45,15 +45,6 @@ def build_parser(prog: str = "model-runtime quantize") -> argparse.ArgumentParse
     return add_arguments(argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0]))
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `quantize` on a parent CLI's subparsers (cli.py may delegate this way)."""
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "quantize", help="write a quantized safetensors artifact", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
-
-
 def _source_files(src: Path) -> list[Path]:
     if src.is_file():
         return [src]

@@ -118,6 +118,8 @@ class RuntimeOptions:
     enable_model_repository_routes: bool = False  # KServe's unauthenticated load/unload
     allow_special_tokens_in_content: bool = False  # trusted clients: control tokens in message text count
     request_workers: int = 2  # threads for templating, tokenization and large-body decoding
+    kernel_backend: str | None = None  # plan.KERNEL_CHOICES; None: DISTILLERY_CPU_KERNELS or auto
+    compile: bool | None = None  # torch.compile the decode step; None: on for CUDA, DISTILLERY_COMPILE
 
 
 class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no type information (no py.typed)
@@ -140,7 +142,8 @@ class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
         loaded = load_model(
             o.model_dir, quantization=o.quantization, group_size=o.group_size, prequantized=o.prequantized,
             dtype=o.dtype, device=o.device, max_model_len=o.max_model_len, allow_pickle=o.allow_pickle,
-            trust_remote_code=o.trust_remote_code,
+            trust_remote_code=o.trust_remote_code, model_format=o.model_format, kernels=o.kernel_backend,
+            compile=o.compile,
         )
         engine = Engine(
             loaded,
@@ -175,6 +178,14 @@ class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
                                                                                       chat=True)))
         finally:
             serving.metrics = metrics
+
+    def kernel_plan(self) -> dict[str, Any] | None:
+        """The loaded model's KernelPlan (device, dtypes, backends) for /v1/models; None before loading."""
+        plan = getattr(getattr(self.generator, "loaded", None), "plan", None)
+        if plan is None:
+            return None
+        described: dict[str, Any] = plan.describe()
+        return described
 
     def attach(self, loaded: Any, engine: Any) -> None:
         """Serve `loaded` through a started `engine` (load() uses it; tests may call it directly)."""
@@ -374,7 +385,8 @@ class OpenAIRoutes:
     async def models(self) -> Response:
         card = ModelCard(id=self.model.name,
                          max_model_len=self.model.serving.max_model_len if self.model.serving else None,
-                         lineage=self.model.serving.lineage if self.model.serving else None)
+                         lineage=self.model.serving.lineage if self.model.serving else None,
+                         kernel_plan=self.model.kernel_plan())
         return JSONResponse(dump(ModelList(data=[card], models=[self.model.name])))
 
     async def retrieve_model(self, model_id: str) -> Response:
@@ -383,7 +395,8 @@ class OpenAIRoutes:
                                                code="model_not_found"))
         card = ModelCard(id=self.model.name,
                          max_model_len=self.model.serving.max_model_len if self.model.serving else None,
-                         lineage=self.model.serving.lineage if self.model.serving else None)
+                         lineage=self.model.serving.lineage if self.model.serving else None,
+                         kernel_plan=self.model.kernel_plan())
         return JSONResponse(dump(card))
 
     async def chat(self, request: Request) -> Response:

@@ -177,7 +177,7 @@ def test_int4_groups_that_split_a_64_value_block_are_not_given_to_the_kernel(lib
     from model_runtime.kernels import pack_nibbles
 
     layer = Int4Linear(pack_nibbles(c4), s4, z4, None, torch.bfloat16)
-    assert layer.group_size == 96 and layer.backend == "aten" and layer._packed is None  # dequantize + matmul
+    assert layer.group_size == 96 and layer.backend == "generic" and layer._packed is None  # dequantize-in-matmul
     x = torch.randn(3, 192)
     ref = x @ dequantize_int4(c4, s4, z4).T
     assert rel_err(layer(x.to(torch.bfloat16)).float(), ref) < 0.02
@@ -249,8 +249,10 @@ def test_fused_decode_matches_the_pytorch_path(tiny_qwen2_dir, method):
 
 def test_aten_backend_can_be_forced(tiny_qwen2_dir, monkeypatch):
     monkeypatch.setenv("DISTILLERY_CPU_KERNELS", "aten")
-    model = load_model(tiny_qwen2_dir, quantization="int8").model
-    assert not model.fused_decode and model.act_dtype is None
+    loaded = load_model(tiny_qwen2_dir, quantization="int8")
+    model = loaded.model
+    assert loaded.plan is not None and (loaded.plan.backend, loaded.plan.lm_head_backend) == ("aten", "aten")
+    assert not model.fused_decode and model.act_dtype == torch.bfloat16  # the plan's float dtype
     assert {m.backend for m in model.modules() if isinstance(m, Int8Linear)} == {"aten"}
     monkeypatch.setenv("DISTILLERY_CPU_KERNELS", "bogus")
     with pytest.raises(ValueError, match="DISTILLERY_CPU_KERNELS"):

@@ -78,11 +78,13 @@ def test_llama_with_llama3_rope_scaling_matches_transformers(tmp_path):
     import json
 
     from model_runtime.config import ModelConfig
-    from model_runtime.loader import _hf_names, _hf_source, build_model
+    from model_runtime.build import build_model
+    from model_runtime.plan import Machine, make_plan
+    from model_runtime.safetensors_reader import hf_names, hf_source
     mc = ModelConfig.from_hf(json.loads((tmp_path / "config.json").read_text()))
     assert mc.arch == "llama" and not mc.qkv_bias and mc.rope_scaling["rope_type"] == "llama3"
-    model = build_model(mc, _hf_source(tmp_path, _hf_names(mc), False), dtype=torch.float32,
-                        device=torch.device("cpu"), max_len=256)
+    plan = make_plan(mc, Machine("cpu"), dtype=torch.float32)
+    model = build_model(mc, hf_source(tmp_path, hf_names(mc), False), plan, max_len=256)
     ids = torch.randint(0, 512, (1, 200))
     with torch.no_grad():
         ref = hf(ids).logits

@@ -158,7 +158,7 @@ def test_quantizers_give_the_same_result_whatever_the_row_chunking(monkeypatch):
 
 
 def test_lazy_rows_read_the_same_rows_as_the_whole_tensor(tiny_qwen2_dir):
-    from model_runtime.loader import SafetensorsFile
+    from model_runtime.safetensors_reader import SafetensorsFile
 
     f = SafetensorsFile(tiny_qwen2_dir / "model.safetensors")
     name = "model.layers.0.mlp.down_proj.weight"
@@ -225,7 +225,7 @@ def test_tied_model_with_a_float_head_keeps_the_float_embedding_it_shares(tiny_q
 
 
 def test_embedding_method_policy():
-    from model_runtime.loader import embedding_method
+    from model_runtime.plan import embedding_method
 
     assert embedding_method("none", True, "none") == "float"
     assert embedding_method("int8", True, "int8") == "shared"   # 0.5B int8: one copy for head + embedding

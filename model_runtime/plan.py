@@ -1,0 +1,270 @@
+"""The kernel plan: every data-plane choice, decided once before any module is built.
+
+The plan is computed from the request (quantization method and group size, dtype, device, format,
+pre-quantized artifact or not, the kernel override) and from the machine (CPU instruction set, CUDA
+compute capability, bf16 support). Modules receive their backend from it at construction; nothing
+below asks a process-wide switch or inspects the module tree afterwards. It is logged at start-up
+and shown in /v1/models metadata.
+
+Linear backends (one per quantization method, like gpt-fast's one handler per mode):
+- "dense":   float nn.Linear (no quantization).
+- "dq":      our CPU integer kernels (ckernels.py, AVX2/AVX-VNNI): float32 activations, fused decode.
+- "aten":    PyTorch's packed CPU kernels (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu).
+- "generic": device-generic PyTorch math: int8 `F.linear(x, codes) * scales`, int4 dequantize-in-
+             matmul in the activation dtype. Everything the CUDA path runs but the CUDA-only kernels;
+             selectable on the CPU (DISTILLERY_CPU_KERNELS=generic or --kernel_backend generic).
+- "cuda-int8": int8 weight-only on CUDA: torch's `_weight_int8pack_mm` or the dequantize fused into
+             the matmul under torch.compile (int8_kernel says which; DISTILLERY_CUDA_INT8 overrides).
+- "cuda-int4-tinygemm": torch's tinygemm (`_convert_weight_to_int4pack` at load +
+             `_weight_int4pack_mm`), sm80+ with bf16 activations.
+Documented fallback: int4 on a GPU without tinygemm (T4, sm75: no bf16) or with shapes tinygemm cannot
+take runs the "generic" int4 path in fp16 (compiled when compilation is on); the plan's `notes` say why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from model_runtime.config import ModelConfig
+
+log = logging.getLogger("model_runtime.plan")
+
+KERNEL_CHOICES = ("auto", "dq", "aten", "generic")
+INT8_CUDA_KERNELS = ("auto", "int8pack_mm", "dequant")
+ATEN_INT4_GROUPS = (32, 64, 128, 256)  # _weight_int4pack_mm(_for_cpu)'s group sizes
+TINYGEMM_INNER_K_TILES = 8
+TINYGEMM_MIN_CAPABILITY = (8, 0)
+
+
+class PlanError(ValueError):
+    """The request cannot run on this machine; the message says why."""
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the plan needs to know about the hardware (tests pass a fake one, e.g. a T4)."""
+
+    device: str                                   # "cpu" or "cuda:N"
+    cuda_capability: tuple[int, int] | None = None
+    cuda_name: str = ""
+    dq_available: bool = False                    # our CPU kernels build and the CPU has AVX2/FMA/F16C
+    dq_problem: str = ""
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def bf16(self) -> bool:
+        """Native bf16 math: Ampere (sm80) and later on CUDA; CPUs compute bf16 GEMMs in PyTorch."""
+        return not self.is_cuda or (self.cuda_capability is not None and self.cuda_capability >= (8, 0))
+
+    @classmethod
+    def probe(cls, device: torch.device) -> Machine:
+        if device.type == "cuda":
+            idx = device.index if device.index is not None else torch.cuda.current_device()
+            cap = torch.cuda.get_device_capability(idx)
+            return cls(device=f"cuda:{idx}", cuda_capability=(int(cap[0]), int(cap[1])),
+                       cuda_name=torch.cuda.get_device_name(idx))
+        from model_runtime import ckernels
+
+        try:
+            ckernels.load()
+            return cls(device=str(device), dq_available=True)
+        except ckernels.KernelUnavailable as exc:
+            return cls(device=str(device), dq_available=False, dq_problem=str(exc))
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    device: str
+    float_dtype: torch.dtype        # float weights (norms, a float head/embedding)
+    act_dtype: torch.dtype          # activations between the layers
+    kv_dtype: torch.dtype
+    quantization: str               # none | int8 | int4 (the decoder's linears)
+    group_size: int | None          # int4 only (the requested one; tiny K uses smaller, int4_group_size)
+    lm_head: str                    # float | int8 | int4
+    embedding: str                  # float | shared | int8 | int4
+    backend: str                    # the decoder linears' backend
+    lm_head_backend: str
+    int8_kernel: str = ""           # cuda-int8 only: int8pack_mm | dequant
+    fused_decode: bool = False      # decode steps through Block.decode_fused (dq everywhere)
+    compile: bool = False           # torch.compile the decode step
+    source_format: str = "hf"
+    prequantized: bool = False
+    machine: str = ""
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def backend_for(self, name: str) -> str:
+        return self.lm_head_backend if name == "lm_head" else self.backend
+
+    def method_for(self, name: str) -> str:
+        if name == "lm_head":
+            return "none" if self.lm_head == "float" else self.lm_head
+        return self.quantization
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly (the start-up log line and /v1/models metadata)."""
+        out = asdict(self)
+        for k in ("float_dtype", "act_dtype", "kv_dtype"):
+            out[k] = str(out[k]).removeprefix("torch.")
+        out["notes"] = list(self.notes)
+        return out
+
+
+def lm_head_method(quantization: str, quantize_lm_head: bool | None) -> str:
+    """lm_head's quantization. None (auto): int8 whenever the decoder is quantized. The head is
+    ~28% of the 0.5B model's weight bytes read per token, and per-channel int8 keeps it close to
+    float (llama.cpp's Q4_K_M likewise keeps the output layer at higher precision).
+    True: the decoder's method; False: float ("none")."""
+    if quantization == "none" or quantize_lm_head is False:
+        return "none"
+    return quantization if quantize_lm_head else "int8"
+
+
+def embedding_method(quantization: str, tied: bool, head_method: str) -> str:
+    """How the token embedding is stored: "float", "shared" (a tied model's int8 head rows serve as
+    the embedding: one copy), "int8" (per row) or "int4" (group-wise, for int4 models: llama.cpp's
+    Q4_K_M keeps token_embd at 4-5 bits too). A lookup reads one row per token: the width costs
+    no speed, only memory (151936 x 1536: bf16 467 MB, int8 233 MB, int4 124 MB)."""
+    if quantization == "none" or (tied and head_method == "none"):
+        return "float"  # (a tied float head is the embedding's own weight)
+    if tied and head_method == "int8":
+        return "shared"
+    return "int4" if quantization == "int4" else "int8"
+
+
+def int4_group_size(k: int, group_size: int) -> int:
+    """The requested group size, or the largest smaller supported one dividing K (tiny models)."""
+    from distillery_contract.values import INT4_GROUP_SIZES
+
+    for g in sorted({group_size, *INT4_GROUP_SIZES}, reverse=True):
+        if g <= group_size and k % g == 0:
+            return int(g)
+    raise ValueError(f"in_features {k} is not a multiple of any int4 group size {INT4_GROUP_SIZES}")
+
+
+def _in_features(cfg: ModelConfig) -> tuple[int, ...]:
+    """K of every decoder linear: qkv/gate_up (hidden), o (heads x head_dim), down (intermediate)."""
+    return (cfg.hidden_size, cfg.n_heads * cfg.head_dim, cfg.intermediate_size)
+
+
+def _dq_fits(method: str, ks: tuple[int, ...], group_size: int) -> bool:
+    from model_runtime import ckernels
+
+    if method == "int8":
+        return all(k % 32 == 0 for k in ks)
+    return all(k % 64 == 0 and ckernels.w4_group_supported(int4_group_size(k, group_size), k) for k in ks)
+
+
+def _cpu_backend(method: str, ks: tuple[int, ...], group_size: int, choice: str, machine: Machine,
+                 notes: list[str]) -> str:
+    if method == "none":
+        return "dense"
+    if choice == "generic":
+        return "generic"
+    if choice in ("auto", "dq"):
+        if not machine.dq_available:
+            if choice == "dq":
+                raise PlanError(f"--kernel_backend/DISTILLERY_CPU_KERNELS=dq but our CPU kernels are unavailable: "
+                                f"{machine.dq_problem}")
+            notes.append(f"CPU integer kernels unavailable ({machine.dq_problem}): PyTorch's packed kernels")
+        elif _dq_fits(method, ks, group_size):
+            return "dq"
+        elif choice == "dq":
+            raise PlanError(f"the CPU integer kernels cannot take {method} with in_features {ks} "
+                            f"(group {group_size})")
+        else:
+            notes.append(f"{method}: shapes {ks} do not fit the CPU integer kernels; PyTorch's packed kernels")
+    if method == "int4" and any(int4_group_size(k, group_size) not in ATEN_INT4_GROUPS for k in ks):
+        notes.append("int4: a group size PyTorch's CPU kernel lacks; the generic dequantize-in-matmul path")
+        return "generic"
+    return "aten"
+
+
+def _cuda_backend(method: str, ks: tuple[int, ...], group_size: int, choice: str, float_dtype: torch.dtype,
+                  machine: Machine, notes: list[str]) -> str:
+    if method == "none":
+        return "dense"
+    if choice == "generic":
+        return "generic"
+    if choice in ("dq", "aten"):
+        raise PlanError(f"kernel backend {choice!r} is a CPU backend; on {machine.device} use auto or generic")
+    if method == "int8":
+        return "cuda-int8"
+    cap = machine.cuda_capability or (0, 0)
+    groups = [int4_group_size(k, group_size) for k in ks]
+    why = ""
+    if cap < TINYGEMM_MIN_CAPABILITY:
+        why = f"tinygemm needs sm80+, {machine.cuda_name or machine.device} is sm{cap[0]}{cap[1]}"
+    elif float_dtype != torch.bfloat16:
+        why = f"tinygemm takes bfloat16 activations, the plan's dtype is {float_dtype}"
+    elif any(g not in ATEN_INT4_GROUPS for g in groups) or any(k % (TINYGEMM_INNER_K_TILES * 16) for k in ks):
+        why = f"tinygemm cannot take in_features {ks} with groups {groups}"
+    if why:
+        notes.append(f"int4: {why}; the generic dequantize-in-matmul path (documented fallback)")
+        return "generic"
+    return "cuda-int4-tinygemm"
+
+
+def make_plan(cfg: ModelConfig, machine: Machine, *, quantization: str = "none", group_size: int = 128,
+              lm_head: str = "none", embedding: str = "float", dtype: torch.dtype | None = None,
+              kernels: str | None = None, compile: bool | None = None, int8_kernel: str | None = None,
+              source_format: str = "hf", prequantized: bool = False) -> KernelPlan:
+    """Decide the plan. lm_head / embedding: what lm_head_method / embedding_method (or the
+    artifact's stored tensors) say; dtype None: auto (fp16 on CUDA without bf16, else bf16)."""
+    choice = (kernels or os.environ.get("DISTILLERY_CPU_KERNELS") or "auto").lower()
+    if choice not in KERNEL_CHOICES:
+        raise PlanError(f"kernel backend {choice!r}: expected one of {', '.join(KERNEL_CHOICES)} "
+                        f"(--kernel_backend / DISTILLERY_CPU_KERNELS)")
+    notes: list[str] = []
+    if dtype is None:
+        dtype = torch.bfloat16 if machine.bf16 else torch.float16
+    ks = _in_features(cfg)
+    head_ks = (cfg.hidden_size,)
+    if machine.is_cuda:
+        backend = _cuda_backend(quantization, ks, group_size, choice, dtype, machine, notes)
+        head = _cuda_backend(lm_head, head_ks, group_size, choice, dtype, machine, notes)
+    else:
+        backend = _cpu_backend(quantization, ks, group_size, choice, machine, notes)
+        head = _cpu_backend(lm_head, head_ks, group_size, choice, machine, notes)
+    fused = backend == "dq" and head == "dq"
+    if (backend == "dq") != (head == "dq"):
+        notes.append("the decoder and lm_head run on different backends: no fused decode step")
+    if compile is None:
+        env = os.environ.get("DISTILLERY_COMPILE", "").lower()
+        compile = env in ("1", "true", "yes") if env else machine.is_cuda
+    if compile and fused:
+        notes.append("compilation off: the fused CPU decode step has no per-op overhead to remove")
+        compile = False
+    kernel8 = ""
+    if "cuda-int8" in (backend, head):
+        kernel8 = (int8_kernel or os.environ.get("DISTILLERY_CUDA_INT8") or "auto").lower()
+        if kernel8 not in INT8_CUDA_KERNELS:
+            raise PlanError(f"DISTILLERY_CUDA_INT8={kernel8!r}: expected one of {', '.join(INT8_CUDA_KERNELS)}")
+        if kernel8 == "auto":
+            # compiled: inductor fuses the int8->float conversion into the matmul (gpt-fast); eager:
+            # torch's int8pack kernel reads the int8 bytes directly (no float weight per call)
+            kernel8 = "dequant" if compile else "int8pack_mm"
+    act = torch.float32 if fused else dtype
+    kv = torch.float32 if not machine.is_cuda else dtype
+    return KernelPlan(
+        device=machine.device, float_dtype=dtype, act_dtype=act, kv_dtype=kv, quantization=quantization,
+        group_size=group_size if quantization == "int4" or lm_head == "int4" else None,
+        lm_head="float" if lm_head == "none" else lm_head, embedding=embedding, backend=backend,
+        lm_head_backend=head, int8_kernel=kernel8, fused_decode=fused, compile=bool(compile),
+        source_format=source_format, prequantized=prequantized,
+        machine=machine.cuda_name or machine.device, notes=tuple(notes))
+
+
+def log_plan(plan: KernelPlan) -> None:
+    log.info("kernel plan: %s", plan.describe(), extra={"kernel_plan": plan.describe()})
