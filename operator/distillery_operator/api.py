@@ -375,6 +375,7 @@ class RolloutStatus(ApiModel):
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     candidate_revision: str | None = Field(None, description="Knative revision of the candidate")
+    stable_revision: str | None = Field(None, description="Knative revision that served when the rollout started")
     started_at: str | None = Field(None, description="When the rollout started (RFC 3339)")
     step_started_at: str | None = Field(None, description="When the current step (or the evaluation) started")
     evaluation_job: str | None = Field(None, description="Name of the evaluation Job of this rollout")

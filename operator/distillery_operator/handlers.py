@@ -6,6 +6,7 @@
 - any change of a child InferenceService (label distillery.dev/model) -> mirror its status, restore it
   when it was edited or deleted by hand;
 - a timer per DistilledModel -> periodic resync, the backstop for missed events;
+- a timer per DistilledModel in a rollout (status.rollout.phase Evaluating/Progressing) -> judge its step;
 - DistillationJob create / update / resume / a timer -> DistillationReconciler; any change of a child
   TrainJob (label distillery.dev/distillation-job) -> reconcile its job;
 - startup: kopf settings, the API client, the metrics endpoint; cleanup: a log line.
@@ -24,6 +25,7 @@ import kopf
 from . import constants, metrics
 from .distillation_reconcile import DistillationReconciler
 from .reconcile import KopfClient, Reconciler
+from .rollout import IN_PROGRESS
 from .settings import OperatorSettings
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -82,6 +84,17 @@ async def on_resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         await reconciler.reconcile(body, trigger="resync")
 
 
+async def on_rollout_tick(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A model in a rollout: judge its step once the interval has passed (the state is in its status)."""
+    reconciler: Reconciler = memo.reconciler
+    with contextlib.suppress(kopf.PermanentError):
+        await reconciler.reconcile(body, trigger="rollout")
+
+
+def in_rollout(body: kopf.Body, **_: Any) -> bool:
+    return ((body.get("status") or {}).get("rollout") or {}).get("phase") in IN_PROGRESS
+
+
 async def on_child(type: str, body: kopf.Body, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
     """Any event of a child InferenceService (None: seen in the initial listing)."""
     reconciler: Reconciler = memo.reconciler
@@ -137,6 +150,9 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> kopf.
     kopf.timer(
         *DM, id="resync", interval=config.resync_seconds, initial_delay=config.resync_seconds, registry=registry
     )(on_resync)
+    kopf.timer(
+        *DM, id="rollout", interval=config.rollout_tick_seconds, when=in_rollout, registry=registry
+    )(on_rollout_tick)
     kopf.on.create(*DJ, id="job-create", registry=registry)(on_job)
     kopf.on.update(*DJ, id="job-update", registry=registry)(on_job)
     kopf.on.resume(*DJ, id="job-resume", registry=registry)(on_job)

@@ -1,4 +1,4 @@
-"""The operator's own Prometheus metrics: reconciles, their duration, API errors, models by phase.
+"""The operator's own Prometheus metrics: reconciles, their duration, API errors, models by phase, rollouts.
 
 Served on DISTILLERY_METRICS_PORT by `serve()` (prometheus_client's HTTP server runs in its own
 thread, so scrapes never touch the event loop).
@@ -33,6 +33,12 @@ MODELS_BY_PHASE = Gauge(
     "distillery_operator_models",
     "DistilledModels known to this operator, by phase",
     ["phase"],
+)
+
+ROLLOUTS = Counter(
+    "distillery_operator_rollouts_total",
+    "Stepped rollouts of a new model server, by how they went (started, promoted, rolled_back)",
+    ["namespace", "model", "outcome"],
 )
 
 ERROR_RESULTS = frozenset({"retry", "invalid", "error"})

@@ -45,6 +45,10 @@ REQUIRED_PERMISSIONS: Final[list[tuple[str, str, str]]] = [
     (constants.TRAINER_GROUP, constants.TRAINJOB_PLURAL, "patch"),
     # The trainer's result: rank 0's termination message, on the finished TrainJob's pods.
     ("", "pods", "list"),
+    # Stepped rollouts: the evaluation gate's Job (distillery-eval), created once and read back; its pods'
+    # termination messages carry the scores (pods list above); the garbage collector deletes it.
+    ("batch", "jobs", "get"),
+    ("batch", "jobs", "create"),
     # Events on the DistilledModels (ours and kopf's warnings).
     ("", "events", "create"),
     # Not needed: kopf's namespace and CRD observers list/watch namespaces and CRDs when allowed and,

@@ -29,8 +29,19 @@ from typing import Any, NoReturn, Protocol, cast
 import kopf
 
 from . import constants, metrics
-from .api import DistilledModelSpec, InvalidSpec, Problem, parse_distilled_model
-from .render import render_inference_service
+from .api import (
+    Capabilities,
+    DistilledModel,
+    DistilledModelSpec,
+    InvalidSpec,
+    Problem,
+    parse_distilled_model,
+)
+from .monitoring import promql
+from .monitoring.prometheus import PrometheusClient, PrometheusError, SloMeasurement, measure
+from .render import render_inference_service, spec_hash
+from .rollout import IN_PROGRESS, Decision, EvaluationOutcome, Observed, decide, interval_seconds, parse_time
+from .rollout_job import job_name, read_evaluation, render_evaluation_job
 from .settings import RenderSettings
 from .status import COND_VALIDATED, compute_status, condition, lineage_of, status_changed
 
@@ -62,6 +73,8 @@ EVENTS = Ref("", "v1", "events")
 DJ = Ref(constants.GROUP, constants.VERSION, constants.DJ_PLURAL)
 TRAINJOB = Ref(constants.TRAINER_GROUP, constants.TRAINER_VERSION, constants.TRAINJOB_PLURAL)
 PODS = Ref("", "v1", "pods")
+JOBS = Ref("batch", "v1", "jobs")
+LABEL_JOB_NAME = "batch.kubernetes.io/job-name"  # set by the Job controller on its pods
 
 
 class ApiError(Exception):
@@ -326,6 +339,36 @@ class _Refused(Exception):
         self.live = live
 
 
+def strip_none(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {key: value for key, value in (mapping or {}).items() if value is not None}
+
+
+def served_key(dm: DistilledModel, settings: RenderSettings) -> str:
+    """Hash of the rendered model server (weights, quantization, serving flags, image, resources): a change
+    of it is what a stepped rollout rolls out; replicas and autoscaling take effect at once."""
+    return spec_hash(render_inference_service(dm, settings)["spec"]["predictor"]["model"])
+
+
+def components_predictor(isvc: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return (((isvc or {}).get("status") or {}).get("components") or {}).get("predictor") or {}
+
+
+def revisions(state: Mapping[str, Any], isvc: Mapping[str, Any] | None) -> dict[str, str]:
+    """The stable revision (what rolled out before the candidate) and the candidate's (the latest created
+    one, once it differs), from the InferenceService's status.components.predictor."""
+    predictor = components_predictor(isvc)
+    found: dict[str, str] = {}
+    stable = state.get("stableRevision") or predictor.get("latestRolledoutRevision") or predictor.get(
+        "latestReadyRevision")
+    if stable:
+        found["stableRevision"] = str(stable)
+    created = predictor.get("latestCreatedRevision")
+    candidate = state.get("candidateRevision") or (created if created and created != stable else None)
+    if candidate:
+        found["candidateRevision"] = str(candidate)
+    return found
+
+
 class Reconciler:
     """Reconciles DistilledModels through a KubeClient; one per operator process."""
 
@@ -339,6 +382,8 @@ class Reconciler:
         self.client = client
         self.settings = settings
         self.clock = clock
+        self.capabilities = Capabilities(prometheus=settings.rollout_analysis_enabled, keda=settings.keda_enabled)
+        self.prometheus = PrometheusClient(settings.prometheus_url)
         # One reconcile at a time per model: the DistilledModel handlers, the child watch and the resync
         # timer run in different kopf workers and would otherwise race each other into duplicate writes.
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -453,12 +498,17 @@ class Reconciler:
             live = live_in
 
         try:
-            dm = parse_distilled_model(dict(body))
+            dm = parse_distilled_model(dict(body), self.capabilities)
         except InvalidSpec as invalid:
             await self._record_invalid(body, namespace, name, invalid, live, previous, retry)
 
         outcome = Outcome("unchanged")
-        desired = render_inference_service(dm, self.settings)
+        decision: Decision | None = None
+        served = dm
+        if dm.spec.rollout.steps:
+            decision, previous = await self._rollout(body, dm, live, namespace, name, previous, retry)
+            served = self._served_model(dm, decision)
+        desired = render_inference_service(served, self.settings)
         desired["metadata"]["ownerReferences"] = [owner_reference(body)]
         uid = meta.get("uid")
 
@@ -479,6 +529,18 @@ class Reconciler:
             name=name, generation=generation, spec=dm.spec, isvc=live, previous=previous, now=self.clock(),
             lineage=lineage_of(body),
         )
+        if decision is not None:
+            new["rollout"] = decision.status
+            if decision.event is not None:
+                await self._event(body, *decision.event)
+            if decision.outcome:
+                metrics.ROLLOUTS.labels(namespace, name, decision.outcome).inc()
+            if status_changed({"rollout": previous.get("rollout")}, {"rollout": new["rollout"]}):
+                # A rollout's progress is written here, under the model's lock, so that the next reconcile
+                # (a tick with an older copy of the model) reads it back and never repeats a step.
+                status_sink = None
+        elif previous.get("rollout"):
+            new["rollout"] = None  # steps removed: the manual mode has no rollout status
         await self._write_status(body, namespace, name, previous, new, retry, outcome, status_sink)
         outcome.phase = new["phase"]
         if outcome.action != "gone":
@@ -557,11 +619,16 @@ class Reconciler:
         await self._post_events(body, previous, new, outcome)
         if not status_changed(previous, new):
             return
+        payload = dict(new)
+        old_rollout, new_rollout = previous.get("rollout"), new.get("rollout")
+        if isinstance(old_rollout, Mapping) and isinstance(new_rollout, Mapping):
+            # A merge patch keeps keys it does not name: name the ones the new rollout state dropped.
+            payload["rollout"] = {**{key: None for key in old_rollout if key not in new_rollout}, **new_rollout}
         if sink is not None:
-            sink.update(new)
+            sink.update(payload)
             outcome.writes += 1
             return
-        if await patch_status(self.client, DM, namespace, name, new, retry):
+        if await patch_status(self.client, DM, namespace, name, payload, retry):
             outcome.writes += 1
         else:
             outcome.action = "gone"
@@ -589,6 +656,114 @@ class Reconciler:
 
     async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         await post_event(self.client, body, type_, reason, message)
+
+    # ------------------------------------------------------------------------------- rollouts
+    async def _rollout(
+        self,
+        body: Mapping[str, Any],
+        dm: DistilledModel,
+        live: Mapping[str, Any] | None,
+        namespace: str,
+        name: str,
+        previous: Mapping[str, Any],
+        retry: int,
+    ) -> tuple[Decision, Mapping[str, Any]]:
+        """The rollout decision for this reconcile, with what it needs measured; and the status it was
+        made from (re-read when the copy at hand is older than the last rollout state written)."""
+        key = served_key(dm, self.settings)
+        spec_json = dict(body.get("spec") or {})
+        now = parse_time(self.clock()) or datetime.datetime.now(datetime.UTC)
+        prev = previous.get("rollout")
+        decision = decide(dm.spec, prev, key, spec_json, now)
+        if decision.need or strip_none(decision.status) != strip_none(prev):
+            # About to act: decide on the model as the API server has it now, not a copy from an event.
+            fresh = await self._call(self.client.get(DM, namespace, name), retry)
+            fresh_status = (fresh or {}).get("status") or {}
+            if fresh is not None and strip_none(fresh_status.get("rollout")) != strip_none(prev):
+                previous, prev = fresh_status, fresh_status.get("rollout")
+                decision = decide(dm.spec, prev, key, spec_json, now)
+        state = strip_none(prev)
+        if decision.need == "slo":
+            measured = await self._measure(dm, state, live, namespace, name)
+            decision = decide(dm.spec, prev, key, spec_json, now, Observed(slo=measured))
+        elif decision.need == "evaluation":
+            result = await self._evaluate(body, dm, state, live, now, namespace, name, retry)
+            if result is not None:
+                decision = decide(dm.spec, prev, key, spec_json, now, Observed(evaluation=result))
+        decision.status = strip_none(decision.status)
+        if decision.status.get("phase") in IN_PROGRESS:
+            decision.status.update(revisions(decision.status, live))
+        return decision, previous
+
+    def _served_model(self, dm: DistilledModel, decision: Decision) -> DistilledModel:
+        """The model the InferenceService serves: the user's (the candidate) or the stable spec kept in
+        status, with the canaryTrafficPercent the rollout is at."""
+        base = dm
+        stable_spec = decision.status.get("stableSpec")
+        if decision.serve == "stable" and isinstance(stable_spec, Mapping):
+            try:
+                base = dm.model_copy(update={"spec": DistilledModelSpec.model_validate(stable_spec)})
+            except ValueError:
+                log.warning("the stable spec kept in status of %s is unreadable: serving the spec", dm.metadata.name)
+        rollout = base.spec.rollout.model_copy(update={"canary_traffic_percent": decision.canary_percent,
+                                                       "steps": dm.spec.rollout.steps})
+        return base.model_copy(update={"spec": base.spec.model_copy(update={"rollout": rollout})})
+
+    async def _measure(
+        self, dm: DistilledModel, state: Mapping[str, Any], live: Mapping[str, Any] | None, namespace: str, name: str
+    ) -> SloMeasurement:
+        """The candidate revision's own SLO figures over the step (no revision yet: no data, a failed gate)."""
+        revision = state.get("candidateRevision") or revisions(state, live).get("candidateRevision")
+        if not revision:
+            return SloMeasurement(None, None, None, None)
+        # Knative names revisions NAME-predictor-0000N; their pods NAME-predictor-0000N-deployment-...
+        suffix = str(revision).removeprefix(f"{name}-predictor-")
+        selector = promql.Selector(model=name, namespace=namespace, pod_regex=promql.revision_pods(name, suffix))
+        window = f"{max(1, round(interval_seconds(dm.spec)))}s"
+        try:
+            return await measure(self.prometheus, selector, window)
+        except PrometheusError as exc:
+            # No promotion and no rollback on an outage: try again (a refused query is a bug, logged loudly).
+            if not exc.transient:
+                log.error("rollout of %s/%s: %s", namespace, name, exc)
+            raise kopf.TemporaryError(f"rollout analysis: {exc}", delay=10) from exc
+
+    async def _evaluate(
+        self,
+        body: Mapping[str, Any],
+        dm: DistilledModel,
+        state: Mapping[str, Any],
+        live: Mapping[str, Any] | None,
+        now: datetime.datetime,
+        namespace: str,
+        name: str,
+        retry: int,
+    ) -> EvaluationOutcome | None:
+        """The evaluation Job's result (None while it runs); the Job is created once the candidate is ready."""
+        candidate = str(state.get("candidate"))
+        jname = job_name(name, candidate)
+        job = await self._call(self.client.get(JOBS, namespace, jname), retry)
+        if job is not None:
+            pods = await self._call(self.client.list(PODS, namespace, {LABEL_JOB_NAME: jname}), retry)
+            return read_evaluation(job, pods)
+        predictor = components_predictor(live)
+        revision = revisions(state, live).get("candidateRevision")
+        if not revision or predictor.get("latestReadyRevision") != revision:
+            started = parse_time(state.get("stepStartedAt")) or now
+            if (now - started).total_seconds() > dm.spec.startup_timeout_seconds:
+                return EvaluationOutcome(error=f"the candidate revision was not ready within startupTimeoutSeconds "
+                                               f"({dm.spec.startup_timeout_seconds}s)")
+            return None  # nothing to evaluate yet
+        desired = render_evaluation_job(dm, candidate, self.settings)
+        desired["metadata"]["ownerReferences"] = [owner_reference(body)]
+        try:
+            await self._call(self.client.create(JOBS, namespace, desired), retry)
+        except ApiError as exc:
+            if exc.status in REFUSED:
+                return EvaluationOutcome(error=f"the API server refused the evaluation Job: {exc}")
+            if exc.status != 409:
+                raise kopf.TemporaryError(f"creating evaluation Job {jname}: {exc}", delay=backoff(retry)) from exc
+        return None
 
     async def _record_invalid(
         self,

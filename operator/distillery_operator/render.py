@@ -243,6 +243,10 @@ def render_inference_service(dm: DistilledModel, settings: RenderSettings) -> di
         constants.ANN_PROMETHEUS_SCRAPE: "true",
         **scale_annotations,
     }
+    if spec.rollout.steps:
+        # Stepped rollouts: the canary (tag `latest`) and the stable revision (`prev`) get URLs of their own,
+        # which the evaluation gate scores them through.
+        annotations[constants.ANN_TAG_ROUTING] = "true"
     owned = {"labels": _labels(dm), "annotations": annotations, "spec": {"predictor": predictor}}
     annotations[constants.ANN_SPEC_HASH] = spec_hash(owned)
     return {

@@ -40,6 +40,7 @@ OWNED_KEYS = (
     "gpu",
     "quantization",
     "lineage",
+    "rollout",
 )
 
 FAILED_MODEL_STATES = frozenset({"FailedToLoad"})
@@ -246,6 +247,7 @@ def compute_status(
         "gpu": gpu_summary(spec) if spec is not None else previous.get("gpu"),
         "quantization": quantization_summary(spec) if spec is not None else previous.get("quantization"),
         "lineage": dict(lineage) if lineage else None,
+        "rollout": previous.get("rollout"),  # the rollout controller's (reconcile.py), carried unchanged here
     }
     return result
 

@@ -34,6 +34,7 @@ ISVC_RESOURCE = f"{constants.KSERVE_GROUP}/{constants.KSERVE_VERSION}/{constants
 DJ_RESOURCE = f"{constants.GROUP}/{constants.VERSION}/{constants.DJ_PLURAL}"
 TRAINJOB_RESOURCE = f"{constants.TRAINER_GROUP}/{constants.TRAINER_VERSION}/{constants.TRAINJOB_PLURAL}"
 PODS_RESOURCE = "v1/pods"
+JOBS_RESOURCE = "batch/v1/jobs"
 CRD_RESOURCE = "apiextensions.k8s.io/v1/customresourcedefinitions"
 EVENTS_RESOURCE = "v1/events"
 NAMESPACES_RESOURCE = "v1/namespaces"
@@ -99,6 +100,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             self.absent.add(TRAINJOB_RESOURCE)
         self.resources[PODS_RESOURCE] = kmock.ResourceInfo(
             kind="Pod", singular="pod", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"},
+            subresources={"status"},
+        )
+        self.resources[JOBS_RESOURCE] = kmock.ResourceInfo(  # the rollouts' evaluation Jobs
+            kind="Job", singular="job", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"},
             subresources={"status"},
         )
         self.resources[ISVC_RESOURCE] = kmock.ResourceInfo(

@@ -26,7 +26,7 @@ def test_every_handler_is_async_and_timers_need_no_finalizer() -> None:
                                         "job-create", "job-update", "job-resume", "job-forget"}
     assert all(not h.requires_finalizer for h in changing), "no finalizer: the ownerReference does the cleanup"
     spawning = registry._spawning.get_all_handlers()
-    assert [h.id for h in spawning] == ["resync", "job-resync"]
+    assert [h.id for h in spawning] == ["resync", "rollout", "job-resync"]
     assert not any(h.requires_finalizer for h in spawning)
     watching = registry._watching.get_all_handlers()
     assert [h.labels for h in watching] == [{constants.LABEL_MODEL: kopf.PRESENT}, {constants.LABEL_JOB: kopf.PRESENT}]
@@ -35,7 +35,7 @@ def test_every_handler_is_async_and_timers_need_no_finalizer() -> None:
 
 
 @pytest.mark.parametrize("module", ["handlers.py", "reconcile.py", "status.py", "runner.py", "metrics.py",
-                                    "distillation_reconcile.py", "distillation_status.py"])
+                                    "distillation_reconcile.py", "distillation_status.py", "rollout.py", "rollout_job.py"])
 def test_operator_code_imports_no_blocking_client(module: str) -> None:
     tree = ast.parse((PACKAGE / module).read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
