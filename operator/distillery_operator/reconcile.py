@@ -533,6 +533,9 @@ class Reconciler:
             new["rollout"] = decision.status
             if decision.event is not None:
                 await self._event(body, *decision.event)
+            if decision.outcome == "started":
+                for outcome_ in ("promoted", "rolled_back"):  # present at 0, so increase() sees the first
+                    metrics.ROLLOUTS.labels(namespace, name, outcome_)
             if decision.outcome:
                 metrics.ROLLOUTS.labels(namespace, name, decision.outcome).inc()
             if status_changed({"rollout": previous.get("rollout")}, {"rollout": new["rollout"]}):

@@ -65,6 +65,12 @@ def alert_rules(t: Thresholds = Thresholds()) -> list[dict[str, Any]]:
                f'sum(increase({q.OPERATOR_RECONCILE_ERRORS}{{kind="error"}}[15m])) > 0', "5m", "warning",
                "The Distillery operator fails to reconcile",
                "{{ $value | humanize }} reconciles ended in an unexpected error in 15 minutes; see the operator's log."),
+        _alert("DistilleryRolloutRolledBack",
+               f'sum by (namespace, model) (increase({q.OPERATOR_ROLLOUTS}{{outcome="rolled_back"}}[1h])) > 0', "0m",
+               "warning", "Rollout of {{ $labels.namespace }}/{{ $labels.model }} rolled back",
+               "A new model server for {{ $labels.namespace }}/{{ $labels.model }} failed its rollout gate and the "
+               "stable revision serves again: kubectl get dm {{ $labels.model }} -n {{ $labels.namespace }} "
+               "-o jsonpath='{.status.rollout}' says which gate and the measured numbers."),
     ]
 
 

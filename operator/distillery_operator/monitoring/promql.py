@@ -129,3 +129,4 @@ def revision_pods(isvc_name: str, revision: str | None = None) -> str:
 # The operator's own series (operator/distillery_operator/metrics.py).
 OPERATOR_MODELS = "distillery_operator_models"
 OPERATOR_RECONCILE_ERRORS = "distillery_operator_reconcile_errors_total"
+OPERATOR_ROLLOUTS = "distillery_operator_rollouts_total"  # labels namespace, model, outcome

@@ -83,6 +83,19 @@ CASES: dict[str, tuple[str, list[dict[str, str]], list[dict[str, str]], dict[str
         {"severity": "warning"},
         {"summary": "The Distillery operator fails to reconcile",
          "description": "10 reconciles ended in an unexpected error in 15 minutes; see the operator's log."}),
+    "DistilleryRolloutRolledBack": (
+        # the operator creates the rolled_back series at 0 when a rollout starts, so increase() sees the step
+        "10m", [series("distillery_operator_rollouts_total", {"namespace": "ns", "model": "m", "outcome": "rolled_back"},
+                       "0 0 0 1x12")],
+        [series("distillery_operator_rollouts_total", {"namespace": "ns", "model": "m", "outcome": "promoted"},
+                "0 0 0 1x12"),
+         series("distillery_operator_rollouts_total", {"namespace": "ns", "model": "m", "outcome": "rolled_back"},
+                "0x15")],
+        {"severity": "warning", "namespace": "ns", "model": "m"},
+        {"summary": "Rollout of ns/m rolled back",
+         "description": "A new model server for ns/m failed its rollout gate and the stable revision serves again: "
+                        "kubectl get dm m -n ns -o jsonpath='{.status.rollout}' says which gate and the measured "
+                        "numbers."}),
 }
 
 
