@@ -84,7 +84,6 @@ from model_runtime.worker_pool import WorkerPool
 log = logging.getLogger("model_runtime.server")
 
 OPENAI_PREFIXES = ("/openai/v1", "/v1")
-MAX_BODY_BYTES = DEFAULT_MAX_BODY_BYTES
 
 
 @dataclass
@@ -120,6 +119,7 @@ class RuntimeOptions:
     request_workers: int = 2  # threads for templating, tokenization and large-body decoding
     kernel_backend: str | None = None  # plan.KERNEL_CHOICES; None: DISTILLERY_CPU_KERNELS or auto
     compile: bool | None = None  # torch.compile the decode step; None: on for CUDA, DISTILLERY_COMPILE
+    gpu_memory_utilization: float = 0.9  # CUDA: the KV cache's share of GPU memory (vLLM's flag)
 
 
 class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no type information (no py.typed)
@@ -149,7 +149,7 @@ class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
             loaded,
             EngineConfig(
                 max_batch_size=o.max_batch_size, max_queue=o.max_queue, max_model_len=loaded.max_model_len,
-                request_timeout_s=o.request_timeout_s,
+                request_timeout_s=o.request_timeout_s, gpu_memory_utilization=o.gpu_memory_utilization,
             ),
             metrics=self.metrics,
         )
@@ -307,9 +307,6 @@ def _plain_parameters(parameters: Any) -> dict[str, Any]:
             value = getattr(value, value.WhichOneof("parameter_choice"))
         out[key] = value
     return out
-
-
-_validate = validate
 
 
 def error_response(exc: ServingError, path: str = "/v1/completions") -> JSONResponse:
