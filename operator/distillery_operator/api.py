@@ -398,6 +398,9 @@ class DistilledModelStatus(ApiModel):
     gpu: str | None = Field(None, description="GPU summary for printer columns, e.g. 1x nvidia-tesla-t4")
     quantization: str | None = Field(None, description="Quantization summary for printer columns, e.g. int4-g128")
     rollout: RolloutStatus | None = Field(None, description="The stepped rollout (spec.rollout.steps)")
+    deploying_since: str | None = Field(
+        None, description="When this generation started deploying (Failed after startupTimeoutSeconds without ready)"
+    )
     lineage: dict[str, Any] | None = Field(
         None, description="Where the weights come from: the DistillationJob, its artifact's sha256 and lineage "
         "(from the distillery.dev/lineage annotation that a DistillationJob's deploy writes)",

@@ -15,6 +15,7 @@ identical status and the reconciler can skip the write.
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -41,8 +42,10 @@ OWNED_KEYS = (
     "quantization",
     "lineage",
     "rollout",
+    "deployingSince",
 )
 
+STARTUP_TIMEOUT = "StartupTimeout"
 FAILED_MODEL_STATES = frozenset({"FailedToLoad"})
 FAILED_TRANSITIONS = frozenset({"BlockedByFailedLoad", "InvalidSpec"})
 # Reasons on KServe/Knative conditions that mean "this will not become ready by waiting".
@@ -226,6 +229,20 @@ def compute_status(
         message_out = f"lost readiness: {isvc_ready['message']}"
     else:
         phase, reason, message_out = Phase.DEPLOYING, str(isvc_ready["reason"]), str(isvc_ready["message"])
+    # A predictor that never gets ready (a download that hangs, pods that never schedule) is Failed once
+    # startupTimeoutSeconds have passed since this generation started deploying, not Deploying forever.
+    same_generation = previous.get("observedGeneration") == generation
+    deploying_since: str | None = None
+    if phase == Phase.DEPLOYING:
+        prev_ready = prev_conditions.get(COND_READY) or {}
+        timed_out = prev_phase == Phase.FAILED.value and prev_ready.get("reason") == STARTUP_TIMEOUT
+        deploying_since = str(previous.get("deployingSince") or now) if same_generation else now
+        expired = _elapsed(deploying_since, now) > spec.startup_timeout_seconds if spec is not None else False
+        if (timed_out and same_generation) or expired:
+            phase, reason = Phase.FAILED, STARTUP_TIMEOUT
+            limit = f" ({spec.startup_timeout_seconds}s)" if spec is not None else ""
+            message_out = f"the predictor was not ready within startupTimeoutSeconds{limit}: {isvc_ready['message']}"
+            deploying_since = None
 
     ready = make_condition(
         COND_READY,
@@ -248,8 +265,19 @@ def compute_status(
         "quantization": quantization_summary(spec) if spec is not None else previous.get("quantization"),
         "lineage": dict(lineage) if lineage else None,
         "rollout": previous.get("rollout"),  # the rollout controller's (reconcile.py), carried unchanged here
+        "deployingSince": deploying_since,
     }
     return result
+
+
+def _elapsed(since: str, now: str) -> float:
+    """Seconds from one RFC 3339 time to another (0 when either is unreadable)."""
+    try:
+        start = datetime.datetime.fromisoformat(since.replace("Z", "+00:00"))
+        end = datetime.datetime.fromisoformat(now.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    return (end - start).total_seconds()
 
 
 def lineage_of(body: Mapping[str, Any]) -> dict[str, Any] | None:
