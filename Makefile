@@ -8,7 +8,7 @@ HELM := $(TOOLS)/helm
 KUBECTL := $(TOOLS)/kubectl
 export PATH := $(abspath $(TOOLS)):$(PATH)
 
-.PHONY: help venv bench-venv tools test test-unit test-integration lint manifests demo demo-render demo-operator demo-runtime bench clean
+.PHONY: help venv bench-venv tools test test-unit test-integration lint manifests demo demo-render demo-operator demo-runtime demo-distill bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -49,13 +49,13 @@ test-integration: venv tools
 	$(PY) -m pytest -q tests/integration
 
 lint: venv  ## ruff on everything, mypy (strict) on the operator, the contract and the model runtime
-	$(VENV)/bin/ruff check operator model_runtime contract tests bench scripts
+	$(VENV)/bin/ruff check operator model_runtime contract trainer tests bench scripts
 	$(VENV)/bin/mypy operator/distillery_operator contract/distillery_contract model_runtime
 
 manifests: venv tools  ## regenerate manifests/ (CRD from the API models, the rest from the chart)
 	$(PY) scripts/generate_manifests.py
 
-demo: venv tools demo-render demo-operator demo-runtime  ## the main job: render, operate, serve a real model
+demo: venv tools demo-render demo-operator demo-runtime demo-distill  ## the main job: render, operate, serve a real model
 
 demo-render: venv
 	@for f in manifests/samples/*.yaml; do echo "--- # distillery render -f $$f"; $(VENV)/bin/distillery render -f $$f || exit 1; done
@@ -65,6 +65,9 @@ demo-operator: venv
 
 demo-runtime: venv
 	$(PY) scripts/demo_runtime.py
+
+demo-distill: venv  ## distil a student from the real 0.5B (a few minutes on 2 cores), serve it, ask it
+	$(PY) scripts/demo_distill.py
 
 bench: bench-venv  ## benchmarks: writes bench/results/*.json and prints tables (not part of make test)
 	$(PY) -m bench.run

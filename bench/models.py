@@ -142,3 +142,32 @@ def quantize_gguf_q8_0(src: Path, dest: Path, threads: int = 2) -> dict[str, Any
     tmp.rename(dest)
     return {"cached": False, "path": str(dest), "bytes": dest.stat().st_size,
             "seconds": round(time.perf_counter() - t0, 1), "note": "requantized from Q4_K_M"}
+
+
+def first_layers_student(teacher_dir: Path, dest: Path, layers: int) -> dict[str, Any]:
+    """A distillation student: the teacher's embeddings, first `layers` decoder layers, final norm and head
+    (a common KD initialisation: same tokenizer, same width, a fraction of the depth), in the teacher's dtype,
+    with its tokenizer, chat template and generation config."""
+    if _ready(dest):
+        return {"cached": True, **json.loads((dest / ".complete").read_text())}
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    tmp = _tmp(dest)
+    config = AutoConfig.from_pretrained(str(teacher_dir))
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:layers]
+    if getattr(config, "max_window_layers", None):
+        config.max_window_layers = min(config.max_window_layers, layers)
+    # the checkpoint's layers beyond `layers` have no place in this config: transformers skips them
+    model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), config=config, dtype=config.dtype)
+    model.save_pretrained(tmp)
+    for f in teacher_dir.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json", ".complete",
+                                                                                  "model.safetensors.index.json"):
+            shutil.copy(f, tmp / f.name)
+    info = {"teacher": str(teacher_dir), "layers": layers, "seconds": round(time.perf_counter() - t0, 1),
+            "params": sum(p.numel() for p in model.parameters())}
+    _finish(tmp, dest, info)
+    return {"cached": False, **info}

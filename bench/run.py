@@ -3,7 +3,7 @@
     python -m bench.run [--quick] [--only SECTION[,SECTION]] [--out FILE] [--threads 2] [--ours-compile]
 
 Sections (in run order): prepare, bandwidth, kernels, llamacpp, hf, hf_serve, ours, ours_1p5b, overload,
-perplexity, operator. `--only` runs some of them and merges into the existing results file, so a
+perplexity, operator, distill. `--only` runs some of them and merges into the existing results file, so a
 partial rerun keeps the other numbers. Each engine runs in its own subprocess (servers too), so peak
 RSS is its own and a crash is recorded as an error in the JSON without stopping the rest.
 """
@@ -29,7 +29,7 @@ from bench.loadgen import run_http_benchmark, run_overload
 from bench.procs import REPO_ROOT, ServerUnderTest, free_port, run_step
 
 SECTIONS = ["prepare", "bandwidth", "kernels", "llamacpp", "hf", "hf_serve", "ours", "ours_1p5b", "overload",
-            "guidellm", "perplexity", "operator"]
+            "guidellm", "perplexity", "operator", "distill"]
 MODELS = REPO_ROOT / "models"
 GGUF_Q4 = MODELS / "qwen2.5-0.5b-q4_k_m.gguf"
 GGUF_Q8 = MODELS / "qwen2.5-0.5b-q8_0.gguf"
@@ -330,6 +330,12 @@ class Bench:
             return
         self.results["operator"] = self.step("operator", "operator_bench", {})
 
+    def distill(self) -> None:
+        # the demo's pair: the real 0.5B teacher and its first 4 layers (bench/distill.py)
+        self.results["distill"] = self.step("distill", "distill", {
+            "teacher": str(ST_0P5B), "student": str(MODELS / "qwen2.5-0.5b-first4"), "layers": 4,
+            "max_steps": 4 if self.s.single_tokens < 32 else None})  # --quick: 4 steps
+
     # ---- derived -------------------------------------------------------------------------------
     def finish(self) -> None:
         # the perplexity step counted the bytes the loaded model really holds: prefer them to arithmetic
@@ -470,6 +476,13 @@ def print_report(results: dict[str, Any]) -> None:
               f"int4 {mem.get('int4_peak_rss_mb')} MiB (int4/bf16 {mem.get('int4_over_bf16')})")
     if results.get("operator"):
         print(f"operator bench: {json.dumps(results['operator'])[:400]}")
+    distill = (results.get("distill") or {}).get("result") or {}
+    if distill.get("train_tokens_per_s"):
+        print(f"\n## Distillation on the CPU ({distill['job']}: 0.5B teacher -> its first "
+              f"{distill['student_layers']} layers, {distill['steps']} steps)\n")
+        print(f"training {distill['train_tokens_per_s']} tokens/s; KL(teacher || student) {distill['kl_before']} -> "
+              f"{distill['kl_after']}; validation loss {distill['val_loss_before']} -> {distill['val_loss_after']} "
+              f"({distill['val_tokens']} held-out tokens)")
     print("\n## Targets\n")
     print(report.targets_table(results.get("targets", [])))
     if results.get("section_errors"):

@@ -107,6 +107,13 @@ def operator_bench(args: dict[str, Any]) -> dict[str, Any]:
     return run_operator_bench()
 
 
+@step
+def distill(args: dict[str, Any]) -> dict[str, Any]:
+    from bench.distill import run_distill_bench
+
+    return run_distill_bench(args["teacher"], args["student"], args.get("layers", 4), args.get("max_steps"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=sorted(STEPS))

@@ -23,6 +23,7 @@ from distillery_trainer.progress import PROGRESS_FILE, ProgressReporter
 from distillery_trainer.result import train_result, write_result
 from distillery_trainer.trainer import (
     DistillationTrainer,
+    NoFinalCheckpoint,
     evaluate_distillation,
     pick_precision,
     training_arguments,
@@ -77,7 +78,8 @@ def run_job(spec: DistillationJobSpec, overrides: Overrides = Overrides(), *, ca
     teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
     tokenizer = models.load_tokenizer(student_dir)
-    models.check_same_tokenizer(models.load_tokenizer(teacher_dir), tokenizer)
+    if not models.same_tokenizer_files(teacher_dir, student_dir):
+        models.check_same_tokenizer(models.load_tokenizer(teacher_dir), tokenizer)
     texts = data.read_texts(dataset_file, spec.dataset.format, tokenizer)
     examples = data.tokenize(texts, tokenizer, spec.training.max_seq_length, spec.dataset.format)
     train_examples, val_examples = data.split(examples, spec.dataset.validation_fraction, spec.training.seed)
@@ -99,7 +101,7 @@ def run_job(spec: DistillationJobSpec, overrides: Overrides = Overrides(), *, ca
     reporter = ProgressReporter(out / PROGRESS_FILE)
     trainer = DistillationTrainer(model=student, args=args, train_dataset=data.TokenDataset(train_examples),
                                   data_collator=collator, teacher=teacher, loss=spec.loss,
-                                  callbacks=[reporter, *(callbacks or [])])
+                                  callbacks=[reporter, NoFinalCheckpoint(), *(callbacks or [])])
 
     def validation() -> dict[str, float] | None:
         if not val_examples:
@@ -146,7 +148,9 @@ def run_job(spec: DistillationJobSpec, overrides: Overrides = Overrides(), *, ca
         "steps": state.global_step,
         "epochs": round(float(state.epoch or 0.0), 4),
         "metrics": {
-            "train": {"loss": losses[-1] if losses else None, "meanLoss": output.training_loss},
+            "train": {"loss": losses[-1] if losses else None, "meanLoss": output.training_loss,
+                      # this process's tokens (of worldSize) and the loop's wall time, resumed steps only
+                      "tokens": trainer.tokens_trained, "seconds": round(output.metrics["train_runtime"], 3)},
             "validation": {"before": before, "after": after},
         },
         "codeVersion": artifact.code_version(),

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from distillery_contract.distillation import DistillationJobSpec, Loss
 from distillery_trainer.loss import distillation_loss
@@ -73,6 +73,16 @@ def training_arguments(spec: DistillationJobSpec, checkpoint_dir: Path, *, preci
     )
 
 
+class NoFinalCheckpoint(TrainerCallback):  # type: ignore[misc]
+    """The Trainer also checkpoints after the last step; the artifact is written right then instead, so that
+    checkpoint would only be written to be deleted (seconds to minutes of a big model's weights and optimizer)."""
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> Any:
+        if state.global_step >= state.max_steps and state.global_step % args.save_steps != 0:
+            control.should_save = False
+        return control
+
+
 class DistillationTrainer(Trainer):  # type: ignore[misc]
     """A Trainer whose loss is alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
 
@@ -83,6 +93,7 @@ class DistillationTrainer(Trainer):  # type: ignore[misc]
         # our loss is a per-micro-batch token mean: let the Trainer divide by the accumulation steps itself
         self.model_accepts_loss_kwargs = False
         self._parts: dict[str, float] = {"kl": 0.0, "ce": 0.0, "n": 0.0}
+        self.tokens_trained = 0  # target tokens this process trained on (the throughput's numerator)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -97,6 +108,7 @@ class DistillationTrainer(Trainer):  # type: ignore[misc]
             self._parts["kl"] += float(parts.kl)
             self._parts["ce"] += float(parts.ce)
             self._parts["n"] += 1
+            self.tokens_trained += parts.tokens
         return (parts.loss, outputs) if return_outputs else parts.loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

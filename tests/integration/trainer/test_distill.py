@@ -50,7 +50,9 @@ def test_the_lineage_names_sources_settings_results_and_weight_hashes(distilled,
     assert lineage["method"] == "full" and lineage["lora"] is None
     assert lineage["training"]["learningRate"] == 1e-2 and lineage["training"]["maxSteps"] == 6
     assert lineage["steps"] == 6 and lineage["training"]["worldSize"] == 1
-    assert lineage["metrics"]["train"]["loss"] > 0
+    train = lineage["metrics"]["train"]
+    assert train["loss"] > 0 and train["seconds"] > 0
+    assert 6 * 4 * 10 < train["tokens"] <= 6 * 4 * 47  # 6 steps of 4 chats, cut at 48 tokens (47 targets)
     assert "distillery-trainer" in lineage["codeVersion"] and "transformers" in lineage["codeVersion"]
     out = distilled.output
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.safetensors"))
@@ -139,7 +141,7 @@ def test_lora_trains_only_adapters_and_merges_into_a_servable_model(pvc, tmp_pat
 
     spec = DistillationJobSpec.model_validate(job_spec(
         method="lora", lora={"rank": 4, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]},
-        training={"maxSteps": 2, "learningRate": 5e-2}))
+        dataset={"validationFraction": 0.0}, training={"maxSteps": 2, "learningRate": 5e-2}))
     result = run_job(spec, Overrides(teacher=pvc.teacher, student=pvc.student, dataset=pvc.dataset,
                                      output=tmp_path / "out"), callbacks=[Trainable()], progress_bar=False)
     assert seen["names"] and all(".lora_A." in n or ".lora_B." in n for n in seen["names"])

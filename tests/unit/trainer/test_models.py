@@ -18,6 +18,7 @@ from distillery_trainer.models import (
     load_teacher,
     load_tokenizer,
     merged,
+    same_tokenizer_files,
     trainable_parameter_names,
 )
 from tests.trainer_fixtures import copy_with_other_tokenizer
@@ -32,10 +33,12 @@ def test_the_teacher_is_frozen_in_eval_mode(tiny_teacher_dir: Path):
 
 def test_the_same_tokenizer_passes(tiny_teacher_dir: Path, tiny_student_dir: Path):
     check_same_tokenizer(load_tokenizer(tiny_teacher_dir), load_tokenizer(tiny_student_dir))
+    assert same_tokenizer_files(tiny_teacher_dir, tiny_student_dir)  # byte-identical: no second load needed
 
 
 def test_a_tokenizer_mismatch_is_refused(tmp_path: Path, tiny_student_dir: Path):
     other = copy_with_other_tokenizer(tiny_student_dir, tmp_path / "other")
+    assert not same_tokenizer_files(tiny_student_dir, other)
     with pytest.raises(TokenizerMismatch, match=r"do not share a tokenizer: 2 tokens have different ids"):
         check_same_tokenizer(load_tokenizer(tiny_student_dir), load_tokenizer(other))
 
