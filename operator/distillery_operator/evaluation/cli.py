@@ -19,10 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .dataset import DatasetError, load_dataset
-from .runner import EvalConfig, EvalError, EvalResult, Runner, item_json
+from .result import EvalResult
+from .runner import EvalConfig, EvalError, Runner, item_json
 from .scorers import SCORERS
 
 PROG = "distillery-eval"
+TERMINATION_LOG = "/dev/termination-log"  # Kubernetes' default terminationMessagePath
 
 
 def _positive_int(text: str) -> int:
@@ -68,6 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
                         help="environment variable holding a bearer token (sent only when set)")
     return parser
+
+
+def command(endpoint: str, model: str, dataset: str, *, scorer: str = "boxed", limit: int | None = None,
+            repeats: int = 1, min_score: float | None = None, max_tokens: int | None = None,
+            concurrency: int | None = None, timeout_s: float | None = None,
+            output: str | None = TERMINATION_LOG) -> list[str]:
+    """The command line of an evaluation Job (what the operator renders), in this parser's own flags."""
+    args = [PROG, "--endpoint", endpoint, "--model", model, "--dataset", dataset, "--scorer", scorer,
+            "--repeats", str(repeats)]
+    optional = {"--limit": limit, "--min-score": min_score, "--max-tokens": max_tokens,
+                "--concurrency": concurrency, "--timeout": timeout_s, "--output": output}
+    for flag, value in optional.items():
+        if value is not None:
+            args += [flag, str(value)]
+    return args
 
 
 def summary_line(result: EvalResult) -> str:

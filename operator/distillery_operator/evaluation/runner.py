@@ -20,17 +20,17 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import aiohttp
 
 from .dataset import Example
+from .result import EvalResult, ItemResult
 from .scorers import SCORERS, Scorer
 
 TEMPERATURE = 0.6  # R1's recommended sampling (0.5-0.7; 0.6 in its own evaluations)
 TOP_P = 0.95
-RESULT_LIMIT_BYTES = 4096  # a container's termination message: what the operator reads back
 
 
 class EvalError(Exception):
@@ -51,58 +51,6 @@ class EvalConfig:
     api_key: str | None = None
     temperature: float = TEMPERATURE
     top_p: float = TOP_P
-
-
-@dataclass(frozen=True)
-class ItemResult:
-    """One answer to one example in one repeat (per-item detail: logged, not in the compact result)."""
-
-    repeat: int
-    line: int
-    score: float
-    answer: str | None
-    expected: str
-    latency_s: float | None
-    error: str | None = None
-
-
-@dataclass
-class EvalResult:
-    model: str
-    scorer: str
-    examples: int
-    repeats: int
-    score: float  # mean over repeats
-    score_std: float  # sample standard deviation over repeats (0 with one repeat)
-    scores: list[float]  # per repeat
-    latency_s: dict[str, float | None]  # p50/p90/p99 of successful requests
-    requests: int
-    errors: int
-    duration_s: float
-    first_error: str | None = None
-    min_score: float | None = None
-    passed: bool | None = None  # None: no --min-score given
-    items: list[ItemResult] = field(default_factory=list, repr=False)
-
-    def to_json(self) -> str:
-        """The compact result (camelCase as in DistilledModel status.rollout.lastAnalysis), within
-        RESULT_LIMIT_BYTES: per-repeat scores and the error text give way first if it would not fit."""
-        doc: dict[str, Any] = {
-            "model": self.model, "scorer": self.scorer, "examples": self.examples, "repeats": self.repeats,
-            "score": round(self.score, 6), "scoreStdDev": round(self.score_std, 6),
-            "scores": [round(s, 6) for s in self.scores],
-            "latencySeconds": {k: None if v is None else round(v, 4) for k, v in self.latency_s.items()},
-            "requests": self.requests, "errors": self.errors, "durationSeconds": round(self.duration_s, 3),
-            "minScore": self.min_score, "passed": self.passed,
-        }
-        if self.first_error:
-            doc["firstError"] = self.first_error[:300]
-        text = json.dumps(doc, separators=(",", ":"))
-        if len(text) > RESULT_LIMIT_BYTES:
-            doc.pop("scores")
-            doc.pop("firstError", None)
-            text = json.dumps(doc, separators=(",", ":"))
-        return text
 
 
 def api_base(endpoint: str) -> str:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from distillery_contract import flags, metric_names
-from distillery_operator.evaluation.runner import RESULT_LIMIT_BYTES
+from distillery_operator.evaluation.result import RESULT_LIMIT_BYTES
 from tests.live_runtime import REPO, live_runtime
 from tests.runtime_fixtures import build_tiny_qwen2_dir
 

@@ -21,10 +21,9 @@ from aiohttp import web
 
 from distillery_operator.evaluation import cli
 from distillery_operator.evaluation.dataset import Example, load_dataset
+from distillery_operator.evaluation.result import RESULT_LIMIT_BYTES, ItemResult, parse_summary
 from distillery_operator.evaluation.runner import (
-    RESULT_LIMIT_BYTES,
     EvalConfig,
-    ItemResult,
     percentile,
     r1_messages,
     request_body,
@@ -297,3 +296,41 @@ def test_percentile():
     assert percentile([3.0], 99) == 3.0
     assert percentile([float(i) for i in range(1, 101)], 50) == 50.5
     assert percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(3.7)
+
+
+def test_the_job_command_uses_the_parsers_own_flags():
+    argv = cli.command("http://m-predictor.ns/openai", MODEL, "/data/evals.jsonl", scorer="contains",
+                       limit=200, repeats=3, min_score=0.6, max_tokens=4096, concurrency=4, timeout_s=900.0)
+    assert argv[0] == "distillery-eval"
+    args = cli.build_parser().parse_args(argv[1:])
+    assert (args.endpoint, args.model, args.dataset, args.scorer) == (
+        "http://m-predictor.ns/openai", MODEL, "/data/evals.jsonl", "contains")
+    assert (args.limit, args.repeats, args.min_score, args.max_tokens, args.concurrency, args.timeout) == (
+        200, 3, 0.6, 4096, 4, 900.0)
+    assert args.output == "/dev/termination-log"
+    plain = cli.build_parser().parse_args(cli.command("http://x", MODEL, "d.jsonl", output=None)[1:])
+    assert (plain.limit, plain.min_score, plain.output, plain.repeats) == (None, None, None, 1)
+
+
+def test_the_operator_reads_back_what_the_runner_wrote(capsys, tmp_path):
+    output = tmp_path / "termination-log"
+    with openai_stub(half_right) as (url, _):
+        assert run_cli(capsys, url, "--repeats", "2", "--min-score", "0.6", "--output", str(output))[0] == 0
+    summary = parse_summary(output.read_text())
+    assert (summary.score, summary.score_std, summary.scores, summary.passed) == (0.5, 0.0, (0.5, 0.5), False)
+    assert (summary.examples, summary.repeats, summary.requests, summary.errors) == (12, 2, 24, 0)
+    assert summary.min_score == 0.6 and summary.first_error is None and summary.model == MODEL
+    assert set(summary.latency_s) == {"p50", "p90", "p99"} and summary.latency_s["p99"] is not None
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "not JSON"), ("Error: OOMKilled", "not JSON"), ("[1]", "must be a JSON object"),
+    ('{"score": 0.5}', "'latencySeconds' must be an object"),
+    ('{"latencySeconds": {}, "score": "high", "examples": 1, "repeats": 1, "requests": 1, "errors": 0}',
+     "'score' must be a number"),
+    ('{"latencySeconds": {}, "score": 1, "scoreStdDev": 0, "examples": 1, "repeats": 1, "requests": 1,'
+     ' "errors": 0, "durationSeconds": 1, "passed": "yes"}', "'passed' must be true, false or null"),
+])
+def test_a_result_that_is_not_one_is_refused(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_summary(text)
