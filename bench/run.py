@@ -301,7 +301,7 @@ class Bench:
                                  threads=self.s.threads)
         try:
             with server:
-                out.update(run_guidellm(f"http://127.0.0.1:{port}", ST_0P5B, REPO_ROOT / "bench" / "results" / "guidellm",
+                out.update(run_guidellm(f"http://127.0.0.1:{port}", ST_0P5B, REPO_ROOT / ".cache" / "bench" / "guidellm",
                                         streams=self.s.guidellm_streams, seconds=self.s.guidellm_seconds))
                 out["server_alive_after"] = server.alive()
         except Exception as exc:  # noqa: BLE001
