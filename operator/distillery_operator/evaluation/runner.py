@@ -125,20 +125,28 @@ class Runner:
         await asyncio.sleep(self.config.retry_backoff_s * 2**attempt)
 
     async def check_endpoint(self, session: aiohttp.ClientSession) -> None:
-        """The endpoint answers and, when it lists its models, serves ours."""
+        """The endpoint answers (a 5xx, e.g. a model still loading, is retried like no answer) and, when it
+        lists its models, serves ours."""
         url = f"{self.base}/models"
         attempts = self.config.retries + 1
+        timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
+        payload: Any = None
         for attempt in range(attempts):
             try:
-                timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
                 async with session.get(url, timeout=timeout) as resp:
-                    payload = await resp.json(content_type=None) if resp.status == 200 else None
+                    status = resp.status
+                    payload = await resp.json(content_type=None) if status == 200 else None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                problem = f"unreachable after {attempts} attempts: {exc!r}"
+            except ValueError:  # a 200 that is not JSON: no model list to check ours against
                 break
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                if attempt + 1 == attempts:
-                    message = f"endpoint {url} unreachable after {attempts} attempts: {exc!r}"
-                    raise EvalError(message) from None
-                await self._backoff(attempt)
+            else:
+                if status < 500:
+                    break
+                problem = f"answered HTTP {status} after {attempts} attempts"
+            if attempt + 1 == attempts:
+                raise EvalError(f"endpoint {url} {problem}")
+            await self._backoff(attempt)
         if isinstance(payload, dict) and isinstance(payload.get("data"), list):
             served = [m.get("id") for m in payload["data"] if isinstance(m, dict)]
             if self.config.model not in served:

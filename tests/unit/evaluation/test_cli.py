@@ -62,7 +62,8 @@ def half_right(body: dict[str, Any], state: dict[str, Any]) -> tuple[int, dict[s
 
 
 @contextmanager
-def openai_stub(handler: Handler, models: tuple[str, ...] = (MODEL,)) -> Iterator[tuple[str, dict[str, Any]]]:
+def openai_stub(handler: Handler, models: tuple[str, ...] = (MODEL,),
+                models_status: int = 200) -> Iterator[tuple[str, dict[str, Any]]]:
     state: dict[str, Any] = {"received": [], "in_flight": 0, "max_in_flight": 0, "attempts": Counter()}
 
     async def chat(request: web.Request) -> web.Response:
@@ -80,6 +81,9 @@ def openai_stub(handler: Handler, models: tuple[str, ...] = (MODEL,)) -> Iterato
         return web.json_response(payload, status=status)
 
     async def list_models(request: web.Request) -> web.Response:
+        state["models_asked"] = state.get("models_asked", 0) + 1
+        if models_status != 200:
+            return web.json_response({"error": {"message": "model loading"}}, status=models_status)
         return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
 
     app = web.Application()
@@ -226,6 +230,20 @@ def test_an_unreachable_endpoint_exits_non_zero_after_retries(capsys):
         code, _, err = run_cli(capsys, f"http://127.0.0.1:{port}", "--retries", "1")
     assert code == 1
     assert f"endpoint http://127.0.0.1:{port}/v1/models unreachable after 2 attempts" in err
+
+
+def test_an_endpoint_answering_5xx_is_retried_then_an_error_exit(capsys):
+    with openai_stub(half_right, models_status=503) as (url, state):
+        code, _, err = run_cli(capsys, url, "--retries", "1")
+    assert code == 1 and f"endpoint {url}/v1/models answered HTTP 503 after 2 attempts" in err
+    assert state["models_asked"] == 2 and state["received"] == []
+
+
+def test_an_endpoint_without_a_model_list_is_still_evaluated(capsys):
+    with openai_stub(half_right, models_status=404) as (url, _):
+        code, out, err = run_cli(capsys, url, "--limit", "2")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["score"] == 1.0
 
 
 def test_a_model_the_endpoint_does_not_serve_is_refused(capsys):
