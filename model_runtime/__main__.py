@@ -128,6 +128,9 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     _add_bool_flag(parser, "--compile", default=None,
                    help="torch.compile the decode step (CUDA: reduce-overhead, CUDA graphs); unset: on for "
                         "CUDA, off on CPU (DISTILLERY_COMPILE=1 turns it on); --compile=false turns it off")
+    parser.add_argument("--gpu_memory_utilization", default=0.9, type=_unit_float,
+                        help="CUDA: fraction of the GPU's memory the runtime may use; the KV cache gets what the "
+                             "weights leave (a model that does not fit fails at start-up)")
     _add_bool_flag(parser, "--allow_special_tokens_in_content", default=False,
                    help="trusted clients only: control tokens typed in message text are read as control tokens")
 
@@ -158,6 +161,7 @@ def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
         enable_model_repository_routes=args.enable_model_repository_routes,
         allow_special_tokens_in_content=args.allow_special_tokens_in_content, request_workers=args.request_workers,
         kernel_backend=args.kernel_backend, compile=args.compile,
+        gpu_memory_utilization=args.gpu_memory_utilization,
     )
 
 

@@ -23,13 +23,14 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from model_runtime.gpu_memory import kv_slot_bytes, size_kv_cache
 from model_runtime.model import KVCache
 
 log = logging.getLogger("model_runtime.engine")
@@ -60,6 +61,9 @@ class EngineConfig:
     # PyTorch's kernels). Ignored when the fused CPU kernels run the decode step. None: read the
     # DISTILLERY_COMPILE environment variable ("1"/"true" to enable).
     compile: bool | None = None
+    # CUDA: the KV cache may take this fraction of the GPU's total memory minus what is in use after
+    # loading (vLLM's flag); fewer slots than max_batch_size fit -> a smaller batch, none -> start-up error
+    gpu_memory_utilization: float = 0.9
 
 
 @dataclass
@@ -78,6 +82,8 @@ class EngineStats:
     tokens_per_s: float = 0.0
     generated_tokens: int = 0
     steps: int = 0
+    kv_cache_bytes: int = 0          # KV cache memory holding live tokens
+    gpu_memory_bytes: int = 0        # CUDA: memory this process's allocator holds (weights, cache, activations)
 
 
 class QueueFullError(Exception):
@@ -138,6 +144,16 @@ class Engine:
         self.config = config
         self.metrics = metrics
         self.max_len = min(int(config.max_model_len), int(loaded.max_model_len))
+        self.device = self.model.device
+        if self.device.type == "cuda":
+            # the KV cache sized from free GPU memory, at start-up (a GpuMemoryError names the numbers)
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = size_kv_cache(self.model.config, max_len=self.max_len, max_batch=config.max_batch_size,
+                                   dtype=self.model.kv_cache_dtype(), total_bytes=int(total), free_bytes=int(free),
+                                   utilization=config.gpu_memory_utilization)
+            config = replace(config, max_batch_size=budget.slots)
+            self.config = config
+        self._token_bytes = kv_slot_bytes(self.model.config, 1, self.model.kv_cache_dtype())
         self.eos_ids = set(int(e) for e in (loaded.eos_token_ids or []))
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -166,7 +182,16 @@ class Engine:
             log.info("DISTILLERY_COMPILE ignored: the decode step runs on the fused CPU kernels")
             use_compile = False
         self.compiled = bool(use_compile)
-        if self.compiled:
+        # CUDA: static shapes per (batch, KV-length bucket), each captured as a CUDA graph
+        # (reduce-overhead); the decode step then has no per-op launch overhead
+        self.cuda_graphs = self.compiled and self.device.type == "cuda"
+        if self.cuda_graphs:
+            import torch._dynamo as dynamo
+
+            # one graph per (batch size, kv bucket): allow them all
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 4 * config.max_batch_size * 16)
+            self._decode_fn = torch.compile(self.model.forward, mode="reduce-overhead", dynamic=False)
+        elif self.compiled:
             self._decode_fn = torch.compile(self.model.forward, dynamic=True)
 
     def _warm_up(self) -> None:
@@ -175,6 +200,20 @@ class Engine:
         device = self.model.device
         started = time.monotonic()
         with torch.inference_mode():
+            if self.cuda_graphs:
+                # batch 1 and 2 at the smallest KV bucket, run thrice (warm-up, recording, replay);
+                # other shapes are captured on first use
+                for batch in sorted({1, min(2, self.config.max_batch_size)}):
+                    ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
+                    pos = torch.full((batch, 1), 3, dtype=torch.long, device=device)
+                    slot_t = torch.arange(batch, device=device)
+                    for _ in range(3):
+                        self._decode_fn(ids, pos, self._cache, slot_t, kv_len=kv_bucket(4, self.max_len),
+                                        logits="last")
+                for t in itertools.chain(self._cache.k, self._cache.v):
+                    t[:, :, :4].zero_()
+                log.info("captured the decode step's CUDA graphs in %.1f s", time.monotonic() - started)
+                return
             shapes: list[Tensor | slice] = [slice(0, 1)]
             if self.config.max_batch_size >= 2:  # contiguous slots, and slots with gaps
                 shapes += [slice(0, 2), torch.tensor([0, 1], device=device)]
@@ -399,6 +438,11 @@ class Engine:
         else:
             slots = torch.tensor(slot_list, device=device)
         kv_len = max(r.pos for r in reqs) + 1
+        if self.cuda_graphs:
+            # a few static shapes: slots as a tensor, the attended length rounded up to a power of two
+            # (the mask hides positions past each row's own)
+            slots = torch.tensor(slot_list, device=device)
+            kv_len = kv_bucket(kv_len, self.max_len)
         logits = self._decode_fn(ids, positions, self._cache, slots, kv_len=kv_len, logits="last")  # [B, V]
         for r in reqs:
             r.pos += 1
@@ -467,13 +511,26 @@ class Engine:
         s.queue_depth = len(self._waiting)
         s.running = len(self._running)
         capacity = self.config.max_batch_size * self.max_len
-        s.kv_cache_usage = sum(r.pos for r in self._running) / capacity if capacity else 0.0
+        live = sum(r.pos for r in self._running)
+        s.kv_cache_usage = live / capacity if capacity else 0.0
+        s.kv_cache_bytes = live * self._token_bytes
+        if self.device.type == "cuda":
+            s.gpu_memory_bytes = int(torch.cuda.memory_reserved(self.device))
         s.steps += step
         if self.metrics is not None:
             try:
                 self.metrics.observe_step(s)
             except Exception:  # noqa: BLE001
                 log.debug("metrics.observe_step failed", exc_info=True)
+
+
+def kv_bucket(kv_len: int, max_len: int, smallest: int = 64) -> int:
+    """The attended KV length for a captured decode graph: the next power of two >= kv_len (>= smallest),
+    at most max_len, so a context of 32k needs ~10 graphs per batch size, not one per length."""
+    b = smallest
+    while b < kv_len:
+        b *= 2
+    return min(b, max_len)
 
 
 NUCLEUS_CANDIDATES = 1024  # top-p looks among this many most likely tokens first (all of them if they fall short)

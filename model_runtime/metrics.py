@@ -56,6 +56,8 @@ def _build(registry: CollectorRegistry) -> dict[str, Any]:
         "queue_depth": gauge(metric_names.METRIC_QUEUE_DEPTH, "Requests waiting for a batch slot"),
         "running": gauge(metric_names.METRIC_RUNNING_SEQUENCES, "Sequences in the running batch"),
         "kv_usage": gauge(metric_names.METRIC_KV_CACHE_USAGE, "KV cache use, 0..1"),
+        "kv_bytes": gauge(metric_names.METRIC_KV_CACHE_BYTES, "KV cache bytes holding live tokens"),
+        "gpu_memory": gauge(metric_names.METRIC_GPU_MEMORY_BYTES, "GPU memory held by the runtime (0 on CPU)"),
         "tokens_per_s": gauge(metric_names.METRIC_TOKENS_PER_SECOND, "Decode rate over the last window"),
         "rejected": counter(metric_names.METRIC_QUEUE_REJECTED_TOTAL, "Requests rejected with 429 (queue full)"),
     }
@@ -79,6 +81,8 @@ class EngineMetrics:
         self._queue_depth = c["queue_depth"].labels(model_name)
         self._running = c["running"].labels(model_name)
         self._kv_usage = c["kv_usage"].labels(model_name)
+        self._kv_bytes = c["kv_bytes"].labels(model_name)
+        self._gpu_memory = c["gpu_memory"].labels(model_name)
         self._tokens_per_s = c["tokens_per_s"].labels(model_name)
 
     def observe_step(self, stats: Any) -> None:
@@ -86,6 +90,8 @@ class EngineMetrics:
         self._queue_depth.set(getattr(stats, "queue_depth", 0) or 0)
         self._running.set(getattr(stats, "running", 0) or 0)
         self._kv_usage.set(getattr(stats, "kv_cache_usage", 0.0) or 0.0)
+        self._kv_bytes.set(getattr(stats, "kv_cache_bytes", 0) or 0)
+        self._gpu_memory.set(getattr(stats, "gpu_memory_bytes", 0) or 0)
         self._tokens_per_s.set(getattr(stats, "tokens_per_s", 0.0) or 0.0)
 
 

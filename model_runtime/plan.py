@@ -229,6 +229,9 @@ def make_plan(cfg: ModelConfig, machine: Machine, *, quantization: str = "none",
     notes: list[str] = []
     if dtype is None:
         dtype = torch.bfloat16 if machine.bf16 else torch.float16
+    elif dtype == torch.bfloat16 and not machine.bf16:
+        # as the operator's validation (spec.serving.dtype on GPUs without bf16): refused, not emulated
+        raise PlanError(f"{machine.cuda_name or machine.device} has no bfloat16 support: use float16 or auto")
     ks = _in_features(cfg)
     head_ks = (cfg.hidden_size,)
     if machine.is_cuda:

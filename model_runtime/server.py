@@ -119,6 +119,7 @@ class RuntimeOptions:
     request_workers: int = 2  # threads for templating, tokenization and large-body decoding
     kernel_backend: str | None = None  # plan.KERNEL_CHOICES; None: DISTILLERY_CPU_KERNELS or auto
     compile: bool | None = None  # torch.compile the decode step; None: on for CUDA, DISTILLERY_COMPILE
+    gpu_memory_utilization: float = 0.9  # CUDA: the KV cache's share of GPU memory (vLLM's flag)
 
 
 class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no type information (no py.typed)
@@ -148,7 +149,7 @@ class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
             loaded,
             EngineConfig(
                 max_batch_size=o.max_batch_size, max_queue=o.max_queue, max_model_len=loaded.max_model_len,
-                request_timeout_s=o.request_timeout_s,
+                request_timeout_s=o.request_timeout_s, gpu_memory_utilization=o.gpu_memory_utilization,
             ),
             metrics=self.metrics,
         )

@@ -16,6 +16,8 @@ METRIC_REQUESTS_IN_FLIGHT: Final = "distillery_requests_in_flight"  # gauge
 METRIC_QUEUE_DEPTH: Final = "distillery_queue_depth"  # gauge: requests waiting for a batch slot
 METRIC_RUNNING_SEQUENCES: Final = "distillery_running_sequences"  # gauge
 METRIC_KV_CACHE_USAGE: Final = "distillery_kv_cache_usage_ratio"  # gauge 0..1
+METRIC_KV_CACHE_BYTES: Final = "distillery_kv_cache_bytes"  # gauge: KV cache memory holding live tokens
+METRIC_GPU_MEMORY_BYTES: Final = "distillery_gpu_memory_bytes"  # gauge: GPU memory the runtime holds (0 on CPU)
 METRIC_TOKENS_PER_SECOND: Final = "distillery_tokens_per_second"  # gauge, decode rate over the last window
 METRIC_QUEUE_REJECTED_TOTAL: Final = "distillery_queue_rejected_total"  # counter: 429s
 

@@ -104,3 +104,14 @@ def test_the_compiled_decode_step_gives_the_eager_tokens(tiny_qwen2_dir):
     finally:
         engine.stop()
     assert tokens == eager
+
+
+def test_a_cache_that_does_not_fit_fails_at_start_up(tiny_qwen2_dir):
+    from model_runtime.engine import Engine, EngineConfig
+    from model_runtime.gpu_memory import GpuMemoryError
+
+    loaded = load_model(tiny_qwen2_dir, device="cuda", compile=False)
+    free, total = torch.cuda.mem_get_info()
+    util = (total - free) / total + 0.001  # nothing left for the cache
+    with pytest.raises(GpuMemoryError, match="does not fit"):
+        Engine(loaded, EngineConfig(max_batch_size=2, max_model_len=512, gpu_memory_utilization=util))

@@ -36,6 +36,9 @@ def test_t4_runs_fp16_int8_on_cuda_and_int4_on_the_documented_generic_fallback()
     p4 = make_plan(CFG, T4, quantization="int4", group_size=128, lm_head="int8", embedding="int4")
     assert p4.backend == "generic" and p4.lm_head_backend == "cuda-int8"
     assert any("sm75" in n and "fallback" in n for n in p4.notes)
+    # bf16 asked for on a T4: refused at plan time with the reason, as the operator's validation does
+    with pytest.raises(PlanError, match="Tesla T4 has no bfloat16"):
+        make_plan(CFG, T4, quantization="int8", dtype=torch.bfloat16)
 
 
 def test_ampere_runs_bf16_and_tinygemm_int4():
