@@ -67,9 +67,10 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
-        if declared is not None and declared > self.limit:
-            await self._refuse(scope, receive, send)
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            # a client waiting for "100 Continue" (curl, for large bodies) then never sends the body
+            await self._refuse(scope, receive, send, more=_header(scope, b"expect") != "100-continue")
             return
         seen = 0
         started = False
@@ -113,13 +114,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def _content_length(scope: Scope) -> int | None:
+def _header(scope: Scope, wanted: bytes) -> str | None:
     for name, value in scope.get("headers", []):
-        if name.lower() == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
+        if name.lower() == wanted:
+            return bytes(value).decode("latin-1").strip().lower()
     return None
 
 

@@ -474,7 +474,8 @@ V2_BODIES = st.fixed_dictionaries(
     {"inputs": st.one_of(st.lists(_tensor, max_size=2), _json),
      "parameters": st.fixed_dictionaries({"max_tokens": _small_max_tokens}, optional={"chat": st.booleans()})},
     optional={"id": st.one_of(_odd_text, _json)})
-FUZZ = settings(max_examples=40, deadline=None, database=None, derandomize=True,
+# DISTILLERY_FUZZ_EXAMPLES=500 for a deeper search by hand; the suite keeps it short
+FUZZ = settings(max_examples=int(os.environ.get("DISTILLERY_FUZZ_EXAMPLES", "40")), deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 

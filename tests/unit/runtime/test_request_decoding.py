@@ -154,3 +154,23 @@ async def test_body_limit_middleware_answers_413_and_passes_smaller_bodies():
     status, body = await run([b"x" * 11], "/v1/chat/completions", declared=11)  # declared: before reading
     assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large"
     assert seen == [b"1234567890"]
+
+
+async def test_a_client_waiting_for_100_continue_gets_its_413_without_sending_the_body():
+    async def app(scope, receive, send):  # pragma: no cover - never reached
+        raise AssertionError("the app must not run")
+
+    received: list[dict] = []
+    sent: list[dict] = []
+
+    async def receive():
+        received.append({})  # reading would make the server send "100 Continue"
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(b"content-length", b"40000000"), (b"expect", b"100-continue")]
+    await BodyLimitMiddleware(app, limit=10)({"type": "http", "path": "/v2/models/m/infer", "headers": headers},
+                                             receive, send)
+    assert sent[0]["status"] == 413 and received == []
