@@ -476,7 +476,7 @@ def print_report(results: dict[str, Any]) -> None:
               f"int4 {mem.get('int4_peak_rss_mb')} MiB (int4/bf16 {mem.get('int4_over_bf16')})")
     if results.get("operator"):
         print(f"operator bench: {json.dumps(results['operator'])[:400]}")
-    distill = (results.get("distill") or {}).get("result") or {}
+    distill = results.get("distill") or {}
     if distill.get("train_tokens_per_s"):
         print(f"\n## Distillation on the CPU ({distill['job']}: 0.5B teacher -> its first "
               f"{distill['student_layers']} layers, {distill['steps']} steps)\n")
