@@ -376,6 +376,7 @@ class RolloutStatus(ApiModel):
     )
     candidate_revision: str | None = Field(None, description="Knative revision of the candidate")
     stable_revision: str | None = Field(None, description="Knative revision that served when the rollout started")
+    candidate_ready_at: str | None = Field(None, description="When the candidate revision was first ready (step 1's clock)")
     started_at: str | None = Field(None, description="When the rollout started (RFC 3339)")
     step_started_at: str | None = Field(None, description="When the current step (or the evaluation) started")
     evaluation_job: str | None = Field(None, description="Name of the evaluation Job of this rollout")

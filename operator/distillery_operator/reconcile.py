@@ -35,6 +35,7 @@ from .api import (
     DistilledModelSpec,
     InvalidSpec,
     Problem,
+    RolloutPhase,
     parse_distilled_model,
 )
 from .monitoring import promql
@@ -369,6 +370,23 @@ def revisions(state: Mapping[str, Any], isvc: Mapping[str, Any] | None) -> dict[
     return found
 
 
+def candidate_ready(state: Mapping[str, Any], isvc: Mapping[str, Any] | None) -> bool:
+    """Whether the candidate's revision exists and is the latest ready one."""
+    candidate = revisions(state, isvc).get("candidateRevision")
+    return bool(candidate) and components_predictor(isvc).get("latestReadyRevision") == candidate
+
+
+def restoring(state: Mapping[str, Any], isvc: Mapping[str, Any] | None) -> bool:
+    """After a rollback: whether the revision of the restored stable spec is not yet the latest ready one
+    (the candidate's revision is still the newest, or the restored one is not ready)."""
+    candidate = state.get("candidateRevision")
+    if not candidate:
+        return False  # the candidate never had a revision: nothing serves it
+    predictor = components_predictor(isvc)
+    created = predictor.get("latestCreatedRevision")
+    return not created or created == candidate or predictor.get("latestReadyRevision") != created
+
+
 class Reconciler:
     """Reconciles DistilledModels through a KubeClient; one per operator process."""
 
@@ -459,6 +477,10 @@ class Reconciler:
         seen = self._seen.get((namespace, name))
         if seen is None:
             return False
+        rollout = seen.status.get("rollout") or {}
+        if rollout.get("phase") in IN_PROGRESS or "canaryTrafficPercent" in seen.desired["spec"]["predictor"] and \
+                rollout.get("phase") == RolloutPhase.ROLLED_BACK.value:
+            return False  # the rollout acts on the child's status (its revisions): decide again
         uid = seen.desired["metadata"]["ownerReferences"][0]["uid"]
         if not isvc_in_sync(seen.desired, isvc, uid):
             return False
@@ -677,25 +699,32 @@ class Reconciler:
         spec_json = dict(body.get("spec") or {})
         now = parse_time(self.clock()) or datetime.datetime.now(datetime.UTC)
         prev = previous.get("rollout")
-        decision = decide(dm.spec, prev, key, spec_json, now)
+        ready = candidate_ready(strip_none(prev), live)
+        decision = decide(dm.spec, prev, key, spec_json, now, Observed(candidate_ready=ready))
         if decision.need or strip_none(decision.status) != strip_none(prev):
             # About to act: decide on the model as the API server has it now, not a copy from an event.
             fresh = await self._call(self.client.get(DM, namespace, name), retry)
             fresh_status = (fresh or {}).get("status") or {}
             if fresh is not None and strip_none(fresh_status.get("rollout")) != strip_none(prev):
                 previous, prev = fresh_status, fresh_status.get("rollout")
-                decision = decide(dm.spec, prev, key, spec_json, now)
+                ready = candidate_ready(strip_none(prev), live)
+                decision = decide(dm.spec, prev, key, spec_json, now, Observed(candidate_ready=ready))
         state = strip_none(prev)
         if decision.need == "slo":
             measured = await self._measure(dm, state, live, namespace, name)
-            decision = decide(dm.spec, prev, key, spec_json, now, Observed(slo=measured))
+            decision = decide(dm.spec, prev, key, spec_json, now, Observed(slo=measured, candidate_ready=ready))
         elif decision.need == "evaluation":
             result = await self._evaluate(body, dm, state, live, now, namespace, name, retry)
             if result is not None:
-                decision = decide(dm.spec, prev, key, spec_json, now, Observed(evaluation=result))
+                decision = decide(dm.spec, prev, key, spec_json, now, Observed(evaluation=result, candidate_ready=ready))
         decision.status = strip_none(decision.status)
-        if decision.status.get("phase") in IN_PROGRESS:
+        if decision.status.get("phase") in IN_PROGRESS or decision.outcome == "rolled_back":
             decision.status.update(revisions(decision.status, live))
+        if decision.serve == "stable" and restoring(decision.status, live):
+            # Knative sends a canary-less service's traffic to its latest *ready* revision: until the
+            # restored stable spec's revision is ready that is the failed candidate, so hold all traffic on
+            # the revision rolled out before (KServe's `prev`) with canaryTrafficPercent 0 until then.
+            decision.canary_percent = 0
         return decision, previous
 
     def _served_model(self, dm: DistilledModel, decision: Decision) -> DistilledModel:
@@ -749,9 +778,7 @@ class Reconciler:
         if job is not None:
             pods = await self._call(self.client.list(PODS, namespace, {LABEL_JOB_NAME: jname}), retry)
             return read_evaluation(job, pods)
-        predictor = components_predictor(live)
-        revision = revisions(state, live).get("candidateRevision")
-        if not revision or predictor.get("latestReadyRevision") != revision:
+        if not candidate_ready(state, live):
             started = parse_time(state.get("stepStartedAt")) or now
             if (now - started).total_seconds() > dm.spec.startup_timeout_seconds:
                 return EvaluationOutcome(error=f"the candidate revision was not ready within startupTimeoutSeconds "

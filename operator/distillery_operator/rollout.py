@@ -44,6 +44,7 @@ class Observed:
 
     evaluation: EvaluationOutcome | None = None
     slo: SloMeasurement | None = None
+    candidate_ready: bool = True  # the candidate revision exists and is ready (KServe status)
 
 
 @dataclass
@@ -180,12 +181,21 @@ def decide(
         analysis = _analysis(now, "evaluation", not reasons, reasons, evaluation=observed.evaluation)
         if reasons:
             return _rollback(prev, analysis, reasons, "evaluation")
-        return _step(prev, steps, 1, now, analysis)
+        return _step({**prev, "candidateReadyAt": fmt_time(now)}, steps, 1, now, analysis)  # it was scored
 
-    # Progressing: hold the step for its interval, then judge it.
+    # Progressing: the first step's clock starts once the candidate is ready (a big model loads for minutes);
+    # then each step is held for its interval and judged.
     step = int(prev.get("step") or 1)
     traffic = steps[min(step, len(steps)) - 1]
     started = parse_time(prev.get("stepStartedAt")) or now
+    if not prev.get("candidateReadyAt"):
+        if observed.candidate_ready:
+            ready = {**prev, "candidateReadyAt": fmt_time(now), "stepStartedAt": fmt_time(now)}
+            return Decision(ready, canary_percent=traffic, requeue_after=interval_seconds(spec))
+        if (now - started).total_seconds() > spec.startup_timeout_seconds:
+            reasons = [f"the candidate revision was not ready within startupTimeoutSeconds ({spec.startup_timeout_seconds}s)"]
+            return _rollback(prev, _analysis(now, "startup", False, reasons), reasons, "startup")
+        return Decision(prev, canary_percent=traffic)
     remaining = interval_seconds(spec) - (now - started).total_seconds()
     if remaining > 0:
         return Decision(prev, canary_percent=traffic, requeue_after=remaining)

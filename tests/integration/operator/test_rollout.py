@@ -161,7 +161,12 @@ async def test_high_p99_rolls_back_with_the_reason_and_an_event(cluster, operato
     status = rollout(cluster, name)
     assert "P99 latency 3.5s > 2s" in status["message"] and status["trafficPercent"] == 0
     assert status["lastAnalysis"] == {**status["lastAnalysis"], "passed": False, "p99LatencySeconds": 3.5}
-    # The stable spec serves again; the user's spec is untouched.
+    # The stable spec is restored; all traffic stays on the stable revision (KServe's `prev`, canary 0) until
+    # the restored spec's revision is ready, then it serves without a canary. The user's spec is untouched.
+    await cluster.eventually(lambda: "--quantization=int4" in predictor(cluster, name)["model"]["args"],
+                             what="stable spec restored")
+    assert predictor(cluster, name)["canaryTrafficPercent"] == 0
+    await serving(cluster, name, latest=f"{name}-predictor-00003", rolled_out=f"{name}-predictor-00001")
     await cluster.eventually(lambda: "canaryTrafficPercent" not in predictor(cluster, name), what="canary removed")
     assert "--quantization=int4" in predictor(cluster, name)["model"]["args"]
     assert cluster.dm(name)["spec"]["quantization"]["method"] == "int8"
@@ -216,8 +221,9 @@ async def test_failing_evaluation_rolls_back_before_any_traffic_moved(cluster, o
     status = rollout(cluster, name)
     assert "score 0.55 < minScore 0.6" in status["message"] and "regresses 0.15" in status["message"]
     assert status["lastAnalysis"]["score"] == 0.55 and status["lastAnalysis"]["scoreStdDev"] == 0.02
-    await cluster.eventually(lambda: "canaryTrafficPercent" not in predictor(cluster, name), what="canary removed")
-    assert "--quantization=int4" in predictor(cluster, name)["model"]["args"]
+    await cluster.eventually(lambda: "--quantization=int4" in predictor(cluster, name)["model"]["args"],
+                             what="stable spec restored")
+    assert predictor(cluster, name)["canaryTrafficPercent"] == 0  # traffic never moved
 
 
 async def test_a_failed_evaluation_job_is_a_failed_gate(cluster, operator, sample_dm) -> None:

@@ -36,6 +36,9 @@ def started(s: DistilledModelSpec) -> dict[str, Any]:
     assert first.status["phase"] == "Idle" and first.canary_percent is None
     d = decide(s, first.status, "new", {"v": "new"}, T0)
     assert d.outcome == "started"
+    if d.status["phase"] == "Progressing":  # the candidate is ready at once: step 1's clock starts
+        d = decide(s, d.status, "new", {"v": "new"}, T0)
+        assert d.status["candidateReadyAt"] == "2026-01-01T00:00:00Z"
     return d.status
 
 
@@ -151,3 +154,21 @@ def test_spec_back_to_stable_abandons_the_rollout():
     s = spec(analysis=ANALYSIS)
     d = decide(s, started(s), "old", {"v": "old2"}, at(10))
     assert d.status["phase"] == "Idle" and d.canary_percent is None and d.status["stableSpec"] == {"v": "old2"}
+
+
+def test_step_one_starts_when_the_candidate_is_ready():
+    s = spec(analysis=ANALYSIS)
+    first = decide(s, None, "old", {}, T0)
+    begun = decide(s, first.status, "new", {}, T0).status
+    loading = decide(s, begun, "new", {}, at(600), Observed(candidate_ready=False))
+    assert loading.status == begun and loading.canary_percent == 10 and loading.need is None
+    ready = decide(s, begun, "new", {}, at(700), Observed(candidate_ready=True))
+    assert ready.status["stepStartedAt"] == ready.status["candidateReadyAt"] == "2026-01-01T00:11:40Z"
+    assert decide(s, ready.status, "new", {}, at(730)).requeue_after == pytest.approx(30)
+
+
+def test_a_candidate_never_ready_rolls_back():
+    s = spec(analysis=ANALYSIS)  # startupTimeoutSeconds defaults to 900
+    begun = decide(s, decide(s, None, "old", {}, T0).status, "new", {}, T0).status
+    d = decide(s, begun, "new", {}, at(901), Observed(candidate_ready=False))
+    assert d.outcome == "rolled_back" and "not ready within startupTimeoutSeconds (900s)" in d.status["message"]
