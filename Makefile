@@ -48,9 +48,9 @@ test-unit: venv tools
 test-integration: venv tools
 	$(PY) -m pytest -q tests/integration
 
-lint: venv  ## ruff on everything, mypy (strict) on the operator, the contract and the model runtime
+lint: venv  ## ruff on everything, mypy (strict) on the operator, the contract, the model runtime and the trainer
 	$(VENV)/bin/ruff check operator model_runtime contract trainer tests bench scripts
-	$(VENV)/bin/mypy operator/distillery_operator contract/distillery_contract model_runtime
+	$(VENV)/bin/mypy operator/distillery_operator contract/distillery_contract model_runtime trainer/distillery_trainer
 
 manifests: venv tools  ## regenerate manifests/ (CRD from the API models, the rest from the chart)
 	$(PY) scripts/generate_manifests.py
