@@ -137,6 +137,8 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Quant", "type": "string", "jsonPath": ".status.quantization"},
     {"name": "Min", "type": "integer", "jsonPath": ".spec.autoscaling.minReplicas"},
     {"name": "Max", "type": "integer", "jsonPath": ".spec.autoscaling.maxReplicas"},
+    {"name": "Rollout", "type": "string", "jsonPath": ".status.rollout.phase", "priority": 1},
+    {"name": "Canary", "type": "integer", "jsonPath": ".status.rollout.trafficPercent", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -66,7 +66,7 @@ def test_names_subresources_and_columns(crd, version):
     assert version["subresources"]["scale"] == {"specReplicasPath": ".spec.replicas",
                                                 "statusReplicasPath": ".status.replicas"}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Ready", "Phase", "URL", "GPU", "Quant", "Min", "Max", "Age"]
+    assert columns == ["Ready", "Phase", "URL", "GPU", "Quant", "Min", "Max", "Rollout", "Canary", "Age"]
 
 
 def test_enums_and_bounds_reach_the_schema(version):
