@@ -18,7 +18,7 @@ import subprocess
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -71,7 +71,7 @@ def source_dtype(model_dir: Path) -> torch.dtype:
 def save_model(model: nn.Module, tokenizer: Any, out: Path, *, dtype: torch.dtype, student_dir: Path) -> None:
     """Weights (safetensors) + config + tokenizer + chat template + generation config."""
     out.mkdir(parents=True, exist_ok=True)
-    model.to(dtype).save_pretrained(str(out))
+    cast(Any, model.to(dtype)).save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     if getattr(tokenizer, "chat_template", None) and not (out / CHAT_TEMPLATE).exists():
         (out / CHAT_TEMPLATE).write_text(tokenizer.chat_template)
@@ -84,7 +84,7 @@ def save_quantized(out: Path, quantization: OutputQuantization) -> Path:
     """out/quantized: the runtime's own quantizer over the float artifact just written."""
     from model_runtime.quantize_cli import main as quantize
 
-    dst = out / QUANTIZED_SUBDIR
+    dst: Path = out / QUANTIZED_SUBDIR
     args = [str(out), str(dst), "--method", quantization.method, "--group-size", str(quantization.group_size),
             "--no-progress"]
     if dst.exists():

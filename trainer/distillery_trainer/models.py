@@ -9,7 +9,7 @@ a student with different tokenizers are refused up front, naming what differs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -83,7 +83,7 @@ def check_vocab_covers(teacher: nn.Module, student: nn.Module, max_token_id: int
     """Both output layers cover every token id in the data (rows beyond the smaller one are padding,
     cut off in the loss; checkpoints of one tokenizer often pad their embedding differently)."""
     for name, model in (("teacher", teacher), ("student", student)):
-        rows = model.get_output_embeddings().weight.shape[0]
+        rows = cast(Any, model).get_output_embeddings().weight.shape[0]
         if max_token_id >= rows:
             raise TokenizerMismatch(f"the data has token id {max_token_id} but the {name}'s output layer has "
                                     f"only {rows} rows: it was not trained with this tokenizer")
@@ -109,7 +109,7 @@ def merged(student: nn.Module) -> nn.Module:
     from peft import PeftModel
 
     if isinstance(student, PeftModel):
-        return student.merge_and_unload()
+        return cast(nn.Module, student.merge_and_unload())
     return student
 
 

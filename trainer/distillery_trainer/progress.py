@@ -34,7 +34,7 @@ def parse_progress_line(line: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-class ProgressReporter(TrainerCallback):  # type: ignore[misc]
+class ProgressReporter(TrainerCallback):
     def __init__(self, path: Path | None, stream: Any = None) -> None:
         self.path = path
         self.stream = stream

@@ -12,9 +12,10 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from distillery_contract.distillation import DistillationJobSpec, Lora, Method
@@ -108,14 +109,16 @@ def run_job(spec: DistillationJobSpec, overrides: Overrides = Overrides(), *, ca
             return None
         batches = DataLoader(data.TokenDataset(val_examples), batch_size=spec.training.batch_size,
                              collate_fn=collator)
-        return evaluate_distillation(trainer.model, trainer.teacher, batches, spec.loss, trainer.args.device)
+        return evaluate_distillation(cast(nn.Module, trainer.model), trainer.teacher, batches, spec.loss, trainer.args.device)
 
     before = validation()
     if before and trainer.is_world_process_zero():
         log.info("validation before: KL %.4f, loss (CE) %.4f", before["kl"], before["ce"])
     from transformers.trainer_utils import get_last_checkpoint
 
-    last = get_last_checkpoint(str(out / CHECKPOINTS)) if (out / CHECKPOINTS).is_dir() else None
+    last: str | None = None
+    if (out / CHECKPOINTS).is_dir():
+        last = get_last_checkpoint(str(out / CHECKPOINTS))  # type: ignore[no-untyped-call]
     if last and trainer.is_world_process_zero():
         log.info("resuming from %s", last)
     output = trainer.train(resume_from_checkpoint=last)

@@ -73,7 +73,7 @@ def training_arguments(spec: DistillationJobSpec, checkpoint_dir: Path, *, preci
     )
 
 
-class NoFinalCheckpoint(TrainerCallback):  # type: ignore[misc]
+class NoFinalCheckpoint(TrainerCallback):
     """The Trainer also checkpoints after the last step; the artifact is written right then instead, so that
     checkpoint would only be written to be deleted (seconds to minutes of a big model's weights and optimizer)."""
 
@@ -83,7 +83,7 @@ class NoFinalCheckpoint(TrainerCallback):  # type: ignore[misc]
         return control
 
 
-class DistillationTrainer(Trainer):  # type: ignore[misc]
+class DistillationTrainer(Trainer):
     """A Trainer whose loss is alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
 
     def __init__(self, *args: Any, teacher: nn.Module, loss: Loss, **kwargs: Any) -> None:
