@@ -124,3 +124,32 @@ def test_progress_lines_and_file(tmp_path: Path):
     assert json.loads((tmp_path / "progress.json").read_text()) == record
     assert parse_progress_line("{'step': 1}") is None
     assert parse_progress_line(PROGRESS_PREFIX + "not json") is None
+
+
+def test_object_store_sources_are_downloaded_and_outputs_uploaded(tmp_path: Path, monkeypatch):
+    # fsspec's in-memory filesystem stands in for s3fs: no network
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    memory = MemoryFileSystem()
+    memory.store.clear()
+    monkeypatch.setattr(fsspec, "filesystem", lambda scheme: memory)
+    memory.pipe("s3://bucket/data/support.jsonl", b'{"text": "hi"}\n')
+    memory.pipe("s3://bucket/models/student/config.json", b"{}")
+    memory.pipe("s3://bucket/models/student/model.safetensors", b"weights")
+    assert storage.fetch("s3://bucket/data/support.jsonl", cache=tmp_path).read_bytes() == b'{"text": "hi"}\n'
+    local = storage.fetch("s3://bucket/models/student", cache=tmp_path)
+    assert sorted(p.name for p in local.iterdir()) == ["config.json", "model.safetensors"]
+
+    target = storage.output_target("s3://bucket/out/run1", staging=tmp_path / "staging")
+    (target.local / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (target.local / "checkpoints" / "checkpoint-2" / "optimizer.pt").write_bytes(b"state")
+    (target.local / "quantized").mkdir()
+    (target.local / "model.safetensors").write_bytes(b"w")
+    (target.local / "quantized" / "model.safetensors").write_bytes(b"q")
+    assert target.publish is not None
+    target.publish()
+    uploaded = sorted(memory.find("s3://bucket/out/run1"))
+    # everything but the checkpoints (a working area, not part of the artifact)
+    assert uploaded == ["s3://bucket/out/run1/model.safetensors", "s3://bucket/out/run1/quantized/model.safetensors"]
+    memory.store.clear()
