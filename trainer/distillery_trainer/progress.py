@@ -1,7 +1,8 @@
 """Progress where a user looks: the Trainer's progress bar in the logs, and a machine-readable line per
 logging step (`DISTILLERY_PROGRESS {"step": .., "total": .., "loss": ..}`) that the operator can pick out
 of the pod's log, mirrored into a JSON file (progress.json beside the checkpoints) for a sidecar or a
-shared volume. Only the main process reports.
+shared volume, and posted to the TrainJob's status.trainerStatus where Kubeflow Trainer takes it
+(trainer_status.py). Only the main process reports.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+
+from distillery_trainer.trainer_status import TrainerStatusPoster
 
 PROGRESS_PREFIX = "DISTILLERY_PROGRESS "
 PROGRESS_FILE = "progress.json"
@@ -35,9 +38,10 @@ def parse_progress_line(line: str) -> dict[str, Any] | None:
 
 
 class ProgressReporter(TrainerCallback):
-    def __init__(self, path: Path | None, stream: Any = None) -> None:
+    def __init__(self, path: Path | None, stream: Any = None, poster: TrainerStatusPoster | None = None) -> None:
         self.path = path
         self.stream = stream
+        self.poster = poster or TrainerStatusPoster()
         self.last_loss: float | None = None
 
     def report(self, record: dict[str, Any]) -> None:
@@ -56,7 +60,10 @@ class ProgressReporter(TrainerCallback):
         self.last_loss = float(logs["loss"])
         extra = {k: logs[k] for k in ("kl", "ce", "learning_rate") if k in logs}
         self.report(progress_record(state.global_step, state.max_steps, self.last_loss, **extra))
+        self.poster.post(state.global_step, state.max_steps, self.last_loss,
+                         **{k: v for k, v in extra.items() if k != "learning_rate"})
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if state.is_world_process_zero:
             self.report(progress_record(state.global_step, state.max_steps, self.last_loss, done=True))
+            self.poster.post(state.global_step, state.max_steps, self.last_loss, final=True)
