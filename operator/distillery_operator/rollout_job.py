@@ -9,12 +9,13 @@ result is read for a DistillationJob. A failed Job is a failed gate with its rea
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from . import constants
 from .api import DistilledModel
+from .evaluation import cli as eval_cli
+from .evaluation.result import parse_summary
 from .rollout import EvaluationOutcome
 from .settings import RenderSettings
 
@@ -43,13 +44,12 @@ def render_evaluation_job(dm: DistilledModel, candidate: str, settings: RenderSe
         return {
             "name": role,
             "image": settings.evaluation_image,
-            "command": ["distillery-eval"],
-            "args": [
-                f"--endpoint={revision_url(tag, name, namespace)}", f"--model={name}",
-                f"--dataset={DATASET_MOUNT}/{path}", f"--scorer={gate.scorer.value}", f"--limit={gate.limit}",
-                f"--repeats={gate.repeats}", "--output=/dev/termination-log",
-            ],
-            "terminationMessagePath": "/dev/termination-log",
+            # The CLI renders its own command line, so this Job and distillery-eval's flags cannot drift.
+            "command": eval_cli.command(
+                revision_url(tag, name, namespace), name, f"{DATASET_MOUNT}/{path}", scorer=gate.scorer.value,
+                limit=gate.limit, repeats=gate.repeats, output=eval_cli.TERMINATION_LOG,
+            ),
+            "terminationMessagePath": eval_cli.TERMINATION_LOG,
             "terminationMessagePolicy": "FallbackToLogsOnError",  # an error exit leaves its message
             "volumeMounts": [{"name": "dataset", "mountPath": DATASET_MOUNT, "readOnly": True}],
             "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
@@ -103,12 +103,13 @@ def _messages(pods: list[dict[str, Any]]) -> dict[str, str]:
     return found
 
 
-def _score(text: str) -> tuple[float | None, float | None]:
+def _score(text: str) -> tuple[float | None, float | None, str | None]:
+    """(score, its standard deviation, None) from distillery-eval's summary, or (None, None, why not)."""
     try:
-        data = json.loads(text)
-        return float(data["score"]), float(data.get("scoreStdDev") or 0.0)
-    except (ValueError, KeyError, TypeError):
-        return None, None
+        summary = parse_summary(text)
+    except ValueError as exc:
+        return None, None, str(exc)
+    return summary.score, summary.score_std, None
 
 
 def read_evaluation(job: Mapping[str, Any], pods: list[dict[str, Any]]) -> EvaluationOutcome | None:
@@ -122,9 +123,11 @@ def read_evaluation(job: Mapping[str, Any], pods: list[dict[str, Any]]) -> Evalu
         return EvaluationOutcome(error=reason + (f" {detail}" if detail else ""))
     if _condition(job, "Complete") is None:
         return None
-    score, std = _score(messages.get("candidate", ""))
-    if score is None:
+    if "candidate" not in messages:
         return EvaluationOutcome(error="the evaluation Job completed without a readable result "
                                        "(the candidate container's termination message)")
-    stable, _ = _score(messages["stable"]) if "stable" in messages else (None, None)
+    score, std, problem = _score(messages["candidate"])
+    if problem:
+        return EvaluationOutcome(error=f"the candidate's {problem}")
+    stable, _, _ = _score(messages["stable"]) if "stable" in messages else (None, None, None)
     return EvaluationOutcome(score=score, score_std_dev=std, stable_score=stable)

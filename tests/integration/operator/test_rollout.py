@@ -6,7 +6,6 @@ models in a rollout every 0.2 s."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +15,7 @@ from aiohttp import web
 from prometheus_client import REGISTRY
 
 from distillery_operator import constants
+from distillery_operator.evaluation.result import EvalResult
 from distillery_operator.testing.emulator import JOBS_RESOURCE
 
 pytestmark = pytest.mark.integration
@@ -197,6 +197,13 @@ async def finish_job(cluster, name: str, *, candidate: str | None, stable: str |
                           "application/merge-patch+json")
 
 
+def summary(score: float, std: float) -> str:
+    """A compact result as distillery-eval writes it to its termination message."""
+    return EvalResult(model="m", scorer="boxed", examples=20, repeats=3, score=score, score_std=std,
+                      scores=[score] * 3, latency_s={"p50": 0.1, "p90": 0.2, "p99": 0.3}, requests=60, errors=0,
+                      duration_s=3.0, min_score=None, passed=None).to_json()
+
+
 EVAL = {"interval": "1s", "evaluation": {"dataset": {"uri": "pvc://evals/gsm8k.jsonl"}, "scorer": "boxed",
                                          "limit": 20, "repeats": 3, "minScore": 0.6, "maxRegression": 0.05}}
 
@@ -211,12 +218,12 @@ async def test_failing_evaluation_rolls_back_before_any_traffic_moved(cluster, o
     job = cluster.emu.read(JOBS_RESOURCE, NS, jobs[0])
     containers = job["spec"]["template"]["spec"]["containers"]
     assert [c["name"] for c in containers] == ["candidate", "stable"]
-    assert f"--endpoint=http://latest-{name}-predictor.{NS}.svc.cluster.local/openai/v1" in containers[0]["args"]
-    assert "--dataset=/dataset/gsm8k.jsonl" in containers[0]["args"] and "--repeats=3" in containers[0]["args"]
+    command = " ".join(containers[0]["command"])
+    assert f"--endpoint http://latest-{name}-predictor.{NS}.svc.cluster.local/openai/v1" in command
+    assert "--dataset /dataset/gsm8k.jsonl" in command and "--repeats 3" in command
     assert job["metadata"]["ownerReferences"][0]["name"] == name
     assert predictor(cluster, name)["canaryTrafficPercent"] == 0  # no traffic while evaluating
-    await finish_job(cluster, name, candidate=json.dumps({"score": 0.55, "scoreStdDev": 0.02}),
-                     stable=json.dumps({"score": 0.7, "scoreStdDev": 0.01}))
+    await finish_job(cluster, name, candidate=summary(0.55, 0.02), stable=summary(0.7, 0.01))
     await cluster.eventually(lambda: rollout(cluster, name).get("phase") == "RolledBack", timeout=10, what="RolledBack")
     status = rollout(cluster, name)
     assert "score 0.55 < minScore 0.6" in status["message"] and "regresses 0.15" in status["message"]
@@ -242,8 +249,7 @@ async def test_passing_evaluation_then_steps(cluster, operator, sample_dm) -> No
     await cluster.apply(rollout_dm(sample_dm, name, EVAL))
     await cluster.eventually(lambda: cluster.isvc(name), what="InferenceService")
     await started_rollout(cluster, name)
-    await finish_job(cluster, name, candidate=json.dumps({"score": 0.72, "scoreStdDev": 0.01}),
-                     stable=json.dumps({"score": 0.7, "scoreStdDev": 0.01}))
+    await finish_job(cluster, name, candidate=summary(0.72, 0.01), stable=summary(0.7, 0.01))
     # No SLOs: the steps advance on the interval.
     await cluster.eventually(lambda: rollout(cluster, name).get("phase") == "Promoted", timeout=10, what="Promoted")
     assert "canaryTrafficPercent" not in predictor(cluster, name)

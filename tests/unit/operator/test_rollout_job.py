@@ -10,6 +10,7 @@ import pytest
 
 from distillery_operator import constants
 from distillery_operator.api import parse_distilled_model
+from distillery_operator.evaluation.result import EvalResult
 from distillery_operator.render import render_inference_service
 from distillery_operator.rollout_job import read_evaluation, render_evaluation_job
 from distillery_operator.settings import RenderSettings
@@ -49,23 +50,33 @@ def test_the_evaluation_job(validator):
     pod = job["spec"]["template"]["spec"]
     assert job["spec"]["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"
     candidate, stable = pod["containers"]
-    assert candidate["image"] == "op:1" and candidate["command"] == ["distillery-eval"]
-    assert candidate["args"] == ["--endpoint=http://latest-r1-predictor.ml.svc.cluster.local/openai/v1", "--model=r1",
-                                 "--dataset=/dataset/math/gsm8k.jsonl", "--scorer=exact", "--limit=50", "--repeats=2",
-                                 "--output=/dev/termination-log"]
-    assert stable["args"][0] == "--endpoint=http://prev-r1-predictor.ml.svc.cluster.local/openai/v1"
+    assert candidate["image"] == "op:1" and candidate["command"][0] == "distillery-eval"
+    argv = candidate["command"][1:]
+    flags = dict(zip(argv[::2], argv[1::2], strict=True))
+    assert flags == {"--endpoint": "http://latest-r1-predictor.ml.svc.cluster.local/openai/v1", "--model": "r1",
+                     "--dataset": "/dataset/math/gsm8k.jsonl", "--scorer": "exact", "--limit": "50", "--repeats": "2",
+                     "--output": "/dev/termination-log"}
+    assert "http://prev-r1-predictor.ml.svc.cluster.local/openai/v1" in stable["command"]
     assert pod["volumes"] == [{"name": "dataset", "persistentVolumeClaim": {"claimName": "evals", "readOnly": True}}]
     # The pod spec is a valid Kubernetes PodSpec (KServe's predictor embeds PodSpec: validate it there).
     assert_valid(validator, {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
                              "metadata": {"name": "x"}, "spec": {"predictor": pod}})
     # The distillery-eval CLI accepts these arguments.
-    cli = pytest.importorskip("distillery_operator.evaluation.cli")
-    cli.build_parser().parse_args(candidate["args"])
+    from distillery_operator.evaluation.cli import build_parser
+    args = build_parser().parse_args(argv)
+    assert (args.limit, args.repeats, args.output) == (50, 2, "/dev/termination-log")
 
 
 def test_no_stable_container_without_max_regression():
     job = render_evaluation_job(model(gate={**GATE, "maxRegression": None}), "abc", RenderSettings())
     assert [c["name"] for c in job["spec"]["template"]["spec"]["containers"]] == ["candidate"]
+
+
+def summary(score: float, std: float) -> str:
+    """A compact result as distillery-eval writes it."""
+    return EvalResult(model="r1", scorer="boxed", examples=10, repeats=2, score=score, score_std=std,
+                      scores=[score, score], latency_s={"p50": 0.1, "p90": 0.2, "p99": 0.3}, requests=20, errors=0,
+                      duration_s=3.0, min_score=None, passed=None).to_json()
 
 
 def pod(**messages: str) -> dict:
@@ -80,11 +91,12 @@ def job(condition: str | None, message: str = "") -> dict:
 
 def test_reading_the_result():
     assert read_evaluation(job(None), []) is None  # still running
-    done = read_evaluation(job("Complete"), [pod(candidate=json.dumps({"score": 0.6, "scoreStdDev": 0.05}),
-                                                 stable=json.dumps({"score": 0.62, "scoreStdDev": 0.01}))])
+    done = read_evaluation(job("Complete"), [pod(candidate=summary(0.6, 0.05), stable=summary(0.62, 0.01))])
     assert (done.score, done.score_std_dev, done.stable_score, done.error) == (0.6, 0.05, 0.62, None)
     missing = read_evaluation(job("Complete"), [])
     assert missing.error and "without a readable result" in missing.error
+    garbled = read_evaluation(job("Complete"), [pod(candidate=json.dumps({"score": 0.9}))])
+    assert garbled.score is None and "latencySeconds" in garbled.error  # not a summary: no pass on it
     failed = read_evaluation(job("Failed", "Job has reached the specified backoff limit"),
                              [pod(candidate="distillery-eval: error: endpoint unreachable")])
     assert "Job has reached the specified backoff limit" in failed.error and "endpoint unreachable" in failed.error
