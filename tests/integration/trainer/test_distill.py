@@ -155,9 +155,10 @@ def test_lora_trains_only_adapters_and_merges_into_a_servable_model(pvc, tmp_pat
     assert loaded.config.n_layers == 1
 
 
-def test_two_process_torchrun_matches_one_process(pvc, tmp_path: Path):
+def test_two_process_torchrun_and_accumulation_match_one_process(pvc, tmp_path: Path):
     # every example is cut to the same length and one step covers the whole training set, so one process
-    # with batch 8 and two with 4 each see the same tokens per step: the same gradients, up to float sums
+    # with batch 8, two with 4 each, and one accumulating two batches of 4 see the same tokens per step: the
+    # same gradients, up to float sums
     texts = tmp_path / "long.jsonl"
     texts.write_text("".join(json.dumps({"text": f"Ticket {i}: " + "please help me with my order " * 6}) + "\n"
                              for i in range(8)))
@@ -165,6 +166,7 @@ def test_two_process_torchrun_matches_one_process(pvc, tmp_path: Path):
     training = {"maxSteps": 2, "maxSeqLength": 24, "saveSteps": 100, "learningRate": 1e-2}
     single = job_spec(dataset=dataset, training={**training, "batchSize": 8})
     double = job_spec(dataset=dataset, training={**training, "batchSize": 4})
+    accumulated = job_spec(dataset=dataset, training={**training, "batchSize": 4, "gradientAccumulationSteps": 2})
     local = ["--teacher", str(pvc.teacher), "--student", str(pvc.student), "--dataset", str(texts), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     run = subprocess.run(
@@ -179,8 +181,17 @@ def test_two_process_torchrun_matches_one_process(pvc, tmp_path: Path):
 
     assert main(["-f", str(write_job(tmp_path / "single.yaml", single)), "--output", str(tmp_path / "one"),
                  *local]) == 0
-    ddp, one = weights(tmp_path / "ddp"), weights(tmp_path / "one")
+    assert main(["-f", str(write_job(tmp_path / "accumulated.yaml", accumulated)), "--output", str(tmp_path / "ga"),
+                 *local]) == 0
+    ddp, one, ga = weights(tmp_path / "ddp"), weights(tmp_path / "one"), weights(tmp_path / "ga")
     student = weights(pvc.student)
     for name, tensor in one.items():
         torch.testing.assert_close(ddp[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(ga[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     assert any(not torch.equal(one[k], student[k]) for k in one)  # and both did train
+    # AdamW barely sees a constant factor on the gradients, so check the loss scale itself: accumulating two
+    # micro-batches reports (and so optimizes) the same mean loss as one batch of both, not twice it
+    losses = {run: json.loads((tmp_path / run / LINEAGE_FILE).read_text())["metrics"]["train"]["meanLoss"]
+              for run in ("one", "ga", "ddp")}
+    assert losses["ga"] == pytest.approx(losses["one"], rel=1e-4)
+    assert losses["ddp"] == pytest.approx(losses["one"], rel=1e-4)  # the Trainer averages it over the ranks
