@@ -111,3 +111,20 @@ def test_a_batch_of_padding_only_is_zero():
     labels = torch.full_like(LABELS, IGNORE_INDEX)
     parts = distillation_loss(STUDENT, TEACHER, labels, temperature=2.0, alpha=0.7)
     assert parts.tokens == 0 and parts.loss.item() == 0.0
+
+
+def test_alpha_zero_equals_the_models_own_language_modelling_loss(tiny_student_dir, tiny_teacher_dir):
+    # the same shift and the same ignored positions as transformers' causal LM loss
+    from distillery_trainer.data import PadCollator
+    from distillery_trainer.models import load_causal_lm
+
+    student = load_causal_lm(tiny_student_dir, torch.float32).eval()
+    teacher = load_causal_lm(tiny_teacher_dir, torch.float32).eval()
+    batch = PadCollator(pad_token_id=151643)([{"input_ids": [151646, 9707, 1879, 11, 1246]},
+                                             {"input_ids": [151646, 9707, 30]}])
+    with torch.no_grad():
+        out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    parts = distillation_loss(out.logits, t, batch["labels"], temperature=2.0, alpha=0.0)
+    assert parts.tokens == 4 + 2
+    assert parts.loss.item() == pytest.approx(out.loss.item(), rel=1e-5)
