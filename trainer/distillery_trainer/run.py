@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -53,7 +53,6 @@ class Result:
     before: dict[str, float] | None = None
     after: dict[str, float] | None = None
     steps: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _source(uri: str, revision: str | None, override: Path | None) -> tuple[Path, str]:
@@ -109,7 +108,8 @@ def run_job(spec: DistillationJobSpec, overrides: Overrides = Overrides(), *, ca
             return None
         batches = DataLoader(data.TokenDataset(val_examples), batch_size=spec.training.batch_size,
                              collate_fn=collator)
-        return evaluate_distillation(cast(nn.Module, trainer.model), trainer.teacher, batches, spec.loss, trainer.args.device)
+        student_now = cast(nn.Module, trainer.model)
+        return evaluate_distillation(student_now, trainer.teacher, batches, spec.loss, trainer.args.device)
 
     before = validation()
     if before and trainer.is_world_process_zero():
