@@ -153,3 +153,20 @@ def test_object_store_sources_are_downloaded_and_outputs_uploaded(tmp_path: Path
     # everything but the checkpoints (a working area, not part of the artifact)
     assert uploaded == ["s3://bucket/out/run1/model.safetensors", "s3://bucket/out/run1/quantized/model.safetensors"]
     memory.store.clear()
+
+
+def test_the_job_file_the_operator_renders_is_what_the_trainer_reads(tmp_path: Path, repo_root: Path):
+    # the two halves meet at JOB_FILE: every sample DistillationJob, as the TrainJob's pods receive it
+    import yaml
+
+    from distillery_operator.distillation_api import DistillationJob
+    from distillery_operator.distillation_render import job_manifest
+
+    samples = [*sorted((repo_root / "manifests" / "samples").rglob("*.yaml")),
+               repo_root / "trainer" / "examples" / "distillationjob-demo.yaml"]
+    jobs = [d for s in samples for d in yaml.safe_load_all(s.read_text()) if d and d.get("kind") == "DistillationJob"]
+    assert len(jobs) >= 2
+    for doc in jobs:
+        job = DistillationJob.model_validate(doc)
+        (tmp_path / "job.json").write_text(json.dumps(job_manifest(job)))
+        assert load_job(tmp_path / "job.json") == job.spec.model_copy(update={"deploy": None})
