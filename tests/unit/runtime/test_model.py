@@ -77,8 +77,8 @@ def test_llama_with_llama3_rope_scaling_matches_transformers(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")  # not used by this test
     import json
 
-    from model_runtime.config import ModelConfig
     from model_runtime.build import build_model
+    from model_runtime.config import ModelConfig
     from model_runtime.plan import Machine, make_plan
     from model_runtime.safetensors_reader import hf_names, hf_source
     mc = ModelConfig.from_hf(json.loads((tmp_path / "config.json").read_text()))
