@@ -251,6 +251,13 @@ class Engine:
         if self.max_len > getattr(self.model, "rope_len", self.max_len):
             self.model.set_rope(self.max_len, self.model.device)
         self._cache = self._allocate_cache()
+        if self.cuda_graphs:
+            import torch._dynamo as dynamo
+
+            # the cache is written in place inside the captured graphs: fixed addresses, as gpt-fast's
+            # module-buffer cache (a mutated input without one makes cudagraphs skip the graph)
+            for t in itertools.chain(self._cache.k, self._cache.v):
+                dynamo.mark_static_address(t)
         if self.compiled:
             self._warm_up()
         self._stopping = False

@@ -16,7 +16,7 @@ gpt-fast's `F.linear(x, codes.to(x.dtype)) * scales`, int4 dequantized inside th
 activation dtype; under torch.compile the conversion fuses into the matmul.
 CUDA ("cuda-int8", "cuda-int4-tinygemm"): torch's `_weight_int8pack_mm` or the generic int8 form
 compiled (the plan's int8_kernel; bench/gpu.py measures both), tinygemm for int4 (sm80+, layout built
-at load). Not yet measured on hardware. Which backend a layer runs is the KernelPlan's (plan.py)
+at load). Not yet measured on hardware; torchao's int8 weight-only is not in the comparison yet. Which backend a layer runs is the KernelPlan's (plan.py)
 decision, passed to the constructor.
 
 What is stored (and saved by quant.py) is the portable form: int8 codes + scales, or int4 codes
