@@ -209,3 +209,34 @@ async def test_v1_models_shows_the_kernel_plan(r1_tokenizer_dir):
     assert card["kernel_plan"] == one["kernel_plan"]
     assert card["kernel_plan"]["backend"] == "generic" and card["kernel_plan"]["float_dtype"] == "float16"
     assert card["kernel_plan"]["machine"] == "Tesla T4" and card["kernel_plan"]["notes"]
+
+
+def test_the_serving_command_reaches_the_plan(monkeypatch):
+    from model_runtime.__main__ import build_parser, options_from_args
+
+    base = ["--model_name", "m", "--model_dir", "/nowhere"]
+    o = options_from_args(build_parser().parse_args([*base, "--kernel_backend", "generic", "--compile=false",
+                                                     "--gpu_memory_utilization", "0.5", "--model_format", "gguf"]))
+    assert (o.kernel_backend, o.compile, o.gpu_memory_utilization, o.model_format) == ("generic", False, 0.5, "gguf")
+    monkeypatch.setenv("DISTILLERY_CPU_KERNELS", "generic")  # the documented environment variable: the default
+    o = options_from_args(build_parser().parse_args(base))
+    assert (o.kernel_backend, o.compile, o.gpu_memory_utilization) == ("generic", None, 0.9)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--gpu_memory_utilization", "1.5"])
+
+
+def test_the_served_model_loads_with_the_requested_backend(tiny_qwen2_dir):
+    from prometheus_client import CollectorRegistry
+
+    from model_runtime.metrics import RuntimeMetrics
+    from model_runtime.server import DistilleryModel, RuntimeOptions
+
+    served = DistilleryModel(RuntimeOptions(model_name="m", model_dir=str(tiny_qwen2_dir), quantization="int8",
+                                            kernel_backend="generic", model_format="safetensors", compile=False),
+                             metrics=RuntimeMetrics("m", CollectorRegistry()))
+    try:
+        assert served.load()
+        plan = served.kernel_plan()
+        assert plan is not None and plan["backend"] == "generic" and plan["source_format"] == "hf"
+    finally:
+        served.stop()
