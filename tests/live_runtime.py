@@ -1,5 +1,6 @@
 """A real runtime server (`python -m model_runtime` on a tiny model) on a free loopback port, for tests of
-the things that talk to it from outside: the evaluation runner, Prometheus scraping its /metrics.
+the things that talk to it from outside: the evaluation runner, Prometheus scraping its /metrics, the
+distilled student's artifact.
 
 A plain context manager (the runtime's own tests keep their module fixture in test_server.py); it waits
 for liveness and readiness, and always stops the server (SIGTERM, then kill).
@@ -32,14 +33,15 @@ def free_port() -> int:
 
 @contextmanager
 def live_runtime(model_dir: Path, model_name: str, log_path: Path, extra: Sequence[str] = (),
-                 start_timeout_s: float = 120.0) -> Iterator[str]:
-    """Serve `model_dir` as `model_name` on CPU (float32); yields the base URL http://127.0.0.1:PORT."""
+                 start_timeout_s: float = 120.0, dtype: str | None = "float32") -> Iterator[str]:
+    """Serve `model_dir` as `model_name` on CPU (float32, or `dtype`; None: the model's own, as a
+    pre-quantized artifact needs); yields the base URL http://127.0.0.1:PORT."""
     port = free_port()
     cmd = [
         sys.executable, "-m", "model_runtime",
         f"{flags.FLAG_MODEL_NAME}={model_name}", f"{flags.FLAG_MODEL_DIR}={model_dir}",
         "--http_host=127.0.0.1", f"{flags.FLAG_HTTP_PORT}={port}", "--enable_grpc=false",
-        f"{flags.FLAG_DEVICE}=cpu", f"{flags.FLAG_DTYPE}=float32", *extra,
+        f"{flags.FLAG_DEVICE}=cpu", *([f"{flags.FLAG_DTYPE}={dtype}"] if dtype else []), *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with log_path.open("w") as log:

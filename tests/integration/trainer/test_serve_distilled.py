@@ -3,61 +3,23 @@ its lineage in /v1/models (the OpenAI list, which KServe V1 clients read too) an
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-
 import httpx
 import pytest
 
 from distillery_contract import flags
 from distillery_contract.distillation import QUANTIZED_SUBDIR
-from tests.reference import REPO_ROOT
+from tests.live_runtime import live_runtime
 
 pytestmark = pytest.mark.integration
 MODEL = "distilled"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served(distilled, tmp_path_factory):
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "model_runtime", f"{flags.FLAG_MODEL_NAME}={MODEL}",
-           f"{flags.FLAG_MODEL_DIR}={distilled.output / QUANTIZED_SUBDIR}", flags.FLAG_PREQUANTIZED,
-           "--http_host=127.0.0.1", f"{flags.FLAG_HTTP_PORT}={port}", "--enable_grpc=false",
-           f"{flags.FLAG_MAX_MODEL_LEN}=64", f"{flags.FLAG_DEVICE}=cpu"]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(base + flags.HEALTH_READY_PATH_TEMPLATE.format(model_name=MODEL), timeout=1).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        else:
-            pytest.fail(f"runtime not ready (exit {proc.poll()}):\n{log_path.read_text()[-4000:]}")
+    with live_runtime(distilled.output / QUANTIZED_SUBDIR, MODEL, log_path, dtype=None,
+                      extra=[flags.FLAG_PREQUANTIZED, f"{flags.FLAG_MAX_MODEL_LEN}=64"]) as base:
         yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_models_report_the_lineage(served, distilled):
