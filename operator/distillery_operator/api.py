@@ -545,6 +545,15 @@ def semantic_problems(
                 "metadata.name",
                 f"Knative host label {host_label!r} is {len(host_label)} characters (max {DNS_LABEL_MAX}); shorten the name",
             ))
+    if spec.rollout.steps and len(name) <= limit:
+        # A stepped rollout tags the candidate: Knative adds a `latest-` route (a Service and a host label),
+        # 7 characters longer than the plain ones.
+        tagged = [f"latest-{name}-predictor"] + ([f"latest-{name}-predictor-{namespace}"] if namespace else [])
+        for label in tagged:
+            if len(label) > DNS_LABEL_MAX:
+                add(Problem("metadata.name", f"Knative tag route {label!r} of a stepped rollout is {len(label)} "
+                                             f"characters (max {DNS_LABEL_MAX}); shorten the name"))
+                break
 
     # Where the weights come from.
     scheme, sep, rest = spec.model.uri.partition("://")

@@ -115,6 +115,21 @@ def test_knative_host_label_counts_the_namespace(make_dm):
     assert "Knative host label" in problems_of(obj)["metadata.name"]
 
 
+@pytest.mark.parametrize(("name", "namespace", "ok"), [
+    ("a" * 46, None, True),  # latest-NAME-predictor: 63
+    ("a" * 47, None, False),  # a name KNATIVE_NAME_MAX allows: a 64-character tag Service
+    ("a" * 35, "namespace1", True),  # latest-NAME-predictor-NS: 63
+    ("a" * 36, "namespace1", False),
+])
+def test_stepped_rollout_names_fit_the_latest_tag_routes(make_dm, name, namespace, ok):
+    obj = make_dm(name=name, deploymentMode="Knative", rollout={"steps": [10, 50]})
+    obj["metadata"]["namespace"] = namespace
+    if ok:
+        parse_distilled_model(obj)
+    else:
+        assert "latest-" in problems_of(obj)["metadata.name"]
+
+
 def test_wrong_kind_and_missing_spec(make_dm):
     problems = problems_of({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}})
     assert set(problems) == {"apiVersion", "kind", "spec"}
