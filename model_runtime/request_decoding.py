@@ -39,6 +39,10 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 V2_HEADER_LENGTH = "inference-header-content-length"
 
 
+# A V2 tensor of prompts is a list (1-D) or a batch of lists; no real client sends more dimensions.
+MAX_V2_DIMS = 8
+
+
 def too_large(limit: int) -> ServingError:
     return ServingError(413, f"request body over the limit of {limit} bytes", code="body_too_large")
 
@@ -81,7 +85,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _BodyTooLarge
+                    raise BodyTooLarge
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -92,7 +96,7 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLarge:
+        except BodyTooLarge:
             if started:
                 raise
             await self._refuse(scope, receive, send, more=True)
@@ -110,8 +114,9 @@ class BodyLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-class _BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(Exception):
+    """Raised by the middleware's receive when a body without a declared length passes the limit; a handler
+    reading the body turns it into its route's 413 (read_request), the middleware answers for the others."""
 
 
 def _header(scope: Scope, wanted: bytes) -> str | None:
@@ -238,9 +243,14 @@ def v2_prompts_from_dict(data: Any, max_prompts: int, binary: bytes | None = Non
         raise invalid(f"inputs.0.datatype must be BYTES (text), got {str(tensor.get('datatype'))[:32]!r}",
                       param="inputs.0.datatype")
     shape = tensor.get("shape")
-    if (not isinstance(shape, list) or not shape
+    if (not isinstance(shape, list) or not shape or len(shape) > MAX_V2_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise invalid("inputs.0.shape must be a non-empty list of non-negative integers", param="inputs.0.shape")
+        raise invalid(f"inputs.0.shape must be a list of 1 to {MAX_V2_DIMS} non-negative integers",
+                      param="inputs.0.shape")
+    if any(d > max_prompts for d in shape):
+        # before the product: a product of huge ints is slow (it holds the GIL) and cannot be printed
+        raise invalid(f"inputs.0.shape: a dimension is larger than the {max_prompts} requests this server holds "
+                      "at once (max_batch_size + max_queue)", param="inputs.0.shape")
     count = math.prod(shape)
     if count > max_prompts:
         raise invalid(f"inputs.0: {count} prompts, but this server holds at most {max_prompts} requests at once "

@@ -67,6 +67,7 @@ from model_runtime.request_decoding import (
     OFFLOAD_BYTES,
     V2_HEADER_LENGTH,
     BodyLimitMiddleware,
+    BodyTooLarge,
     V2Prompts,
     check_decoded,
     decode_json,
@@ -535,11 +536,13 @@ T = TypeVar("T")
 
 async def read_request(request: Request, model: DistilleryModel, decode: Callable[[bytes], T]) -> T:
     """The body, decoded by `decode` (in the worker pool when it is large): every route's one way in."""
+    limit = model.options.max_body_bytes
     try:
         raw = await request.body()
     except ClientDisconnect as exc:
         raise client_closed() from exc
-    limit = model.options.max_body_bytes
+    except BodyTooLarge as exc:  # a body with no declared length, cut off by the middleware at the limit
+        raise too_large(limit) from exc
     if len(raw) > limit:
         raise too_large(limit)
     if len(raw) > OFFLOAD_BYTES:

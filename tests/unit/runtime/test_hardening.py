@@ -173,6 +173,36 @@ async def test_body_limit_on_every_route_is_413(r1_tokenizer):
     assert engine.calls == []
 
 
+async def test_a_chunked_body_over_the_limit_is_413_not_500(r1_tokenizer):
+    """No Content-Length (chunked upload): the middleware cuts the body off at the limit while the route is
+    reading it; the route answers its own 413, not a 500."""
+    app, engine, _ = make_app(r1_tokenizer, "x", max_body_bytes=1000)
+
+    async def chunks():
+        for _ in range(4):
+            yield b" " * 400
+
+    async with http(app) as h:
+        for path in ("/v1/chat/completions", "/openai/v1/completions"):
+            assert openai_error(await h.post(path, content=chunks()), 413)["code"] == "body_too_large"
+        for path in ("/v1/models/r1:predict", "/v2/models/r1/infer"):
+            assert "limit" in kserve_error(await h.post(path, content=chunks()), 413)
+    assert engine.calls == []
+
+
+async def test_v2_shapes_with_huge_or_many_dimensions_are_400_at_once(r1_tokenizer):
+    """A 6 KB body of huge dimensions made a 500 (an int too long to print) and megabytes of them froze the
+    event loop in one product; dimensions are bounded before anything multiplies them."""
+    app, engine, _ = make_app(r1_tokenizer, "x")
+    huge = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [10**2999, 10**2999], "data": ["a"]}]}
+    many = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1] * 400, "data": ["a"]}]}
+    async with http(app) as h:
+        for body in (huge, many):
+            raw = json.dumps(body).encode()
+            assert "inputs.0.shape" in kserve_error(await h.post("/v2/models/r1/infer", content=raw), 400)
+    assert engine.calls == []
+
+
 async def test_429_counts_requests_not_prompts(r1_tokenizer):
     app, _, registry = make_app(r1_tokenizer, engine=ScriptedEngine([], queue_full=True))
     async with http(app) as h:
