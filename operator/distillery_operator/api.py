@@ -376,6 +376,8 @@ class RolloutStatus(ApiModel):
     )
     candidate_revision: str | None = Field(None, description="Knative revision of the candidate")
     stable_revision: str | None = Field(None, description="Knative revision that served when the rollout started")
+    base_revision: str | None = Field(
+        None, description="Latest Knative revision when the rollout started (an earlier candidate's: never this one's)")
     candidate_ready_at: str | None = Field(None, description="When the candidate revision was first ready (step 1's clock)")
     started_at: str | None = Field(None, description="When the rollout started (RFC 3339)")
     step_started_at: str | None = Field(None, description="When the current step (or the evaluation) started")

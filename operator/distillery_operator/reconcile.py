@@ -41,7 +41,16 @@ from .api import (
 from .monitoring import promql
 from .monitoring.prometheus import PrometheusClient, PrometheusError, SloMeasurement, measure
 from .render import render_inference_service, spec_hash
-from .rollout import IN_PROGRESS, Decision, EvaluationOutcome, Observed, decide, interval_seconds, parse_time
+from .rollout import (
+    IN_PROGRESS,
+    RESTORABLE,
+    Decision,
+    EvaluationOutcome,
+    Observed,
+    decide,
+    interval_seconds,
+    parse_time,
+)
 from .rollout_job import job_name, read_evaluation, render_evaluation_job
 from .settings import RenderSettings
 from .status import COND_VALIDATED, compute_status, condition, lineage_of, status_changed
@@ -356,7 +365,8 @@ def components_predictor(isvc: Mapping[str, Any] | None) -> Mapping[str, Any]:
 
 def revisions(state: Mapping[str, Any], isvc: Mapping[str, Any] | None) -> dict[str, str]:
     """The stable revision (what rolled out before the candidate) and the candidate's (the latest created
-    one, once it differs), from the InferenceService's status.components.predictor."""
+    one, once it is neither the stable one nor `baseRevision`, the latest when the rollout started: an
+    earlier candidate's revision is never this one's), from the InferenceService's status.components.predictor."""
     predictor = components_predictor(isvc)
     found: dict[str, str] = {}
     stable = state.get("stableRevision") or predictor.get("latestRolledoutRevision") or predictor.get(
@@ -364,7 +374,8 @@ def revisions(state: Mapping[str, Any], isvc: Mapping[str, Any] | None) -> dict[
     if stable:
         found["stableRevision"] = str(stable)
     created = predictor.get("latestCreatedRevision")
-    candidate = state.get("candidateRevision") or (created if created and created != stable else None)
+    new = created and created not in (stable, state.get("baseRevision"))
+    candidate = state.get("candidateRevision") or (created if new else None)
     if candidate:
         found["candidateRevision"] = str(candidate)
     return found
@@ -376,15 +387,22 @@ def candidate_ready(state: Mapping[str, Any], isvc: Mapping[str, Any] | None) ->
     return bool(candidate) and components_predictor(isvc).get("latestReadyRevision") == candidate
 
 
+def latest_revision(isvc: Mapping[str, Any] | None) -> str | None:
+    created = components_predictor(isvc).get("latestCreatedRevision")
+    return str(created) if created else None
+
+
 def restoring(state: Mapping[str, Any], isvc: Mapping[str, Any] | None) -> bool:
-    """After a rollback: whether the revision of the restored stable spec is not yet the latest ready one
-    (the candidate's revision is still the newest, or the restored one is not ready)."""
-    candidate = state.get("candidateRevision")
-    if not candidate:
-        return False  # the candidate never had a revision: nothing serves it
+    """After a rollback or an abandon: whether the revision of the restored stable spec is not yet the
+    latest ready one (a candidate's revision is still the newest, or the restored one is not ready). The
+    candidates are this rollout's and, when the rollout started over an earlier one, its base revision."""
+    base = state.get("baseRevision")
+    candidates = {state.get("candidateRevision"), base if base != state.get("stableRevision") else None} - {None}
+    if not candidates:
+        return False  # no candidate ever had a revision: nothing serves one
     predictor = components_predictor(isvc)
     created = predictor.get("latestCreatedRevision")
-    return not created or created == candidate or predictor.get("latestReadyRevision") != created
+    return not created or created in candidates or predictor.get("latestReadyRevision") != created
 
 
 class Reconciler:
@@ -479,7 +497,7 @@ class Reconciler:
             return False
         rollout = seen.status.get("rollout") or {}
         if rollout.get("phase") in IN_PROGRESS or "canaryTrafficPercent" in seen.desired["spec"]["predictor"] and \
-                rollout.get("phase") == RolloutPhase.ROLLED_BACK.value:
+                rollout.get("phase") in RESTORABLE:
             return False  # the rollout acts on the child's status (its revisions): decide again
         uid = seen.desired["metadata"]["ownerReferences"][0]["uid"]
         if not isvc_in_sync(seen.desired, isvc, uid):
@@ -700,7 +718,8 @@ class Reconciler:
         now = parse_time(self.clock()) or datetime.datetime.now(datetime.UTC)
         prev = previous.get("rollout")
         ready = candidate_ready(strip_none(prev), live)
-        decision = decide(dm.spec, prev, key, spec_json, now, Observed(candidate_ready=ready))
+        base = latest_revision(live)  # a rollout starting now takes only a revision created after this one
+        decision = decide(dm.spec, prev, key, spec_json, now, Observed(candidate_ready=ready, latest_revision=base))
         if decision.need or strip_none(decision.status) != strip_none(prev):
             # About to act: decide on the model as the API server has it now, not a copy from an event.
             fresh = await self._call(self.client.get(DM, namespace, name), retry)
@@ -708,7 +727,7 @@ class Reconciler:
             if fresh is not None and strip_none(fresh_status.get("rollout")) != strip_none(prev):
                 previous, prev = fresh_status, fresh_status.get("rollout")
                 ready = candidate_ready(strip_none(prev), live)
-                decision = decide(dm.spec, prev, key, spec_json, now, Observed(candidate_ready=ready))
+                decision = decide(dm.spec, prev, key, spec_json, now, Observed(candidate_ready=ready, latest_revision=base))
         state = strip_none(prev)
         if decision.need == "slo":
             measured = await self._measure(dm, state, live, namespace, name)
@@ -718,13 +737,16 @@ class Reconciler:
             if result is not None:
                 decision = decide(dm.spec, prev, key, spec_json, now, Observed(evaluation=result, candidate_ready=ready))
         decision.status = strip_none(decision.status)
-        if decision.status.get("phase") in IN_PROGRESS or decision.outcome == "rolled_back":
-            decision.status.update(revisions(decision.status, live))
+        if decision.status.get("phase") in IN_PROGRESS or state.get("phase") in IN_PROGRESS:
+            decision.status.update(revisions(decision.status, live))  # (also as it ends: a rollback, an abandon)
         if decision.serve == "stable" and restoring(decision.status, live):
             # Knative sends a canary-less service's traffic to its latest *ready* revision: until the
-            # restored stable spec's revision is ready that is the failed candidate, so hold all traffic on
-            # the revision rolled out before (KServe's `prev`) with canaryTrafficPercent 0 until then.
+            # restored stable spec's revision is ready that is the failed (or abandoned) candidate, so hold all
+            # traffic on the revision rolled out before (KServe's `prev`) with canaryTrafficPercent 0 until then.
             decision.canary_percent = 0
+        elif decision.status.get("phase") == RolloutPhase.IDLE.value:
+            for restored in ("candidateRevision", "baseRevision"):  # an abandon is over: no more hold
+                decision.status.pop(restored, None)
         return decision, previous
 
     def _served_model(self, dm: DistilledModel, decision: Decision) -> DistilledModel:

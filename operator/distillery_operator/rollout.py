@@ -26,6 +26,8 @@ from .monitoring.prometheus import SloMeasurement
 
 DEFAULT_INTERVAL_S = 120.0
 IN_PROGRESS = frozenset({RolloutPhase.EVALUATING.value, RolloutPhase.PROGRESSING.value})
+# Phases after which a candidate's revision may still be Knative's latest ready one (abandoned, rolled back).
+RESTORABLE = frozenset({RolloutPhase.IDLE.value, RolloutPhase.ROLLED_BACK.value})
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Observed:
     evaluation: EvaluationOutcome | None = None
     slo: SloMeasurement | None = None
     candidate_ready: bool = True  # the candidate revision exists and is ready (KServe status)
+    latest_revision: str | None = None  # the InferenceService's latestCreatedRevision (KServe status)
 
 
 @dataclass
@@ -167,12 +170,16 @@ def decide(
         if phase in IN_PROGRESS:  # the spec went back to the stable model: nothing left to roll out
             new.update(phase=RolloutPhase.IDLE.value, trafficPercent=None, step=None,
                        message="the spec returned to the stable model; rollout abandoned")
-            return Decision(new, event=("Normal", "RolloutAbandoned", new["message"]))
+            # As after a rollback: until the reverted spec's revision is ready, Knative's latest ready
+            # revision is the abandoned candidate's, so the reconciler holds traffic on the stable one.
+            return Decision(new, serve="stable", event=("Normal", "RolloutAbandoned", new["message"]))
+        if phase in RESTORABLE and (new.get("candidateRevision") or new.get("baseRevision")):
+            return Decision(new, serve="stable")  # still restoring, perhaps: the reconciler knows
         return Decision(new)
     if phase == RolloutPhase.ROLLED_BACK.value and key == prev.get("candidate"):
         return Decision(prev, serve="stable")  # stays rolled back until the spec changes again
     if phase not in IN_PROGRESS or key != prev.get("candidate"):
-        return _start(spec, prev, key, now)
+        return _start(spec, prev, key, now, observed.latest_revision)
 
     if phase == RolloutPhase.EVALUATING.value:
         if observed.evaluation is None:
@@ -214,7 +221,11 @@ def decide(
     return _step(prev, steps, step + 1, now, analysis)
 
 
-def _start(spec: DistilledModelSpec, prev: dict[str, Any], key: str, now: datetime.datetime) -> Decision:
+def _start(spec: DistilledModelSpec, prev: dict[str, Any], key: str, now: datetime.datetime,
+           base_revision: str | None) -> Decision:
+    """A new rollout state, nothing inherited from the last one but the stable model: its candidate is
+    only a revision created after `baseRevision` (the latest when it starts; mid-rollout or while a rollback
+    restores, that is an earlier candidate's, which must never be taken for this one)."""
     evaluating = spec.rollout.analysis is not None and spec.rollout.analysis.evaluation is not None
     new = {
         "phase": RolloutPhase.EVALUATING.value if evaluating else RolloutPhase.PROGRESSING.value,
@@ -223,6 +234,7 @@ def _start(spec: DistilledModelSpec, prev: dict[str, Any], key: str, now: dateti
         "candidate": key,
         "stable": prev["stable"],
         "stableSpec": prev.get("stableSpec"),
+        "baseRevision": base_revision,
         "startedAt": fmt_time(now),
         "stepStartedAt": fmt_time(now),
         "message": "evaluating the candidate before any traffic moves" if evaluating

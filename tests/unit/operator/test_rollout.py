@@ -172,3 +172,19 @@ def test_a_candidate_never_ready_rolls_back():
     begun = decide(s, decide(s, None, "old", {}, T0).status, "new", {}, T0).status
     d = decide(s, begun, "new", {}, at(901), Observed(candidate_ready=False))
     assert d.outcome == "rolled_back" and "not ready within startupTimeoutSeconds (900s)" in d.status["message"]
+
+
+def test_a_new_rollout_inherits_no_revision_and_starts_after_the_latest():
+    s = spec()
+    status = {**started(s), "candidateRevision": "m-predictor-00002", "stableRevision": "m-predictor-00001"}
+    d = decide(s, status, "newer", {"v": "newer"}, at(5), Observed(latest_revision="m-predictor-00002"))
+    assert d.outcome == "started" and d.status["candidate"] == "newer"
+    assert "candidateRevision" not in d.status and d.status["baseRevision"] == "m-predictor-00002"
+
+
+def test_an_abandon_holds_on_the_stable_revision_like_a_rollback():
+    s = spec()
+    status = {**started(s), "candidateRevision": "m-predictor-00002"}
+    d = decide(s, status, "old", {"v": "old"}, at(5))
+    assert d.status["phase"] == "Idle" and d.serve == "stable" and d.event[1] == "RolloutAbandoned"
+    assert decide(s, d.status, "old", {"v": "old"}, at(6)).serve == "stable"  # until the reconciler clears it

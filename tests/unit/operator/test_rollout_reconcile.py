@@ -59,3 +59,52 @@ async def test_a_stale_copy_never_takes_a_second_step() -> None:
     assert (rollout["step"], rollout["trafficPercent"]) == (2, 50)
     assert client.objects[(ISVC.plural, NS, NAME)]["spec"]["predictor"]["canaryTrafficPercent"] == 50
     assert [reason for _, _, reason, _ in client.events].count("RolloutStep") == 1
+
+
+async def rolling_out(client: MemoryClient, reconciler: Reconciler) -> None:
+    """int4 (revision -00001) rolling out int8, whose revision -00002 is ready at step 1."""
+    client.put(DM, dm_object())
+    await reconciler.reconcile(stored(client), trigger="create")
+    set_revisions(client, "r1-predictor-00001", "r1-predictor-00001")
+    await client.patch(DM, NS, NAME, {"spec": {"quantization": {"method": "int8"}}})
+    await reconciler.reconcile(stored(client), trigger="update")
+    set_revisions(client, "r1-predictor-00002", "r1-predictor-00001")
+    await reconciler.reconcile(stored(client), trigger="child")
+    assert stored(client)["status"]["rollout"]["candidateRevision"] == "r1-predictor-00002"
+
+
+async def test_a_new_candidate_mid_rollout_never_takes_the_previous_candidates_revision() -> None:
+    client, clock = MemoryClient(), Clock()
+    reconciler = Reconciler(client, RenderSettings(), clock=clock)
+    await rolling_out(client, reconciler)
+    await client.patch(DM, NS, NAME, {"spec": {"quantization": {"method": "none"}}})  # C1 -> C2 mid-rollout
+    await reconciler.reconcile(stored(client), trigger="update")
+    assert "candidateRevision" not in stored(client)["status"]["rollout"]  # -00002 is C1's, not C2's
+    for seconds in (10, 20, 30, 40):  # C2's revision is never created: nothing steps, nothing is promoted
+        clock.seconds = seconds
+        await reconciler.reconcile(stored(client), trigger="resync")
+    rollout = stored(client)["status"]["rollout"]
+    assert (rollout["phase"], rollout["step"]) == ("Progressing", 1) and "candidateReadyAt" not in rollout
+    assert rollout["baseRevision"] == "r1-predictor-00002"
+    set_revisions(client, "r1-predictor-00003", "r1-predictor-00001")  # C2's revision, ready
+    await reconciler.reconcile(stored(client), trigger="child")
+    rollout = stored(client)["status"]["rollout"]
+    assert rollout["candidateRevision"] == "r1-predictor-00003" and rollout["candidateReadyAt"]
+
+
+async def test_an_abandoned_candidate_serves_nothing_while_the_stable_spec_is_restored() -> None:
+    client, clock = MemoryClient(), Clock()
+    reconciler = Reconciler(client, RenderSettings(), clock=clock)
+    await rolling_out(client, reconciler)
+    await client.patch(DM, NS, NAME, {"spec": {"quantization": {"method": "int4"}}})  # back to the stable model
+    await reconciler.reconcile(stored(client), trigger="update")
+    assert stored(client)["status"]["rollout"]["phase"] == "Idle"
+    # The abandoned candidate -00002 is still Knative's latest ready revision: all traffic stays on -00001.
+    assert client.objects[(ISVC.plural, NS, NAME)]["spec"]["predictor"]["canaryTrafficPercent"] == 0
+    await reconciler.reconcile(stored(client), trigger="child")  # nothing changed: still held
+    assert client.objects[(ISVC.plural, NS, NAME)]["spec"]["predictor"]["canaryTrafficPercent"] == 0
+    set_revisions(client, "r1-predictor-00003", "r1-predictor-00001")  # the reverted spec's revision is ready
+    await reconciler.reconcile(stored(client), trigger="child")
+    assert "canaryTrafficPercent" not in client.objects[(ISVC.plural, NS, NAME)]["spec"]["predictor"]
+    rollout = stored(client)["status"]["rollout"]
+    assert rollout["phase"] == "Idle" and "candidateRevision" not in rollout
