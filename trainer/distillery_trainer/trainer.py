@@ -70,6 +70,7 @@ def training_arguments(spec: DistillationJobSpec, checkpoint_dir: Path, *, preci
         dataloader_num_workers=0,
         disable_tqdm=not progress_bar,
         ddp_find_unused_parameters=False,
+        average_tokens_across_devices=True,  # the loss divides by the token count of all ranks (compute_loss)
     )
 
 
@@ -84,14 +85,24 @@ class NoFinalCheckpoint(TrainerCallback):
 
 
 class DistillationTrainer(Trainer):
-    """A Trainer whose loss is alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
+    """A Trainer whose loss is alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE.
+
+    The objective is the mean over the target tokens of the whole optimizer step: every micro-batch of the
+    accumulation on every rank. The Trainer counts those tokens up front (`num_items_in_batch`: labels[..., 1:]
+    other than -100, summed over the accumulated micro-batches and gathered over the ranks, as
+    average_tokens_across_devices is on by default), so each micro-batch's loss is its token SUM over that
+    count. Summing micro-batches (accumulation) and averaging ranks (DDP, hence the world size factor) then
+    gives the global token mean; a mean per micro-batch would weigh a short micro-batch's tokens more.
+    """
 
     def __init__(self, *args: Any, teacher: nn.Module, loss: Loss, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.teacher = teacher.to(self.args.device)
         self.loss_settings = loss
-        # our loss is a per-micro-batch token mean: let the Trainer divide by the accumulation steps itself
-        self.model_accepts_loss_kwargs = False
+        # the Trainer counts num_items_in_batch only for models that take loss kwargs, and then counts the
+        # shifted labels only when it recognises a causal LM loss: both are ours whatever the student (LoRA)
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
         self._parts: dict[str, float] = {"kl": 0.0, "ce": 0.0, "n": 0.0}
         self.tokens_trained = 0  # target tokens this process trained on (the throughput's numerator)
 
@@ -102,14 +113,23 @@ class DistillationTrainer(Trainer):
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=inputs["input_ids"],
                                           attention_mask=inputs["attention_mask"]).logits
-        parts = distillation_loss(outputs.logits, teacher_logits, labels,
-                                  temperature=self.loss_settings.temperature, alpha=self.loss_settings.alpha)
-        if model.training:
-            self._parts["kl"] += float(parts.kl)
-            self._parts["ce"] += float(parts.ce)
-            self._parts["n"] += 1
+        settings = self.loss_settings
+        if num_items_in_batch is None:  # not counted (no labels seen up front): this micro-batch's own mean
+            parts = distillation_loss(outputs.logits, teacher_logits, labels, temperature=settings.temperature,
+                                      alpha=settings.alpha)
+            loss = parts.loss
+        else:
+            parts = distillation_loss(outputs.logits, teacher_logits, labels, temperature=settings.temperature,
+                                      alpha=settings.alpha, reduction="sum")
+            loss = parts.loss / torch.as_tensor(num_items_in_batch, device=parts.loss.device).clamp(min=1)
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients
+        if model.training:  # token-weighted means of KL and CE for the log
+            self._parts["kl"] += float(parts.kl) * parts.tokens
+            self._parts["ce"] += float(parts.ce) * parts.tokens
+            self._parts["n"] += parts.tokens
             self.tokens_trained += parts.tokens
-        return (parts.loss, outputs) if return_outputs else parts.loss
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._parts["n"]:  # the mean KL and CE since the last log, beside the loss

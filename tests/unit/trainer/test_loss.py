@@ -128,3 +128,38 @@ def test_alpha_zero_equals_the_models_own_language_modelling_loss(tiny_student_d
     parts = distillation_loss(out.logits, t, batch["labels"], temperature=2.0, alpha=0.0)
     assert parts.tokens == 4 + 2
     assert parts.loss.item() == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+def test_the_sum_reduction_is_the_mean_times_the_tokens():
+    mean = distillation_loss(STUDENT, TEACHER, LABELS, temperature=2.0, alpha=0.7)
+    total = distillation_loss(STUDENT, TEACHER, LABELS, temperature=2.0, alpha=0.7, reduction="sum")
+    assert total.loss.item() == pytest.approx(3 * by_hand(2.0, 0.7)[0], rel=1e-5)
+    assert total.kl.item() == pytest.approx(mean.kl.item()) and total.ce.item() == pytest.approx(mean.ce.item())
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4])
+def test_chunks_give_the_same_loss_and_gradient(chunk: int):
+    # rows of 6 positions over a vocabulary of 50, padding at the end of two rows: chunks cut across rows
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(3, 6, 50, generator=g), torch.randn(3, 6, 50, generator=g) * 3
+    labels = torch.randint(0, 50, (3, 6), generator=g)
+    labels[0, 4:] = IGNORE_INDEX
+    labels[2, 2:] = IGNORE_INDEX
+    grads = []
+    for size in (chunk, 10_000):
+        s = student.clone().requires_grad_(True)
+        parts = distillation_loss(s, teacher, labels, temperature=2.0, alpha=0.6, chunk_tokens=size)
+        parts.loss.backward()
+        grads.append((parts.loss.detach(), s.grad))
+    (loss_c, grad_c), (loss_1, grad_1) = grads
+    torch.testing.assert_close(loss_c, loss_1)
+    torch.testing.assert_close(grad_c, grad_1)
+    # and the unchunked reference is plain autograd over all counted positions at once
+    s = student.clone().requires_grad_(True)
+    targets, mask = labels[:, 1:], labels[:, 1:] != IGNORE_INDEX
+    ls, lt = s[:, :-1][mask], teacher[:, :-1][mask]
+    kl = F.kl_div(F.log_softmax(ls / 2.0, -1), F.log_softmax(lt / 2.0, -1), log_target=True, reduction="sum")
+    ref = 0.6 * 4.0 * kl / mask.sum() + 0.4 * F.cross_entropy(ls, targets[mask])
+    ref.backward()
+    torch.testing.assert_close(loss_1, ref.detach())
+    torch.testing.assert_close(grad_1, s.grad)
