@@ -13,10 +13,11 @@ Rules that involve one field live on the field (bounds, enums); rules across fie
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from typing import Final, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from distillery_contract.apimodel import ApiModel
 from distillery_contract.values import DEFAULT_GROUP_SIZE, GroupSize, HardwareProfile
@@ -210,6 +211,18 @@ def pvc_claims(spec: DistillationJobSpec) -> list[str]:
     return sorted({u.partition("://")[2].strip("/").split("/")[0] for u in uris if u.startswith("pvc://")} - {""})
 
 
+def finite(value: object) -> object:
+    """`value` with every NaN or infinite float (at any depth) made None: JSON has no such numbers, and
+    the API server refuses a status or annotation that holds one."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
 class _Lenient(ApiModel):
     # Read from a trainer that may be newer than the operator: unknown fields are ignored, not refused.
     model_config = ConfigDict(extra="ignore")
@@ -230,6 +243,12 @@ class TrainProgress(_Lenient):
     loss: float | None = Field(None, description="Latest training loss")
     validation_loss: float | None = Field(None, description="Latest validation loss")
 
+    @field_validator("loss", "validation_loss")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        # A diverged run reports NaN/Inf: "no usable loss", not a number the job's status cannot hold.
+        return value if value is None or math.isfinite(value) else None
+
 
 class TrainResult(_Lenient):
     """What rank 0 writes to RESULT_FILE at the end: the artifact, the final progress, a lineage summary."""
@@ -237,3 +256,8 @@ class TrainResult(_Lenient):
     artifact: ArtifactRef
     progress: TrainProgress | None = None
     lineage: dict[str, object] = Field(default_factory=dict, description="Summary of lineage.json")
+
+    @field_validator("lineage")
+    @classmethod
+    def _finite_lineage(cls, value: dict[str, object]) -> dict[str, object]:
+        return finite(value)  # type: ignore[return-value]

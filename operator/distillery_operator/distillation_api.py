@@ -74,6 +74,9 @@ class DistillationJobStatus(ApiModel):
         None, description="Teacher, student, dataset, loss and training parameters, final losses (from lineage.json)"
     )
     deployed_model: str | None = Field(None, description="The DistilledModel now serving the artifact (spec.deploy)")
+    deployed_artifact: str | None = Field(
+        None, description="sha256 of the artifact last deployed (spec.deploy acts once per generation and artifact)"
+    )
     observed_generation: int | None = Field(None, description="The generation last acted upon")
     message: str | None = Field(None, description="Why the job is not (yet) Succeeded")
 

@@ -3,7 +3,13 @@
 One reconcile = read the TrainJob, create it when absent (never again once the job finished), restore its
 labels and ownerReference when edited, mirror its conditions into our phase, read the trainer's result
 when it completed, point spec.deploy's DistilledModel at the artifact, write the status when it changed,
-post Events on transitions. The same KubeClient, API error policy, Event and status-write helpers as the
+post Events on transitions.
+
+The deploy: only a verified artifact (the trainer's result carries its sha256) that the current spec
+describes (SpecApplied: the TrainJob ran this spec), at the URIs the trainer reported (never recomputed
+from a spec edited since); once per (generation, artifact), recorded as status.deployedArtifact and the
+Deployed condition's observedGeneration, so a user's later edit of the DistilledModel stays. Skipped:
+Deployed=False with the reason, one Warning Event. The same KubeClient, API error policy, Event and status-write helpers as the
 DistilledModel's reconciler (reconcile.py), and the same condition helper (status.py).
 
 Where the trainer's results come from: rank 0 writes a `TrainResult` (artifact sha256, final progress,
@@ -30,10 +36,10 @@ from typing import Any, NoReturn
 import kopf
 from pydantic import ValidationError
 
-from distillery_contract.distillation import TrainResult
+from distillery_contract.distillation import DistillationJobSpec, TrainResult
 
 from . import constants, metrics
-from .api import InvalidSpec, Problem
+from .api import InvalidSpec, ModelSource, Problem
 from .distillation_api import DistillationJob, JobPhase, parse_distillation_job
 from .distillation_render import render_train_job
 from .distillation_status import (
@@ -41,6 +47,7 @@ from .distillation_status import (
     OWNED_KEYS,
     Observed,
     compute_job_status,
+    ran_spec,
     trainjob_outcome,
 )
 from .reconcile import (
@@ -99,15 +106,21 @@ def read_result(pods: list[dict[str, Any]]) -> tuple[TrainResult | None, str | N
     return None, "no trainer pod left a result (rank 0's termination message)"
 
 
-def deployed_model(job: DistillationJob, artifact: Mapping[str, Any], lineage: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What spec.deploy's DistilledModel must hold to serve the artifact (a merge patch, and the create body)."""
-    spec = job.spec
-    quantized = spec.quantization is not None and artifact.get("quantizedUri")
-    model: dict[str, Any] = {"uri": artifact["quantizedUri"] if quantized else artifact["uri"],
-                             "teacher": spec.teacher.uri}
+# spec.model fields the deploy does not set: null in its merge patch, so none stays from the previous model.
+_MODEL_FIELDS = tuple(field.alias or name for name, field in ModelSource.model_fields.items())
+
+
+def deployed_model(
+    job: DistillationJob, ran: DistillationJobSpec, artifact: Mapping[str, Any], lineage: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """What spec.deploy's DistilledModel must hold to serve the artifact (a merge patch; the create body
+    without its nulls). `ran` is the spec the TrainJob ran; `artifact` the status' record of what it wrote."""
+    quantized = ran.quantization is not None and artifact.get("quantizedUri")
+    model: dict[str, Any] = {**dict.fromkeys(_MODEL_FIELDS), "uri": artifact["quantizedUri"] if quantized
+                             else artifact["uri"], "teacher": ran.teacher.uri}
     quantization: dict[str, Any] = {"prequantized": bool(quantized)}
-    if quantized and spec.quantization is not None:
-        quantization.update(method=spec.quantization.method, groupSize=spec.quantization.group_size)
+    if quantized and ran.quantization is not None:
+        quantization.update(method=ran.quantization.method, groupSize=ran.quantization.group_size)
     record = {"job": job.metadata.name, "sha256": artifact.get("sha256"), **(lineage or {})}
     return {
         "metadata": {"annotations": {
@@ -202,20 +215,22 @@ class DistillationReconciler:
             ((live.get("metadata") or {}).get("annotations") or {}).get(constants.ANN_SPEC_HASH)
             == desired["metadata"]["annotations"][constants.ANN_SPEC_HASH])
 
-        observed = Observed(train_job=live, trainer_missing=trainer_missing, spec_applied=spec_applied)
+        ran = ran_spec(live) or (job.spec if live is not None and spec_applied else None)
+        observed = Observed(train_job=live, trainer_missing=trainer_missing, spec_applied=spec_applied, ran=ran)
         if live is not None and trainjob_outcome(live)[0] == JobPhase.SUCCEEDED \
                 and not (previous.get("artifact") or {}).get("sha256"):
             result, problem_text = await self._read_result(namespace, name, retry)
-            observed = Observed(train_job=live, spec_applied=spec_applied, result=result, result_problem=problem_text)
+            observed = dataclasses.replace(observed, result=result, result_problem=problem_text)
 
         def status(obs: Observed) -> dict[str, Any]:
             return compute_job_status(name=name, generation=generation, spec=job.spec, observed=obs,
                                       previous=previous, now=self.clock())
 
         new = status(observed)
-        if new["phase"] == JobPhase.SUCCEEDED.value and job.spec.deploy is not None and new.get("artifact"):
-            deployed = await self._deploy(job, new["artifact"], new.get("lineage"), namespace, retry, outcome)
-            new = status(dataclasses.replace(observed, deployed=deployed))
+        if new["phase"] == JobPhase.SUCCEEDED.value and job.spec.deploy is not None:
+            deployed = await self._deploy_once(job, observed, previous, new, generation, namespace, retry, outcome)
+            if deployed is not None:
+                new = status(dataclasses.replace(observed, deployed=deployed))
         await self._write_status(body, namespace, name, previous, new, retry, outcome, None if trainer_missing else sink)
         outcome.phase = new["phase"]
         return outcome
@@ -274,23 +289,59 @@ class DistillationReconciler:
             return None, f"the trainer pods could not be listed ({exc})"
         return read_result(pods)
 
-    async def _deploy(
-        self, job: DistillationJob, artifact: Mapping[str, Any], lineage: Mapping[str, Any] | None, namespace: str,
-        retry: int, outcome: Outcome,
-    ) -> tuple[bool, str]:
-        """Create or patch spec.deploy's DistilledModel so that it serves the artifact; (done, message)."""
+    async def _deploy_once(
+        self, job: DistillationJob, observed: Observed, previous: Mapping[str, Any], new: Mapping[str, Any],
+        generation: int | None, namespace: str, retry: int, outcome: Outcome,
+    ) -> tuple[bool, str, str] | None:
+        """Deploy a verified artifact once per (generation, artifact): later edits of the DistilledModel are
+        the user's. None when already done (the Deployed condition stays); else (done, reason, message)."""
         assert job.spec.deploy is not None
         target = job.spec.deploy.distilled_model
-        want = deployed_model(job, artifact, lineage)
-        done = (True, f"DistilledModel {target} serves {want['spec']['model']['uri']}")
+        artifact = new.get("artifact") or {}
+        sha = artifact.get("sha256")
+        before = condition(previous, "Deployed") or {}
+        if sha and before.get("status") == "True" and before.get("observedGeneration") == generation \
+                and previous.get("deployedArtifact") == sha and previous.get("deployedModel") == target:
+            return None
+        kept = (f"; DistilledModel {previous['deployedModel']} keeps what it serves"
+                if previous.get("deployedModel") else "")
+        skipped: tuple[str, str] | None = None
+        if not sha:
+            why = str(new.get("message") or "succeeded, but the trainer's result carries no artifact sha256")
+            skipped = "NoVerifiedArtifact", f"not deployed: the job {why}{kept}"
+        elif observed.train_job is None:
+            skipped = "TrainJobGone", ("not deployed: the TrainJob is gone, so the spec it ran cannot be checked "
+                                       f"against this one{kept}")
+        elif not observed.spec_applied or observed.ran is None:
+            skipped = "SpecNotApplied", ("not deployed: the spec changed after the TrainJob was created (see "
+                                         "SpecApplied), so the artifact is not what this spec describes; delete and "
+                                         f"re-create the DistillationJob to run and deploy it{kept}")
+        if skipped is not None:
+            reason, message = skipped
+            if (before.get("reason"), before.get("message")) != (reason, message):
+                outcome.events.append("DeploySkipped")
+            return False, reason, message
+        assert observed.ran is not None
+        return await self._deploy(job, observed.ran, artifact, new.get("lineage"), namespace, retry, outcome)
+
+    async def _deploy(
+        self, job: DistillationJob, ran: DistillationJobSpec, artifact: Mapping[str, Any],
+        lineage: Mapping[str, Any] | None, namespace: str, retry: int, outcome: Outcome,
+    ) -> tuple[bool, str, str]:
+        """Create or patch spec.deploy's DistilledModel so that it serves the artifact; (done, reason, message)."""
+        assert job.spec.deploy is not None
+        target = job.spec.deploy.distilled_model
+        want = deployed_model(job, ran, artifact, lineage)
+        done = (True, "Deployed", f"DistilledModel {target} serves {want['spec']['model']['uri']}")
         try:
             live = await call_api(self.client.get(DM, namespace, target), retry)
             if live is None:
+                model = {k: v for k, v in want["spec"]["model"].items() if v is not None}
                 body = {"apiVersion": constants.API_VERSION, "kind": constants.KIND,
                         "metadata": {"name": target, "namespace": namespace,
                                      "labels": {constants.LABEL_PART_OF: constants.PART_OF},
                                      **want["metadata"]},
-                        "spec": want["spec"]}
+                        "spec": {**want["spec"], "model": model}}
                 await call_api(self.client.create(DM, namespace, body), retry)
             elif contains(want, {"metadata": live.get("metadata") or {}, "spec": live.get("spec") or {}}):
                 return done
@@ -299,7 +350,7 @@ class DistillationReconciler:
         except ApiError as exc:
             if exc.status == 409:
                 raise kopf.TemporaryError(f"DistilledModel {target}: {exc}", delay=1) from exc
-            return False, f"could not point DistilledModel {target} at the artifact: {exc}"
+            return False, "DeployFailed", f"could not point DistilledModel {target} at the artifact: {exc}"
         outcome.writes += 1
         outcome.events.append("Deployed")
         return done
@@ -327,6 +378,7 @@ class DistillationReconciler:
             "Created": ("Normal", f"created TrainJob {name}"),
             "DriftRepaired": ("Warning", f"TrainJob {name}'s labels or owner were changed by hand; restored them"),
             "Deployed": ("Normal", str(deployed.get("message"))),
+            "DeploySkipped": ("Warning", str(deployed.get("message"))),
         }
         for reason in outcome.events:
             if reason in messages:

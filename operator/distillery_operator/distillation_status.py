@@ -12,9 +12,13 @@ holds, so an unchanged world renders an identical status and the reconciler skip
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic import ValidationError
 
 from distillery_contract.distillation import (
     PROGRESS_METRICS,
@@ -23,6 +27,7 @@ from distillery_contract.distillation import (
     TrainResult,
 )
 
+from . import constants
 from .api import Problem
 from .distillation_api import JobPhase
 from .status import COND_VALIDATED, make_condition
@@ -33,7 +38,7 @@ COND_SPEC_APPLIED = "SpecApplied"
 COND_DEPLOYED = "Deployed"
 
 OWNED_KEYS = ("phase", "conditions", "trainJob", "progress", "artifact", "lineage", "deployedModel",
-              "observedGeneration", "message")
+              "deployedArtifact", "observedGeneration", "message")
 FINISHED = frozenset({JobPhase.SUCCEEDED.value, JobPhase.FAILED.value})
 
 
@@ -46,7 +51,25 @@ class Observed:
     spec_applied: bool = True  # the TrainJob runs the current spec (its trainer is immutable once created)
     result: TrainResult | None = None
     result_problem: str | None = None  # why there is no result for a succeeded TrainJob
-    deployed: tuple[bool, str] | None = None  # spec.deploy: (done, message)
+    ran: DistillationJobSpec | None = None  # the spec the TrainJob runs (its job manifest), when readable
+    deployed: tuple[bool, str, str] | None = None  # spec.deploy acted upon: (done, reason, message)
+
+
+def ran_spec(train_job: Mapping[str, Any] | None) -> DistillationJobSpec | None:
+    """The spec a TrainJob runs: the job manifest its runtime patch hands the trainer (None if unreadable)."""
+    for patch in ((train_job or {}).get("spec") or {}).get("runtimePatches") or []:
+        jobs = ((((patch or {}).get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}).get(
+            "replicatedJobs") or []
+        for replicated in jobs:
+            pod = ((((replicated or {}).get("template") or {}).get("spec") or {}).get("template") or {})
+            text = ((pod.get("metadata") or {}).get("annotations") or {}).get(constants.ANN_JOB_MANIFEST)
+            if not text:
+                continue
+            try:
+                return DistillationJobSpec.model_validate(json.loads(text)["spec"])
+            except (ValueError, KeyError, TypeError, ValidationError):
+                return None
+    return None
 
 
 def trainjob_conditions(train_job: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
@@ -72,10 +95,12 @@ def trainjob_outcome(train_job: Mapping[str, Any]) -> tuple[JobPhase, str, str |
 
 
 def _number(text: Any) -> float | None:
+    """A finite number or None: NaN/Inf (a diverged loss) has no JSON form, and a status holding one is refused."""
     try:
-        return float(text)
+        value = float(text)
     except (TypeError, ValueError):
         return None
+    return value if math.isfinite(value) else None
 
 
 def _progress(
@@ -92,8 +117,8 @@ def _progress(
         progress["totalSteps"] = int(total)
     if loss is not None:
         progress["loss"] = loss
-    if trainer_status.get("progressPercentage") is not None:
-        progress["percent"] = int(trainer_status["progressPercentage"])
+    if (percent := _number(trainer_status.get("progressPercentage"))) is not None:
+        progress["percent"] = int(percent)
     if result is not None and result.progress is not None:
         final = result.progress
         progress.update({k: v for k, v in (("step", final.step), ("totalSteps", final.total_steps),
@@ -110,10 +135,11 @@ def _progress(
     return progress or None
 
 
-def artifact_uris(spec: DistillationJobSpec) -> tuple[str, str | None]:
-    """(the student's URI, the pre-quantized artifact's URI or None)."""
-    uri = spec.output.uri
-    return uri, (f"{uri.rstrip('/')}/{QUANTIZED_SUBDIR}" if spec.quantization is not None else None)
+def artifact_uris(uri: str, ran: DistillationJobSpec | None) -> dict[str, str]:
+    """status.artifact's URIs: where the student was written, and its pre-quantized copy when the spec the
+    TrainJob ran asked for one (never the current spec: it may have changed since)."""
+    quantized = ran is not None and ran.quantization is not None
+    return {"uri": uri, **({"quantizedUri": f"{uri.rstrip('/')}/{QUANTIZED_SUBDIR}"} if quantized else {})}
 
 
 def compute_job_status(
@@ -162,13 +188,16 @@ def compute_job_status(
     result = observed.result
     artifact = dict(previous.get("artifact") or {}) or None
     lineage = previous.get("lineage")
-    if phase == JobPhase.SUCCEEDED and spec is not None:
-        uri, quantized = artifact_uris(spec)
-        artifact = {**(artifact or {}), "uri": uri, **({"quantizedUri": quantized} if quantized else {})}
+    # The artifact is recorded once, from what ran: the trainer's result, else the TrainJob's job manifest.
+    if phase == JobPhase.SUCCEEDED and spec is not None and train_job is not None \
+            and not (artifact or {}).get("sha256"):
+        uri = result.artifact.uri if result is not None else (observed.ran.output.uri if observed.ran else None)
+        if uri:
+            artifact = artifact_uris(uri, observed.ran)
         if result is not None:
-            artifact["sha256"] = result.artifact.sha256
+            artifact = {**(artifact or {}), "sha256": result.artifact.sha256}
             lineage = dict(result.lineage) or lineage
-        elif observed.result_problem and not artifact.get("sha256"):
+        elif observed.result_problem:
             message = f"succeeded, but {observed.result_problem}"
 
     succeeded_message = {
@@ -185,14 +214,13 @@ def compute_job_status(
             cond(COND_SPEC_APPLIED, "False", "TrainJobImmutable",
                  "the spec changed after the TrainJob was created, and a TrainJob's trainer cannot change: the "
                  "TrainJob runs the spec it started with (delete and re-create the DistillationJob to run the new one)"))
-    deployed_model = previous.get("deployedModel")
+    deployed_model, deployed_artifact = previous.get("deployedModel"), previous.get("deployedArtifact")
     if spec is not None and spec.deploy is not None:
         if observed.deployed is not None:
-            ok, text = observed.deployed
-            conditions.append(cond(COND_DEPLOYED, "True" if ok else "False", "Deployed" if ok else "DeployFailed",
-                                   text))
+            ok, reason, text = observed.deployed
+            conditions.append(cond(COND_DEPLOYED, "True" if ok else "False", reason, text))
             if ok:
-                deployed_model = spec.deploy.distilled_model
+                deployed_model, deployed_artifact = spec.deploy.distilled_model, (artifact or {}).get("sha256")
         elif (before.get(COND_DEPLOYED) or {}).get("status") == "True":
             conditions.append(dict(before[COND_DEPLOYED]))
         else:
@@ -208,6 +236,7 @@ def compute_job_status(
         "artifact": artifact,
         "lineage": lineage,
         "deployedModel": deployed_model,
+        "deployedArtifact": deployed_artifact,
         "observedGeneration": generation,
         "message": message if phase != JobPhase.SUCCEEDED or (message or "").startswith("succeeded,") else None,
     }

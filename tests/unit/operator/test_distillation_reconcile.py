@@ -162,12 +162,103 @@ async def test_deploy_creates_then_patches_the_distilled_model(world) -> None:
     from distillery_operator.api import parse_distilled_model
     parse_distilled_model(dm)  # what the job writes is a valid DistilledModel
 
-    # Someone points the model elsewhere: the job puts its artifact back (a patch, not a new object).
+    assert world.job()["status"]["deployedArtifact"] == SHA
+
+    # The deploy happens once per generation and artifact: later edits of the model are the user's.
     dm["spec"]["model"]["uri"] = "hf://someone/else"
+    dm["spec"]["quantization"] = {"method": "int8"}
     world.client.calls.clear()
     await world.run()
+    await world.run()
+    assert world.client.writes(DM.plural) == [] and world.client.writes() == []
+    assert world.client.objects[(DM.plural, "ns", "r1-support")]["spec"]["model"]["uri"] == "hf://someone/else"
+    assert len([e for e in world.client.events if e[2] == "Deployed"]) == 1
+
+    # A new generation (here: another target) deploys once more.
+    body = world.job()
+    body["spec"]["deploy"] = {"distilledModel": "r1-other"}
+    body["metadata"]["generation"] = 2
+    world.client.objects[(DJ.plural, "ns", "dj1")] = body
+    await world.run()
+    assert world.client.objects[(DM.plural, "ns", "r1-other")]["spec"]["model"]["uri"].endswith("/quantized")
+    assert world.job()["status"]["deployedModel"] == "r1-other"
+    assert world.client.objects[(DM.plural, "ns", "r1-support")]["spec"]["model"]["uri"] == "hf://someone/else"
+
+
+async def test_deploy_replaces_the_whole_model_of_an_existing_distilled_model(world) -> None:
+    world.client.put(DM, {"apiVersion": "distillery.dev/v1alpha1", "kind": "DistilledModel",
+                          "metadata": {"name": "r1", "namespace": "ns"},
+                          "spec": {"model": {"uri": "hf://org/old", "revision": "v1", "format": "gguf",
+                                             "architecture": "llama"}}})
+    world.client.put(DJ, job_body(deploy={"distilledModel": "r1"}))
+    await world.run()
+    world.client.put(PODS, rank0_pod("dj1", json.dumps(RESULT)))
+    world.set_conditions("dj1", {"type": "Complete", "status": "True", "reason": "Done"})
+    await world.run()
+    dm = world.client.objects[(DM.plural, "ns", "r1")]
+    assert dm["spec"]["model"] == {"uri": "s3://models/out", "teacher": "hf://deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"}
     assert [c.verb for c in world.client.writes(DM.plural)] == ["patch"]
-    assert world.client.objects[(DM.plural, "ns", "r1-support")]["spec"]["model"]["uri"].endswith("/quantized")
+
+
+async def test_no_verified_result_means_no_deploy(world) -> None:
+    world.client.put(DJ, job_body(deploy={"distilledModel": "r1"}))
+    await world.run()
+    world.client.put(PODS, rank0_pod("dj1", None))
+    world.set_conditions("dj1", {"type": "Complete", "status": "True", "reason": "Done"})
+    await world.run()
+    await world.run()
+    assert (DM.plural, "ns", "r1") not in world.client.objects
+    deployed = world.condition("Deployed")
+    assert deployed["status"] == "False" and deployed["reason"] == "NoVerifiedArtifact"
+    assert "no trainer pod left a result" in deployed["message"]
+    assert [e[1] for e in world.client.events if e[2] == "DeploySkipped"] == ["Warning"], "one Event"
+    assert world.job()["status"].get("deployedModel") is None
+
+
+async def test_spec_changed_after_start_is_not_deployed_and_the_artifact_is_what_ran(world) -> None:
+    world.client.put(DJ, job_body(deploy={"distilledModel": "r1"}))
+    await world.run()
+    body = world.job()
+    body["spec"]["output"] = {"uri": "s3://models/elsewhere"}
+    body["spec"]["quantization"] = {"method": "int4"}
+    body["metadata"]["generation"] = 2
+    world.client.objects[(DJ.plural, "ns", "dj1")] = body
+    world.client.put(PODS, rank0_pod("dj1", json.dumps(RESULT)))
+    world.set_conditions("dj1", {"type": "Complete", "status": "True", "reason": "Done"})
+    await world.run()
+    await world.run()
+    status = world.job()["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["artifact"] == {"uri": "s3://models/out", "sha256": SHA}, "what ran, not the edited spec"
+    assert world.condition("SpecApplied")["status"] == "False"
+    deployed = world.condition("Deployed")
+    assert deployed["status"] == "False" and deployed["reason"] == "SpecNotApplied"
+    assert (DM.plural, "ns", "r1") not in world.client.objects
+    assert len([e for e in world.client.events if e[2] == "DeploySkipped"]) == 1
+
+
+async def test_non_finite_losses_never_reach_the_status(world) -> None:
+    world.client.put(DJ, job_body(deploy={"distilledModel": "r1"}))
+    await world.run()
+    world.train_job()["status"] = {"trainerStatus": {"progressPercentage": "NaN", "metrics": [
+        {"name": "step", "value": "inf"}, {"name": "totalSteps", "value": "50"}, {"name": "loss", "value": "nan"}]}}
+    await world.run()
+    status = world.job()["status"]
+    assert status["phase"] == "Running" and status["progress"] == {"totalSteps": 50}
+    json.dumps(status, allow_nan=False)
+    diverged = {**RESULT, "progress": {"step": 50, "totalSteps": 50, "loss": float("nan"),
+                                       "validationLoss": float("inf")},
+                "lineage": {"steps": 50, "klFinal": float("nan"), "losses": [1.0, float("-inf")]}}
+    world.client.put(PODS, rank0_pod("dj1", json.dumps(diverged)))
+    world.set_conditions("dj1", {"type": "Complete", "status": "True", "reason": "Done"})
+    await world.run()
+    status = world.job()["status"]
+    assert status["phase"] == "Succeeded" and status["artifact"]["sha256"] == SHA
+    assert "loss" not in status["progress"] and "validationLoss" not in status["progress"]
+    assert status["lineage"]["losses"] == [1.0, None] and status["lineage"].get("klFinal") is None
+    json.dumps(status, allow_nan=False)
+    annotation = world.client.objects[(DM.plural, "ns", "r1")]["metadata"]["annotations"][constants.ANN_LINEAGE]
+    json.loads(annotation, parse_constant=lambda c: pytest.fail(f"{c} in the lineage annotation"))
 
 
 async def test_invalid_update_sets_the_condition_and_leaves_the_train_job(world) -> None:
@@ -218,6 +309,8 @@ async def test_no_train_job_api_is_a_condition_not_a_crash(world) -> None:
 
 
 async def test_rbac_covers_every_call(world) -> None:
+    world.client.put(DM, {"apiVersion": "distillery.dev/v1alpha1", "kind": "DistilledModel",
+                          "metadata": {"name": "r1", "namespace": "ns"}, "spec": {"model": {"uri": "hf://x/y"}}})
     world.client.put(DJ, job_body(deploy={"distilledModel": "r1"}))
     await world.run()
     world.train_job()["metadata"]["labels"] = {}  # drift: forces a patch
@@ -246,3 +339,15 @@ async def test_a_refused_train_job_is_reported_like_an_invalid_spec(world) -> No
     assert validated["status"] == "False" and "refused the TrainJob" in validated["message"]
     assert world.job()["status"]["phase"] == "Failed" and world.train_job() is None
     assert [e[2] for e in world.client.events] == ["InvalidSpec"]
+
+
+def test_the_spec_a_train_job_ran_is_read_back_from_its_manifest() -> None:
+    from distillery_operator.distillation_api import parse_distillation_job
+    from distillery_operator.distillation_render import render_train_job
+    from distillery_operator.distillation_status import ran_spec
+
+    job = parse_distillation_job(job_body(quantization={"method": "int4", "groupSize": 64},
+                                          deploy={"distilledModel": "r1"}))
+    ran = ran_spec(render_train_job(job, RenderSettings()))
+    assert ran == job.spec.model_copy(update={"deploy": None})
+    assert ran_spec({"spec": {}}) is None and ran_spec(None) is None
