@@ -571,13 +571,6 @@ class Reconciler:
         )
         if decision is not None:
             new["rollout"] = decision.status
-            if decision.event is not None:
-                await self._event(body, *decision.event)
-            if decision.outcome == "started":
-                for outcome_ in ("promoted", "rolled_back"):  # present at 0, so increase() sees the first
-                    metrics.ROLLOUTS.labels(namespace, name, outcome_)
-            if decision.outcome:
-                metrics.ROLLOUTS.labels(namespace, name, decision.outcome).inc()
             if status_changed({"rollout": previous.get("rollout")}, {"rollout": new["rollout"]}):
                 # A rollout's progress is written here, under the model's lock, so that the next reconcile
                 # (a tick with an older copy of the model) reads it back and never repeats a step.
@@ -585,6 +578,8 @@ class Reconciler:
         elif previous.get("rollout"):
             new["rollout"] = None  # steps removed: the manual mode has no rollout status
         await self._write_status(body, namespace, name, previous, new, retry, outcome, status_sink)
+        if decision is not None and outcome.action != "gone":  # once written: a failed write decides again
+            await self._rollout_written(body, namespace, name, decision)
         outcome.phase = new["phase"]
         if outcome.action != "gone":
             self._seen[(namespace, name)] = Seen(desired, dm.spec, generation, new)
@@ -749,6 +744,16 @@ class Reconciler:
                 decision.status.pop(restored, None)
         return decision, previous
 
+    async def _rollout_written(self, body: Mapping[str, Any], namespace: str, name: str, decision: Decision) -> None:
+        """The Event and the counter of a rollout decision, after its status write succeeded."""
+        if decision.event is not None:
+            await self._event(body, *decision.event)
+        if decision.outcome == "started":
+            for outcome_ in ("promoted", "rolled_back"):  # present at 0, so increase() sees the first
+                metrics.ROLLOUTS.labels(namespace, name, outcome_)
+        if decision.outcome:
+            metrics.ROLLOUTS.labels(namespace, name, decision.outcome).inc()
+
     def _served_model(self, dm: DistilledModel, decision: Decision) -> DistilledModel:
         """The model the InferenceService serves: the user's (the candidate) or the stable spec kept in
         status, with the canaryTrafficPercent the rollout is at."""
@@ -795,7 +800,8 @@ class Reconciler:
     ) -> EvaluationOutcome | None:
         """The evaluation Job's result (None while it runs); the Job is created once the candidate is ready."""
         candidate = str(state.get("candidate"))
-        jname = job_name(name, candidate)
+        started_at = str(state.get("startedAt"))
+        jname = job_name(name, candidate, started_at)
         job = await self._call(self.client.get(JOBS, namespace, jname), retry)
         if job is not None:
             pods = await self._call(self.client.list(PODS, namespace, {LABEL_JOB_NAME: jname}), retry)
@@ -806,7 +812,7 @@ class Reconciler:
                 return EvaluationOutcome(error=f"the candidate revision was not ready within startupTimeoutSeconds "
                                                f"({dm.spec.startup_timeout_seconds}s)")
             return None  # nothing to evaluate yet
-        desired = render_evaluation_job(dm, candidate, self.settings)
+        desired = render_evaluation_job(dm, candidate, started_at, self.settings)
         desired["metadata"]["ownerReferences"] = [owner_reference(body)]
         try:
             await self._call(self.client.create(JOBS, namespace, desired), retry)

@@ -9,6 +9,7 @@ result is read for a DistillationJob. A failed Job is a failed gate with its rea
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,8 +25,11 @@ EVAL_DEADLINE_S = 3600
 CONTAINERS = ("candidate", "stable")
 
 
-def job_name(model: str, candidate: str) -> str:
-    return f"{model}-eval-{candidate[:8]}"
+def job_name(model: str, candidate: str, started_at: str) -> str:
+    """The candidate's first hex digits, then a hash of when this rollout started: a Job lives on for a day
+    (ttlSecondsAfterFinished), and rolling the same candidate out again must run a new one, not read that."""
+    run = hashlib.sha256(f"{candidate}@{started_at}".encode()).hexdigest()
+    return f"{model}-eval-{candidate[:4]}{run[:4]}"
 
 
 def revision_url(tag: str, model: str, namespace: str) -> str:
@@ -33,7 +37,9 @@ def revision_url(tag: str, model: str, namespace: str) -> str:
     return f"http://{tag}-{model}-predictor.{namespace}.svc.cluster.local/openai/v1"
 
 
-def render_evaluation_job(dm: DistilledModel, candidate: str, settings: RenderSettings) -> dict[str, Any]:
+def render_evaluation_job(
+    dm: DistilledModel, candidate: str, started_at: str, settings: RenderSettings
+) -> dict[str, Any]:
     spec = dm.spec
     assert spec.rollout.analysis is not None and spec.rollout.analysis.evaluation is not None
     gate = spec.rollout.analysis.evaluation
@@ -64,7 +70,7 @@ def render_evaluation_job(dm: DistilledModel, candidate: str, settings: RenderSe
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": job_name(name, candidate),
+            "name": job_name(name, candidate, started_at),
             "namespace": namespace,
             "labels": {constants.LABEL_ROLLOUT_EVAL: name, constants.LABEL_PART_OF: constants.PART_OF,
                        constants.LABEL_MANAGED_BY: constants.MANAGED_BY},

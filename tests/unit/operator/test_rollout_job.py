@@ -12,7 +12,7 @@ from distillery_operator import constants
 from distillery_operator.api import parse_distilled_model
 from distillery_operator.evaluation.result import EvalResult
 from distillery_operator.render import render_inference_service
-from distillery_operator.rollout_job import read_evaluation, render_evaluation_job
+from distillery_operator.rollout_job import job_name, read_evaluation, render_evaluation_job
 from distillery_operator.settings import RenderSettings
 from tests.kserve_schema import assert_valid, kserve_validator
 
@@ -44,9 +44,19 @@ def test_a_stepped_rollout_renders_a_tag_routed_canary(validator):
     assert_valid(validator, isvc)
 
 
+T1 = "2026-01-01T00:00:00Z"
+
+
+def test_a_new_rollout_of_the_same_candidate_runs_a_new_evaluation_job():
+    first = job_name("r1", "0123456789abcdef", T1)
+    assert first.startswith("r1-eval-0123") and len(first) == len("r1-eval-") + 8
+    assert first == job_name("r1", "0123456789abcdef", T1)  # the same rollout finds its Job again
+    assert first != job_name("r1", "0123456789abcdef", "2026-01-02T00:00:00Z")  # a later one never reads it
+
+
 def test_the_evaluation_job(validator):
-    job = render_evaluation_job(model(), "0123456789abcdef", RenderSettings(evaluation_image="op:1"))
-    assert job["metadata"]["name"] == "r1-eval-01234567"
+    job = render_evaluation_job(model(), "0123456789abcdef", T1, RenderSettings(evaluation_image="op:1"))
+    assert job["metadata"]["name"] == job_name("r1", "0123456789abcdef", T1)
     pod = job["spec"]["template"]["spec"]
     assert job["spec"]["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"
     candidate, stable = pod["containers"]
@@ -68,7 +78,7 @@ def test_the_evaluation_job(validator):
 
 
 def test_no_stable_container_without_max_regression():
-    job = render_evaluation_job(model(gate={**GATE, "maxRegression": None}), "abc", RenderSettings())
+    job = render_evaluation_job(model(gate={**GATE, "maxRegression": None}), "abc", T1, RenderSettings())
     assert [c["name"] for c in job["spec"]["template"]["spec"]["containers"]] == ["candidate"]
 
 

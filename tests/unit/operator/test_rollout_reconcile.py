@@ -6,6 +6,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import kopf
+import pytest
+
+from distillery_operator import metrics
 from distillery_operator.reconcile import DM, ISVC, Reconciler
 from distillery_operator.settings import RenderSettings
 from distillery_operator.testing.memclient import MemoryClient
@@ -108,3 +112,22 @@ async def test_an_abandoned_candidate_serves_nothing_while_the_stable_spec_is_re
     assert "canaryTrafficPercent" not in client.objects[(ISVC.plural, NS, NAME)]["spec"]["predictor"]
     rollout = stored(client)["status"]["rollout"]
     assert rollout["phase"] == "Idle" and "candidateRevision" not in rollout
+
+
+async def test_a_failed_status_write_neither_counts_nor_announces_the_rollout_twice() -> None:
+    client, clock = MemoryClient(), Clock()
+    reconciler = Reconciler(client, RenderSettings(), clock=clock)
+    client.put(DM, dm_object())
+    await reconciler.reconcile(stored(client), trigger="create")
+    set_revisions(client, "r1-predictor-00001", "r1-predictor-00001")
+    await client.patch(DM, NS, NAME, {"spec": {"quantization": {"method": "int8"}}})
+    started = metrics.ROLLOUTS.labels(NS, NAME, "started")
+    before = started._value.get()
+    client.fail("patch", DM.plural, 500)  # the status write of the rollout's start
+    with pytest.raises(kopf.TemporaryError):
+        await reconciler.reconcile(stored(client), trigger="update")
+    assert "RolloutStarted" not in [reason for _, _, reason, _ in client.events]
+    await reconciler.reconcile(stored(client), trigger="retry")
+    assert stored(client)["status"]["rollout"]["phase"] == "Progressing"
+    assert [reason for _, _, reason, _ in client.events].count("RolloutStarted") == 1
+    assert started._value.get() == before + 1
