@@ -3,12 +3,16 @@
 pvc://CLAIM/PATH is a PersistentVolumeClaim mounted into the pod at PVC_ROOT/CLAIM (the TrainJob mounts
 it there), so it is a plain path. hf:// is fetched with huggingface_hub, s3:// and gs:// with fsspec (s3fs,
 gcsfs); each only when that library is installed, otherwise a clear error says which one is missing.
-An output on hf/s3/gs is written to a local staging directory first and uploaded when complete.
+An s3/gs download lands in the cache whole or not at all (one process per node downloads, under a file
+lock; a `.partial` sibling renamed into place). An output on hf/s3/gs is written to a local staging
+directory first and uploaded when complete.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,19 +62,41 @@ def fetch(uri: str, *, revision: str | None = None, root: Path | None = None, ca
     if scheme == "hf":
         return _hf_fetch(rest, revision, cache or cache_dir())
     if scheme in ("s3", "gs"):
-        fs = _filesystem(scheme, uri)
         dst = (cache or cache_dir()) / scheme / rest
         if not dst.exists():
-            try:
-                if fs.isdir(uri):
-                    fs.get(uri.rstrip("/") + "/", str(dst) + "/", recursive=True)
-                else:
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    fs.get(uri, str(dst))
-            except Exception as exc:  # noqa: BLE001 - the backends raise their own kinds
-                raise StorageError(f"{uri}: cannot download: {exc}") from exc
+            _download(_filesystem(scheme, uri), uri, dst)
         return dst
     raise StorageError(f"{uri}: unknown scheme {scheme}:// (hf, s3, gs, pvc)")
+
+
+def _download(fs, uri: str, dst: Path) -> None:  # type: ignore[no-untyped-def]
+    """`uri` into `dst`, whole or not at all. Every process of the node (each local rank) calls this: an
+    exclusive lock lets one download while the others wait, and then find `dst` complete. The download goes
+    to a sibling `.partial` path renamed into place when complete, so a killed download never passes for a
+    finished one; the next holder of the lock removes its leftovers (the lock dies with its holder)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    partial = dst.with_name(f".{dst.name}.partial")
+    with open(dst.with_name(f".{dst.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, or when the process dies
+        if dst.exists():  # another process finished it while this one waited
+            return
+        _remove(partial)
+        try:
+            if fs.isdir(uri):
+                fs.get(uri.rstrip("/") + "/", str(partial) + "/", recursive=True)
+            else:
+                fs.get(uri, str(partial))
+        except Exception as exc:  # noqa: BLE001 - the backends raise their own kinds
+            _remove(partial)
+            raise StorageError(f"{uri}: cannot download: {exc}") from exc
+        os.rename(partial, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _hf_fetch(repo: str, revision: str | None, cache: Path) -> Path:
