@@ -27,7 +27,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
-from demo_runtime import FETCH_LOG, _redirect_stdout_fd, _stop, _tail, free_port  # noqa: E402
+from demo_runtime import FETCH_LOG, _redirect_stdout_fd, _stop, _tail, free_port, wait_ready  # noqa: E402
 from fetch_model import DEFAULT_DEST, fetch  # noqa: E402
 
 from bench.models import dequantize_gguf_to_safetensors, first_layers_student  # noqa: E402
@@ -39,20 +39,6 @@ DATASET = REPO / "trainer" / "examples" / "support.jsonl"
 OUTPUT = MODELS / "support-demo"
 MODEL_NAME = "support-demo"
 QUESTION = "How do I reset my password?"
-
-
-def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if proc.poll() is not None:
-            raise SystemExit(f"[demo] the runtime exited with status {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"{base}/v1/models/{MODEL_NAME}", timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"[demo] the runtime was not ready after {timeout_s:.0f} s")
 
 
 def report(lineage: dict) -> None:
@@ -102,7 +88,7 @@ def main() -> int:
     with runtime_log.open("w") as server_log:
         proc = subprocess.Popen(serve, stdout=server_log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
         try:
-            print(f"[demo] ready after {wait_ready(base, proc):.1f} s")
+            print(f"[demo] ready after {wait_ready(base, proc, MODEL_NAME, 300):.1f} s")
             card = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]
             served = card.get("lineage") or {}
             print(f"[demo] /v1/models lineage: teacher {served.get('teacher', {}).get('uri')}, "

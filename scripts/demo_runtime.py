@@ -66,13 +66,15 @@ def quantize(gguf: Path, method: str) -> Path:
     return dest
 
 
-def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout_s: float = 600) -> float:
+def wait_ready(base: str, proc: subprocess.Popen[bytes], model_name: str = MODEL_NAME,
+               timeout_s: float = 600) -> float:
+    """Seconds until the runtime's readiness path for `model_name` answers 200 (the demos share it)."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         if proc.poll() is not None:
             raise SystemExit(f"[demo] the runtime exited with status {proc.returncode} before it was ready")
         try:
-            if httpx.get(f"{base}/v1/models/{MODEL_NAME}", timeout=2).status_code == 200:
+            if httpx.get(f"{base}/v1/models/{model_name}", timeout=2).status_code == 200:
                 return time.monotonic() - started
         except httpx.HTTPError:
             pass
