@@ -73,8 +73,10 @@ async def main() -> int:
         emu.register_distillery()
         url = str(server.url).rstrip("/")
         print(f"== Kubernetes API emulator (kmock) at {url}")
+        # the cluster the samples are written for has Prometheus (the rollout sample's SLO gates need it; no
+        # rollout starts here, since no spec changes after creation, so nothing is queried)
         settings = OperatorSettings(metrics_port=0, liveness_port=0, standalone=True, log_format="text",
-                                    log_level="WARNING")
+                                    log_level="WARNING", rollout_analysis_enabled=True)
         operator = OperatorThread(settings, kopf.ConnectionInfo(server=url, insecure=True))
         await asyncio.to_thread(operator.start)
         print("== operator running (distillery_operator.runner, kopf, standalone, all namespaces)")
