@@ -687,22 +687,30 @@ def capability_problems(spec: DistilledModelSpec, capabilities: Capabilities) ->
     return problems
 
 
-def parse_distilled_model(obj: dict[str, Any], capabilities: Capabilities | None = None) -> DistilledModel:
-    """Validate a DistilledModel object (as read from YAML or the API); raise InvalidSpec with every problem.
-    `capabilities` (the operator's view of the cluster) adds the checks that depend on it; None skips them."""
+def object_envelope(obj: dict[str, Any], kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metadata, spec) of one of our objects, or InvalidSpec naming every envelope problem (apiVersion, kind,
+    metadata.name, spec) at once; each resource's parser validates the spec itself."""
     problems: list[Problem] = []
     if obj.get("apiVersion") != constants.API_VERSION:
         problems.append(Problem("apiVersion", f"expected {constants.API_VERSION}, got {obj.get('apiVersion')!r}"))
-    if obj.get("kind") != constants.KIND:
-        problems.append(Problem("kind", f"expected {constants.KIND}, got {obj.get('kind')!r}"))
+    if obj.get("kind") != kind:
+        problems.append(Problem("kind", f"expected {kind}, got {obj.get('kind')!r}"))
     metadata = obj.get("metadata") or {}
     if not isinstance(metadata, dict) or not metadata.get("name"):
         problems.append(Problem("metadata.name", "is required"))
-    raw_spec = obj.get("spec")
-    if not isinstance(raw_spec, dict):
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
         problems.append(Problem("spec", "is required and must be an object"))
     if problems:
         raise InvalidSpec(problems)
+    assert isinstance(metadata, dict) and isinstance(spec, dict)
+    return metadata, spec
+
+
+def parse_distilled_model(obj: dict[str, Any], capabilities: Capabilities | None = None) -> DistilledModel:
+    """Validate a DistilledModel object (as read from YAML or the API); raise InvalidSpec with every problem.
+    `capabilities` (the operator's view of the cluster) adds the checks that depend on it; None skips them."""
+    metadata, raw_spec = object_envelope(obj, constants.KIND)
     try:
         spec = DistilledModelSpec.model_validate(raw_spec)
     except ValidationError as error:

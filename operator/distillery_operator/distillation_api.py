@@ -28,6 +28,7 @@ from .api import (
     InvalidSpec,
     ObjectMeta,
     Problem,
+    object_envelope,
     problems_from_validation_error,
 )
 
@@ -151,19 +152,8 @@ def validate_spec(raw_spec: Any, name: str) -> DistillationJobSpec:
 
 def parse_distillation_job(obj: dict[str, Any]) -> DistillationJob:
     """Validate a DistillationJob object (as read from YAML or the API); raise InvalidSpec with every problem."""
-    problems: list[Problem] = []
-    if obj.get("apiVersion") != constants.API_VERSION:
-        problems.append(Problem("apiVersion", f"expected {constants.API_VERSION}, got {obj.get('apiVersion')!r}"))
-    if obj.get("kind") != constants.DJ_KIND:
-        problems.append(Problem("kind", f"expected {constants.DJ_KIND}, got {obj.get('kind')!r}"))
-    metadata = obj.get("metadata") or {}
-    if not isinstance(metadata, dict) or not metadata.get("name"):
-        problems.append(Problem("metadata.name", "is required"))
-    if not isinstance(obj.get("spec"), dict):
-        problems.append(Problem("spec", "is required and must be an object"))
-    if problems:
-        raise InvalidSpec(problems)
-    spec = validate_spec(obj["spec"], str(metadata["name"]))
+    metadata, raw_spec = object_envelope(obj, constants.DJ_KIND)
+    spec = validate_spec(raw_spec, str(metadata["name"]))
     try:
         status = DistillationJobStatus.model_validate(obj["status"]) if obj.get("status") else None
     except ValidationError:

@@ -67,6 +67,7 @@ from .reconcile import (
     patch_status,
     post_event,
     utcnow,
+    wait_for_foreign_controller,
 )
 from .settings import RenderSettings
 from .status import COND_VALIDATED, condition, status_changed
@@ -261,11 +262,7 @@ class DistillationReconciler:
         lmeta = live.get("metadata") or {}
         ours = desired["metadata"]["ownerReferences"][0]
         refs = lmeta.get("ownerReferences") or []
-        foreign = [r for r in refs if r.get("controller") and r.get("uid") != ours["uid"]]
-        if foreign:
-            raise kopf.TemporaryError(
-                f"TrainJob {name} is controlled by {foreign[0].get('kind')}/{foreign[0].get('name')}; "
-                "waiting for it to go", delay=backoff(retry) * 5)
+        wait_for_foreign_controller(live, ours["uid"], f"TrainJob {name}", retry)
         owned = any(r.get("uid") == ours["uid"] for r in refs)
         if owned and contains(desired["metadata"]["labels"], lmeta.get("labels") or {}):
             return live

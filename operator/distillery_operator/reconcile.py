@@ -272,6 +272,18 @@ def isvc_patch(desired: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str,
     }
 
 
+def wait_for_foreign_controller(live: Mapping[str, Any], owner_uid: str, what: str, retry: int) -> None:
+    """A child controlled by another owner (another controller, or a deleted namesake of ours awaiting garbage
+    collection) is never taken over: raise TemporaryError to wait for it to go."""
+    refs = (live.get("metadata") or {}).get("ownerReferences") or []
+    foreign = [r for r in refs if r.get("controller") and r.get("uid") != owner_uid]
+    if foreign:
+        raise kopf.TemporaryError(
+            f"{what} is controlled by {foreign[0].get('kind')}/{foreign[0].get('name')} (uid {foreign[0].get('uid')}); "
+            "waiting for it to go", delay=backoff(retry) * 5,
+        )
+
+
 def backoff(retry: int) -> float:
     """Seconds before kopf retries a handler that hit a transient API error (1, 2, 4 ... 60)."""
     return float(min(60, 2 ** max(0, retry)))
@@ -608,14 +620,8 @@ class Reconciler:
         self, desired: dict[str, Any], live: Mapping[str, Any], namespace: str, name: str, retry: int, outcome: Outcome
     ) -> dict[str, Any]:
         lmeta = live.get("metadata") or {}
-        foreign = [r for r in lmeta.get("ownerReferences") or [] if r.get("controller") and r.get("uid") != desired[
-            "metadata"]["ownerReferences"][0]["uid"]]
-        if foreign:
-            # Another controller (or a deleted namesake of this model awaiting garbage collection) owns it.
-            raise kopf.TemporaryError(
-                f"InferenceService {name} is controlled by {foreign[0].get('kind')}/{foreign[0].get('name')} "
-                f"(uid {foreign[0].get('uid')}); waiting for it to go", delay=backoff(retry) * 5,
-            )
+        wait_for_foreign_controller(live, desired["metadata"]["ownerReferences"][0]["uid"], f"InferenceService {name}",
+                                    retry)
         by_hand = (lmeta.get("annotations") or {}).get(constants.ANN_SPEC_HASH) == desired["metadata"]["annotations"][
             constants.ANN_SPEC_HASH]
         for attempt in range(MAX_CONFLICT_RETRIES + 1):
