@@ -263,7 +263,6 @@ class Bench:
         }
 
     def overload(self) -> None:
-        from distillery_contract import flags as c
 
         port = free_port()
         key = f"{SMALL}/ours/int8-overload"
@@ -271,44 +270,40 @@ class Bench:
                              max_queue=self.s.overload_max_queue, max_model_len=self.s.max_model_len)
         out: dict[str, Any] = {"requested_streams": self.s.overload_streams, "max_queue": self.s.overload_max_queue,
                                "max_batch_size": self.s.overload_max_batch, "max_tokens": self.s.overload_tokens}
+        self.results["overload"] = self._with_small_server(key, cmd, port, out, lambda base: run_overload(
+            base, SMALL, PROMPT, streams=self.s.overload_streams, max_tokens=self.s.overload_tokens))
+
+    def _with_small_server(self, key: str, cmd: list[str], port: int, out: dict[str, Any],
+                           client: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+        """Start our server on the small model, run `client(base_url)` against it, record its figures, whether
+        the server survived, any error and the server's log into `out`."""
+        from distillery_contract import flags as c
+
         _log(f"{key} ...")
         server = ServerUnderTest(key.replace("/", "_"), cmd,
                                  f"http://127.0.0.1:{port}{c.HEALTH_READY_PATH_TEMPLATE.format(model_name=SMALL)}",
                                  threads=self.s.threads)
         try:
             with server:
-                out.update(run_overload(f"http://127.0.0.1:{port}", SMALL, PROMPT,
-                                        streams=self.s.overload_streams, max_tokens=self.s.overload_tokens))
+                out.update(client(f"http://127.0.0.1:{port}"))
                 out["server_alive_after"] = server.alive()
         except Exception as exc:  # noqa: BLE001
             out["error"] = f"{type(exc).__name__}: {exc}"[:1000]
         out["log"] = str(server.log_path)
         _log(f"{key}: {out.get('error') or 'ok'}")
-        self.results["overload"] = out
+        return out
 
     def guidellm(self) -> None:
         """guidellm (a load client that probes GET /health) against our server, no route configuration."""
-        from distillery_contract import flags as c
 
         port = free_port()
         key = f"{SMALL}/ours/int8-guidellm"
         cmd = self._ours_cmd(ST_0P5B, SMALL, port, "int8", max_batch=self.s.guidellm_streams,
                              max_queue=4 * self.s.guidellm_streams, max_model_len=self.s.max_model_len)
         out: dict[str, Any] = {"model": SMALL, "mode": "int8"}
-        _log(f"{key} ...")
-        server = ServerUnderTest(key.replace("/", "_"), cmd,
-                                 f"http://127.0.0.1:{port}{c.HEALTH_READY_PATH_TEMPLATE.format(model_name=SMALL)}",
-                                 threads=self.s.threads)
-        try:
-            with server:
-                out.update(run_guidellm(f"http://127.0.0.1:{port}", ST_0P5B, REPO_ROOT / ".cache" / "bench" / "guidellm",
-                                        streams=self.s.guidellm_streams, seconds=self.s.guidellm_seconds))
-                out["server_alive_after"] = server.alive()
-        except Exception as exc:  # noqa: BLE001
-            out["error"] = f"{type(exc).__name__}: {exc}"[:1000]
-        out["log"] = str(server.log_path)
-        _log(f"{key}: {out.get('error') or 'ok'}")
-        self.results["guidellm"] = out
+        self.results["guidellm"] = self._with_small_server(key, cmd, port, out, lambda base: run_guidellm(
+            base, ST_0P5B, REPO_ROOT / ".cache" / "bench" / "guidellm", streams=self.s.guidellm_streams,
+            seconds=self.s.guidellm_seconds))
 
     def perplexity(self) -> None:
         ppl: dict[str, Any] = {}
