@@ -82,8 +82,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=cfg.qkv_bias)
         self.o = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kc: Tensor, vc: Tensor,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kc: Tensor, vc: Tensor,
                 slots: Tensor | slice, slot_idx: Tensor, positions: Tensor, kv_len: int) -> Tensor:
+        """mask [B, 1, T, L] (True: visible), or None: plain causal attention over this chunk alone."""
         B, T, _ = x.shape
         nh, nkv, hd = self.n_heads, self.n_kv, self.hd
         qkv = self.qkv(x)                                             # [B, T, (nh + 2 nkv) * hd]
@@ -96,8 +97,10 @@ class Attention(nn.Module):
         kc[slot_idx[:, None], :, positions] = k.to(kc.dtype)
         vc[slot_idx[:, None], :, positions] = v.to(vc.dtype)
         keys, values = kc[slots, :, :kv_len], vc[slots, :, :kv_len]   # [B, nkv, L, hd]
-        # attention runs in the cache's dtype (float32 on CPU: see kv_cache_dtype)
-        y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask,
+        # attention runs in the cache's dtype (float32 on CPU: see kv_cache_dtype). On CPU both forms run
+        # SDPA's flash kernel (torch._fused_sdp_choice: FLASH_ATTENTION, bool mask and GQA included), but
+        # only is_causal lets it skip the key blocks above the diagonal instead of computing and masking them
+        y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=True).to(x.dtype)         # [B, nh, T, hd]
         out: Tensor = self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
         return out
@@ -124,7 +127,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, *attn_args: Tensor | slice | int) -> Tensor:
+    def forward(self, x: Tensor, *attn_args: Tensor | slice | int | None) -> Tensor:
         x = x + self.attn(self.attn_norm(x), *attn_args)
         mlp_out: Tensor = self.mlp(self.mlp_norm(x))
         return x + mlp_out
@@ -231,9 +234,14 @@ class Transformer(nn.Module):
         dtype = x.dtype
         cos = self.rope_cos[positions].to(dtype).unsqueeze(2)            # [B, T, 1, hd]
         sin = self.rope_sin[positions].to(dtype).unsqueeze(2)
-        # mask[b, 0, t, l]: cache position l is visible to the token at positions[b, t]
+        # mask[b, 0, t, l]: cache position l is visible to the token at positions[b, t]; None when every row
+        # is a prompt's start (positions 0..T-1, nothing earlier in the slot): plain causal attention, which
+        # SDPA's CPU flash kernel runs 1.7-3x faster than the same mask given explicitly (measured on the
+        # 0.5B's heads, 14/2 x 64: 256 tokens 35 -> 12 ms, 2,000 tokens 333 -> 198 ms per layer)
+        mask: Tensor | None = None
         ar = torch.arange(kv_len, device=input_ids.device)
-        mask = (ar[None, None, None, :] <= positions[:, None, :, None])  # [B, 1, T, L]
+        if T == 1 or kv_len != T or not bool((positions == ar[None, :]).all()):
+            mask = (ar[None, None, None, :] <= positions[:, None, :, None])  # [B, 1, T, L]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache.k[i], cache.v[i], slots, slot_idx, positions, kv_len)
         if logits == "none":

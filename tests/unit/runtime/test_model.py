@@ -90,3 +90,34 @@ def test_llama_with_llama3_rope_scaling_matches_transformers(tmp_path):
         ref = hf(ids).logits
         got = model(ids, torch.arange(200)[None], model.new_cache(1, 256), slice(0, 1), logits="all")
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_prefill_from_position_0_runs_causal_sdpa_and_matches_the_masked_path(hf_qwen2, ours, monkeypatch):
+    """A prompt's start (positions 0..T-1, B rows) gives SDPA no mask but is_causal (its CPU flash kernel then
+    skips the blocks above the diagonal); a later chunk gives the explicit mask. Both equal transformers, and
+    the causal form's logits equal the masked form's on the same tokens."""
+    import torch.nn.functional as F
+
+    calls: list[tuple[bool, bool]] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask") is None, bool(kwargs.get("is_causal"))))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 152064, (2, 150), generator=gen)
+    with torch.no_grad():
+        ref = hf_qwen2(ids).logits
+        cache = ours.new_cache(2, 256)
+        whole = ours(ids, torch.arange(150)[None].expand(2, -1), cache, slice(0, 2), logits="all")
+        assert calls and all(c == (True, True) for c in calls)
+        torch.testing.assert_close(whole, ref, atol=1e-4, rtol=1e-4)
+        calls.clear()
+        # the same tokens with an earlier chunk in the slot: the explicit mask, same logits
+        ours(ids[:1, :40], torch.arange(40)[None], cache, slice(1, 2), logits="none")
+        calls.clear()
+        rest = ours(ids[:1, 40:], torch.arange(40, 150)[None], cache, slice(1, 2), logits="all")
+        assert calls and all(c == (False, False) for c in calls)
+    torch.testing.assert_close(rest[0], whole[0, 40:], atol=1e-5, rtol=1e-5)
