@@ -8,7 +8,7 @@ Two faces:
 - EngineMetrics.observe_step(stats): called by the engine after each step with its EngineStats
   (queue_depth, running, kv_cache_usage, tokens_per_s); gauges only.
 - RuntimeMetrics: adds the per-request series the HTTP layer records (requests, errors, TTFT,
-  latency, tokens, in-flight, 429s).
+  latency, tokens, in-flight, 429s) and the response cache's (lookups, stores, evictions, size).
 """
 
 from __future__ import annotations
@@ -60,6 +60,14 @@ def _build(registry: CollectorRegistry) -> dict[str, Any]:
         "gpu_memory": gauge(metric_names.METRIC_GPU_MEMORY_BYTES, "GPU memory held by the runtime (0 on CPU)"),
         "tokens_per_s": gauge(metric_names.METRIC_TOKENS_PER_SECOND, "Decode rate over the last window"),
         "rejected": counter(metric_names.METRIC_QUEUE_REJECTED_TOTAL, "Requests rejected with 429 (queue full)"),
+        # response cache (response_cache.py)
+        "cache_lookups": counter(metric_names.METRIC_RESPONSE_CACHE_LOOKUPS_TOTAL,
+                                 "OpenAI requests by response-cache result (hit, miss, bypass)", ("result",)),
+        "cache_stores": counter(metric_names.METRIC_RESPONSE_CACHE_STORES_TOTAL, "Responses cached"),
+        "cache_evictions": counter(metric_names.METRIC_RESPONSE_CACHE_EVICTIONS_TOTAL,
+                                   "Cached responses dropped (expired, entries, bytes)", ("reason",)),
+        "cache_entries": gauge(metric_names.METRIC_RESPONSE_CACHE_ENTRIES, "Responses in the cache"),
+        "cache_bytes": gauge(metric_names.METRIC_RESPONSE_CACHE_BYTES, "Bytes of cached responses and keys"),
     }
 
 
@@ -107,6 +115,14 @@ class RuntimeMetrics(EngineMetrics):
         self._generated = self._c["generated"].labels(model_name)
         self._prompt = self._c["prompt"].labels(model_name)
         self._rejected = self._c["rejected"].labels(model_name)
+        # every label value exported from the start (at 0), so rate() and ratios work before the first hit
+        self._cache_lookups = {r: self._c["cache_lookups"].labels(model_name, r)
+                               for r in ("hit", "miss", "bypass")}
+        self._cache_evictions = {r: self._c["cache_evictions"].labels(model_name, r)
+                                 for r in ("expired", "entries", "bytes")}
+        self._cache_stores = self._c["cache_stores"].labels(model_name)
+        self._cache_entries = self._c["cache_entries"].labels(model_name)
+        self._cache_bytes = self._c["cache_bytes"].labels(model_name)
 
     def request_started(self) -> None:
         self._in_flight.inc()
@@ -129,3 +145,17 @@ class RuntimeMetrics(EngineMetrics):
     def tokens(self, prompt: int, generated: int) -> None:
         self._prompt.inc(prompt)
         self._generated.inc(generated)
+
+    # ---- response cache (response_cache.ResponseCache calls these)
+    def response_cache_lookup(self, result: str) -> None:
+        self._cache_lookups[result].inc()
+
+    def response_cache_stored(self) -> None:
+        self._cache_stores.inc()
+
+    def response_cache_evicted(self, reason: str) -> None:
+        self._cache_evictions[reason].inc()
+
+    def response_cache_size(self, entries: int, nbytes: int) -> None:
+        self._cache_entries.set(entries)
+        self._cache_bytes.set(nbytes)

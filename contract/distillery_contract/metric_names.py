@@ -20,6 +20,14 @@ METRIC_KV_CACHE_BYTES: Final = "distillery_kv_cache_bytes"  # gauge: KV cache me
 METRIC_GPU_MEMORY_BYTES: Final = "distillery_gpu_memory_bytes"  # gauge: GPU memory the runtime holds (0 on CPU)
 METRIC_TOKENS_PER_SECOND: Final = "distillery_tokens_per_second"  # gauge, decode rate over the last window
 METRIC_QUEUE_REJECTED_TOTAL: Final = "distillery_queue_rejected_total"  # counter: 429s
+# response cache (model_runtime/response_cache.py; off unless --response_cache_max_entries > 0)
+# counter, label result: hit | miss | bypass (not looked up: sampling, stream, Cache-Control)
+METRIC_RESPONSE_CACHE_LOOKUPS_TOTAL: Final = "distillery_response_cache_lookups_total"
+METRIC_RESPONSE_CACHE_STORES_TOTAL: Final = "distillery_response_cache_stores_total"  # counter
+# counter, label reason: expired | entries | bytes
+METRIC_RESPONSE_CACHE_EVICTIONS_TOTAL: Final = "distillery_response_cache_evictions_total"
+METRIC_RESPONSE_CACHE_ENTRIES: Final = "distillery_response_cache_entries"  # gauge
+METRIC_RESPONSE_CACHE_BYTES: Final = "distillery_response_cache_bytes"  # gauge: stored bodies and keys
 
 # NVIDIA DCGM exporter's utilisation gauge, for the gpuUtilization autoscaling metric.
 METRIC_DCGM_GPU_UTIL: Final = "DCGM_FI_DEV_GPU_UTIL"
