@@ -29,6 +29,10 @@ FLAG_DEFAULT_TOP_P: Final = "--default_top_p"
 FLAG_DEFAULT_MAX_TOKENS: Final = "--default_max_tokens"
 FLAG_THINK_PREFIX: Final = "--think_prefix"  # bool flag: force "<think>\n" at the start of answers
 FLAG_SEPARATE_REASONING: Final = "--separate_reasoning"  # bool flag: return reasoning_content
+# exact-match response cache for deterministic OpenAI requests (model_runtime/response_cache.py)
+FLAG_RESPONSE_CACHE_MAX_ENTRIES: Final = "--response_cache_max_entries"  # 0 (default): the cache is off
+FLAG_RESPONSE_CACHE_TTL_S: Final = "--response_cache_ttl_s"  # seconds a cached response is served
+FLAG_RESPONSE_CACHE_MAX_BYTES: Final = "--response_cache_max_bytes"  # bytes of cached responses at most
 
 RUNTIME_MODULE: Final = "model_runtime"  # python -m model_runtime
 RUNTIME_HTTP_PORT: Final = 8080

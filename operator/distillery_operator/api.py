@@ -21,6 +21,7 @@ from pydantic import (
     ValidationError,
 )
 
+from distillery_contract import flags
 from distillery_contract.apimodel import ApiModel
 from distillery_contract.values import (
     DEFAULT_GROUP_SIZE,
@@ -110,6 +111,21 @@ class Reasoning(ApiModel):
     )
 
 
+class ResponseCache(ApiModel):
+    """An exact-match cache of answers to deterministic OpenAI requests, in each replica's memory.
+
+    Only requests that cannot sample differently use it: temperature 0 (after the defaults above) or a fixed
+    seed, not streamed. A client skips it with `Cache-Control: no-cache` (no-store: nor stored); the answer's
+    `x-distillery-cache` header says hit, miss or bypass. Shared by every client of the model.
+    """
+
+    enabled: bool = Field(False, description="Answer repeated deterministic requests from the cache")
+    max_entries: int = Field(
+        1000, ge=1, le=1_000_000, description="Answers kept per replica at most (the least recently used go first)"
+    )
+    ttl_seconds: int = Field(600, ge=1, le=86_400, description="Seconds a cached answer is served (at most a day)")
+
+
 class EnvVar(ApiModel):
     """An environment variable for the runtime container."""
 
@@ -128,6 +144,10 @@ class Serving(ApiModel):
     )
     sampling: Sampling = Field(default_factory=Sampling, description="Default sampling parameters")
     reasoning: Reasoning = Field(default_factory=Reasoning, description="DeepSeek-R1 reasoning conventions")
+    response_cache: ResponseCache = Field(
+        default_factory=ResponseCache,
+        description="Exact-match cache of answers to deterministic requests (temperature 0 or a seed); off by default",
+    )
     args: list[str] = Field(default_factory=list, description="Extra command-line arguments for the runtime")
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables for the runtime")
 
@@ -585,6 +605,12 @@ def semantic_problems(
     if serving.sampling.max_tokens > serving.max_model_len:
         add(Problem("spec.serving.sampling.maxTokens",
                     f"{serving.sampling.max_tokens} exceeds the context length maxModelLen {serving.max_model_len}"))
+    # the renderer writes these from responseCache; a copy in args would silently win over it
+    for arg in serving.args:
+        flag = arg.split("=", 1)[0]
+        if flag in (flags.FLAG_RESPONSE_CACHE_MAX_ENTRIES, flags.FLAG_RESPONSE_CACHE_TTL_S):
+            add(Problem("spec.serving.args", f"{flag} is set by spec.serving.responseCache "
+                        "(enabled, maxEntries, ttlSeconds): set it there, not in args"))
 
     # GPUs.
     gpu = spec.resources.gpu

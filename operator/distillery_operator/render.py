@@ -60,6 +60,11 @@ def runtime_args(spec: DistilledModelSpec) -> list[str]:
         args.append(flags.FLAG_THINK_PREFIX)
     if serving.reasoning.separate_reasoning:
         args.append(flags.FLAG_SEPARATE_REASONING)
+    if serving.response_cache.enabled:
+        args += [
+            f"{flags.FLAG_RESPONSE_CACHE_MAX_ENTRIES}={serving.response_cache.max_entries}",
+            f"{flags.FLAG_RESPONSE_CACHE_TTL_S}={serving.response_cache.ttl_seconds}",
+        ]
     return args + list(serving.args)
 
 

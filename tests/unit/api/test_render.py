@@ -161,6 +161,9 @@ def valid_specs(draw):
                      "maxTokens": draw(st.integers(1, max_len))},
         "reasoning": {"thinkPrefix": draw(st.booleans()), "separateReasoning": draw(st.booleans())},
     }
+    if draw(st.booleans()):
+        spec["serving"]["responseCache"] = {"enabled": draw(st.booleans()), "maxEntries": draw(st.integers(1, 10**6)),
+                                            "ttlSeconds": draw(st.integers(1, 86_400))}
     profile = draw(st.sampled_from([None, "cpu", "t4", "l4", "a10g", "rtx4090", "a100-40gb", "a100-80gb", "h100"]))
     if profile:
         spec["hardwareProfile"] = profile
