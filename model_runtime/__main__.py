@@ -23,6 +23,7 @@ from kserve.utils.utils import strtobool
 from distillery_contract import flags, values
 from model_runtime.log_config import configure_logging
 from model_runtime.request_decoding import DEFAULT_MAX_BODY_BYTES
+from model_runtime.response_cache import DEFAULT_MAX_BYTES, DEFAULT_TTL_S
 from model_runtime.server import DistilleryModel, RuntimeModelServer, RuntimeOptions, add_routes
 
 log = logging.getLogger("model_runtime")
@@ -36,6 +37,13 @@ def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return number
+
+
+def _nonnegative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return number
 
 
@@ -99,6 +107,13 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                    help='force "<think>\\n" after the generation prompt (DeepSeek-R1)')
     _add_bool_flag(parser, flags.FLAG_SEPARATE_REASONING, default=False,
                    help="return the thinking as reasoning_content (DeepSeek API style)")
+    parser.add_argument(flags.FLAG_RESPONSE_CACHE_MAX_ENTRIES, default=0, type=_nonnegative_int,
+                        help="cache up to this many answers to deterministic OpenAI requests (temperature 0 or a "
+                             "seed; not streams); 0: the response cache is off")
+    parser.add_argument(flags.FLAG_RESPONSE_CACHE_TTL_S, default=DEFAULT_TTL_S, type=_positive_float,
+                        help="seconds a cached response is served")
+    parser.add_argument(flags.FLAG_RESPONSE_CACHE_MAX_BYTES, default=DEFAULT_MAX_BYTES, type=_positive_int,
+                        help="bytes of cached responses at most (least recently used go first)")
     parser.add_argument("--http_host", default="0.0.0.0", help="address to listen on (127.0.0.1 for local use)")
     parser.add_argument("--request_timeout_s", default=600.0, type=float, help="per-request engine timeout")
     parser.add_argument("--log_level", default=os.environ.get("LOG_LEVEL", "INFO"))
