@@ -82,7 +82,8 @@ def _load_linear(model: Transformer, name: str, module: nn.Linear, src: TensorSo
     device, dtype = plan.torch_device, plan.float_dtype
     backend = plan.backend_for(name)
     stored = quant.linear_from_state(name, src.available, src.get, dtype, device, backend=backend,
-                                     int8_kernel=plan.int8_kernel, keep_codes=keep_codes)
+                                     int8_kernel=plan.int8_kernel, keep_codes=keep_codes,
+                                     prefill_kernel=plan.prefill_kernel, prefill_min_rows=plan.prefill_min_rows)
     if stored is not None:
         model.set_submodule(name, stored)
         return
@@ -103,7 +104,8 @@ def _load_linear(model: Transformer, name: str, module: nn.Linear, src: TensorSo
         group = plan.group_size or 128
         model.set_submodule(name, quant.quantize_linear(weight, bias, method, group, dtype, keep_codes,
                                                         backend=backend, int8_kernel=plan.int8_kernel,
-                                                        device=device))
+                                                        device=device, prefill_kernel=plan.prefill_kernel,
+                                                        prefill_min_rows=plan.prefill_min_rows))
         return
     new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
     # method "none": src.get() gave the whole tensor, not LazyRows

@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import numpy as np
@@ -32,20 +32,19 @@ from torch import Tensor
 
 from model_runtime.gpu_memory import kv_slot_bytes, size_kv_cache
 from model_runtime.model import KVCache
+from model_runtime.sampling import (  # noqa: F401 - SamplingParams and _sample re-exported (their old home)
+    PromptLogprobs,
+    RequestSampler,
+    SamplingParams,
+    TopLogprobs,
+    _sample,
+    token_logprobs,
+)
 
 log = logging.getLogger("model_runtime.engine")
 
 RATE_WINDOW_S = 5.0     # tokens/s: the tokens of the last RATE_WINDOW_S seconds over the time since the first
 RATE_MIN_SPAN_S = 0.05  # ... but never over less than this: a burst of a few ms would read as an absurd rate
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 0.6        # 0 => greedy
-    top_p: float = 0.95
-    seed: int | None = None
-    stop_token_ids: list[int] = field(default_factory=list)   # eos ids are added by the engine
 
 
 @dataclass
@@ -72,6 +71,11 @@ class TokenEvent:
     finish_reason: str | None       # None while running; "stop" | "length" | "abort" | "timeout" | "error"
     prompt_tokens: int
     completion_tokens: int
+    logprob: float | None = None            # of token_id, when params.logprobs is not None
+    top_logprobs: TopLogprobs | None = None  # the params.logprobs most likely (id, logprob), descending
+    # on the first event of a request only, when params.prompt_logprobs is not None: per prompt token, its
+    # logprob given the tokens before it (None for the first) and the params.prompt_logprobs most likely
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass
@@ -102,7 +106,8 @@ class GenerationError(Exception):
 
 class _Request:
     def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, stop_ids: set[int],
-                 eos_ids: set[int], deliver: Callable[[TokenEvent], None], deadline: float | None) -> None:
+                 eos_ids: set[int], deliver: Callable[[TokenEvent], None], deadline: float | None,
+                 sampler: RequestSampler) -> None:
         self.id = request_id
         self.prompt = prompt
         self.params = params
@@ -115,15 +120,22 @@ class _Request:
         self.next_token: int | None = None  # sampled, not yet fed back
         self.generated = 0
         self.done = False
-        self.generator: torch.Generator | None = None
-        if params.temperature > 0:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(params.seed if params.seed is not None else
-                                       int(torch.randint(0, 2**62, ()).item()))
+        self.sampler = sampler
+        self.generator = sampler.generator
+        # filled chunk by chunk during the prefill, sent on the first event
+        self.prompt_logprobs: PromptLogprobs | None = [] if params.prompt_logprobs is not None else None
 
     @property
     def prefilling(self) -> bool:
         return self.pos < len(self.prompt)
+
+    def event(self, token: int | None, reason: str | None, logprob: float | None = None,
+              top_logprobs: TopLogprobs | None = None) -> TokenEvent:
+        """The next event; the first one after the prefill carries the prompt's log-probabilities."""
+        prompt_logprobs = None
+        if self.prompt_logprobs is not None and not self.prefilling:
+            prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
+        return TokenEvent(token, reason, len(self.prompt), self.generated, logprob, top_logprobs, prompt_logprobs)
 
     def budget(self) -> int:
         return len(self.prompt) + self.params.max_tokens
@@ -303,15 +315,18 @@ class Engine:
             raise GenerationError("the prompt is empty (at least one token is needed)")
         if len(prompt) >= self.max_len:
             raise GenerationError(f"the prompt has {len(prompt)} tokens; the context is {self.max_len}")
-        if params.max_tokens < 1:
-            raise GenerationError("max_tokens must be >= 1")
         vocab = self.model.config.vocab_size
+        problem = params.problem(vocab)
+        if problem is not None:
+            raise GenerationError(problem)
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise GenerationError(f"prompt token ids must be in [0, {vocab})")
         timeout = self.config.request_timeout_s
         deadline = time.monotonic() + timeout if timeout else None
-        req = _Request(request_id, prompt, params, set(params.stop_token_ids) | self.eos_ids, self.eos_ids,
-                       deliver, deadline)
+        eos_ids = set() if params.ignore_eos else self.eos_ids  # ignore_eos: eos is a token like any other
+        stop_ids = set(params.stop_token_ids) | eos_ids
+        sampler = RequestSampler(params, prompt, stop_ids, vocab, self.device)
+        req = _Request(request_id, prompt, params, stop_ids, eos_ids, deliver, deadline, sampler)
         with self._lock:
             if self._stopping or self._thread is None:
                 raise GenerationError("the engine is not running")
@@ -428,11 +443,31 @@ class Engine:
         ids = torch.tensor([req.prompt[start:end]], device=device)
         positions = torch.arange(start, end, device=device)[None]
         last = end == len(req.prompt)
+        scored = req.prompt_logprobs is not None  # echo: every position's logits, not just the last one's
         logits = self.model(ids, positions, self._cache, slice(req.slot, req.slot + 1), kv_len=end,
-                            logits="last" if last else "none")
+                            logits="all" if scored else "last" if last else "none")
         req.pos = end
+        if scored:
+            logits = self._score_prompt(req, start, end, logits)
         if last:
-            self._sample_and_emit([req], logits)
+            if req.params.max_tokens == 0:
+                self._finish(req, None, "length")  # the prompt scored, nothing to generate
+            else:
+                self._sample_and_emit([req], logits)
+
+    def _score_prompt(self, req: _Request, start: int, end: int, logits: Tensor) -> Tensor | None:
+        """Record the log-probabilities of prompt tokens start+1..end from this chunk's logits [1, T, V] (position
+        p predicts token p + 1); returns the raw last row [1, V] when the prompt is complete, to sample from."""
+        assert req.prompt_logprobs is not None and req.params.prompt_logprobs is not None
+        rows = logits[0]
+        last_row = rows[-1:].clone() if end == len(req.prompt) else None  # before the rows are normalised in place
+        if start == 0:
+            req.prompt_logprobs.append((None, []))  # nothing predicts the first token
+        n = min(end, len(req.prompt) - 1) - start    # positions whose next token is in the prompt
+        if n > 0:
+            req.prompt_logprobs += token_logprobs(rows[:n], req.prompt[start + 1:start + 1 + n],
+                                                  req.params.prompt_logprobs, in_place=True)
+        return last_row
 
     def _decode(self, reqs: list[_Request]) -> None:
         assert self._cache is not None
@@ -464,25 +499,51 @@ class Engine:
         best = logits.max(dim=-1)
         finite = torch.isfinite(best.values).tolist()
         argmax = best.indices.tolist()
+        tokens: list[int | None] = []
         for i, r in enumerate(reqs):
             if not finite[i]:
                 log.error("request %s produced non-finite logits; failing it alone", r.id)
                 self._finish(r, None, "error")
+                tokens.append(None)
                 continue
-            greedy = r.params.temperature <= 0
-            tok = argmax[i] if greedy else _sample(logits[i], r.params.temperature, r.params.top_p, r.generator)
+            chosen = r.sampler.choose(logits[i], argmax[i], r.generated)  # no controls: argmax or _sample
+            r.sampler.observe(chosen)
+            tokens.append(chosen)
+        logprobs = self._logprobs(reqs, logits, tokens)
+        for i, r in enumerate(reqs):
+            tok = tokens[i]
+            if tok is None:
+                continue
+            lp, top = logprobs.get(i, (None, None))
             r.generated += 1
             self._stats.generated_tokens += 1
             self._recent.append((time.monotonic(), 1))
             if tok in r.stop_ids:
-                self._finish(r, tok if tok in r.eos_ids else None, "stop")
+                if tok in r.eos_ids:
+                    self._finish(r, tok, "stop", lp, top)
+                else:  # a user's stop id is not emitted
+                    self._finish(r, None, "stop")
             elif r.generated >= r.params.max_tokens or len(r.prompt) + r.generated >= self.max_len:
-                self._finish(r, tok, "length")
+                self._finish(r, tok, "length", lp, top)
             else:
                 r.next_token = tok
-                r.deliver(TokenEvent(tok, None, len(r.prompt), r.generated))
+                r.deliver(r.event(tok, None, lp, top))
 
-    def _finish(self, req: _Request, token: int | None, reason: str) -> None:
+    @staticmethod
+    def _logprobs(reqs: list[_Request], logits: Tensor, tokens: list[int | None]
+                  ) -> dict[int, tuple[float, TopLogprobs]]:
+        """The raw log-probabilities of the sampled tokens (and top alternatives) of the rows that asked,
+        in one log_softmax over just those rows."""
+        rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None and tokens[i] is not None]
+        if not rows:
+            return {}
+        k = max(cast(int, reqs[i].params.logprobs) for i in rows)
+        picked = logits if len(rows) == len(reqs) else logits[rows]
+        scored = token_logprobs(picked, [cast(int, tokens[i]) for i in rows], k)
+        return {i: (lp, top[:cast(int, reqs[i].params.logprobs)]) for i, (lp, top) in zip(rows, scored, strict=True)}
+
+    def _finish(self, req: _Request, token: int | None, reason: str, logprob: float | None = None,
+                top_logprobs: TopLogprobs | None = None) -> None:
         if req.done:
             return
         req.done = True
@@ -493,7 +554,7 @@ class Engine:
         with self._lock:
             self._by_id.pop(req.id, None)
         try:
-            req.deliver(TokenEvent(token, reason, len(req.prompt), req.generated))
+            req.deliver(req.event(token, reason, logprob, top_logprobs))
         except Exception:  # noqa: BLE001 - a dead consumer must not hurt the engine
             log.debug("could not deliver the final event of %s", req.id)
 
@@ -538,34 +599,3 @@ def kv_bucket(kv_len: int, max_len: int, smallest: int = 64) -> int:
     while b < kv_len:
         b *= 2
     return min(b, max_len)
-
-
-NUCLEUS_CANDIDATES = 1024  # top-p looks among this many most likely tokens first (all of them if they fall short)
-
-
-def _sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One token from logits [V] with temperature and nucleus (top_p) sampling.
-
-    Exact, but cheap on a 151,936-token vocabulary: the nucleus (the most likely tokens whose probabilities
-    first add up to top_p) is looked for among the top-k candidates, a partial sort, and only when they fall
-    short among all tokens; the draw is one uniform number against the cumulative sum. A full sort + multinomial
-    cost ~15 ms per token here, most of an int4 decode step (~20 ms on the 0.5B)."""
-    probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)         # [V]
-    vocab = probs.numel()
-    idx: Tensor | None = None
-    if 0 < top_p < 1:
-        p, idx = torch.topk(probs, min(NUCLEUS_CANDIDATES, vocab))                 # [k], descending
-        cum = torch.cumsum(p, dim=0, dtype=torch.float64)
-        if float(cum[-1]) < top_p:  # a flat distribution: the nucleus is wider than the candidates
-            p, idx = torch.sort(probs, descending=True)
-            cum = torch.cumsum(p, dim=0, dtype=torch.float64)
-        # the prefix up to and including the token whose cumulative probability reaches top_p
-        keep = min(int(torch.searchsorted(cum, torch.tensor(top_p, dtype=torch.float64))) + 1, p.numel())
-        p, idx = p[:keep], idx[:keep]
-    else:
-        p = probs
-    # float64: over 151,936 tokens a float32 running sum rounds the tail's tiny probabilities away
-    cdf = torch.cumsum(p, dim=0, dtype=torch.float64)
-    u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
-    choice = min(int(torch.searchsorted(cdf, u, right=True)), p.numel() - 1)
-    return int(idx[choice]) if idx is not None else choice

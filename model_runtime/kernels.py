@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model_runtime import ckernels
+from model_runtime import ckernels, prefill
 from model_runtime.plan import ATEN_INT4_GROUPS, TINYGEMM_INNER_K_TILES, int4_group_size
 
 __all__ = ["int4_group_size"]  # re-exported: quant.py and the tests ask kernels for it
@@ -52,6 +52,11 @@ class FusedLinear(Protocol):
     """A quantized linear on the dq backend (Int8Linear, Int4Linear): Block.decode_fused calls it."""
 
     def fused(self, x: Tensor, norm: RMSNormLike | None = None, out: Tensor | None = None) -> Tensor: ...
+
+
+def _prefill_input(x: Tensor, norm: RMSNormLike | None) -> Tensor:
+    """The rows a prefill GEMM multiplies: x RMSNorm'd by `norm` (the decode kernels fuse it)."""
+    return x if norm is None else F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
 
 
 CHUNK_ELEMENTS = 1 << 21  # values quantized at a time: float32 temporaries stay ~8 MiB each
@@ -166,7 +171,8 @@ class Int8Linear(nn.Module):
     bias: Tensor | None
 
     def __init__(self, codes: Tensor, scales: Tensor, bias: Tensor | None, act_dtype: torch.dtype,
-                 backend: str = "aten", int8_kernel: str = "") -> None:
+                 backend: str = "aten", int8_kernel: str = "", prefill_kernel: str = "none",
+                 prefill_min_rows: int = 0) -> None:
         super().__init__()
         self.out_features, self.in_features = codes.shape
         self.register_buffer("codes", codes.contiguous())
@@ -175,6 +181,9 @@ class Int8Linear(nn.Module):
         self.act_dtype = act_dtype
         self.backend = backend
         self.int8_kernel = int8_kernel
+        # dq only: >= prefill_min_rows rows go through prefill.py's GEMM (the plan's prefill_kernel)
+        self.prefill_kernel = prefill_kernel if backend == "dq" else "none"
+        self.prefill_min_rows = prefill_min_rows
         if backend == "dq":
             self._dq_scales = scales.float().contiguous()
             self._dq_bias = None if self.bias is None else self.bias.float().contiguous()
@@ -204,13 +213,18 @@ class Int8Linear(nn.Module):
         return y.view(*shape, self.out_features)
 
     def fused(self, x: Tensor, norm: RMSNormLike | None = None, out: Tensor | None = None) -> Tensor:
-        """dq backend only: x [M, K] float32 -> [M, N]; RMSNorm'd by `norm` first, added into `out`."""
+        """dq backend only: x [M, K] float32 -> [M, N]; RMSNorm'd by `norm` first, added into `out`.
+        A chunk of at least prefill_min_rows rows runs on the plan's prefill GEMM instead."""
+        if self.prefill_kernel != "none" and x.shape[0] >= self.prefill_min_rows:
+            return prefill.linear_w8(self.prefill_kernel, _prefill_input(x, norm), self.codes, self._dq_scales,
+                                     self._dq_bias, out=out)
         return ckernels.linear_w8(x, self.codes, self._dq_scales, self._dq_bias, self._dq_block,
                                   norm=None if norm is None else norm.weight,
                                   eps=0.0 if norm is None else norm.eps, out=out)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int8 per-channel, {self.backend}"
+        pf = f", prefill {self.prefill_kernel} >= {self.prefill_min_rows} rows" if self.prefill_kernel != "none" else ""
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel, {self.backend}{pf}"
 
 
 def pack_nibbles(codes: Tensor) -> Tensor:
@@ -267,7 +281,8 @@ class Int4Linear(nn.Module):
     bias: Tensor | None
 
     def __init__(self, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None,
-                 act_dtype: torch.dtype, keep_codes: bool = False, backend: str = "aten") -> None:
+                 act_dtype: torch.dtype, keep_codes: bool = False, backend: str = "aten",
+                 prefill_kernel: str = "none", prefill_min_rows: int = 0) -> None:
         super().__init__()
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
         self.group_size = self.in_features // scales.shape[1]
@@ -282,6 +297,8 @@ class Int4Linear(nn.Module):
         if backend == "aten" and self.group_size not in ATEN_INT4_GROUPS:
             backend = "generic"
         self.backend = backend
+        self.prefill_kernel = prefill_kernel if backend == "dq" else "none"  # as Int8Linear
+        self.prefill_min_rows = prefill_min_rows
         if backend == "dq":
             # our kernel's nibble layout; scales/zeros stay bfloat16 (widened in registers)
             self._packed = torch.empty_like(codes_packed)
@@ -326,12 +343,16 @@ class Int4Linear(nn.Module):
     def fused(self, x: Tensor, norm: RMSNormLike | None = None, out: Tensor | None = None) -> Tensor:
         """dq backend only: as Int8Linear.fused."""
         # the dq backend always sets _packed (in __init__)
+        if self.prefill_kernel != "none" and x.shape[0] >= self.prefill_min_rows:
+            return prefill.linear_w4(self.prefill_kernel, _prefill_input(x, norm), cast(Tensor, self._packed),
+                                     self._dq_scales, self._dq_zeros, self.group_size, self._dq_bias, out=out)
         return ckernels.linear_w4(x, cast(Tensor, self._packed), self._dq_scales, self._dq_zeros, self._dq_bias,
                                   self.group_size, norm=None if norm is None else norm.weight,
                                   eps=0.0 if norm is None else norm.eps, out=out)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}, {self.backend}"
+        pf = f", prefill {self.prefill_kernel} >= {self.prefill_min_rows} rows" if self.prefill_kernel != "none" else ""
+        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}, {self.backend}{pf}"
 
 
 class Int8Embedding(nn.Module):

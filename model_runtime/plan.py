@@ -17,6 +17,10 @@ Linear backends (one per quantization method, like gpt-fast's one handler per mo
              the matmul under torch.compile (int8_kernel says which; DISTILLERY_CUDA_INT8 overrides).
 - "cuda-int4-tinygemm": torch's tinygemm (`_convert_weight_to_int4pack` at load +
              `_weight_int4pack_mm`), sm80+ with bf16 activations.
+Prefill (CPU, "dq" linears): a chunk of at least `prefill_min_rows` prompt rows runs on the CPU's
+matrix engine instead of the decode kernels, with the kernel `prefill_kernel` names (prefill.py:
+"int8mm" = torch._int_mm on AVX512-VNNI / AMX-INT8; "bf16" = weights dequantized to bf16 and oneDNN's
+bf16 GEMM; "none" = decode kernels for every row, as on AVX2-only CPUs). DISTILLERY_PREFILL overrides.
 Documented fallback: int4 on a GPU without tinygemm (T4, sm75: no bf16) or with shapes tinygemm cannot
 take runs the "generic" int4 path in fp16 (compiled when compilation is on); the plan's `notes` say why.
 """
@@ -54,6 +58,8 @@ class Machine:
     cuda_name: str = ""
     dq_available: bool = False                    # our CPU kernels build and the CPU has AVX2/FMA/F16C
     dq_problem: str = ""
+    cpu_flags: frozenset[str] = frozenset()     # /proc/cpuinfo flags (which matrix engine prefill uses)
+    prefill_problem: str = ""                   # why the prefill kernels' C helpers cannot load ("" = they can)
 
     @property
     def is_cuda(self) -> bool:
@@ -71,13 +77,20 @@ class Machine:
             cap = torch.cuda.get_device_capability(idx)
             return cls(device=f"cuda:{idx}", cuda_capability=(int(cap[0]), int(cap[1])),
                        cuda_name=torch.cuda.get_device_name(idx))
-        from model_runtime import ckernels
+        from model_runtime import ckernels, prefill
 
         try:
-            ckernels.load()
-            return cls(device=str(device), dq_available=True)
+            prefill.load()
+            prefill_problem = ""
         except ckernels.KernelUnavailable as exc:
-            return cls(device=str(device), dq_available=False, dq_problem=str(exc))
+            prefill_problem = str(exc)
+        flags = prefill.cpu_flags()
+        try:
+            ckernels.load()
+            return cls(device=str(device), dq_available=True, cpu_flags=flags, prefill_problem=prefill_problem)
+        except ckernels.KernelUnavailable as exc:
+            return cls(device=str(device), dq_available=False, dq_problem=str(exc), cpu_flags=flags,
+                       prefill_problem=prefill_problem)
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,8 @@ class KernelPlan:
     int8_kernel: str = ""           # cuda-int8 only: int8pack_mm | dequant
     fused_decode: bool = False      # decode steps through Block.decode_fused (dq everywhere)
     compile: bool = False           # torch.compile the decode step
+    prefill_kernel: str = "none"    # dq linears, >= prefill_min_rows rows: none | int8mm | bf16 (prefill.py)
+    prefill_min_rows: int = 0
     source_format: str = "hf"
     prequantized: bool = False
     machine: str = ""
@@ -259,14 +274,30 @@ def make_plan(cfg: ModelConfig, machine: Machine, *, quantization: str = "none",
             # torch's int8pack kernel reads the int8 bytes directly (no float weight per call)
             kernel8 = "dequant" if compile else "int8pack_mm"
     act = torch.float32 if fused else dtype
+    prefill_kernel, prefill_rows = _prefill_choice(backend, head, machine, notes)
     kv = torch.float32 if not machine.is_cuda else dtype
     return KernelPlan(
         device=machine.device, float_dtype=dtype, act_dtype=act, kv_dtype=kv, quantization=quantization,
         group_size=group_size if quantization == "int4" or lm_head == "int4" else None,
         lm_head="float" if lm_head == "none" else lm_head, embedding=embedding, backend=backend,
         lm_head_backend=head, int8_kernel=kernel8, fused_decode=fused, compile=bool(compile),
+        prefill_kernel=prefill_kernel, prefill_min_rows=prefill_rows,
         source_format=source_format, prequantized=prequantized,
         machine=machine.cuda_name or machine.device, notes=tuple(notes))
+
+
+def _prefill_choice(backend: str, head: str, machine: Machine, notes: list[str]) -> tuple[str, int]:
+    """The prompt-chunk GEMM of the dq linears, from the CPU's matrix engines (prefill.choose_kernel)."""
+    if "dq" not in (backend, head):
+        return "none", 0
+    from model_runtime import prefill
+
+    kernel, why = prefill.choose_kernel(machine.cpu_flags, os.environ.get("DISTILLERY_PREFILL", "").lower() or None)
+    if kernel != "none" and machine.prefill_problem:
+        notes.append(f"prefill: {why}, but its helpers are unavailable ({machine.prefill_problem}): decode kernels")
+        return "none", 0
+    notes.append(f"prefill: {why}")
+    return kernel, prefill.PREFILL_MIN_ROWS if kernel != "none" else 0
 
 
 def log_plan(plan: KernelPlan) -> None:

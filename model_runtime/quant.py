@@ -61,15 +61,19 @@ def is_quantized_linear(m: nn.Module) -> bool:
 
 def quantize_linear(weight: RowsLike, bias: Tensor | None, method: str, group_size: int,
                     act_dtype: torch.dtype, keep_codes: bool = False, *, backend: str = "aten",
-                    int8_kernel: str = "", device: torch.device | None = None) -> nn.Module:
+                    int8_kernel: str = "", device: torch.device | None = None, prefill_kernel: str = "none",
+                    prefill_min_rows: int = 0) -> nn.Module:
     """A weight [N, K] (any float dtype; quantized from its float32 value, a chunk of rows at a time on
-    `device`, default the weight's) -> Int8Linear/Int4Linear running on `backend` (the plan's)."""
+    `device`, default the weight's) -> Int8Linear/Int4Linear running on `backend` (the plan's), prompt
+    chunks of >= prefill_min_rows rows on prefill_kernel (the plan's, dq only)."""
     if method == "int8":
         codes, scales = quantize_int8(weight, device=device)
-        return Int8Linear(codes, scales, bias, act_dtype, backend=backend, int8_kernel=int8_kernel)
+        return Int8Linear(codes, scales, bias, act_dtype, backend=backend, int8_kernel=int8_kernel,
+                          prefill_kernel=prefill_kernel, prefill_min_rows=prefill_min_rows)
     if method == "int4":
         qweight, scales, zeros = quantize_int4_packed(weight, group_size, device=device)
-        return Int4Linear(qweight, scales, zeros, bias, act_dtype, keep_codes, backend=backend)
+        return Int4Linear(qweight, scales, zeros, bias, act_dtype, keep_codes, backend=backend,
+                          prefill_kernel=prefill_kernel, prefill_min_rows=prefill_min_rows)
     raise ValueError(f"unknown quantization method {method!r} (int8, int4)")
 
 
@@ -163,13 +167,16 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
 
 def linear_from_state(name: str, keys: set[str], get: Callable[[str], Tensor], act_dtype: torch.dtype,
                       device: torch.device, *, backend: str = "aten", int8_kernel: str = "",
-                      keep_codes: bool = False) -> nn.Module | None:
+                      keep_codes: bool = False, prefill_kernel: str = "none",
+                      prefill_min_rows: int = 0) -> nn.Module | None:
     """Rebuild a quantized Linear stored under `name` (None when it was stored as a float weight)."""
     bias = get(f"{name}.bias").to(device) if f"{name}.bias" in keys else None
     if f"{name}.codes" in keys:
         return Int8Linear(get(f"{name}.codes").to(device), get(f"{name}.scales").to(device), bias, act_dtype,
-                          backend=backend, int8_kernel=int8_kernel)
+                          backend=backend, int8_kernel=int8_kernel, prefill_kernel=prefill_kernel,
+                          prefill_min_rows=prefill_min_rows)
     if f"{name}.qweight" in keys:
         return Int4Linear(get(f"{name}.qweight").to(device), get(f"{name}.scales").to(device),
-                          get(f"{name}.zeros").to(device), bias, act_dtype, keep_codes, backend=backend)
+                          get(f"{name}.zeros").to(device), bias, act_dtype, keep_codes, backend=backend,
+                          prefill_kernel=prefill_kernel, prefill_min_rows=prefill_min_rows)
     return None

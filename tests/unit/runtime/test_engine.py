@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from model_runtime import engine as engine_module
+from model_runtime import sampling
 from model_runtime.engine import Engine, EngineConfig, GenerationError, QueueFullError, SamplingParams
 from model_runtime.loader import load_model
 
@@ -313,7 +314,7 @@ def test_tokens_in_flight_cap_holds_requests_back(make_engine):
 def test_sampling_draws_from_the_exact_nucleus_distribution(monkeypatch, candidates):
     """Temperature + top_p: tokens outside the nucleus never come up, the others at their renormalised
     probabilities (20,000 draws, 4 sigma), whichever way the nucleus is found."""
-    monkeypatch.setattr(engine_module, "NUCLEUS_CANDIDATES", candidates)
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
     logits = torch.tensor([2.0, 0.5, 3.0, -1.0, 1.0, 0.0])
     temperature, top_p = 0.8, 0.9
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -325,12 +326,12 @@ def test_sampling_draws_from_the_exact_nucleus_distribution(monkeypatch, candida
     assert 2 < len(nucleus) < len(logits)  # the case is not trivial
     g = torch.Generator().manual_seed(0)
     n = 20_000
-    counts = torch.bincount(torch.tensor([engine_module._sample(logits, temperature, top_p, g) for _ in range(n)]),
+    counts = torch.bincount(torch.tensor([sampling._sample(logits, temperature, top_p, g) for _ in range(n)]),
                             minlength=len(logits)).double()
     assert all(counts[i] == 0 for i in range(len(logits)) if i not in nucleus)
     sigma = (expected * (1 - expected) / n).sqrt()
     assert ((counts / n - expected).abs() <= 4 * sigma + 1e-9).all(), (counts / n, expected)
     # top_p = 1: the whole softmax
-    full = torch.bincount(torch.tensor([engine_module._sample(logits, temperature, 1.0, g) for _ in range(n)]),
+    full = torch.bincount(torch.tensor([sampling._sample(logits, temperature, 1.0, g) for _ in range(n)]),
                           minlength=len(logits)).double() / n
     assert ((full - probs).abs() <= 4 * (probs * (1 - probs) / n).sqrt() + 1e-9).all()

@@ -1,0 +1,141 @@
+/*
+ * The elementwise steps around the prefill GEMM (model_runtime/prefill.py): a chunk of prompt rows
+ * multiplies on the CPU's int8 matrix engine (torch._int_mm: oneDNN on AVX512-VNNI / AMX-INT8), and
+ * these kernels prepare its operands and finish its result in one pass each, instead of three or four
+ * PyTorch elementwise ops over [M, N] tensors:
+ *   pf_quantize_rows: activations x [M, K] float32 -> int8 codes, one symmetric scale per row;
+ *   pf_w4_to_i8:      our int4 weights (the dq kernel layout, group scales/zeros) -> int8 codes with one
+ *                     scale per output channel, into a reused scratch buffer (no cached int8 copy);
+ *   pf_w4_to_bf16:    the same int4 weights dequantized to bfloat16 (the bf16 GEMM variant);
+ *   pf_scale_rows:    the int32 GEMM result -> float32 y = acc * xs[m] * ws[n] (+ bias) (+= residual).
+ * Plain loops the compiler vectorises; compiled with -ffp-contract=off so the dequantized values are
+ * bit-identical to PyTorch's (c - 8) * s + z (tests compare them exactly).
+ *
+ * int4 layout (as csrc/dq_kernels.c): w [N, K/2] uint8; for each block of 64 values, 32 bytes: byte j =
+ * value j (low nibble) | value j+32 (high nibble); codes 0..15, value = (code - 8) * s + z per group of G
+ * values; s, z [N, K/G] bfloat16.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define PF_ABI_VERSION 1
+
+int pf_abi_version(void) { return PF_ABI_VERSION; }
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
+    return v.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch's .to(bfloat16) */
+    union { float f; uint32_t u; } v = {.f = f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);  /* NaN stays NaN */
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* one row: q = rint(x / d), d = amax / 127 (0 for an all-zero row); returns d */
+static float quantize_row(const float* x, int64_t K, int8_t* q) {
+    float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+    for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(x[k]));
+    const float d = amax / 127.f;
+    const float id = d > 0.f ? 1.f / d : 0.f;
+#pragma omp simd
+    for (int64_t k = 0; k < K; k++) q[k] = (int8_t)(int32_t)rintf(x[k] * id);
+    return d;
+}
+
+/* x [M, K] float32 -> q [M, K] int8, xs [M] float32 (x ~ q * xs[:, None]) */
+void pf_quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* xs, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(M >= 8 ? nthreads : 1)
+    for (int64_t m = 0; m < M; m++) xs[m] = quantize_row(x + m * K, K, q + m * K);
+}
+
+/* one int4 row -> float32 values [K] */
+static void w4_row(const uint8_t* wr, const uint16_t* s, const uint16_t* z, int64_t K, int64_t G, float* out) {
+    for (int64_t b = 0; b < K; b += 64) {
+        for (int64_t j = 0; j < 32; j++) {
+            out[b + j] = (float)(wr[b / 2 + j] & 0x0F);
+            out[b + j + 32] = (float)(wr[b / 2 + j] >> 4);
+        }
+    }
+    for (int64_t g = 0; g < K / G; g++) {
+        const float sg = bf16_to_f32(s[g]), zg = bf16_to_f32(z[g]);
+        float* o = out + g * G;
+#pragma omp simd
+        for (int64_t i = 0; i < G; i++) o[i] = (o[i] - 8.f) * sg + zg;
+    }
+}
+
+/* int4 rows n0..n1 -> int8 codes [N, K] + per-row scale ws [N] (the row's dequantized values
+   requantized symmetrically: w ~ codes * ws[:, None]). -1 when out of memory. */
+int pf_w4_to_i8(const uint8_t* w, const uint16_t* s, const uint16_t* z, int64_t N, int64_t K, int64_t G,
+                int8_t* out, float* ws, int nthreads) {
+    if (K % 64 || G <= 0 || K % G) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* tmp = (float*)malloc(sizeof(float) * (size_t)K);
+        if (!tmp) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            if (!tmp) continue;
+            w4_row(w + n * (K / 2), s + n * (K / G), z + n * (K / G), K, G, tmp);
+            ws[n] = quantize_row(tmp, K, out + n * K);
+        }
+        free(tmp);
+    }
+    return failed ? -1 : 0;
+}
+
+/* int4 rows -> bfloat16 [N, K] (the values of pf_w4_to_i8 before requantization, rounded to bf16) */
+int pf_w4_to_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* z, int64_t N, int64_t K, int64_t G,
+                  uint16_t* out, int nthreads) {
+    if (K % 64 || G <= 0 || K % G) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* tmp = (float*)malloc(sizeof(float) * (size_t)K);
+        if (!tmp) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            if (!tmp) continue;
+            w4_row(w + n * (K / 2), s + n * (K / G), z + n * (K / G), K, G, tmp);
+            uint16_t* o = out + n * K;
+            for (int64_t k = 0; k < K; k++) o[k] = f32_to_bf16(tmp[k]);
+        }
+        free(tmp);
+    }
+    return failed ? -1 : 0;
+}
+
+/* y [M, N] = acc * xs[m] * ws[n] (+ bias[n]); accumulate: y += that (a pre-norm block's residual) */
+void pf_scale_rows(const int32_t* acc, int64_t M, int64_t N, const float* xs, const float* ws, const float* bias,
+                   float* y, int accumulate, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(M * N >= 16384 ? nthreads : 1)
+    for (int64_t m = 0; m < M; m++) {
+        const int32_t* a = acc + m * N;
+        float* yr = y + m * N;
+        const float d = xs[m];
+        if (bias && accumulate) {
+#pragma omp simd
+            for (int64_t n = 0; n < N; n++) yr[n] += (float)a[n] * d * ws[n] + bias[n];
+        } else if (bias) {
+#pragma omp simd
+            for (int64_t n = 0; n < N; n++) yr[n] = (float)a[n] * d * ws[n] + bias[n];
+        } else if (accumulate) {
+#pragma omp simd
+            for (int64_t n = 0; n < N; n++) yr[n] += (float)a[n] * d * ws[n];
+        } else {
+#pragma omp simd
+            for (int64_t n = 0; n < N; n++) yr[n] = (float)a[n] * d * ws[n];
+        }
+    }
+}

@@ -1,0 +1,284 @@
+"""Prefill GEMMs for quantized weights on the CPU's matrix engines (a chunk of prompt rows at once).
+
+Decode multiplies a few rows by each weight and is bound by memory: our integer kernels (ckernels.py)
+run it near bandwidth. A prefill chunk multiplies hundreds of rows by the same weight and is bound by
+arithmetic, where those kernels (one weight row against four activation rows at a time) reach
+~120 GFLOP/s on this project's 2-vCPU AVX-512 machines. PyTorch's oneDNN GEMMs use the matrix
+engines instead. Measured here (M=256 rows, 2 threads, AVX512-VNNI + AVX512-BF16, no AMX; the
+kernel table of `make bench`, bench/kernels.py, has the per-shape figures):
+  torch._int_mm (int8 x int8 -> int32, VNNI):                    ~480-800 GOP/s
+  F.linear in bfloat16 (oneDNN brgemm avx512_core_bf16, no AMX): ~140 GFLOP/s (slower than float32's ~220)
+  our dq kernels (int8 / int4):                                   ~110-125 GFLOP/s
+So the kernel the plan picks (KernelPlan.prefill_kernel) is:
+- "int8mm": activations quantized to int8 with one scale per row (pf_quantize_rows), int8 weights
+  used as stored (one scale per output channel), int4 weights requantized to per-channel int8 a
+  layer at a time into a reused scratch buffer (pf_w4_to_i8: no cached copy, no extra resident
+  memory), `torch._int_mm`, then y = acc * row scale * channel scale (+ bias) in one pass.
+  CPUs with AVX512-VNNI or AMX-INT8.
+- "bf16": weights dequantized to bfloat16 a layer at a time (int8: codes * scale; int4: pf_w4_to_bf16)
+  and oneDNN's bf16 GEMM. Selectable (DISTILLERY_PREFILL=bf16) for CPUs where the bf16 engine
+  (AMX-BF16) outruns the int8 one; not the default anywhere until measured on such a CPU.
+- "none": every row through the decode kernels (AVX2-only CPUs: the path of before).
+Rows fewer than KernelPlan.prefill_min_rows (decode batches) stay on the decode kernels.
+
+The C helpers (csrc/prefill_kernels.c) build like ckernels' library: once per source hash, with the
+system C compiler, into DISTILLERY_KERNEL_DIR; `python -m model_runtime.prefill build` at image build.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model_runtime.ckernels import KernelUnavailable, kernel_dir
+
+SOURCE = Path(__file__).parent / "csrc" / "prefill_kernels.c"
+ABI_VERSION = 1
+# AVX2 code (it also runs where the plan picks a prefill kernel: AVX-512 CPUs); no FMA contraction, so
+# dequantized values equal PyTorch's (c - 8) * s + z bit for bit
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared",
+          "-std=c11"]
+PREFILL_KERNELS = ("none", "int8mm", "bf16")
+# Fewer rows than this run on the decode kernels. Measured here (2 threads, VNNI): int8mm is ahead of
+# the dq kernels from 16 rows on for every 0.5B shape (1.6-2.5x at 16, 3-5x at 64 and 256) and behind
+# at 1-4 rows (where reading the weight once is all that matters); decode batches are <= 8-16 rows.
+PREFILL_MIN_ROWS = 16
+
+
+def choose_kernel(cpu_flags: frozenset[str] | set[str], override: str | None = None) -> tuple[str, str]:
+    """(prefill kernel, why) for a CPU with these /proc/cpuinfo flags; override: DISTILLERY_PREFILL."""
+    if override:
+        if override not in PREFILL_KERNELS:
+            raise ValueError(f"DISTILLERY_PREFILL={override!r}: expected one of {', '.join(PREFILL_KERNELS)}")
+        return override, f"DISTILLERY_PREFILL={override}"
+    if "amx_int8" in cpu_flags:
+        return "int8mm", "AMX-INT8: torch._int_mm for prompt chunks"
+    if "avx512_vnni" in cpu_flags:
+        return "int8mm", "AVX512-VNNI: torch._int_mm for prompt chunks (bf16 GEMM without AMX measured slower)"
+    return "none", "no AVX512-VNNI/AMX: prompt chunks on the decode kernels"
+
+
+def cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+# ---- the C helpers --------------------------------------------------------------------------------
+def library_path() -> Path:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(CFLAGS).encode())
+    return kernel_dir() / f"prefill_kernels-{h.hexdigest()[:16]}.so"
+
+
+def build(dest: Path | None = None) -> Path:
+    """Compile the library (atomically, as ckernels.build)."""
+    dest = dest or library_path()
+    if dest.exists():
+        return dest
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise KernelUnavailable("no C compiler (cc/gcc) to build the prefill kernels")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=dest.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode != 0:
+            raise KernelUnavailable(f"building {SOURCE.name} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+
+
+def load() -> ctypes.CDLL:
+    """Build (once) and load the library; KernelUnavailable says why it cannot be used."""
+    global _lib
+    with _lock:
+        if _lib is not None:
+            return _lib
+        try:
+            lib = ctypes.CDLL(str(build()))
+        except OSError as exc:
+            raise KernelUnavailable(f"loading the prefill kernels failed: {exc}") from exc
+        if lib.pf_abi_version() != ABI_VERSION:
+            raise KernelUnavailable(f"prefill kernels ABI {lib.pf_abi_version()}, expected {ABI_VERSION}")
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.pf_quantize_rows.argtypes = [p, i64, i64, p, p, i32]
+        lib.pf_quantize_rows.restype = None
+        lib.pf_w4_to_i8.argtypes = [p, p, p, i64, i64, i64, p, p, i32]
+        lib.pf_w4_to_i8.restype = i32
+        lib.pf_w4_to_bf16.argtypes = [p, p, p, i64, i64, i64, p, i32]
+        lib.pf_w4_to_bf16.restype = i32
+        lib.pf_scale_rows.argtypes = [p, i64, i64, p, p, p, p, i32, i32]
+        lib.pf_scale_rows.restype = None
+        _lib = lib
+        return lib
+
+
+class _Scratch(threading.local):
+    """Grow-only buffers reused from layer to layer (one set per thread that runs the model): a
+    layer's int8 weight, its activation codes and the int32 product are rewritten, not reallocated."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        nbytes = n * dtype.itemsize
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < nbytes:
+            buf = self.bufs[name] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes].view(dtype).view(shape)
+
+
+_scratch = _Scratch()
+
+
+def _check(t: Tensor, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> None:
+    """The C side reads raw pointers: refuse a tensor of the wrong dtype, shape or layout."""
+    if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(f"{what} must be a contiguous CPU {dtype} tensor of shape {shape}, got "
+                         f"{t.dtype} {tuple(t.shape)}")
+
+
+def quantize_rows(x: Tensor, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """x [M, K] float32 -> (codes int8 [M, K], scales float32 [M]): x ~ codes * scales[:, None]."""
+    m, k = x.shape
+    _check(x, torch.float32, (m, k), "x")
+    q, xs = out if out is not None else (torch.empty((m, k), dtype=torch.int8), torch.empty(m))
+    load().pf_quantize_rows(x.data_ptr(), m, k, q.data_ptr(), xs.data_ptr(), torch.get_num_threads())
+    return q, xs
+
+
+def w4_to_i8(w: Tensor, s: Tensor, z: Tensor, group: int,
+             out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """int4 (dq layout [N, K/2], bf16 scales/zeros [N, K/group]) -> (int8 codes [N, K], float32 scales [N])."""
+    n, k = w.shape[0], w.shape[1] * 2
+    _check(w, torch.uint8, (n, k // 2), "w")
+    _check(s, torch.bfloat16, (n, k // group), "scales")
+    _check(z, torch.bfloat16, (n, k // group), "zeros")
+    codes, ws = out if out is not None else (torch.empty((n, k), dtype=torch.int8), torch.empty(n))
+    if load().pf_w4_to_i8(w.data_ptr(), s.data_ptr(), z.data_ptr(), n, k, group, codes.data_ptr(), ws.data_ptr(),
+                          torch.get_num_threads()) != 0:
+        raise RuntimeError(f"pf_w4_to_i8 failed (N={n}, K={k}, group={group})")
+    return codes, ws
+
+
+def w4_to_bf16(w: Tensor, s: Tensor, z: Tensor, group: int, out: Tensor | None = None) -> Tensor:
+    """int4 (dq layout) -> bfloat16 [N, K]: dequantize_int4's float32 values rounded to bfloat16."""
+    n, k = w.shape[0], w.shape[1] * 2
+    _check(w, torch.uint8, (n, k // 2), "w")
+    _check(s, torch.bfloat16, (n, k // group), "scales")
+    _check(z, torch.bfloat16, (n, k // group), "zeros")
+    y = out if out is not None else torch.empty((n, k), dtype=torch.bfloat16)
+    if load().pf_w4_to_bf16(w.data_ptr(), s.data_ptr(), z.data_ptr(), n, k, group, y.data_ptr(),
+                            torch.get_num_threads()) != 0:
+        raise RuntimeError(f"pf_w4_to_bf16 failed (N={n}, K={k}, group={group})")
+    return y
+
+
+def _scale_rows(acc: Tensor, xs: Tensor, ws: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:
+    m, n = acc.shape
+    _check(ws, torch.float32, (n,), "channel scales")
+    if bias is not None:
+        _check(bias, torch.float32, (n,), "bias")
+    if out is not None:
+        _check(out, torch.float32, (m, n), "out")
+    y = out if out is not None else torch.empty((m, n))
+    load().pf_scale_rows(acc.data_ptr(), m, n, xs.data_ptr(), ws.data_ptr(),
+                         None if bias is None else bias.data_ptr(), y.data_ptr(), int(out is not None),
+                         torch.get_num_threads())
+    return y
+
+
+def _int8mm(x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:
+    m, k = x.shape
+    n = codes.shape[0]
+    q, xs = quantize_rows(x, (_scratch.get("xq", (m, k), torch.int8), _scratch.get("xs", (m,), torch.float32)))
+    acc = _scratch.get("acc", (m, n), torch.int32)
+    torch._int_mm(q, codes.t(), out=acc)
+    return _scale_rows(acc, xs, ws, bias, out)
+
+
+def linear_w8(kernel: str, x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None,
+              out: Tensor | None = None) -> Tensor:
+    """x [M, K] float32 @ (codes int8 [N, K] * ws float32 [N])^T + bias -> [M, N] float32 (added into out)."""
+    m, k = x.shape
+    n = codes.shape[0]
+    _check(x, torch.float32, (m, k), "x")
+    _check(codes, torch.int8, (n, k), "codes")
+    if kernel == "int8mm":
+        return _int8mm(x, codes, ws, bias, out)
+    if kernel != "bf16":
+        raise ValueError(f"prefill kernel {kernel!r}")
+    w = _scratch.get("wbf16", (n, k), torch.bfloat16)
+    torch.mul(codes, ws[:, None], out=w)
+    return _finish_bf16(x, w, bias, out)
+
+
+def linear_w4(kernel: str, x: Tensor, w: Tensor, s: Tensor, z: Tensor, group: int, bias: Tensor | None,
+              out: Tensor | None = None) -> Tensor:
+    """x [M, K] float32 @ dequant(int4 dq layout)^T + bias -> [M, N] float32 (added into out)."""
+    m, k = x.shape
+    n = w.shape[0]
+    _check(x, torch.float32, (m, k), "x")
+    if kernel == "int8mm":
+        codes, ws = w4_to_i8(w, s, z, group, (_scratch.get("w8", (n, k), torch.int8),
+                                              _scratch.get("ws", (n,), torch.float32)))
+        return _int8mm(x, codes, ws, bias, out)
+    if kernel != "bf16":
+        raise ValueError(f"prefill kernel {kernel!r}")
+    return _finish_bf16(x, w4_to_bf16(w, s, z, group, _scratch.get("wbf16", (n, k), torch.bfloat16)), bias, out)
+
+
+def _finish_bf16(x: Tensor, w: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:
+    y = F.linear(x.to(torch.bfloat16), w).float()
+    if bias is not None:
+        y += bias
+    if out is not None:
+        out += y
+        return out
+    return y
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m model_runtime.prefill build`: compile now (image builds), print the library path."""
+    args = argv if argv is not None else sys.argv[1:]
+    if args not in ([], ["build"]):
+        print("usage: python -m model_runtime.prefill [build]", file=sys.stderr)
+        return 2
+    try:
+        print(build())
+    except KernelUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""From a row of logits and a request's parameters and history to the next token and its log-probabilities.
+
+vLLM's semantics and order, applied to one request's row:
+1. logit_bias (added), then the penalties: repetition (over prompt + generated tokens: positive logits
+   divided by it, negative ones multiplied), frequency (minus penalty x count of each generated token),
+   presence (minus penalty once per distinct generated token);
+2. min_tokens: until that many tokens are generated, eos (unless ignore_eos) and stop_token_ids cannot come;
+3. temperature (0: greedy, the argmax of the row after 1-2), then top_k, top_p (over what top_k kept,
+   renormalised), min_p (tokens below min_p x the most likely one's probability dropped), and one draw from
+   the request's own torch.Generator (so a seed reproduces its tokens whatever else shares the batch).
+A request without controls (the common case) skips 1-2 entirely: the engine takes the batch's argmax or
+calls _sample on the raw row, as cheap as before controls existed.
+
+Log-probabilities are of the model's raw distribution, log_softmax of the float32 logits before any control
+(vLLM's default "raw_logprobs"), and computed only for requests that ask for them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+MAX_LOGPROBS = 20          # the most alternatives per position a request may ask for (vLLM's max_logprobs)
+NUCLEUS_CANDIDATES = 1024  # top-p looks among this many most likely tokens first (all of them if they fall short)
+
+TopLogprobs = list[tuple[int, float]]
+PromptLogprobs = list[tuple[float | None, TopLogprobs]]
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.6        # 0 => greedy
+    top_p: float = 0.95
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)   # eos ids are added by the engine
+    top_k: int = -1                 # -1 or 0: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None         # None: none; k >= 0: the sampled token's logprob + k alternatives
+    prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob (+ k), the first None
+
+    @property
+    def edits_logits(self) -> bool:
+        """Whether the row needs step 1-2 of the module docstring (bias, penalties, min_tokens)."""
+        return bool(self.logit_bias) or self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 \
+            or self.presence_penalty != 0.0 or self.min_tokens > 0
+
+    def problem(self, vocab_size: int) -> str | None:
+        """What is wrong with these parameters for a model of this vocabulary, or None."""
+        def bad_id(t: int) -> bool:
+            return not 0 <= int(t) < vocab_size
+
+        if not self.temperature >= 0 or not math.isfinite(self.temperature):
+            return f"temperature must be >= 0, got {self.temperature}"
+        if not 0 < self.top_p <= 1:
+            return f"top_p must be in (0, 1], got {self.top_p}"
+        if self.top_k < -1:
+            return f"top_k must be -1 (off), 0 (off) or >= 1, got {self.top_k}"
+        if not 0 <= self.min_p <= 1:
+            return f"min_p must be in [0, 1], got {self.min_p}"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                return f"{name} must be in [-2, 2], got {getattr(self, name)}"
+        if not 0 < self.repetition_penalty < math.inf:
+            return f"repetition_penalty must be > 0, got {self.repetition_penalty}"
+        if any(bad_id(t) for t in self.logit_bias):
+            return f"logit_bias token ids must be in [0, {vocab_size})"
+        if any(not -100 <= v <= 100 for v in self.logit_bias.values()):
+            return "logit_bias values must be in [-100, 100]"
+        if any(bad_id(t) for t in self.stop_token_ids):
+            return f"stop_token_ids must be in [0, {vocab_size})"
+        if self.min_tokens < 0 or self.min_tokens > max(self.max_tokens, 0):
+            return f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                return f"{name} must be in [0, {MAX_LOGPROBS}], got {k}"
+        if self.max_tokens < 0 or (self.max_tokens == 0 and self.prompt_logprobs is None):
+            return "max_tokens must be >= 1 (0 only with prompt_logprobs: the prompt scored, nothing generated)"
+        return None
+
+
+class RequestSampler:
+    """One request's sampling state: its generator, and the per-token tensors its controls need (the counts of
+    its generated tokens, the tokens seen in prompt + output), updated by observe() once per token."""
+
+    def __init__(self, params: SamplingParams, prompt: list[int], stop_ids: set[int], vocab_size: int,
+                 device: torch.device) -> None:
+        self.params = params
+        self.edits_logits = params.edits_logits
+        self.generator: torch.Generator | None = None
+        if params.temperature > 0:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(params.seed if params.seed is not None else
+                                       int(torch.randint(0, 2**62, ()).item()))
+        self.counts: Tensor | None = None   # [V] float32: times each token was generated
+        self.seen: Tensor | None = None     # [V] bool: in the prompt or generated
+        self.bias_ids: Tensor | None = None
+        self.bias: Tensor | None = None
+        self.min_tokens_ids: Tensor | None = None
+        if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(prompt, dtype=torch.long, device=device)] = True
+        if params.logit_bias:
+            self.bias_ids = torch.tensor([int(t) for t in params.logit_bias], dtype=torch.long, device=device)
+            self.bias = torch.tensor([float(v) for v in params.logit_bias.values()], device=device)
+        if params.min_tokens > 0 and stop_ids:
+            self.min_tokens_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+
+    def observe(self, token: int) -> None:
+        """Count a generated token (one index op per tensor, never a rebuild)."""
+        if self.counts is not None:
+            self.counts[token] += 1
+        if self.seen is not None:
+            self.seen[token] = True
+
+    def edit(self, raw: Tensor, generated: int) -> Tensor:
+        """A new row: logit_bias, repetition/frequency/presence penalties, the min_tokens mask (raw unchanged)."""
+        row = raw.float().clone()
+        if self.bias_ids is not None and self.bias is not None:
+            row.index_add_(0, self.bias_ids, self.bias)
+        p = self.params
+        if self.seen is not None:
+            factor = torch.where(row > 0, 1.0 / p.repetition_penalty, p.repetition_penalty)
+            row = torch.where(self.seen, row * factor, row)
+        if self.counts is not None:
+            if p.frequency_penalty != 0.0:
+                row.sub_(self.counts, alpha=p.frequency_penalty)
+            if p.presence_penalty != 0.0:
+                row.sub_((self.counts > 0).float(), alpha=p.presence_penalty)
+        if self.min_tokens_ids is not None and generated < p.min_tokens:
+            row[self.min_tokens_ids] = -math.inf
+        return row
+
+    def choose(self, raw: Tensor, argmax: int, generated: int) -> int:
+        """The next token from this request's raw row [V]; argmax: the raw row's (the batch computed it)."""
+        p = self.params
+        row = self.edit(raw, generated) if self.edits_logits else raw
+        if p.temperature <= 0:
+            return argmax if row is raw else int(torch.argmax(row))
+        return _sample(row, p.temperature, p.top_p, self.generator, top_k=p.top_k, min_p=p.min_p)
+
+
+def _sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+            top_k: int = -1, min_p: float = 0.0) -> int:
+    """One token from logits [V] with temperature, top_k, nucleus (top_p) and min_p sampling.
+
+    Exact, but cheap on a 151,936-token vocabulary: the nucleus (the most likely tokens whose probabilities
+    first add up to top_p) is looked for among the top-k candidates, a partial sort, and only when they fall
+    short among all tokens; the draw is one uniform number against the cumulative sum. A full sort + multinomial
+    cost ~15 ms per token here, most of an int4 decode step (~20 ms on the 0.5B). The only randomness is the
+    one number drawn from `generator`."""
+    probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)         # [V]
+    vocab = probs.numel()
+    idx: Tensor | None = None
+    mass = 1.0                                       # of the candidates top_p is a fraction of
+    if 0 < top_k < vocab:
+        p, idx = torch.topk(probs, top_k)                                          # [k], descending
+        mass = float(p.sum(dtype=torch.float64))     # top_p applies to the top_k renormalised
+    elif 0 < top_p < 1:
+        p, idx = torch.topk(probs, min(NUCLEUS_CANDIDATES, vocab))                 # [k], descending
+        if float(p.sum(dtype=torch.float64)) < top_p:  # a flat distribution: the nucleus is wider
+            p, idx = torch.sort(probs, descending=True)
+    else:
+        p = probs
+    if idx is not None and 0 < top_p < 1:
+        cum = torch.cumsum(p, dim=0, dtype=torch.float64)
+        # the prefix up to and including the token whose cumulative probability reaches top_p
+        target = torch.tensor(top_p * mass, dtype=torch.float64, device=cum.device)
+        keep = min(int(torch.searchsorted(cum, target)) + 1, p.numel())
+        p, idx = p[:keep], idx[:keep]
+    if min_p > 0:
+        if idx is not None:   # sorted descending: the tokens kept are a prefix
+            keep = max(int((p >= min_p * p[0]).sum()), 1)
+            p, idx = p[:keep], idx[:keep]
+        else:
+            p = torch.where(p >= min_p * p.max(), p, 0.0)
+    # float64: over 151,936 tokens a float32 running sum rounds the tail's tiny probabilities away
+    cdf = torch.cumsum(p, dim=0, dtype=torch.float64)
+    u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
+    choice = min(int(torch.searchsorted(cdf, u.to(cdf.device), right=True)), p.numel() - 1)
+    return int(idx[choice]) if idx is not None else choice
+
+
+def token_logprobs(logits: Tensor, tokens: list[int], k: int, *, in_place: bool = False
+                   ) -> list[tuple[float, TopLogprobs]]:
+    """For each row of logits [N, V]: the log-probability of tokens[row] and the k most likely (id, logprob),
+    descending, under log_softmax of the float32 row. in_place: normalise `logits` itself (a prompt's
+    [T, V] chunk need not be copied)."""
+    rows = logits.float()
+    if in_place and rows is logits:
+        rows.sub_(torch.logsumexp(rows, dim=-1, keepdim=True))
+    else:
+        rows = torch.log_softmax(rows, dim=-1)
+    index = torch.tensor(tokens, dtype=torch.long, device=rows.device)[:, None]
+    chosen = rows.gather(1, index)[:, 0].tolist()
+    if k <= 0:
+        return [(lp, []) for lp in chosen]
+    values, ids = torch.topk(rows, min(k, rows.shape[-1]), dim=-1)
+    return [(lp, list(zip(i, v, strict=True))) for lp, i, v in zip(chosen, ids.tolist(), values.tolist(),
+                                                                    strict=True)]

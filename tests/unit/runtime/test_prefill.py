@@ -1,0 +1,175 @@
+"""prefill.py + csrc/prefill_kernels.c: prompt chunks of the quantized linears on the CPU's matrix engine
+(torch._int_mm / bf16 GEMM), chosen by the KernelPlan from the CPU's features; decode rows stay on the
+dq kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_runtime import ckernels, kernels, prefill
+from model_runtime.config import ModelConfig
+from model_runtime.kernels import Int4Linear, Int8Linear
+from model_runtime.loader import load_model
+from model_runtime.plan import Machine, make_plan
+from tests.unit.runtime.test_quant import greedy
+
+CFG = ModelConfig(arch="qwen2", hidden_size=896, n_layers=2, n_heads=14, n_kv_heads=2, intermediate_size=4864,
+                  vocab_size=1000, max_position=4096)  # the 0.5B's linear shapes
+AVX2_ONLY = frozenset({"avx2", "fma", "f16c", "avx_vnni"})
+AVX512_BF16 = frozenset({*AVX2_ONLY, "avx512f", "avx512_vnni", "avx512_bf16"})
+AMX = frozenset({*AVX512_BF16, "amx_tile", "amx_int8", "amx_bf16"})
+# a prompt longer than PREFILL_MIN_ROWS, so its chunk takes the prefill GEMM
+LONG_PROMPT = [151646, 151644, *range(1000, 1030), 151645]
+
+
+def _available() -> str | None:
+    try:
+        ckernels.load()
+        prefill.load()
+    except ckernels.KernelUnavailable as exc:
+        return str(exc)
+    return None
+
+
+needs_kernels = pytest.mark.skipif(_available() is not None, reason=f"CPU kernels unavailable: {_available()}")
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    for var in ("DISTILLERY_CPU_KERNELS", "DISTILLERY_PREFILL", "DISTILLERY_COMPILE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.parametrize(("flags", "kernel"), [(AVX2_ONLY, "none"), (AVX512_BF16, "int8mm"), (AMX, "int8mm")])
+def test_the_plan_picks_the_prefill_kernel_from_the_cpu_features(flags, kernel):
+    plan = make_plan(CFG, Machine("cpu", dq_available=True, cpu_flags=flags), quantization="int4", lm_head="int8")
+    assert plan.prefill_kernel == kernel
+    assert plan.prefill_min_rows == (prefill.PREFILL_MIN_ROWS if kernel != "none" else 0)
+    assert any(n.startswith("prefill:") for n in plan.notes)
+    assert plan.describe()["prefill_kernel"] == kernel  # shown in /v1/models kernel_plan
+
+
+def test_no_prefill_kernel_off_the_dq_backend_or_without_its_helpers(monkeypatch):
+    machine = Machine("cpu", dq_available=True, cpu_flags=AMX)
+    assert make_plan(CFG, machine, quantization="int8", kernels="aten").prefill_kernel == "none"
+    assert make_plan(CFG, machine, quantization="none").prefill_kernel == "none"
+    assert make_plan(CFG, Machine("cuda:0", cuda_capability=(8, 0)), quantization="int8").prefill_kernel == "none"
+    broken = Machine("cpu", dq_available=True, cpu_flags=AMX, prefill_problem="no C compiler")
+    plan = make_plan(CFG, broken, quantization="int8", lm_head="int8")
+    assert plan.prefill_kernel == "none" and any("no C compiler" in n for n in plan.notes)
+    monkeypatch.setenv("DISTILLERY_PREFILL", "bf16")
+    assert make_plan(CFG, machine, quantization="int8", lm_head="int8").prefill_kernel == "bf16"
+    monkeypatch.setenv("DISTILLERY_PREFILL", "fast")
+    with pytest.raises(ValueError, match="DISTILLERY_PREFILL"):
+        make_plan(CFG, machine, quantization="int8", lm_head="int8")
+
+
+@needs_kernels
+def test_activation_rows_quantize_like_torch():
+    x = torch.randn(19, 896) * torch.logspace(-3, 2, 19)[:, None]
+    x[3] = 0.0
+    q, xs = prefill.quantize_rows(x)
+    d = x.abs().amax(1) / 127
+    assert torch.equal(xs, d)
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    assert torch.equal(q, torch.round(x * inv[:, None]).to(torch.int8))
+
+
+def _int4_module(n: int, k: int, group: int) -> tuple[Int4Linear, torch.Tensor]:
+    qweight, s, z = kernels.quantize_int4_packed(torch.randn(n, k) * 0.02, group)
+    lin = Int4Linear(qweight, s, z, None, torch.float32, keep_codes=True, backend="dq")
+    return lin, kernels.dequantize_int4(kernels.unpack_nibbles(qweight), s, z)
+
+
+@needs_kernels
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_dequant_is_bit_exact_with_the_portable_dequantize(group):
+    lin, w = _int4_module(40, 256, group)
+    assert torch.equal(prefill.w4_to_bf16(lin._packed, lin._dq_scales, lin._dq_zeros, group), w.to(torch.bfloat16))
+    codes, ws = prefill.w4_to_i8(lin._packed, lin._dq_scales, lin._dq_zeros, group)
+    d = w.abs().amax(1) / 127
+    assert torch.equal(ws, d)
+    assert torch.equal(codes, torch.round(w * (1 / d)[:, None]).to(torch.int8))
+
+
+@needs_kernels
+@pytest.mark.parametrize("kernel", ["int8mm", "bf16"])
+def test_prefill_gemms_match_the_float_product_and_add_into_out(kernel):
+    torch.manual_seed(0)
+    x, bias = torch.randn(24, 256), torch.randn(48)
+    lin4, w4 = _int4_module(48, 256, 64)
+    codes, scales = kernels.quantize_int8(torch.randn(48, 256) * 0.02)
+    w8 = codes.float() * scales.float()[:, None]
+    for w, run in ((w8, lambda out: prefill.linear_w8(kernel, x, codes, scales.float(), bias, out=out)),
+                   (w4, lambda out: prefill.linear_w4(kernel, x, lin4._packed, lin4._dq_scales, lin4._dq_zeros, 64,
+                                                      bias, out=out))):
+        ref = x @ w.t() + bias
+        y = run(None)
+        assert (y - ref).norm() / ref.norm() < 0.02
+        resid = torch.randn(24, 48)
+        assert torch.allclose(run(resid.clone()), resid + y, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("cls", ["int8", "int4"])
+def test_linears_take_the_prefill_gemm_from_min_rows_on_and_the_dq_kernels_below(cls, monkeypatch):
+    torch.manual_seed(1)
+    w = torch.randn(64, 128) * 0.02
+    common = {"prefill_kernel": "int8mm", "prefill_min_rows": 16}
+    lin: Int8Linear | Int4Linear
+    if cls == "int8":
+        lin = Int8Linear(*kernels.quantize_int8(w), None, torch.float32, backend="dq", **common)
+    else:
+        lin = Int4Linear(*kernels.quantize_int4_packed(w, 32), None, torch.float32, backend="dq", **common)
+    calls: list[int] = []
+    for name in ("linear_w8", "linear_w4"):
+        real = getattr(prefill, name)
+        monkeypatch.setattr(prefill, name, lambda *a, _r=real, **kw: calls.append(a[1].shape[0]) or _r(*a, **kw))
+    lin(torch.randn(15, 128))
+    assert calls == []
+    lin(torch.randn(16, 128))
+    assert calls == [16]
+    assert "prefill int8mm >= 16 rows" in repr(lin)
+
+
+def _greedy_with(model_dir, prefill_kernel: str, monkeypatch, **load) -> tuple[list[int], torch.Tensor]:
+    monkeypatch.setenv("DISTILLERY_PREFILL", prefill_kernel)
+    loaded = load_model(model_dir, **load)
+    assert loaded.plan is not None and loaded.plan.prefill_kernel == (
+        prefill_kernel if loaded.plan.backend == "dq" else "none")
+    return greedy(loaded.model, LONG_PROMPT, 12)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kernel", ["int8mm", "bf16"])
+def test_int8_prefill_gemm_gives_the_same_greedy_tokens_as_the_dq_kernels(tiny_qwen2_dir, kernel, monkeypatch):
+    tokens, logits = _greedy_with(tiny_qwen2_dir, kernel, monkeypatch, quantization="int8")
+    tokens_dq, logits_dq = _greedy_with(tiny_qwen2_dir, "none", monkeypatch, quantization="int8")
+    assert tokens == tokens_dq
+    assert torch.allclose(logits, logits_dq, atol=0.03 * float(logits_dq.abs().max()))
+
+
+@needs_kernels
+@pytest.mark.parametrize("kernel", ["int8mm", "bf16"])
+def test_int4_prefill_gemm_follows_the_exact_int4_math(tiny_qwen2_dir, kernel, monkeypatch):
+    """int4 on the random tiny model has a near-tie at the 6th token that the dq kernels' own rounding
+    (activations quantized per group of 32) tips the other way: the prefill GEMM gives the tokens of
+    the exact int4 math (generic backend in float32), and logits close to the dq kernels'."""
+    tokens, logits = _greedy_with(tiny_qwen2_dir, kernel, monkeypatch, quantization="int4", group_size=32)
+    tokens_exact, logits_exact = _greedy_with(tiny_qwen2_dir, "none", monkeypatch, quantization="int4",
+                                              group_size=32, kernels="generic", dtype="float32")
+    tokens_dq, logits_dq = _greedy_with(tiny_qwen2_dir, "none", monkeypatch, quantization="int4", group_size=32)
+    assert tokens == tokens_exact
+    assert tokens[:5] == tokens_dq[:5]
+    scale = float(logits_exact.abs().max())
+    assert torch.allclose(logits, logits_exact, atol=0.04 * scale)
+    assert torch.allclose(logits, logits_dq, atol=0.04 * scale)
+
+
+def test_build_command_prints_the_library(capsys):
+    if _available() is not None:
+        pytest.skip(f"CPU kernels unavailable: {_available()}")
+    assert prefill.main(["build"]) == 0
+    assert capsys.readouterr().out.strip().endswith(".so")
+    assert prefill.main(["nonsense"]) == 2
