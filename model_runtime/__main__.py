@@ -146,6 +146,12 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu_memory_utilization", default=0.9, type=_unit_float,
                         help="CUDA: fraction of the GPU's memory the runtime may use; the KV cache gets what the "
                              "weights leave (a model that does not fit fails at start-up)")
+    _add_bool_flag(parser, "--enable_prefix_caching", default=True,
+                   help="automatic prefix caching: keep the KV of prompt prefixes and reuse it for later prompts "
+                        "that start the same way (vLLM's); --enable_prefix_caching=false turns it off")
+    parser.add_argument("--prefix_cache_bytes", default=None, type=_positive_int,
+                        help="memory for cached prefix KV blocks; unset: 512 MiB (CUDA: at most what the KV "
+                             "cache's share of --gpu_memory_utilization leaves over)")
     _add_bool_flag(parser, "--allow_special_tokens_in_content", default=False,
                    help="trusted clients only: control tokens typed in message text are read as control tokens")
 
@@ -177,6 +183,7 @@ def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
         allow_special_tokens_in_content=args.allow_special_tokens_in_content, request_workers=args.request_workers,
         kernel_backend=args.kernel_backend, compile=args.compile,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching, prefix_cache_bytes=args.prefix_cache_bytes,
     )
 
 

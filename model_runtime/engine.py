@@ -32,6 +32,7 @@ from torch import Tensor
 
 from model_runtime.gpu_memory import kv_slot_bytes, size_kv_cache
 from model_runtime.model import KVCache
+from model_runtime.prefix_cache import DEFAULT_BLOCK_SIZE, DEFAULT_POOL_BYTES, PrefixCache, block_bytes
 from model_runtime.sampling import (  # noqa: F401 - SamplingParams and _sample re-exported (their old home)
     PromptLogprobs,
     RequestSampler,
@@ -63,6 +64,13 @@ class EngineConfig:
     # CUDA: the KV cache may take this fraction of the GPU's total memory minus what is in use after
     # loading (vLLM's flag); fewer slots than max_batch_size fit -> a smaller batch, none -> start-up error
     gpu_memory_utilization: float = 0.9
+    # automatic prefix caching (prefix_cache.py): KV blocks of prompt prefixes kept for later requests;
+    # prefix_cache_bytes None: prefix_cache.DEFAULT_POOL_BYTES (CUDA: at most what the KV cache's budget
+    # leaves over)
+    enable_prefix_caching: bool = True
+    prefix_cache_bytes: int | None = None
+    prefix_cache_block_size: int = DEFAULT_BLOCK_SIZE
+
 
 
 @dataclass
@@ -88,6 +96,19 @@ class EngineStats:
     steps: int = 0
     kv_cache_bytes: int = 0          # KV cache memory holding live tokens
     gpu_memory_bytes: int = 0        # CUDA: memory this process's allocator holds (weights, cache, activations)
+    # prefix cache: look-ups / prompt tokens looked up, and those served from cached blocks (cumulative)
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_query_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_blocks: int = 0          # KV blocks cached now
+    prefix_cache_capacity_blocks: int = 0  # blocks the pool holds (0: prefix caching is off)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prompt tokens served from the prefix cache over prompt tokens looked up."""
+        return self.prefix_cache_hit_tokens / self.prefix_cache_query_tokens if self.prefix_cache_query_tokens else 0.0
+
 
 
 class QueueFullError(Exception):
@@ -157,6 +178,7 @@ class Engine:
         self.metrics = metrics
         self.max_len = min(int(config.max_model_len), int(loaded.max_model_len))
         self.device = self.model.device
+        spare_bytes: int | None = None  # CUDA: what the KV cache's budget leaves over (for the prefix cache)
         if self.device.type == "cuda":
             # the KV cache sized from free GPU memory, at start-up (a GpuMemoryError names the numbers)
             free, total = torch.cuda.mem_get_info(self.device)
@@ -165,6 +187,7 @@ class Engine:
                                    utilization=config.gpu_memory_utilization)
             config = replace(config, max_batch_size=budget.slots)
             self.config = config
+            spare_bytes = budget.budget_bytes - budget.slots * budget.slot_bytes
         self._token_bytes = kv_slot_bytes(self.model.config, 1, self.model.kv_cache_dtype())
         self.eos_ids = set(int(e) for e in (loaded.eos_token_ids or []))
         self._lock = threading.Condition()
@@ -181,6 +204,7 @@ class Engine:
         self._ids = itertools.count()
         # test hook: called with (logits [B, V], request ids) before sampling; may edit logits in place
         self.logits_hook: Callable[[Tensor, list[str]], None] | None = None
+        self.prefix_cache = self._make_prefix_cache(config, spare_bytes)
         use_compile = config.compile
         plan = getattr(loaded, "plan", None)
         if use_compile is None and plan is not None:
@@ -205,6 +229,23 @@ class Engine:
             self._decode_fn = torch.compile(self.model.forward, mode="reduce-overhead", dynamic=False)
         elif self.compiled:
             self._decode_fn = torch.compile(self.model.forward, dynamic=True)
+
+    def _make_prefix_cache(self, config: EngineConfig, spare_bytes: int | None) -> PrefixCache | None:
+        """The block pool of automatic prefix caching, or None when it is off or not one block fits."""
+        if not config.enable_prefix_caching:
+            return None
+        cfg, dtype, bs = self.model.config, self.model.kv_cache_dtype(), config.prefix_cache_block_size
+        per_block = block_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, dtype, bs)
+        want = DEFAULT_POOL_BYTES if config.prefix_cache_bytes is None else config.prefix_cache_bytes
+        pool_bytes = min(want, spare_bytes) if spare_bytes is not None else want
+        blocks = pool_bytes // per_block
+        if blocks < 1:
+            log.warning("prefix caching off: %d bytes hold no block of %d tokens (%d bytes)", pool_bytes, bs,
+                        per_block)
+            return None
+        log.info("prefix cache: %d blocks of %d tokens (%.0f MiB)", blocks, bs, blocks * per_block / 2**20)
+        return PrefixCache(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, dtype=dtype,
+                           device=self.device, block_size=bs, capacity_blocks=int(blocks))
 
     def _warm_up(self) -> None:
         """Compile the decode graphs (batch 1 and batch >= 2) before serving, then wipe the cache."""
@@ -293,7 +334,16 @@ class Engine:
         capacity = self.config.max_batch_size * self.max_len
         return EngineStats(queue_depth=len(self._waiting), running=len(running),
                            kv_cache_usage=sum(r.pos for r in running) / capacity if capacity else 0.0,
-                           tokens_per_s=s.tokens_per_s, generated_tokens=s.generated_tokens, steps=s.steps)
+                           tokens_per_s=s.tokens_per_s, generated_tokens=s.generated_tokens, steps=s.steps,
+                           **self._prefix_stats())
+
+    def _prefix_stats(self) -> dict[str, int]:
+        if self.prefix_cache is None:
+            return {}
+        p = self.prefix_cache.stats
+        return {"prefix_cache_queries": p.queries, "prefix_cache_hits": p.hits,
+                "prefix_cache_query_tokens": p.query_tokens, "prefix_cache_hit_tokens": p.hit_tokens,
+                "prefix_cache_blocks": p.blocks, "prefix_cache_capacity_blocks": p.capacity}
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -420,11 +470,36 @@ class Engine:
             self._waiting.popleft()
             self._free_slots.sort()
             req.slot = self._free_slots.pop(0)
+            self._load_prefix(req)
             self._running.append(req)
             in_flight += req.budget()
             admitted.append(req)
         self._running.sort(key=lambda r: cast(int, r.slot))  # running requests all hold a slot
         return admitted
+
+    def _load_prefix(self, req: _Request) -> None:
+        """Copy the longest cached block-aligned prefix of the prompt into the request's fresh slot; its
+        prefill starts after it. At least the last prompt token is left to compute (its logits give the
+        first token); a request that wants every prompt token's logprobs computes them all."""
+        pc = self.prefix_cache
+        if pc is None or self._cache is None or req.slot is None or req.params.prompt_logprobs is not None:
+            return
+        try:
+            chain = pc.match(req.prompt, len(req.prompt) - 1)
+            req.pos = pc.load(chain, self._cache.k, self._cache.v, req.slot)
+        except Exception:  # noqa: BLE001 - the cache is an optimisation: compute the whole prompt instead
+            log.exception("prefix cache look-up failed for %s; prefilling the whole prompt", req.id)
+            req.pos = 0
+
+    def _store_prefix(self, req: _Request) -> None:
+        """Keep the full blocks of a just-prefilled prompt (its slot holds their keys/values)."""
+        pc = self.prefix_cache
+        if pc is None or self._cache is None or req.slot is None:
+            return
+        try:
+            pc.store(req.prompt, self._cache.k, self._cache.v, req.slot)
+        except Exception:  # noqa: BLE001 - never fail a request over the cache
+            log.exception("prefix cache store failed for %s", req.id)
 
     def _guarded(self, reqs: list[_Request], fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -450,6 +525,7 @@ class Engine:
         if scored:
             logits = self._score_prompt(req, start, end, logits)
         if last:
+            self._store_prefix(req)  # before sampling: a request that finishes now wipes its slot
             if req.params.max_tokens == 0:
                 self._finish(req, None, "length")  # the prompt scored, nothing to generate
             else:
@@ -585,6 +661,8 @@ class Engine:
         if self.device.type == "cuda":
             s.gpu_memory_bytes = int(torch.cuda.memory_reserved(self.device))
         s.steps += step
+        for name, value in self._prefix_stats().items():
+            setattr(s, name, value)
         if self.metrics is not None:
             try:
                 self.metrics.observe_step(s)

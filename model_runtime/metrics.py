@@ -6,7 +6,8 @@ collectors are registered there (tests pass a private CollectorRegistry). Every 
 
 Two faces:
 - EngineMetrics.observe_step(stats): called by the engine after each step with its EngineStats
-  (queue_depth, running, kv_cache_usage, tokens_per_s); gauges only.
+  (queue_depth, running, kv_cache_usage, tokens_per_s, the prefix cache's totals); gauges, and the
+  prefix cache's token counters advanced by the engine's running totals.
 - RuntimeMetrics: adds the per-request series the HTTP layer records (requests, errors, TTFT,
   latency, tokens, in-flight, 429s) and the response cache's (lookups, stores, evictions, size).
 """
@@ -60,6 +61,14 @@ def _build(registry: CollectorRegistry) -> dict[str, Any]:
         "gpu_memory": gauge(metric_names.METRIC_GPU_MEMORY_BYTES, "GPU memory held by the runtime (0 on CPU)"),
         "tokens_per_s": gauge(metric_names.METRIC_TOKENS_PER_SECOND, "Decode rate over the last window"),
         "rejected": counter(metric_names.METRIC_QUEUE_REJECTED_TOTAL, "Requests rejected with 429 (queue full)"),
+        # prefix cache (prefix_cache.py, the engine's)
+        "prefix_queries": counter(metric_names.METRIC_PREFIX_CACHE_QUERIES_TOTAL,
+                                  "Prompt tokens looked up in the prefix cache"),
+        "prefix_hits": counter(metric_names.METRIC_PREFIX_CACHE_HITS_TOTAL,
+                               "Prompt tokens served from the prefix cache (not computed)"),
+        "prefix_blocks": gauge(metric_names.METRIC_PREFIX_CACHE_BLOCKS, "KV blocks in the prefix cache"),
+        "prefix_capacity": gauge(metric_names.METRIC_PREFIX_CACHE_CAPACITY_BLOCKS,
+                                 "KV blocks the prefix cache's pool holds (0: prefix caching is off)"),
         # response cache (response_cache.py)
         "cache_lookups": counter(metric_names.METRIC_RESPONSE_CACHE_LOOKUPS_TOTAL,
                                  "OpenAI requests by response-cache result (hit, miss, bypass)", ("result",)),
@@ -92,6 +101,11 @@ class EngineMetrics:
         self._kv_bytes = c["kv_bytes"].labels(model_name)
         self._gpu_memory = c["gpu_memory"].labels(model_name)
         self._tokens_per_s = c["tokens_per_s"].labels(model_name)
+        self._prefix_queries = c["prefix_queries"].labels(model_name)
+        self._prefix_hits = c["prefix_hits"].labels(model_name)
+        self._prefix_blocks = c["prefix_blocks"].labels(model_name)
+        self._prefix_capacity = c["prefix_capacity"].labels(model_name)
+        self._prefix_seen = (0, 0)  # the engine's cumulative (query, hit) tokens already counted
 
     def observe_step(self, stats: Any) -> None:
         """Copy an EngineStats (queue_depth, running, kv_cache_usage, tokens_per_s) into the gauges."""
@@ -101,6 +115,17 @@ class EngineMetrics:
         self._kv_bytes.set(getattr(stats, "kv_cache_bytes", 0) or 0)
         self._gpu_memory.set(getattr(stats, "gpu_memory_bytes", 0) or 0)
         self._tokens_per_s.set(getattr(stats, "tokens_per_s", 0.0) or 0.0)
+        # the engine keeps running totals: the counters advance by what is new since the last step
+        queries = getattr(stats, "prefix_cache_query_tokens", 0) or 0
+        hits = getattr(stats, "prefix_cache_hit_tokens", 0) or 0
+        seen_queries, seen_hits = self._prefix_seen
+        if queries < seen_queries:  # a new engine behind the same metrics: its totals start at 0
+            seen_queries = seen_hits = 0
+        self._prefix_queries.inc(queries - seen_queries)
+        self._prefix_hits.inc(max(0, hits - seen_hits))
+        self._prefix_seen = (queries, hits)
+        self._prefix_blocks.set(getattr(stats, "prefix_cache_blocks", 0) or 0)
+        self._prefix_capacity.set(getattr(stats, "prefix_cache_capacity_blocks", 0) or 0)
 
 
 class RuntimeMetrics(EngineMetrics):

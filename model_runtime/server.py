@@ -121,6 +121,8 @@ class RuntimeOptions:
     kernel_backend: str | None = None  # plan.KERNEL_CHOICES; None: DISTILLERY_CPU_KERNELS or auto
     compile: bool | None = None  # torch.compile the decode step; None: on for CUDA, DISTILLERY_COMPILE
     gpu_memory_utilization: float = 0.9  # CUDA: the KV cache's share of GPU memory (vLLM's flag)
+    enable_prefix_caching: bool = True  # reuse the KV of cached prompt prefixes (prefix_cache.py)
+    prefix_cache_bytes: int | None = None  # the prefix cache's pool; None: the engine's default
 
 
 class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no type information (no py.typed)
@@ -151,6 +153,7 @@ class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
             EngineConfig(
                 max_batch_size=o.max_batch_size, max_queue=o.max_queue, max_model_len=loaded.max_model_len,
                 request_timeout_s=o.request_timeout_s, gpu_memory_utilization=o.gpu_memory_utilization,
+                enable_prefix_caching=o.enable_prefix_caching, prefix_cache_bytes=o.prefix_cache_bytes,
             ),
             metrics=self.metrics,
         )

@@ -20,6 +20,11 @@ METRIC_KV_CACHE_BYTES: Final = "distillery_kv_cache_bytes"  # gauge: KV cache me
 METRIC_GPU_MEMORY_BYTES: Final = "distillery_gpu_memory_bytes"  # gauge: GPU memory the runtime holds (0 on CPU)
 METRIC_TOKENS_PER_SECOND: Final = "distillery_tokens_per_second"  # gauge, decode rate over the last window
 METRIC_QUEUE_REJECTED_TOTAL: Final = "distillery_queue_rejected_total"  # counter: 429s
+# automatic prefix caching (model_runtime/prefix_cache.py), in tokens as vLLM's: hit rate = hits / queries
+METRIC_PREFIX_CACHE_QUERIES_TOTAL: Final = "distillery_prefix_cache_queries_total"  # counter: prompt tokens looked up
+METRIC_PREFIX_CACHE_HITS_TOTAL: Final = "distillery_prefix_cache_hits_total"  # counter: ... served from cached blocks
+METRIC_PREFIX_CACHE_BLOCKS: Final = "distillery_prefix_cache_blocks"  # gauge: KV blocks cached now
+METRIC_PREFIX_CACHE_CAPACITY_BLOCKS: Final = "distillery_prefix_cache_capacity_blocks"  # gauge: 0 when off
 # response cache (model_runtime/response_cache.py; off unless --response_cache_max_entries > 0)
 # counter, label result: hit | miss | bypass (not looked up: sampling, stream, Cache-Control)
 METRIC_RESPONSE_CACHE_LOOKUPS_TOTAL: Final = "distillery_response_cache_lookups_total"

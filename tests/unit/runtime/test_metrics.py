@@ -68,3 +68,21 @@ def test_a_new_registry_never_inherits_a_collected_ones_collectors():
         assert fresh.get_sample_value(metric_names.METRIC_QUEUE_REJECTED_TOTAL, {"model_name": "m"}) == 1, i
         del fresh
         gc.collect()
+
+
+def test_prefix_cache_totals_advance_the_counters_and_set_the_gauges():
+    registry = CollectorRegistry()
+    metrics = EngineMetrics("m", registry)
+    value = lambda name: registry.get_sample_value(name, {metric_names.METRIC_LABEL_MODEL: "m"})  # noqa: E731
+    assert value(metric_names.METRIC_PREFIX_CACHE_QUERIES_TOTAL) == 0  # exported before the first request
+    for queries, hits in ((100, 0), (250, 64), (250, 64)):  # the engine's running totals, step by step
+        metrics.observe_step(SimpleNamespace(prefix_cache_query_tokens=queries, prefix_cache_hit_tokens=hits,
+                                             prefix_cache_blocks=7, prefix_cache_capacity_blocks=512))
+    assert value(metric_names.METRIC_PREFIX_CACHE_QUERIES_TOTAL) == 250
+    assert value(metric_names.METRIC_PREFIX_CACHE_HITS_TOTAL) == 64
+    assert value(metric_names.METRIC_PREFIX_CACHE_BLOCKS) == 7
+    assert value(metric_names.METRIC_PREFIX_CACHE_CAPACITY_BLOCKS) == 512
+    # a restarted engine reports totals from 0 again: counters never go back, they count its new tokens
+    metrics.observe_step(SimpleNamespace(prefix_cache_query_tokens=30, prefix_cache_hit_tokens=16))
+    assert value(metric_names.METRIC_PREFIX_CACHE_QUERIES_TOTAL) == 280
+    assert value(metric_names.METRIC_PREFIX_CACHE_HITS_TOTAL) == 80
