@@ -110,6 +110,13 @@ def kv_cache_usage(sel: Selector = ALL, by: tuple[str, ...] = ()) -> str:
     return gauge(m.METRIC_KV_CACHE_USAGE, sel, by, agg="max")
 
 
+def response_cache_hit_ratio(sel: Selector = ALL, window: str = "5m", by: tuple[str, ...] = ()) -> str:
+    """Hits over the requests that looked the response cache up (hit + miss; bypasses never could hit)."""
+    hits = _rate(m.METRIC_RESPONSE_CACHE_LOOKUPS_TOTAL, sel, window, f"result={_quote('hit')}")
+    looked = _rate(m.METRIC_RESPONSE_CACHE_LOOKUPS_TOTAL, sel, window, f"result=~{_quote('hit|miss')}")
+    return f"sum{_by(by)} ({hits}) / sum{_by(by)} ({looked})"
+
+
 def replicas(sel: Selector = ALL, by: tuple[str, ...] = ()) -> str:
     """Runtime pods reporting metrics (each exports one running-sequences gauge per model)."""
     return gauge(m.METRIC_RUNNING_SEQUENCES, sel, by, agg="count")
