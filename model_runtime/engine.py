@@ -3,10 +3,11 @@
 Each step of the loop:
 1. drop aborted / timed-out requests (their slots are free for this very step);
 2. admit waiting requests into free KV-cache slots (caps: max_batch_size, max_tokens_in_flight);
-3. run one prefill chunk (<= prefill_chunk tokens) of one admitted request, so a long prompt
-   never stalls the running batch for long;
-4. run ONE decode forward for every running sequence (each at its own position) and sample each
-   row with its own parameters and torch.Generator.
+3. spend the step's token budget (max_num_batched_tokens): one token per decoding sequence, the rest on
+   prompt chunks of the prefilling requests, oldest first, so a long prompt never stalls the running
+   batch for long (and takes the whole budget when nothing decodes);
+4. run ONE decode forward for every sequence that was decoding at the step's start (each at its own
+   position) and sample each row with its own parameters and torch.Generator.
 Requests join and leave between steps. A request whose logits are NaN/inf, or whose step raised,
 fails alone with finish_reason "error"; the thread itself never dies of a step's exception.
 
@@ -47,6 +48,9 @@ log = logging.getLogger("model_runtime.engine")
 RATE_WINDOW_S = 5.0     # tokens/s: the tokens of the last RATE_WINDOW_S seconds over the time since the first
 RATE_MIN_SPAN_S = 0.05  # ... but never over less than this: a burst of a few ms would read as an absurd rate
 
+# EngineConfig.max_num_batched_tokens's default: TODO(measure)
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+
 
 @dataclass
 class EngineConfig:
@@ -55,7 +59,12 @@ class EngineConfig:
     max_model_len: int = 4096
     max_tokens_in_flight: int | None = None
     request_timeout_s: float | None = 600
-    prefill_chunk: int = 256        # prompt tokens per step for one prefilling request
+    # Token budget of one engine step (vLLM's max_num_batched_tokens): every decoding sequence takes 1, prompt
+    # chunks of the prefilling requests (oldest first, several may share a step) take what is left, so a long
+    # prompt enters the cache a bounded chunk per step while the others keep getting a token every step, and
+    # with nothing decoding a prompt takes the whole budget. DEFAULT_MAX_NUM_BATCHED_TOKENS says why this value.
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    prefill_chunk: int | None = None  # at most this many prompt tokens of ONE request per step; None: the budget
     # torch.compile the decode step (opt-in: ~20-100 s of compiling at start, three graphs: batch 1,
     # batch >= 2, slots with gaps; measured ~1.3x faster single-stream decode on the 0.5B int8 with
     # PyTorch's kernels). Ignored when the fused CPU kernels run the decode step. None: read the
@@ -193,6 +202,7 @@ class Engine:
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []
+        self._prefilling: list[_Request] = []  # running requests whose prompt is not all in the cache, oldest first
         self._aborts: set[str] = set()
         self._by_id: dict[str, _Request] = {}
         self._thread: threading.Thread | None = None
@@ -450,14 +460,31 @@ class Engine:
             admitted = self._admit()
         for req in [r for r in self._running if r.id in aborts or (r.deadline and now > r.deadline)]:
             self._finish(req, None, "abort" if req.id in aborts else "timeout")
-        del admitted
-        prefill = next((r for r in self._running if r.prefilling), None)
-        if prefill is not None:
-            self._guarded([prefill], self._prefill_chunk, prefill)
+        # the sequences decoding at the step's start get their token; one whose prefill completes in this
+        # step got its first token from the prefill and decodes from the next step on (the budget holds)
         decoding = [r for r in self._running if not r.prefilling and not r.done]
+        self._prefilling = [r for r in self._prefilling + admitted if r.prefilling and not r.done]
+        for req, tokens in self._prefill_plan(len(decoding)):
+            self._guarded([req], self._prefill_chunk, req, tokens)
+        decoding = [r for r in decoding if not r.done]
         if decoding:
             self._guarded(decoding, self._decode, decoding)
         self._update_stats()
+
+    def _prefill_plan(self, decoding: int) -> list[tuple[_Request, int]]:
+        """(request, prompt tokens) to prefill in this step: the budget left after one token per decoding
+        sequence, oldest request first, each at most prefill_chunk. At least one prompt token runs even when
+        decoding sequences take the whole budget (max_batch_size above it), so no prompt waits forever."""
+        left = max(1, self.config.max_num_batched_tokens - decoding)
+        cap = self.config.prefill_chunk or left
+        plan: list[tuple[_Request, int]] = []
+        for req in self._prefilling:
+            if left <= 0:
+                break
+            tokens = min(len(req.prompt) - req.pos, cap, left)
+            plan.append((req, tokens))
+            left -= tokens
+        return plan
 
     def _admit(self) -> list[_Request]:
         admitted = []
@@ -510,10 +537,10 @@ class Engine:
                 if not r.done:
                     self._finish(r, None, "error")
 
-    def _prefill_chunk(self, req: _Request) -> None:
+    def _prefill_chunk(self, req: _Request, tokens: int) -> None:
         assert self._cache is not None and req.slot is not None
         start = req.pos
-        end = min(len(req.prompt), start + self.config.prefill_chunk)
+        end = min(len(req.prompt), start + tokens)
         device = self.model.device
         ids = torch.tensor([req.prompt[start:end]], device=device)
         positions = torch.arange(start, end, device=device)[None]

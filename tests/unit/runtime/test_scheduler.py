@@ -1,0 +1,145 @@
+"""engine.py's step scheduling: a token budget per step (max_num_batched_tokens) shared by the decoding
+sequences (one token each) and prompt chunks (oldest prefilling request first).
+
+A decoding stream gets a token every step while a long prompt prefills beside it; no step spends more than
+the budget; with nothing decoding a prompt takes the whole budget; chunked and unchunked prefill give the
+same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from model_runtime.engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, Engine, EngineConfig, SamplingParams
+from model_runtime.loader import load_model
+
+LONG = [151646] + [100 + (i * 37) % 5000 for i in range(299)]  # 300 prompt tokens
+SHORT = [151646, 151644, 9707, 1879, 151645]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_qwen2_dir):
+    return load_model(tiny_qwen2_dir)
+
+
+class StepLog:
+    """Per engine step: the decode rows (request ids) and the prompt chunks (request id, tokens) it ran."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.steps: list[dict] = []
+        self.lock = threading.Lock()
+        step, prefill, decode = engine._step, engine._prefill_chunk, engine._decode
+
+        def logged_step():
+            with self.lock:
+                self.steps.append({"decode": [], "prefill": []})
+            step()
+
+        def logged_prefill(req, tokens):
+            before = req.pos
+            prefill(req, tokens)
+            self.steps[-1]["prefill"].append((req.id, req.pos - before))
+
+        def logged_decode(reqs):
+            self.steps[-1]["decode"].extend(r.id for r in reqs)
+            decode(reqs)
+
+        engine._step, engine._prefill_chunk, engine._decode = logged_step, logged_prefill, logged_decode
+
+
+def start(loaded, **config) -> tuple[Engine, StepLog]:
+    engine = Engine(loaded, EngineConfig(**{"max_batch_size": 4, "max_model_len": 512, **config}))
+    log = StepLog(engine)
+    engine.start()
+    return engine, log
+
+
+async def tokens_of(engine: Engine, prompt: list[int], params: SamplingParams, rid: str,
+                    seen: asyncio.Event | None = None, after: int = 0) -> list[int]:
+    out: list[int] = []
+    async for ev in engine.generate(prompt, params, rid):
+        if ev.token_id is not None:
+            out.append(ev.token_id)
+        if seen is not None and len(out) >= after:
+            seen.set()
+    return out
+
+
+def test_a_decoding_stream_gets_a_token_every_step_while_a_long_prompt_prefills(loaded):
+    budget = 16
+    engine, log = start(loaded, max_num_batched_tokens=budget)
+    try:
+        async def main():
+            decoding = asyncio.Event()
+            stream = asyncio.create_task(tokens_of(
+                engine, SHORT, SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True), "stream",
+                decoding, after=2))
+            await decoding.wait()
+            long = await tokens_of(engine, LONG, SamplingParams(max_tokens=2, temperature=0.0), "long")
+            return await stream, long
+
+        stream, long = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert len(stream) == 80 and len(long) >= 1
+    long_steps = [s for s in log.steps if any(rid == "long" for rid, _ in s["prefill"])]
+    # 300 prompt tokens at (budget - 1 decoding row) per step: not one big forward
+    assert len(long_steps) == -(-len(LONG) // (budget - 1))
+    for s in long_steps:
+        assert "stream" in s["decode"]  # the stream kept getting its token in every one of those steps
+        assert len(s["decode"]) + sum(n for _, n in s["prefill"]) <= budget
+    assert sum(n for s in long_steps for rid, n in s["prefill"] if rid == "long") == len(LONG)
+    for s in log.steps:
+        assert len(s["decode"]) + sum(n for _, n in s["prefill"]) <= budget
+
+
+def test_with_nothing_decoding_a_prompt_takes_the_whole_budget(loaded):
+    engine, log = start(loaded, max_num_batched_tokens=128)
+    try:
+        asyncio.run(tokens_of(engine, LONG, SamplingParams(max_tokens=1, temperature=0.0), "alone"))
+    finally:
+        engine.stop()
+    chunks = [n for s in log.steps for _, n in s["prefill"]]
+    assert chunks == [128, 128, 44]
+
+
+def test_prefill_chunk_still_caps_one_requests_share(loaded):
+    engine, log = start(loaded, max_num_batched_tokens=128, prefill_chunk=50)
+    try:
+        asyncio.run(tokens_of(engine, LONG, SamplingParams(max_tokens=1, temperature=0.0), "capped"))
+    finally:
+        engine.stop()
+    assert [n for s in log.steps for _, n in s["prefill"]] == [50] * 6
+
+
+def test_prefilling_requests_share_a_step_oldest_first(loaded):
+    """The plan itself (no forward): what the decoding rows leave goes to the oldest prompt, then the next."""
+    engine = Engine(loaded, EngineConfig(max_batch_size=4, max_model_len=512, max_num_batched_tokens=20))
+    old, new, newest = (SimpleNamespace(prompt=[1] * n, pos=p) for n, p in ((10, 4), (30, 0), (5, 0)))
+    engine._prefilling = [old, new, newest]
+    assert engine._prefill_plan(decoding=2) == [(old, 6), (new, 12)]
+    assert engine._prefill_plan(decoding=0) == [(old, 6), (new, 14)]
+    # decoding rows over the budget: the oldest prompt still moves (one token), nobody waits forever
+    assert engine._prefill_plan(decoding=25) == [(old, 1)]
+
+
+def test_chunked_and_unchunked_prefill_give_the_same_greedy_tokens(loaded):
+    outputs = []
+    for budget in (7, DEFAULT_MAX_NUM_BATCHED_TOKENS):
+        engine, _ = start(loaded, max_num_batched_tokens=budget)
+        try:
+            async def main():
+                params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+                return await asyncio.gather(tokens_of(engine, LONG, params, "a"),
+                                            tokens_of(engine, SHORT, params, "b"),
+                                            tokens_of(engine, LONG[:97], params, "c"))
+
+            outputs.append(asyncio.run(main()))
+        finally:
+            engine.stop()
+    assert outputs[0] == outputs[1]
+    assert all(len(t) == 12 for t in outputs[0])
