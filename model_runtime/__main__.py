@@ -97,6 +97,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences decoded together")
     parser.add_argument(flags.FLAG_MAX_QUEUE, default=values.DEFAULT_MAX_QUEUE, type=_positive_int,
                         help="waiting requests beyond this get HTTP 429")
+    parser.add_argument(flags.FLAG_MAX_NUM_BATCHED_TOKENS, default=None, type=_positive_int,
+                        help="token budget of one engine step (vLLM's): one per decoding sequence, the rest on "
+                             "prompt chunks; smaller keeps inter-token latency flat while long prompts prefill, "
+                             "larger gets a lone prompt its first token sooner; unset: the engine's default")
     parser.add_argument(flags.FLAG_DEFAULT_TEMPERATURE, default=None, type=_temperature,
                         help="default temperature; unset: the model's generation_config")
     parser.add_argument(flags.FLAG_DEFAULT_TOP_P, default=None, type=_unit_float,
@@ -173,6 +177,7 @@ def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
         quantization=args.quantization, group_size=args.group_size, prequantized=args.prequantized,
         dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, request_timeout_s=args.request_timeout_s,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         default_temperature=args.default_temperature, default_top_p=args.default_top_p,
         default_max_tokens=args.default_max_tokens, think_prefix=args.think_prefix,
         separate_reasoning=args.separate_reasoning, log_prompts=args.log_prompts,

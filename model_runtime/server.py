@@ -102,6 +102,7 @@ class RuntimeOptions:
     max_model_len: int | None = None
     max_batch_size: int = 8
     max_queue: int = 32
+    max_num_batched_tokens: int | None = None  # tokens per engine step; None: engine.DEFAULT_MAX_NUM_BATCHED_TOKENS
     request_timeout_s: float | None = 600.0
     default_temperature: float | None = None
     default_top_p: float | None = None
@@ -137,7 +138,7 @@ class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
         self.pool = WorkerPool(options.request_workers)
 
     def load(self) -> bool:
-        from model_runtime.engine import Engine, EngineConfig
+        from model_runtime.engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, Engine, EngineConfig
         from model_runtime.loader import load_model
 
         o = self.options
@@ -153,6 +154,7 @@ class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
             EngineConfig(
                 max_batch_size=o.max_batch_size, max_queue=o.max_queue, max_model_len=loaded.max_model_len,
                 request_timeout_s=o.request_timeout_s, gpu_memory_utilization=o.gpu_memory_utilization,
+                max_num_batched_tokens=o.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
                 enable_prefix_caching=o.enable_prefix_caching, prefix_cache_bytes=o.prefix_cache_bytes,
             ),
             metrics=self.metrics,

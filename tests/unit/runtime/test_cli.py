@@ -18,6 +18,7 @@ SAMPLE_VALUES = {
     flags.FLAG_DTYPE: "bfloat16", flags.FLAG_DEVICE: "cpu", flags.FLAG_MAX_MODEL_LEN: "2048",
     flags.FLAG_MAX_BATCH_SIZE: "4", flags.FLAG_MAX_QUEUE: "8", flags.FLAG_DEFAULT_TEMPERATURE: "0.6",
     flags.FLAG_DEFAULT_TOP_P: "0.95", flags.FLAG_DEFAULT_MAX_TOKENS: "256",
+    flags.FLAG_MAX_NUM_BATCHED_TOKENS: "64",
 }
 CONTRACT_FLAGS = {name: value for name, value in vars(flags).items() if name.startswith("FLAG_")}
 
@@ -31,6 +32,7 @@ def test_every_contract_flag_is_accepted():
     assert (opts.quantization, opts.group_size, opts.model_format, opts.dtype, opts.device) == (
         "int4", 64, "gguf", "bfloat16", "cpu")
     assert (opts.max_model_len, opts.max_batch_size, opts.max_queue) == (2048, 4, 8)
+    assert opts.max_num_batched_tokens == 64
     assert (opts.default_temperature, opts.default_top_p, opts.default_max_tokens) == (0.6, 0.95, 256)
     assert opts.prequantized is True and opts.think_prefix is True and opts.separate_reasoning is True
 
