@@ -1,17 +1,33 @@
 """Wire formats of the runtime's HTTP APIs, as pydantic models and nothing else.
 
-OpenAI chat completions / completions / models (with SSE chunks and usage), the OpenAI error body,
-and KServe V1 (`instances` -> `predictions`) and V2 (BYTES tensors) for text in / text out.
-Validation that needs the model (context length, model name) lives in serving.py; this module only
-checks the shape and the ranges of the fields.
+OpenAI chat completions / completions / models (with SSE chunks, usage and log-probabilities), the
+OpenAI error body, and KServe V1 (`instances` -> `predictions`) and V2 (BYTES tensors) for text in /
+text out. vLLM's OpenAI server is the reference for names and semantics of the extensions (top_k,
+min_p, repetition_penalty, stop_token_ids, min_tokens, ignore_eos, ...).
+The OpenAI request models refuse a field they do not know (extra="forbid": a 400 naming it), so a
+control the runtime does not implement is never silently dropped; harmless metadata real clients
+send (user, metadata, service_tier, ...) is declared and accepted.
+Validation that needs the model (context length, model name, vocabulary) lives in serving.py; this
+module only checks the shape and the ranges of the fields.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 # Roles a chat message may carry. "developer" is OpenAI's newer name for "system".
 ChatRole = Literal["system", "developer", "user", "assistant"]
@@ -41,9 +57,15 @@ def validation_error_param(exc: ValidationError) -> tuple[str, str | None]:
     # For a union (str | object) pydantic reports every branch; the deepest location is the branch
     # the client meant ("instances.0.prompt: Field required", not "instances.0: not a string").
     first = max(errors, key=lambda e: len(e.get("loc", ())))
-    loc = [str(part) for part in first.get("loc", ()) if not _is_union_tag(part)]
+    parts = list(first.get("loc", ()))
+    if first.get("type") == "extra_forbidden":
+        # the last part is the client's own field name (any spelling): keep it as it is
+        loc = [str(part) for part in parts[:-1] if not _is_union_tag(part)] + [str(parts[-1])]
+        msg = "unsupported field: this runtime does not implement it (refused rather than silently ignored)"
+    else:
+        loc = [str(part) for part in parts if not _is_union_tag(part)]
+        msg = first.get("msg", "invalid value")
     param = ".".join(loc) or None
-    msg = first.get("msg", "invalid value")
     return (f"{param}: {msg}" if param else msg), param
 
 
@@ -86,34 +108,67 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool | None = False
+    # vLLM's extension (guidellm sends it): every chunk carries the usage so far
+    continuous_usage_stats: bool | None = False
 
 
 StopField = str | list[str] | None
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+LOGPROBS_MAX = 20  # vLLM's default max_logprobs (OpenAI's own limit is 5 for completions, 20 for chat)
+MAX_CHOICES = 128  # n / best_of; the server also bounds n x prompts by what its queue can hold
 
 
-class _SamplingFields(BaseModel):
-    """Fields shared by chat and text completions."""
+class SamplingControls(BaseModel):
+    """The sampling controls of every generation route (OpenAI's and vLLM's names and ranges)."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: StopField = None
+    top_k: int | None = None  # -1: off
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    # token id (as a string, OpenAI's form; an int key is accepted too) -> bias added to its logit
+    logit_bias: dict[str, float] | None = None
+    stop_token_ids: list[StrictInt] | None = Field(default=None, max_length=256)
+    min_tokens: int = Field(default=0, ge=0)
+    ignore_eos: bool = False
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
-    user: str | None = None
+    stop: StopField = None
 
-    @field_validator("n")
+    @field_validator("top_k")
     @classmethod
-    def _only_one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported")
+    def _top_k(cls, value: int | None) -> int | None:
+        if value is not None and value != -1 and value < 1:
+            raise ValueError("top_k must be -1 (off) or at least 1")
+        return value
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError("logit_bias must be an object of token id -> bias")
+        if len(value) > 1024:
+            raise ValueError("logit_bias holds at most 1024 token ids")
+        out: dict[str, float] = {}
+        for key, bias in value.items():
+            token = str(key)
+            if not token.isdigit():
+                raise ValueError(f"logit_bias key {token[:32]!r} is not a token id (a non-negative integer)")
+            if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias[{token}] must be a number in [-100, 100]")
+            out[str(int(token))] = float(bias)
+        return out
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, value: list[int] | None) -> list[int] | None:
+        if value and any(t < 0 for t in value):
+            raise ValueError("stop_token_ids must be non-negative token ids")
         return value
 
     @field_validator("stop")
@@ -131,28 +186,106 @@ class _SamplingFields(BaseModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def logit_bias_ids(self) -> dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
+
+
+# Fields clients send (often vLLM's extensions) that are harmless at the value this runtime always uses;
+# any other value would change the output in a way not implemented here, so it is refused.
+_FIXED_VALUES: dict[str, tuple[Any, ...]] = {
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "include_stop_str_in_output": (False,),
+    "use_beam_search": (False,),
+    "length_penalty": (1, 1.0),
+    "truncate_prompt_tokens": (None,),
+    "store": (False, None),
+    "add_generation_prompt": (True,),
+    "continue_final_message": (False,),
+    "echo": (False,),  # chat: vLLM's echo of the last message
+}
+
+
+def _check_fixed(value: Any, info: ValidationInfo) -> Any:
+    allowed = _FIXED_VALUES[info.field_name or ""]
+    if not any(value is a if a is None or isinstance(a, bool) else (value == a and not isinstance(value, bool))
+               for a in allowed):
+        shown = " or ".join(json.dumps(a) for a in allowed)
+        raise ValueError(f"only {shown} is supported by this runtime")
+    return value
+
+
+class _SamplingFields(SamplingControls):
+    """Fields shared by chat and text completions."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # accepted at their only supported value (see _FIXED_VALUES)
+    skip_special_tokens: Any = True
+    spaces_between_special_tokens: Any = True
+    include_stop_str_in_output: Any = False
+    use_beam_search: Any = False
+    length_penalty: Any = 1.0
+    truncate_prompt_tokens: Any = None
+
+    @field_validator("skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
+                     "use_beam_search", "length_penalty", "truncate_prompt_tokens")
+    @classmethod
+    def _fixed(cls, value: Any, info: ValidationInfo) -> Any:
+        return _check_fixed(value, info)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage
+                    and self.stream_options.continuous_usage_stats)
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     # OpenAI's newer name for max_tokens; max_tokens wins when both are set.
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    # Features this runtime does not implement: a clear 400 beats silently ignoring them.
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=LOGPROBS_MAX)
+    # Features this runtime does not implement: a clear 400 beats silently ignoring them.
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # meaningless without tools: accepted
     response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    # metadata that changes nothing in the output
+    metadata: dict[str, str] | None = None
+    store: Any = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    add_generation_prompt: Any = True
+    continue_final_message: Any = False
+    echo: Any = False
 
-    @field_validator("logprobs")
+    @field_validator("store", "add_generation_prompt", "continue_final_message", "echo")
     @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("logprobs are not supported by this runtime")
-        return value
+    def _fixed_chat(cls, value: Any, info: ValidationInfo) -> Any:
+        return _check_fixed(value, info)
 
     @field_validator("tools")
     @classmethod
     def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
         if value:
             raise ValueError("tool calling is not supported by this runtime")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value: Any) -> Any:
+        if value not in (None, "none", "auto"):
+            raise ValueError("tool calling is not supported by this runtime (tool_choice may only be none or auto)")
         return value
 
     @field_validator("response_format")
@@ -162,19 +295,33 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("only response_format type 'text' is supported by this runtime")
         return value
 
+    @field_validator("modalities")
+    @classmethod
+    def _text_modality(cls, value: list[str] | None) -> list[str] | None:
+        if value and value != ["text"]:
+            raise ValueError("only the text modality is supported by this runtime")
+        return value
+
+
+PromptField = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+
 
 class CompletionRequest(_SamplingFields):
-    # A string, a one-element list of strings, or a list of token ids.
-    prompt: str | list[str] | list[int]
+    # A string, a list of strings, a list of token ids, or a list of lists of token ids: each prompt
+    # gets its own n choices (choice index = prompt index * n + i).
+    prompt: PromptField
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: only with echo (the prompt's log-probabilities)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=LOGPROBS_MAX)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     suffix: str | None = None
+    add_special_tokens: Any = True  # vLLM's: the BOS in front of a text prompt
 
-    @field_validator("logprobs")
+    @field_validator("add_special_tokens")
     @classmethod
-    def _no_logprobs(cls, value: int | None) -> int | None:
-        if value:
-            raise ValueError("logprobs are not supported by this runtime")
+    def _bos(cls, value: Any) -> Any:
+        if value is not True:
+            raise ValueError("only true is supported by this runtime")
         return value
 
     @field_validator("suffix")
@@ -186,13 +333,22 @@ class CompletionRequest(_SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _single_prompt(cls, value: str | list[str] | list[int]) -> str | list[str] | list[int]:
+    def _prompts(cls, value: PromptField) -> PromptField:
         if isinstance(value, list):
             if not value:
                 raise ValueError("prompt must not be empty")
-            if isinstance(value[0], str) and len(value) != 1:
-                raise ValueError("only one prompt per request is supported")
+            if any(isinstance(p, list) and not p for p in value):
+                raise ValueError("a token-id prompt must not be empty")
         return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: a text or a list of token ids."""
+        p: Any = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if isinstance(p[0], int):
+            return [list(p)]
+        return list(p)
 
 
 class Usage(BaseModel):
@@ -207,11 +363,37 @@ class ChatResponseMessage(BaseModel):
     reasoning_content: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    """Chat's shape: one entry per generated token, each with its top alternatives."""
+
+    content: list[TokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The completions API's shape: parallel lists over the tokens of the returned text (with echo, the
+    prompt's first: its first token has no log-probability)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatResponseMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -233,7 +415,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -249,7 +431,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -304,15 +486,12 @@ def _drop_none(node: Any, keys: set[str]) -> None:
 
 
 # --------------------------------------------------------------------------- KServe V1 / V2
-class GenerationParameters(BaseModel):
-    """Sampling parameters a V1 instance or a V1/V2 request's `parameters` may carry."""
+class GenerationParameters(SamplingControls):
+    """Sampling parameters a V1 instance or a V1/V2 request's `parameters` may carry (the same controls
+    as the OpenAI routes). Other keys are KServe protocol parameters (e.g. binary_data_output): ignored."""
 
     model_config = ConfigDict(extra="ignore")
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    stop: StopField = None
-    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     # chat=True applies the chat template to the text (as one user message); default raw prompt.
     chat: bool = False
 

@@ -26,7 +26,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -58,6 +58,7 @@ from model_runtime.protocol import (
     GenerationParameters,
     ModelCard,
     ModelList,
+    Usage,
     V1Request,
     V1Response,
     dump,
@@ -79,7 +80,17 @@ from model_runtime.request_decoding import (
     v2_prompts_from_dict,
     validate,
 )
-from model_runtime.serving import Delta, Job, Serving, ServingConfig, ServingError, invalid
+from model_runtime.serving import (
+    Delta,
+    Job,
+    JobGroup,
+    Output,
+    Serving,
+    ServingConfig,
+    ServingError,
+    gather_or_cancel,
+    invalid,
+)
 from model_runtime.worker_pool import WorkerPool
 
 log = logging.getLogger("model_runtime.server")
@@ -254,11 +265,11 @@ class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
             except ServingError as exc:
                 exc.param = f"{where}.{exc.param or 'prompt'}"
                 raise
-        return list(await _gather_or_cancel([self._text(serving, job) for job in jobs]))
+        return list(await gather_or_cancel([self._text(serving, job) for job in jobs]))
 
     async def generate(self, serving: Serving, prompts: list[str], params: GenerationParameters) -> list[str]:
         jobs = [await self.pool.run(serving.prepare_text, text, params) for text in prompts]
-        return list(await _gather_or_cancel([self._text(serving, job) for job in jobs]))
+        return list(await gather_or_cancel([self._text(serving, job) for job in jobs]))
 
     @staticmethod
     async def _text(serving: Serving, job: Job) -> str:
@@ -270,19 +281,6 @@ class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
             raise ServingError(503, f"The model '{self.name}' is not ready yet (loading weights).",
                                type="service_unavailable", code="model_not_ready", headers={"Retry-After": "5"})
         return self.serving
-
-
-async def _gather_or_cancel(coros: list[Any]) -> list[Any]:
-    """asyncio.gather, but one failure (e.g. a 429) cancels the siblings instead of leaving them
-    generating for a response nobody will read."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 def new_request_id() -> str:
@@ -338,8 +336,8 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def abort_on_disconnect(request: Request, serving: Serving, job: Job) -> AsyncIterator[None]:
-    """While the body is open, a client disconnect aborts the job's engine request at once.
+async def abort_on_disconnect(request: Request, serving: Serving, jobs: Sequence[Job]) -> AsyncIterator[None]:
+    """While the body is open, a client disconnect aborts the jobs' engine requests at once.
 
     (Without this a non-streaming request would run to max_tokens for nobody, and a stream would
     only notice at its next write.) The request then ends as 499, nginx's "client closed request".
@@ -351,9 +349,10 @@ async def abort_on_disconnect(request: Request, serving: Serving, job: Job) -> A
             message = await request.receive()
             if message["type"] == "http.disconnect":
                 gone.set()
-                log.info("client disconnected", extra={"request_id": job.request_id})
-                with contextlib.suppress(Exception):
-                    serving.engine.abort(job.request_id)
+                log.info("client disconnected", extra={"request_id": jobs[0].request_id if jobs else None})
+                for job in jobs:
+                    with contextlib.suppress(Exception):
+                        serving.engine.abort(job.request_id)
                 return
 
     watcher = asyncio.create_task(watch())
@@ -367,6 +366,31 @@ async def abort_on_disconnect(request: Request, serving: Serving, job: Job) -> A
         watcher.cancel()
 
 
+def document_request_bodies(app: FastAPI, models: Sequence[type[BaseModel]]) -> None:
+    """Put the request models' JSON schemas into the app's OpenAPI components, where the routes'
+    `openapi_extra` request bodies point: the routes read raw bodies (request_decoding) so FastAPI
+    cannot derive them."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for cls in models:
+                described = cls.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(described.pop("$defs", {}))
+                components[cls.__name__] = described
+        document: dict[str, Any] = app.openapi_schema or {}
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _request_body(cls: type[BaseModel]) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{cls.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
 class OpenAIRoutes:
     """The OpenAI-compatible endpoints, bound to one DistilleryModel."""
 
@@ -375,9 +399,14 @@ class OpenAIRoutes:
 
     def register(self, app: FastAPI, prefixes: tuple[str, ...] = OPENAI_PREFIXES) -> None:
         for prefix in prefixes:
-            app.add_api_route(f"{prefix}/chat/completions", self.chat, methods=["POST"], response_model=None)
-            app.add_api_route(f"{prefix}/completions", self.completions, methods=["POST"], response_model=None)
+            app.add_api_route(f"{prefix}/chat/completions", self.chat, methods=["POST"], response_model=None,
+                              openapi_extra=_request_body(ChatCompletionRequest),
+                              responses={200: {"model": ChatCompletionResponse}})
+            app.add_api_route(f"{prefix}/completions", self.completions, methods=["POST"], response_model=None,
+                              openapi_extra=_request_body(CompletionRequest),
+                              responses={200: {"model": CompletionResponse}})
             app.add_api_route(f"{prefix}/models", self.models, methods=["GET"], response_model=None)
+        document_request_bodies(app, [ChatCompletionRequest, CompletionRequest])
         # GET /v1/models/{name} stays KServe's readiness probe; the OpenAI "retrieve model" lives
         # under the /openai prefix only.
         app.add_api_route(f"{OPENAI_PREFIXES[0]}/models/{{model_id}}", self.retrieve_model, methods=["GET"],
@@ -440,87 +469,118 @@ class OpenAIRoutes:
             finish(500)
             return error_response(ServingError(500, "Internal server error.", type="server_error"))
 
-    async def _complete(self, request: Request, serving: Serving, job: Job) -> Any:
-        async with abort_on_disconnect(request, serving, job):
-            return await serving.complete(job)
+    async def _complete(self, request: Request, serving: Serving, group: JobGroup) -> tuple[list[Output], Usage]:
+        async with abort_on_disconnect(request, serving, group.jobs):
+            return await serving.complete_group(group)
+
+    def _check_fanout(self, group: JobGroup) -> None:
+        limit = self.model.max_instances
+        if len(group.jobs) > limit:
+            raise invalid(f"this request needs {len(group.jobs)} generations (prompts x n, or best_of), but this server "
+                          f"holds at most {limit} requests at once (max_batch_size + max_queue); send fewer",
+                          param="n")
 
     async def _chat(self, request: Request, serving: Serving, req: ChatCompletionRequest,
                     finish: Callable[[int], None]) -> Response:
-        job = await self.model.pool.run(serving.prepare_chat, req)
+        group = await self.model.pool.run(serving.plan_chat, req)
+        self._check_fanout(group)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(request, serving, job, finish, include_usage, chat=True)
-        out = await self._complete(request, serving, job)
+            return await self._stream(request, serving, group, finish, req.include_usage(), req.continuous_usage(),
+                                      chat=True)
+        outs, usage = await self._complete(request, serving, group)
+        k = group.top_logprobs
         body = ChatCompletionResponse(
-            id=job.request_id, model=serving.model_name, usage=out.usage,
-            choices=[ChatChoice(message=ChatResponseMessage(content=out.content, reasoning_content=out.reasoning),
-                                finish_reason=out.finish_reason)],
+            id=group.request_id, model=serving.model_name, usage=usage,
+            choices=[ChatChoice(index=o.index,
+                                message=ChatResponseMessage(content=o.content, reasoning_content=o.reasoning),
+                                finish_reason=o.finish_reason,
+                                logprobs=serving.chat_logprobs(o.logprobs or [], k) if k is not None else None)
+                     for o in outs],
         )
         return JSONResponse(dump(body))
 
     async def _completion(self, request: Request, serving: Serving, req: CompletionRequest,
                           finish: Callable[[int], None]) -> Response:
-        job = await self.model.pool.run(serving.prepare_completion, req)
-        echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
+        group = await self.model.pool.run(serving.plan_completion, req)
+        self._check_fanout(group)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(request, serving, job, finish, include_usage, chat=False, echo=echo)
-        out = await self._complete(request, serving, job)
+            return await self._stream(request, serving, group, finish, req.include_usage(), req.continuous_usage(),
+                                      chat=False)
+        outs, usage = await self._complete(request, serving, group)
+        k = group.top_logprobs
         body = CompletionResponse(
-            id=job.request_id, model=serving.model_name, usage=out.usage,
-            choices=[CompletionChoice(text=echo + (out.content or ""), finish_reason=out.finish_reason)],
+            id=group.request_id, model=serving.model_name, usage=usage,
+            choices=[CompletionChoice(index=o.index, text=o.content or "", finish_reason=o.finish_reason,
+                                      logprobs=serving.completion_logprobs(o.logprobs or [], k)[0] if k is not None
+                                      else None)
+                     for o in outs],
         )
         return JSONResponse(dump(body))
 
-    async def _stream(self, request: Request, serving: Serving, job: Job, finish: Callable[[int], None],
-                      include_usage: bool, *, chat: bool, echo: str = "") -> Response:
-        deltas = serving.stream(job)
-        # The first delta arrives once the engine took the request: a full queue is still an HTTP 429.
+    async def _stream(self, request: Request, serving: Serving, group: JobGroup, finish: Callable[[int], None],
+                      include_usage: bool, continuous_usage: bool, *, chat: bool) -> Response:
+        deltas = serving.stream_group(group)
+        # The first delta arrives once the engine took every request: a full queue is still an HTTP 429.
         try:
             first = await deltas.__anext__()
         except BaseException:
             await deltas.aclose()
             raise
+        k = group.top_logprobs
+        text_offset: dict[int, int] = {}  # completions: each choice's text_offset so far
+        generated: dict[int, int] = {}  # tokens of each choice so far
 
-        def chunk(delta: Delta | None, role: bool = False) -> dict[str, Any]:
+        def usage_so_far() -> Usage:
+            done = sum(generated.values())
+            return Usage(prompt_tokens=group.prompt_tokens, completion_tokens=done,
+                         total_tokens=group.prompt_tokens + done)
+
+        def chunk(index: int, delta: Delta | None) -> dict[str, Any]:
+            body: ChatCompletionChunk | CompletionResponse
             if chat:
-                if role:
-                    d = ChatDelta(role="assistant", content="")
+                if delta is None:  # the role comes first, once per choice
+                    choice = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
                 else:
-                    d = ChatDelta(content=(delta.content or None) if delta else None,
-                                  reasoning_content=(delta.reasoning or None) if delta else None)
-                body: BaseModel = ChatCompletionChunk(
-                    id=job.request_id, model=serving.model_name,
-                    choices=[ChatChunkChoice(delta=d, finish_reason=delta.finish_reason if delta else None)],
-                )
+                    choice = ChatChunkChoice(
+                        index=index, finish_reason=delta.finish_reason,
+                        delta=ChatDelta(content=delta.content or None, reasoning_content=delta.reasoning or None),
+                        logprobs=serving.chat_logprobs(delta.logprobs, k) if k is not None else None)
+                body = ChatCompletionChunk(id=group.request_id, model=serving.model_name, choices=[choice])
             else:
-                body = CompletionResponse(
-                    id=job.request_id, model=serving.model_name,
-                    choices=[CompletionChoice(text=delta.content if delta else "",
-                                              finish_reason=delta.finish_reason if delta else None)],
-                )
+                assert delta is not None
+                logprobs = None
+                if k is not None:
+                    logprobs, text_offset[index] = serving.completion_logprobs(delta.logprobs, k,
+                                                                               text_offset.get(index, 0))
+                body = CompletionResponse(id=group.request_id, model=serving.model_name, choices=[CompletionChoice(
+                    index=index, text=delta.content, finish_reason=delta.finish_reason, logprobs=logprobs)])
+            if continuous_usage:
+                body.usage = usage_so_far()
             return dump(body)
 
         async def events() -> AsyncIterator[str]:
             status = 499  # until the answer is complete: a stream closed early is the client's leaving
             try:
-                async with abort_on_disconnect(request, serving, job):
+                async with abort_on_disconnect(request, serving, group.jobs):
                     if chat:
-                        yield _sse(chunk(None, role=True))
-                    elif echo:
-                        yield _sse(chunk(Delta(content=echo)))
-                    delta: Delta | None = first
-                    while delta is not None:
-                        if delta.content or delta.reasoning or delta.finish_reason:
-                            yield _sse(chunk(delta))
+                        for job in group.jobs:
+                            yield _sse(chunk(job.index, None))
+                    finished = 0
+                    item: tuple[int, Delta] | None = first
+                    while item is not None:
+                        index, delta = item
+                        generated[index] = delta.completion_tokens
+                        if delta.content or delta.reasoning or delta.finish_reason or delta.logprobs:
+                            yield _sse(chunk(index, delta))
                         if delta.finish_reason is not None:
-                            if include_usage and delta.usage is not None:
-                                cls = ChatCompletionChunk if chat else CompletionResponse
-                                usage_chunk = cls(id=job.request_id, model=serving.model_name, choices=[],
-                                                  usage=delta.usage)
-                                yield _sse(dump(usage_chunk))
-                            break
-                        delta = await deltas.__anext__()
+                            finished += 1
+                            if finished == len(group.jobs):
+                                break
+                        item = await anext(deltas, None)
+                    if include_usage:
+                        cls = ChatCompletionChunk if chat else CompletionResponse
+                        yield _sse(dump(cls(id=group.request_id, model=serving.model_name, choices=[],
+                                            usage=usage_so_far())))
                     status = 200
                     yield _sse("[DONE]")
             except ServingError as exc:

@@ -6,42 +6,54 @@ Everything between the wire format (protocol.py) and the engine (engine.py) live
   a system message is folded into the first user turn when the template drops system messages;
   "<think>\\n" is forced after the generation prompt when configured and the template did not add
   it; the thinking is returned as `reasoning_content` when configured;
-- sampling defaults: request > runtime flag > the model's generation_config > OpenAI's 1.0;
+- sampling defaults: request > runtime flag > the model's generation_config > neutral (temperature and
+  top_p 1.0, top_k off, repetition_penalty 1.0); every control reaches SamplingParams or is refused;
+- fan-out: each prompt of a request times n (or best_of) is one engine request (a JobGroup); choice
+  index = prompt index * n + i (vLLM's); best_of keeps the n with the highest cumulative log-probability;
+  usage counts each prompt once and every generated token;
+- log-probabilities (the engine's, of the model's raw distribution) into OpenAI's completions and chat
+  shapes; echo puts the prompt (and its log-probabilities) in front of the completion;
 - incremental detokenization, stop strings (cut from the output; a match aborts the engine
   request), finish_reason and usage.
-The HTTP layer (server.py) only parses, calls prepare_*() and stream()/complete(), and writes.
+The HTTP layer (server.py) only parses, calls plan_*() and stream_group()/complete_group(), and writes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import math
 import re
 import time
 import uuid
 import weakref
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 from distillery_contract.distillation import LINEAGE_FILE
-from model_runtime.engine import (
-    GenerationError,
-    QueueFullError,
-    RequestTimeoutError,
-    SamplingParams,
-)
+from model_runtime.engine import GenerationError, QueueFullError, RequestTimeoutError
 from model_runtime.protocol import (
+    SEED_MAX,
+    SEED_MIN,
     ChatCompletionRequest,
+    ChatLogprobs,
     ChatMessage,
+    CompletionLogprobs,
     CompletionRequest,
     GenerationParameters,
+    SamplingControls,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 from model_runtime.reasoning import THINK_END, THINK_START, ReasoningSplitter
+from model_runtime.sampling import SamplingParams
 
 log = logging.getLogger("model_runtime.serving")
 
@@ -83,6 +95,8 @@ class ServingConfig:
     model_name: str
     default_temperature: float | None = None  # None: from generation_config.json
     default_top_p: float | None = None
+    default_top_k: int | None = None  # None: from generation_config.json, else off
+    default_repetition_penalty: float | None = None  # None: from generation_config.json, else 1.0
     default_max_tokens: int | None = None  # None: up to the end of the context
     think_prefix: bool = False
     separate_reasoning: bool = False
@@ -90,6 +104,15 @@ class ServingConfig:
     max_prompt_bytes: int | None = None  # None: 32 bytes per token of context, at least 64 KiB
     # Trusted clients only: control tokens typed in message text (e.g. "<｜Assistant｜>") count as such.
     allow_special_tokens_in_content: bool = False
+
+
+@dataclass
+class LogprobEntry:
+    """One token of an answer with its log-probability (None: a prompt's first token) and top-k alternatives."""
+
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -101,8 +124,29 @@ class Job:
     params: SamplingParams
     stop: list[str] = field(default_factory=list)
     separate_reasoning: bool = False
-    content_prefix: str = ""  # "<think>\n" when the prompt opened the thinking and it is not separated
+    # put in front of the output: "<think>\n" when the prompt opened the thinking and it is not separated,
+    # or the prompt itself for a completion's echo
+    content_prefix: str = ""
     arrival: float = field(default_factory=time.monotonic)
+    index: int = 0  # the choice index before best_of picks (prompt index * best_of + i)
+    logprobs: bool = False  # the answer carries log-probabilities (the engine is asked for them)
+
+
+@dataclass
+class JobGroup:
+    """The engine requests of one API request: each prompt x best_of (n without best_of)."""
+
+    request_id: str
+    jobs: list[Job]
+    n: int = 1
+    best_of: int = 1
+    prompt_tokens: int = 0  # each prompt counted once, however many choices it has
+    top_logprobs: int | None = None  # alternatives per token in the answer; None: no logprobs in the answer
+
+    def single(self) -> Job:
+        if len(self.jobs) != 1:
+            raise ValueError(f"{len(self.jobs)} engine requests, not one")
+        return self.jobs[0]
 
 
 @dataclass
@@ -113,6 +157,8 @@ class Delta:
     reasoning: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: list[LogprobEntry] = field(default_factory=list)  # the tokens since the previous delta
+    completion_tokens: int = 0  # generated so far
 
 
 @dataclass
@@ -121,6 +167,9 @@ class Output:
     reasoning: str | None
     finish_reason: str
     usage: Usage
+    index: int = 0
+    logprobs: list[LogprobEntry] | None = None
+    cumulative_logprob: float = 0.0  # of the generated tokens (best_of's ranking)
 
 
 # --------------------------------------------------------------------------- text helpers
@@ -223,6 +272,8 @@ class Serving:
         self.max_prompt_bytes = limit if limit is not None else max(64 * 2**10, 32 * self.max_model_len)
         self._plain: Any = None if config.allow_special_tokens_in_content else plain_text_tokenizer(self.tokenizer)
         self.lineage = read_lineage(getattr(loaded, "source_path", None))
+        self._token_texts: dict[int, str] = {}
+        self._special_ids = {int(t) for t in getattr(self.tokenizer, "all_special_ids", [])}
 
     @property
     def model_name(self) -> str:
@@ -311,8 +362,8 @@ class Serving:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def _sampling(
-        self, prompt_len: int, max_tokens: int | None, temperature: float | None,
-        top_p: float | None, seed: int | None, prompt_param: str,
+        self, prompt_len: int, max_tokens: int | None, c: SamplingControls, prompt_param: str, *,
+        logprobs: int | None = None, prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         if prompt_len == 0:
             raise invalid("the prompt is empty", param=prompt_param)
@@ -334,12 +385,32 @@ class Serving:
         if max_tokens is None:
             default = self.config.default_max_tokens
             max_tokens = room if default is None else min(default, room)
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=self._default("temperature", temperature, self.config.default_temperature),
-            top_p=self._default("top_p", top_p, self.config.default_top_p),
-            seed=seed,
-        )
+        if c.min_tokens > max_tokens:
+            raise invalid(f"min_tokens={c.min_tokens} is more than max_tokens={max_tokens}", param="min_tokens")
+        for name, ids in (("logit_bias", list(c.logit_bias_ids())), ("stop_token_ids", c.stop_token_ids or [])):
+            bad = [t for t in ids if t >= self.vocab_size]
+            if bad:
+                raise invalid(f"{name}: token id {bad[0]} is not in the model's vocabulary [0, {self.vocab_size})",
+                              param=name)
+        values: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "temperature": self._default("temperature", c.temperature, self.config.default_temperature),
+            "top_p": self._default("top_p", c.top_p, self.config.default_top_p),
+            "seed": c.seed,
+            "top_k": self._default_top_k(c.top_k),
+            "min_p": c.min_p or 0.0,
+            "presence_penalty": c.presence_penalty or 0.0,
+            "frequency_penalty": c.frequency_penalty or 0.0,
+            "repetition_penalty": self._default("repetition_penalty", c.repetition_penalty,
+                                                self.config.default_repetition_penalty),
+            "logit_bias": c.logit_bias_ids(),
+            "stop_token_ids": list(c.stop_token_ids or []),
+            "min_tokens": c.min_tokens,
+            "ignore_eos": c.ignore_eos,
+            "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs,
+        }
+        return SamplingParams(**values)
 
     def _default(self, name: str, requested: float | None, flag: float | None) -> float:
         if requested is not None:
@@ -351,18 +422,27 @@ class Serving:
         value = self.generation_defaults.get(name)
         return 1.0 if value is None else float(value)
 
+    def _default_top_k(self, requested: int | None) -> int:
+        for value in (requested, self.config.default_top_k, self.generation_defaults.get("top_k")):
+            if value is not None:
+                return int(value) if int(value) > 0 else -1  # transformers' top_k=0 is "off" too
+        return -1
+
     def _job(self, prefix: str, prompt_text: str | None, prompt_ids: list[int], params: SamplingParams,
-             stop: list[str], *, chat: bool, separate: bool) -> Job:
+             stop: list[str], *, chat: bool, separate: bool, request_id: str | None = None, index: int = 0,
+             echo: str = "", logprobs: bool = False) -> Job:
         # reasoning_content exists only in chat completions; elsewhere the thinking stays in the text,
         # with the "<think>\n" the prompt opened put back in front so the output is well-formed.
         opens_thinking = prompt_text is not None and prompt_text.endswith(THINK_PREFIX)
         job = Job(
-            request_id=f"{prefix}-{uuid.uuid4().hex}",
+            request_id=request_id or f"{prefix}-{uuid.uuid4().hex}",
             prompt_ids=prompt_ids,
             params=params,
             stop=stop,
             separate_reasoning=separate,
-            content_prefix=THINK_PREFIX if chat and opens_thinking and not separate else "",
+            content_prefix=echo or (THINK_PREFIX if chat and opens_thinking and not separate else ""),
+            index=index,
+            logprobs=logprobs,
         )
         extra = {"prompt": prompt_text} if self.config.log_prompts and prompt_text is not None else {}
         log.info(
@@ -375,30 +455,72 @@ class Serving:
         return job
 
     def prepare_chat(self, req: ChatCompletionRequest) -> Job:
-        self.check_model(req.model)
-        text, ids = self.chat_prompt(req.messages)
-        max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
-        params = self._sampling(len(ids), max_tokens, req.temperature, req.top_p, req.seed, "messages")
-        return self._job("chatcmpl", text, ids, params, req.stop_list(), chat=True,
-                         separate=self.config.separate_reasoning)
+        """The one engine request of a single-choice chat request."""
+        return self.plan_chat(req).single()
 
     def prepare_completion(self, req: CompletionRequest) -> Job:
+        """The one engine request of a single-prompt, single-choice completion request."""
+        return self.plan_completion(req).single()
+
+    def plan_chat(self, req: ChatCompletionRequest) -> JobGroup:
         self.check_model(req.model)
-        prompt = req.prompt
-        text: str | None
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            ids = [int(t) for t in prompt]
+        if req.top_logprobs is not None and not req.logprobs:
+            raise invalid("top_logprobs needs logprobs set to true", param="top_logprobs")
+        text, ids = self.chat_prompt(req.messages)
+        max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._sampling(len(ids), max_tokens, req, "messages", logprobs=k)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        jobs = [self._job("chatcmpl", text, ids, _choice_params(params, req.seed, i), req.stop_list(), chat=True,
+                          separate=self.config.separate_reasoning, request_id=_sub_id(rid, i, req.n), index=i,
+                          logprobs=k is not None)
+                for i in range(req.n)]
+        return JobGroup(rid, jobs, n=req.n, best_of=req.n, prompt_tokens=len(ids), top_logprobs=k)
+
+    def plan_completion(self, req: CompletionRequest) -> JobGroup:
+        self.check_model(req.model)
+        n = req.n
+        best_of = req.best_of if req.best_of is not None else n
+        if best_of < n:
+            raise invalid(f"best_of={best_of} must be at least n={n}", param="best_of")
+        if req.stream and best_of > n:
+            raise invalid("best_of is not supported with stream: the best choices are only known at the end",
+                          param="best_of")
+        if req.max_tokens == 0 and not req.echo:
+            raise invalid("max_tokens=0 is only allowed with echo (the prompt's log-probabilities)",
+                          param="max_tokens")
+        k = req.logprobs
+        # best_of ranks by the generated tokens' log-probabilities: ask the engine for them
+        engine_k = k if k is not None else (0 if best_of > n else None)
+        prompts = req.prompts()
+        self.check_prompt_bytes(sum(_utf8_len(p) for p in prompts if isinstance(p, str)), "prompt")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        jobs: list[Job] = []
+        prompt_tokens = 0
+        for p_index, prompt in enumerate(prompts):
+            text, ids = self._completion_prompt(prompt)
+            prompt_tokens += len(ids)
+            prompt_k = k if req.echo and k is not None else None
+            params = self._sampling(len(ids), req.max_tokens, req, "prompt", logprobs=engine_k,
+                                    prompt_logprobs=prompt_k)
+            echo = ""
+            if req.echo:
+                echo = text if text is not None else self.tokenizer.decode(
+                    ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            for i in range(best_of):
+                index = p_index * best_of + i
+                jobs.append(self._job("cmpl", text, ids, _choice_params(params, req.seed, i), req.stop_list(),
+                                      chat=False, separate=False, request_id=_sub_id(rid, index, len(prompts) * best_of),
+                                      index=index, echo=echo, logprobs=engine_k is not None))
+        return JobGroup(rid, jobs, n=n, best_of=best_of, prompt_tokens=prompt_tokens, top_logprobs=k)
+
+    def _completion_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, list):
             vocab = self.vocab_size
-            if any(t < 0 or t >= vocab for t in ids):
+            if any(t < 0 or t >= vocab for t in prompt):
                 raise invalid(f"prompt token ids must be in [0, {vocab})", param="prompt")
-            text = None
-        else:
-            # a list whose first item is not an int is a list[str] (the model validates the type)
-            text = cast(str, prompt[0]) if isinstance(prompt, list) else prompt
-            self.check_prompt_bytes(_utf8_len(str(text)), "prompt")
-            ids = self._encode(str(text), add_special_tokens=True)
-        params = self._sampling(len(ids), req.max_tokens, req.temperature, req.top_p, req.seed, "prompt")
-        return self._job("cmpl", text, ids, params, req.stop_list(), chat=False, separate=False)
+            return None, list(prompt)
+        return prompt, self._encode(prompt, add_special_tokens=True)
 
     def prepare_text(self, prompt: str, p: GenerationParameters) -> Job:
         """KServe V1/V2: raw text in (or one user turn through the chat template when p.chat)."""
@@ -408,9 +530,8 @@ class Serving:
             text = prompt
             self.check_prompt_bytes(_utf8_len(prompt), "prompt")
             ids = self._encode(prompt, add_special_tokens=True)
-        params = self._sampling(len(ids), p.max_tokens, p.temperature, p.top_p, p.seed, "prompt")
-        stop = [p.stop] if isinstance(p.stop, str) else list(p.stop or [])
-        return self._job("gen", text, ids, params, stop, chat=p.chat, separate=False)  # V1/V2: one text
+        params = self._sampling(len(ids), p.max_tokens, p, "prompt")
+        return self._job("gen", text, ids, params, p.stop_list(), chat=p.chat, separate=False)  # V1/V2: one text
 
     # ---- generation
     async def stream(self, job: Job) -> AsyncGenerator[Delta, None]:
@@ -419,6 +540,12 @@ class Serving:
         Raises ServingError (429 queue full, 504 timeout, 500 generation failure). Closing this
         generator (client gone) closes the engine's, which aborts the request in the engine.
         """
+        if job.params.max_tokens == 0 and job.params.prompt_logprobs is None:
+            # echo of the prompt alone: nothing for the engine to compute
+            yield Delta(content=job.content_prefix, finish_reason="length",
+                        usage=Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=0,
+                                    total_tokens=len(job.prompt_ids)))
+            return
         detok = IncrementalDetokenizer(self.tokenizer, job.prompt_ids)
         stopper = StopMatcher(job.stop)
         splitter = ReasoningSplitter() if job.separate_reasoning else None
@@ -426,15 +553,23 @@ class Serving:
         generated = 0
         first_sent = False
         finish: str | None = None
+        pending: list[LogprobEntry] = []  # log-probabilities not yet sent with a delta
         events = None
         try:
             events = self.engine.generate(job.prompt_ids, job.params, job.request_id)
             async for event in events:
                 piece = ""
+                prompt_lps = getattr(event, "prompt_logprobs", None)
+                if prompt_lps is not None and job.logprobs:
+                    pending += [LogprobEntry(t, lp, list(top)) for t, (lp, top) in zip(job.prompt_ids, prompt_lps,
+                                                                                         strict=False)]
                 if event.token_id is not None:
                     if generated == 0 and self.metrics is not None:
                         self.metrics.first_token(time.monotonic() - job.arrival)
                     generated += 1
+                    if job.logprobs and finish is None:
+                        pending.append(LogprobEntry(event.token_id, getattr(event, "logprob", None),
+                                                    list(getattr(event, "top_logprobs", None) or [])))
                     if event.token_id not in self.eos_ids:
                         piece = detok.add(event.token_id)
                 final = event.finish_reason is not None
@@ -447,8 +582,9 @@ class Serving:
                 elif final:
                     finish = _finish_reason(event.finish_reason, job.request_id)
                 delta = self._split(text, splitter, finish is not None)
-                if prefix and (delta.content or delta.reasoning or finish):
+                if prefix and (delta.content or delta.reasoning or finish or pending):
                     delta.content, prefix = prefix + delta.content, ""
+                delta.completion_tokens = generated
                 if finish is not None:
                     delta.finish_reason = finish
                     delta.usage = Usage(
@@ -459,6 +595,7 @@ class Serving:
                         self.metrics.tokens(len(job.prompt_ids), generated)
                 if not first_sent or delta.content or delta.reasoning or finish is not None:
                     first_sent = True
+                    delta.logprobs, pending = pending, []
                     yield delta
                 if finish is not None:
                     return
@@ -495,17 +632,180 @@ class Serving:
     async def complete(self, job: Job) -> Output:
         content: list[str] = []
         reasoning: list[str] = []
+        entries: list[LogprobEntry] = []
         last = Delta()
         async for delta in self.stream(job):
             content.append(delta.content)
             reasoning.append(delta.reasoning)
+            entries += delta.logprobs
             last = delta
         assert last.finish_reason is not None and last.usage is not None
         text = "".join(content)
         thinking = "".join(reasoning)
+        n_prompt = len(job.prompt_ids) if job.params.prompt_logprobs is not None else 0
+        cumulative = sum(e.logprob or 0.0 for e in entries[n_prompt:])
+        logprobs = entries if job.logprobs else None
         if job.separate_reasoning:
-            return Output(text or None, thinking or None, last.finish_reason, last.usage)
-        return Output(text, None, last.finish_reason, last.usage)
+            return Output(text or None, thinking or None, last.finish_reason, last.usage, job.index, logprobs,
+                          cumulative)
+        return Output(text, None, last.finish_reason, last.usage, job.index, logprobs, cumulative)
+
+    async def complete_group(self, group: JobGroup) -> tuple[list[Output], Usage]:
+        """Every job of the group at once; the n best of each prompt's best_of (by cumulative log-probability),
+        with their final choice indices, and the request's usage."""
+        outputs = await gather_or_cancel([self.complete(job) for job in group.jobs])
+        chosen: list[Output] = []
+        for p_index in range(0, len(outputs), group.best_of):
+            candidates = outputs[p_index:p_index + group.best_of]
+            if group.best_of > group.n:
+                candidates = sorted(candidates, key=lambda o: o.cumulative_logprob, reverse=True)[:group.n]
+            for i, out in enumerate(candidates):
+                out.index = p_index // group.best_of * group.n + i
+                chosen.append(out)
+        completion = sum(o.usage.completion_tokens for o in outputs)  # all generated, as OpenAI counts best_of
+        return chosen, Usage(prompt_tokens=group.prompt_tokens, completion_tokens=completion,
+                             total_tokens=group.prompt_tokens + completion)
+
+    async def stream_group(self, group: JobGroup) -> AsyncGenerator[tuple[int, Delta], None]:
+        """(choice index, delta) of every job, interleaved as they come (only without best_of > n).
+
+        Nothing is yielded until every job's engine request was accepted, so a full queue is still one
+        error (the HTTP 429) before the response starts. Closing this generator aborts every job."""
+        assert group.best_of == group.n, "best_of > n cannot stream"
+        if len(group.jobs) == 1:
+            job = group.jobs[0]
+            async for delta in self.stream(job):
+                yield job.index, delta
+            return
+        async for item in _merge([(job.index, self.stream(job)) for job in group.jobs]):
+            yield item
+
+    # ---- log-probabilities in the API's shapes
+    def token_text(self, token_id: int) -> str:
+        """A token as text (special tokens included; a piece of a multi-byte character reads as U+FFFD)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = str(self.tokenizer.decode([token_id], skip_special_tokens=False,
+                                             clean_up_tokenization_spaces=False))
+            self._token_texts[token_id] = text
+        return text
+
+    def completion_logprobs(self, entries: Sequence[LogprobEntry], top_k: int, text_offset: int = 0
+                            ) -> tuple[CompletionLogprobs, int]:
+        """The completions API's parallel lists, and the text offset after them. Each top_logprobs dict holds
+        the top-k and the chosen token (vLLM's). text_offset counts characters from the start of the choice's
+        text, a special token (not in the text) counting none."""
+        out = CompletionLogprobs()
+        offset = text_offset
+        for e in entries:
+            token = self.token_text(e.token_id)
+            out.tokens.append(token)
+            out.text_offset.append(offset)
+            offset += 0 if e.token_id in self._special_ids else len(token)
+            if e.logprob is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            out.token_logprobs.append(_finite(e.logprob))
+            top = {self.token_text(t): _finite(lp) for t, lp in e.top[:top_k]}
+            top.setdefault(token, _finite(e.logprob))
+            out.top_logprobs.append(top)
+        return out, offset
+
+    def chat_logprobs(self, entries: Sequence[LogprobEntry], top_k: int) -> ChatLogprobs:
+        content = []
+        for e in entries:
+            token = self.token_text(e.token_id)
+            top = [TopLogprob(token=self.token_text(t), logprob=_finite(lp), bytes=_utf8_bytes(self.token_text(t)))
+                   for t, lp in e.top[:top_k]]
+            content.append(TokenLogprob(token=token, logprob=_finite(e.logprob if e.logprob is not None else 0.0),
+                                        bytes=_utf8_bytes(token), top_logprobs=top))
+        return ChatLogprobs(content=content)
+
+
+LOGPROB_FLOOR = -9999.0  # vLLM's stand-in for -inf (JSON has no infinities)
+
+
+def _finite(value: float) -> float:
+    return LOGPROB_FLOOR if math.isnan(value) or value < LOGPROB_FLOOR else float(value)
+
+
+def _utf8_bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8", "replace"))
+
+
+def _choice_params(params: SamplingParams, seed: int | None, i: int) -> SamplingParams:
+    """Choice i of a fan-out: its own seed (seed + i, wrapped into the range torch accepts) when seeded."""
+    if seed is None or i == 0:
+        return dataclasses.replace(params)
+    s = seed + i
+    if s > SEED_MAX:
+        s = SEED_MIN + (s - SEED_MAX - 1)
+    return dataclasses.replace(params, seed=s)
+
+
+def _sub_id(request_id: str, index: int, count: int) -> str:
+    return request_id if count == 1 else f"{request_id}-{index}"
+
+
+async def gather_or_cancel(coros: Sequence[Any]) -> list[Any]:
+    """asyncio.gather, but one failure (e.g. a 429) cancels the siblings instead of leaving them
+    generating for a response nobody will read."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+_DONE = object()
+
+
+async def _merge(streams: list[tuple[int, AsyncGenerator[Delta, None]]]) -> AsyncIterator[tuple[int, Delta]]:
+    """Interleave several jobs' deltas; held until every job yielded its first (accepted) or failed."""
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(index: int, gen: AsyncGenerator[Delta, None]) -> None:
+        try:
+            async for delta in gen:
+                await queue.put((index, delta))
+            await queue.put((index, _DONE))
+        except Exception as exc:
+            await queue.put((index, exc))
+        finally:
+            await gen.aclose()
+
+    tasks = [asyncio.create_task(pump(index, gen)) for index, gen in streams]
+    started: set[int] = set()
+    held: list[tuple[int, Delta]] = []
+    remaining = len(tasks)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is _DONE:
+                remaining -= 1
+                continue
+            if len(started) < len(streams):
+                started.add(index)
+                held.append((index, item))
+                if len(started) < len(streams):
+                    continue
+                for pair in held:
+                    yield pair
+                held = []
+                continue
+            yield index, item
+        for pair in held:
+            yield pair
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _finish_reason(engine_reason: str | None, request_id: str) -> str:

@@ -39,7 +39,7 @@ def test_chat_request_accepts_text_parts_and_stop_forms():
         stop="END",
         stream=True,
         stream_options={"include_usage": True},
-        unknown_field="ignored",
+        user="someone",
     )
     assert req.messages[1].text() == "ab"
     assert req.stop_list() == ["END"]
@@ -53,7 +53,8 @@ def test_chat_request_accepts_text_parts_and_stop_forms():
     [
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ({"messages": []}, "messages"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 129}, "n"),
         ({"temperature": 2.5}, "temperature"),
         ({"temperature": -0.1}, "temperature"),
         ({"top_p": 0}, "top_p"),
@@ -62,7 +63,8 @@ def test_chat_request_accepts_text_parts_and_stop_forms():
         ({"stop": ["ok", ""]}, "stop"),
         ({"messages": [{"role": "assistant", "content": "x", "reasoning_content": "thought"}]},
          "messages.0.reasoning_content"),
-        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"unknown_field": "x"}, "unknown_field"),
         ({"seed": 2**64}, "seed"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
@@ -79,10 +81,13 @@ def test_completion_prompt_forms():
     assert CompletionRequest.model_validate({"model": "m", "prompt": "hi"}).prompt == "hi"
     assert CompletionRequest.model_validate({"model": "m", "prompt": ["hi"]}).prompt == ["hi"]
     assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2, 3]}).prompt == [1, 2, 3]
-    for bad in (["a", "b"], []):
+    assert CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"]}).prompts() == ["a", "b"]
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [[1, 2], [3]]}).prompts() == [[1, 2], [3]]
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2]}).prompts() == [[1, 2]]
+    for bad in ([], [[]], [1, "a"], [True], [1.5]):
         with pytest.raises(ValidationError):
             CompletionRequest.model_validate({"model": "m", "prompt": bad})
-    for field, value in (("logprobs", 2), ("suffix", "end")):
+    for field, value in (("logprobs", 21), ("logprobs", -1), ("suffix", "end"), ("best_of", 0)):
         with pytest.raises(ValidationError):
             CompletionRequest.model_validate({"model": "m", "prompt": "x", field: value})
     assert CompletionRequest.model_validate({"model": "m", "prompt": "x", "logprobs": None}).logprobs is None

@@ -364,7 +364,10 @@ async def test_openai_sdk_completions_and_models(r1_tokenizer):
         (b"[1, 2]", 400, None),
         (b'{"model": "r1", "messages": [{"role": "wizard", "content": "x"}]}', 400, "messages.0.role"),
         (b'{"model": "r1", "messages": []}', 400, "messages"),
-        (b'{"model": "r1", "messages": [{"role": "user", "content": "x"}], "n": 2}', 400, "n"),
+        (b'{"model": "r1", "messages": [{"role": "user", "content": "x"}], "n": 0}', 400, "n"),
+        # more choices than the server's batch + queue can ever hold: a 400, not an endless 429
+        (b'{"model": "r1", "messages": [{"role": "user", "content": "x"}], "n": 100}', 400, "n"),
+        (b'{"model": "r1", "messages": [{"role": "user", "content": "x"}], "functions": []}', 400, "functions"),
         (b'{"model": "r1", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}', 400,
          "max_tokens"),
         (b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404, "model"),
