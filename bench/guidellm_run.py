@@ -75,3 +75,25 @@ def run_guidellm(base_url: str, tokenizer_dir: Path, out_dir: Path, *, streams: 
     return {**summarize(json.loads(out_json.read_text())), "streams": streams, "seconds": seconds,
             "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "command": " ".join(cmd),
             "report": str(out_json)}
+
+
+def run_guidellm_sweep(base_url: str, tokenizer_dir: Path, out_dir: Path, *, levels: tuple[int, ...] = (1, 8),
+                       seconds: float = 30.0, prompt_tokens: int = 256, output_tokens: int = 128) -> dict[str, Any]:
+    """One guidellm run per number of concurrent users (one after the other, same server); the total output
+    tokens/s of the most users over the fewest (what batching buys under real prompt lengths) and each level's
+    TTFT median."""
+    runs = {str(n): run_guidellm(base_url, tokenizer_dir, out_dir / f"{n}u", streams=n, seconds=seconds,
+                                 prompt_tokens=prompt_tokens, output_tokens=output_tokens) for n in levels}
+    lo, hi = runs[str(min(levels))], runs[str(max(levels))]
+    rate_lo, rate_hi = lo.get("output_tokens_per_s"), hi.get("output_tokens_per_s")
+    return {
+        "levels": list(levels), "seconds": seconds, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+        "output_tokens_per_s": {n: r.get("output_tokens_per_s") for n, r in runs.items()},
+        "ttft_ms_median": {n: r.get("ttft_ms_median") for n, r in runs.items()},
+        "itl_ms_median": {n: r.get("itl_ms_median") for n, r in runs.items()},
+        f"output_tokens_per_s_{max(levels)}u_over_{min(levels)}u":
+            round(rate_hi / rate_lo, 2) if rate_lo and rate_hi else None,
+        "runs": runs,
+        **({"error": "; ".join(f"{n} users: {r['error']}" for n, r in runs.items() if "error" in r)}
+           if any("error" in r for r in runs.values()) else {}),
+    }

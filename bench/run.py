@@ -24,12 +24,13 @@ from typing import Any
 
 from bench import report
 from bench.bandwidth import ModelShape, weight_bytes_per_token
-from bench.guidellm_run import run_guidellm
+from bench.guidellm_run import run_guidellm_sweep
+from bench.itl_bench import run_itl_long_prefill
 from bench.loadgen import run_http_benchmark, run_overload
 from bench.procs import REPO_ROOT, ServerUnderTest, free_port, run_step
 
 SECTIONS = ["prepare", "bandwidth", "kernels", "llamacpp", "hf", "hf_serve", "ours", "ours_1p5b", "overload",
-            "guidellm", "perplexity", "operator", "distill"]
+            "itl_long_prefill", "guidellm", "perplexity", "operator", "distill"]
 MODELS = REPO_ROOT / "models"
 GGUF_Q4 = MODELS / "qwen2.5-0.5b-q4_k_m.gguf"
 GGUF_Q8 = MODELS / "qwen2.5-0.5b-q8_0.gguf"
@@ -68,7 +69,17 @@ class Settings:
     ours_compile: bool = False  # DISTILLERY_COMPILE=1 for our server (torch.compile warm-up at start)
     ours_modes: tuple[str, ...] = ("bf16", "int8", "int4")  # which of our modes the ours* sections run
     guidellm_seconds: float = 30.0  # guidellm's run against our server (int8 0.5B), concurrent streams
-    guidellm_streams: int = 4
+    # one guidellm run per number of concurrent users, 256-token prompts / 128 output tokens (issue 15's load):
+    # total output tokens/s of 8 users over 1; at least 40 s each, so that 8 users finish a few requests
+    guidellm_levels: tuple[int, ...] = (1, 8)
+    guidellm_prompt_tokens: int = 256
+    guidellm_output_tokens: int = 128
+    guidellm_min_seconds: float = 40.0
+    # itl_long_prefill: decoding streams while a ~2,000-token prompt is prefilled beside them
+    itl_modes: tuple[str, ...] = ("int4",)
+    itl_streams: int = 4
+    itl_long_tokens: int = 2000
+    itl_settle_s: float = 5.0  # the streams decode this long before the long prompt comes
 
     @classmethod
     def quick(cls) -> Settings:
@@ -294,16 +305,42 @@ class Bench:
         return out
 
     def guidellm(self) -> None:
-        """guidellm (a load client that probes GET /health) against our server, no route configuration."""
+        """guidellm (a load client that probes GET /health) against our server, no route configuration: 1 and 8
+        concurrent users with 256-token prompts and 128 output tokens, the server's default token budget."""
 
         port = free_port()
         key = f"{SMALL}/ours/int8-guidellm"
-        cmd = self._ours_cmd(ST_0P5B, SMALL, port, "int8", max_batch=self.s.guidellm_streams,
-                             max_queue=4 * self.s.guidellm_streams, max_model_len=self.s.max_model_len)
-        out: dict[str, Any] = {"model": SMALL, "mode": "int8"}
-        self.results["guidellm"] = self._with_small_server(key, cmd, port, out, lambda base: run_guidellm(
-            base, ST_0P5B, REPO_ROOT / ".cache" / "bench" / "guidellm", streams=self.s.guidellm_streams,
-            seconds=self.s.guidellm_seconds))
+        users = max(self.s.guidellm_levels)
+        cmd = self._ours_cmd(ST_0P5B, SMALL, port, "int8", max_batch=users, max_queue=4 * users,
+                             max_model_len=self.s.max_model_len)
+        out: dict[str, Any] = {"model": SMALL, "mode": "int8", "max_batch_size": users}
+        self.results["guidellm"] = self._with_small_server(key, cmd, port, out, lambda base: run_guidellm_sweep(
+            base, ST_0P5B, REPO_ROOT / ".cache" / "bench" / "guidellm", levels=self.s.guidellm_levels,
+            seconds=max(self.s.guidellm_seconds, self.s.guidellm_min_seconds),
+            prompt_tokens=self.s.guidellm_prompt_tokens, output_tokens=self.s.guidellm_output_tokens))
+
+    def itl_long_prefill(self) -> None:
+        """Streams decoding on our server (real 0.5B) while a ~2,000-token prompt is submitted beside them: the
+        streams' inter-token latency median and p99 around the prefill, and the long prompt's TTFT
+        (bench/itl_bench.py), at the server's default token budget per step (max_num_batched_tokens)."""
+        from transformers import AutoTokenizer
+
+        from bench.ppl_text import PPL_TEXT
+        from model_runtime.engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
+
+        ids: list[int] = AutoTokenizer.from_pretrained(str(ST_0P5B))(PPL_TEXT)["input_ids"]
+        long_ids = (ids * (1 + self.s.itl_long_tokens // max(1, len(ids))))[: self.s.itl_long_tokens]
+        section: dict[str, Any] = {}
+        for mode in self.s.itl_modes:
+            port = free_port()
+            cmd = self._ours_cmd(ST_0P5B, SMALL, port, mode, max_batch=self.s.itl_streams + 1,
+                                 max_queue=4, max_model_len=self.s.max_model_len)
+            out: dict[str, Any] = {"model": SMALL, "mode": mode, "max_num_batched_tokens": DEFAULT_MAX_NUM_BATCHED_TOKENS}
+            section[mode] = self._with_small_server(
+                f"{SMALL}/ours/{mode}-itl-long-prefill", cmd, port, out, lambda base: run_itl_long_prefill(
+                    base, SMALL, decode_prompt=PROMPT, long_prompt_ids=long_ids, streams=self.s.itl_streams,
+                    settle_s=self.s.itl_settle_s))
+        self.results["itl_long_prefill"] = section
 
     def perplexity(self) -> None:
         ppl: dict[str, Any] = {}
@@ -461,10 +498,18 @@ def print_report(results: dict[str, Any]) -> None:
               f"healthy after {over.get('healthy_after')} {over.get('error') or ''}")
     gl = results.get("guidellm")
     if gl:
-        print(f"guidellm ({gl.get('streams')} streams, {gl.get('seconds')} s, {gl.get('prompt_tokens')}+"
-              f"{gl.get('output_tokens')} tokens): {gl.get('requests_completed')} requests ok, "
-              f"{gl.get('requests_errored')} errors, {gl.get('output_tokens_per_s')} output tok/s, TTFT median "
-              f"{gl.get('ttft_ms_median')} ms, ITL median {gl.get('itl_ms_median')} ms {gl.get('error') or ''}")
+        ratio = next((v for k, v in gl.items() if k.startswith("output_tokens_per_s_")), None)
+        print(f"guidellm ({gl.get('mode')}, users {gl.get('levels')}, {gl.get('seconds')} s each, "
+              f"{gl.get('prompt_tokens')}+{gl.get('output_tokens')} tokens): output tok/s "
+              f"{gl.get('output_tokens_per_s')} (most/fewest users {ratio}), TTFT median ms {gl.get('ttft_ms_median')}, "
+              f"ITL median ms {gl.get('itl_ms_median')} {gl.get('error') or ''}")
+    for mode, il in (results.get("itl_long_prefill") or {}).items():
+        during = il.get("during_prefill") or {}
+        print(f"ITL with a {il.get('long_prompt_tokens')}-token prompt prefilling ({mode}, {il.get('streams')} streams, "
+              f"budget {il.get('max_num_batched_tokens')} tokens/step): median {il.get('itl_ms_median')} ms, p99 "
+              f"{il.get('itl_ms_p99')} ms (p99/median {il.get('itl_p99_over_median')}; during the prefill median "
+              f"{during.get('median_ms')} max {during.get('max_ms')} ms), long prompt TTFT {il.get('long_ttft_s')} s "
+              f"{il.get('error') or ''}")
     mem = results.get("memory_1p5b")
     if mem:
         print(f"1.5B shape peak RSS: bf16 {mem.get('bf16_peak_rss_mb')} MiB, int8 {mem.get('int8_peak_rss_mb')} MiB, "

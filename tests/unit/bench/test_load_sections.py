@@ -1,0 +1,50 @@
+"""Pure parts of the itl_long_prefill and guidellm sections: the ITL window figures and the users sweep's
+summary (no server, no guidellm process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import guidellm_run
+from bench.itl_bench import itl_figures
+
+
+def test_itl_figures_count_only_intervals_inside_the_window() -> None:
+    # stream 0 ticks every 20 ms, with one 100 ms gap (a prefill step) from 1.00 to 1.10; stream 1 every 25 ms
+    s0 = [0.5 + 0.02 * i for i in range(26)] + [1.10 + 0.02 * i for i in range(10)]
+    s1 = [0.5 + 0.025 * i for i in range(40)]
+    fig = itl_figures([s0, s1], 0.9, 1.2)
+    inside = [b - a for t in (s0, s1) for a, b in zip(t, t[1:], strict=False) if a >= 0.9 and b <= 1.2]
+    assert fig["samples"] == len(inside)
+    assert fig["max_ms"] == pytest.approx(100.0)
+    assert fig["median_ms"] == pytest.approx(25.0, abs=5.01)
+    assert fig["p99_over_median"] > 2  # the 100 ms gap shows at p99 of so few samples
+    assert itl_figures([s0], 5.0, 6.0) == {"samples": 0, "median_ms": None, "p99_ms": None, "max_ms": None,
+                                           "p99_over_median": None}
+
+
+def test_guidellm_sweep_reports_the_most_over_the_fewest_users(monkeypatch, tmp_path: Path) -> None:
+    calls = []
+
+    def fake(base_url, tokenizer_dir, out_dir, *, streams, seconds, prompt_tokens, output_tokens):
+        calls.append((streams, out_dir.name, seconds, prompt_tokens, output_tokens))
+        return {"output_tokens_per_s": 30.0 * (1 + streams // 2), "ttft_ms_median": 100.0 * streams,
+                "itl_ms_median": 20.0}
+
+    monkeypatch.setattr(guidellm_run, "run_guidellm", fake)
+    out = guidellm_run.run_guidellm_sweep("http://x", tmp_path, tmp_path, levels=(1, 8), seconds=40.0)
+    assert calls == [(1, "1u", 40.0, 256, 128), (8, "8u", 40.0, 256, 128)]
+    assert out["output_tokens_per_s"] == {"1": 30.0, "8": 150.0}
+    assert out["output_tokens_per_s_8u_over_1u"] == 5.0
+    assert out["ttft_ms_median"] == {"1": 100.0, "8": 800.0}
+    assert "error" not in out
+
+
+def test_guidellm_sweep_carries_a_levels_error(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(guidellm_run, "run_guidellm", lambda *a, streams, **k: (
+        {"error": "guidellm exit 1"} if streams == 8 else {"output_tokens_per_s": 30.0}))
+    out = guidellm_run.run_guidellm_sweep("http://x", tmp_path, tmp_path, levels=(1, 8))
+    assert out["output_tokens_per_s_8u_over_1u"] is None
+    assert out["error"] == "8 users: guidellm exit 1"
