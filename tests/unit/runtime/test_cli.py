@@ -18,7 +18,10 @@ SAMPLE_VALUES = {
     flags.FLAG_DTYPE: "bfloat16", flags.FLAG_DEVICE: "cpu", flags.FLAG_MAX_MODEL_LEN: "2048",
     flags.FLAG_MAX_BATCH_SIZE: "4", flags.FLAG_MAX_QUEUE: "8", flags.FLAG_DEFAULT_TEMPERATURE: "0.6",
     flags.FLAG_DEFAULT_TOP_P: "0.95", flags.FLAG_DEFAULT_MAX_TOKENS: "256",
+    flags.FLAG_DEFAULT_TOP_K: "20", flags.FLAG_DEFAULT_REPETITION_PENALTY: "1.1",
     flags.FLAG_MAX_NUM_BATCHED_TOKENS: "64",
+    flags.FLAG_RESPONSE_CACHE_MAX_ENTRIES: "100", flags.FLAG_RESPONSE_CACHE_TTL_S: "30",
+    flags.FLAG_RESPONSE_CACHE_MAX_BYTES: "4096",
 }
 CONTRACT_FLAGS = {name: value for name, value in vars(flags).items() if name.startswith("FLAG_")}
 
@@ -33,7 +36,10 @@ def test_every_contract_flag_is_accepted():
         "int4", 64, "gguf", "bfloat16", "cpu")
     assert (opts.max_model_len, opts.max_batch_size, opts.max_queue) == (2048, 4, 8)
     assert opts.max_num_batched_tokens == 64
+    assert (args.response_cache_max_entries, args.response_cache_ttl_s, args.response_cache_max_bytes) == (
+        100, 30.0, 4096)
     assert (opts.default_temperature, opts.default_top_p, opts.default_max_tokens) == (0.6, 0.95, 256)
+    assert (opts.default_top_k, opts.default_repetition_penalty) == (20, 1.1)
     assert opts.prequantized is True and opts.think_prefix is True and opts.separate_reasoning is True
 
 
