@@ -61,6 +61,13 @@ def _unit_float(value: str) -> float:
     return number
 
 
+def _top_k(value: str) -> int:
+    number = int(value)
+    if number != -1 and number < 1:
+        raise argparse.ArgumentTypeError(f"must be -1 (off) or at least 1, got {value}")
+    return number
+
+
 def _temperature(value: str) -> float:
     number = float(value)
     if not 0.0 <= number <= 2.0:
@@ -105,6 +112,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default temperature; unset: the model's generation_config")
     parser.add_argument(flags.FLAG_DEFAULT_TOP_P, default=None, type=_unit_float,
                         help="default top_p; unset: the model's generation_config")
+    parser.add_argument(flags.FLAG_DEFAULT_TOP_K, default=None, type=_top_k,
+                        help="default top_k (-1: off); unset: the model's generation_config, else off")
+    parser.add_argument(flags.FLAG_DEFAULT_REPETITION_PENALTY, default=None, type=_positive_float,
+                        help="default repetition_penalty; unset: the model's generation_config, else 1.0")
     parser.add_argument(flags.FLAG_DEFAULT_MAX_TOKENS, default=None, type=_positive_int,
                         help="default max_tokens; unset: up to the end of the context")
     _add_bool_flag(parser, flags.FLAG_THINK_PREFIX, default=False,
@@ -179,6 +190,7 @@ def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, request_timeout_s=args.request_timeout_s,
         max_num_batched_tokens=args.max_num_batched_tokens,
         default_temperature=args.default_temperature, default_top_p=args.default_top_p,
+        default_top_k=args.default_top_k, default_repetition_penalty=args.default_repetition_penalty,
         default_max_tokens=args.default_max_tokens, think_prefix=args.think_prefix,
         separate_reasoning=args.separate_reasoning, log_prompts=args.log_prompts,
         allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,

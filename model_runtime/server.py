@@ -117,6 +117,8 @@ class RuntimeOptions:
     request_timeout_s: float | None = 600.0
     default_temperature: float | None = None
     default_top_p: float | None = None
+    default_top_k: int | None = None  # None: the model's generation_config, else off
+    default_repetition_penalty: float | None = None  # None: the model's generation_config, else 1.0
     default_max_tokens: int | None = None
     think_prefix: bool = False
     separate_reasoning: bool = False
@@ -212,6 +214,7 @@ class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
             loaded, engine,
             ServingConfig(
                 model_name=self.name, default_temperature=o.default_temperature, default_top_p=o.default_top_p,
+                default_top_k=o.default_top_k, default_repetition_penalty=o.default_repetition_penalty,
                 default_max_tokens=o.default_max_tokens, think_prefix=o.think_prefix,
                 separate_reasoning=o.separate_reasoning, log_prompts=o.log_prompts,
                 max_prompt_bytes=o.max_prompt_bytes,

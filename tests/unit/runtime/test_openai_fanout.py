@@ -304,3 +304,10 @@ async def test_openapi_documents_the_openai_request_fields(tok):
     refs = json.dumps(doc)
     for ref in {part.split('"')[0] for part in refs.split("#/components/schemas/")[1:]}:
         assert ref in schemas, ref  # every reference resolves
+
+
+async def test_runtime_flag_defaults_reach_the_engine(tok):
+    app, engine = app_with(tok, default_top_k=5, default_repetition_penalty=1.1)
+    resp = await post(app, "/v1/completions", {"prompt": "x", "max_tokens": 2})
+    assert resp.status_code == 200, resp.text
+    assert (engine.calls[0][1].top_k, engine.calls[0][1].repetition_penalty) == (5, 1.1)
