@@ -81,7 +81,6 @@ class EngineConfig:
     prefix_cache_block_size: int = DEFAULT_BLOCK_SIZE
 
 
-
 @dataclass
 class TokenEvent:
     token_id: int | None            # None on the final event when nothing new was produced
@@ -117,7 +116,6 @@ class EngineStats:
     def prefix_cache_hit_rate(self) -> float:
         """Prompt tokens served from the prefix cache over prompt tokens looked up."""
         return self.prefix_cache_hit_tokens / self.prefix_cache_query_tokens if self.prefix_cache_query_tokens else 0.0
-
 
 
 class QueueFullError(Exception):
@@ -494,6 +492,8 @@ class Engine:
             req = self._waiting[0]
             if cap is not None and self._running and in_flight + req.budget() > cap:
                 break
+            if self._awaits_shared_prefix(req):
+                break
             self._waiting.popleft()
             self._free_slots.sort()
             req.slot = self._free_slots.pop(0)
@@ -503,6 +503,23 @@ class Engine:
             admitted.append(req)
         self._running.sort(key=lambda r: cast(int, r.slot))  # running requests all hold a slot
         return admitted
+
+    def _awaits_shared_prefix(self, req: _Request) -> bool:
+        """Whether `req` should wait for a prompt being prefilled now that shares more whole blocks with it
+        than the cache holds (the n choices of one prompt, a question's answer options sent together):
+        admitted a few steps later it copies them instead of computing them again."""
+        pc = self.prefix_cache
+        if pc is None or req.params.prompt_logprobs is not None:
+            return False
+        bs, usable = pc.block_size, (len(req.prompt) - 1) // pc.block_size
+        shared = 0
+        for other in self._running:
+            if other.prefilling and not other.done:
+                n = 0
+                while n < usable and req.prompt[n * bs:(n + 1) * bs] == other.prompt[n * bs:(n + 1) * bs]:
+                    n += 1
+                shared = max(shared, n)
+        return shared > 0 and shared > pc.cached_blocks(req.prompt, shared * bs)
 
     def _load_prefix(self, req: _Request) -> None:
         """Copy the longest cached block-aligned prefix of the prompt into the request's fresh slot; its

@@ -153,6 +153,11 @@ class PrefixCache:
             self._touch(chain)
         return chain
 
+    def cached_blocks(self, tokens: Sequence[int], max_tokens: int) -> int:
+        """How many whole blocks of `tokens` (at most `max_tokens` tokens) a look-up would find now; not
+        counted as a look-up, no block marked used."""
+        return len(self._chain(tokens, max(0, max_tokens) // self.block_size))
+
     def load(self, chain: list[Block], k_cache: Sequence[Tensor], v_cache: Sequence[Tensor], slot: int) -> int:
         """Copy a matched chain into positions [0, n * block_size) of `slot` (per layer [batch, kv heads,
         max_len, head dim] caches); returns the number of positions written."""

@@ -121,6 +121,17 @@ def test_a_store_never_evicts_the_chain_it_extends():
     assert pc.load(chain, k, v, 1) == 8 and torch.equal(v[1][1, :, :8], v[1][0, :, :8])
 
 
+def test_cached_blocks_neither_counts_nor_touches():
+    pc = make_cache(2)
+    k, v = make_slots()
+    pc.store([1, 1, 1, 1], k, v, 0)
+    pc.store([2, 2, 2, 2], k, v, 0)
+    assert pc.cached_blocks([1, 1, 1, 1, 5], 4) == 1 and pc.cached_blocks([1, 1, 1, 1, 5], 3) == 0
+    assert pc.stats.queries == 0
+    pc.store([3, 3, 3, 3], k, v, 0)  # [1,1,1,1] stays the least recently used: it goes
+    assert pc.cached_blocks([1, 1, 1, 1], 4) == 0 and pc.cached_blocks([2, 2, 2, 2], 4) == 1
+
+
 def test_block_bytes_and_clear():
     assert block_bytes(24, 2, 64, torch.float32, 16) == 2 * 24 * 2 * 16 * 64 * 4
     pc = make_cache(2)
@@ -205,6 +216,17 @@ def test_shared_prefix_requests_in_a_mixed_batch_match_the_cache_off_output(load
 
     stats = _same(_run(loaded, scenario), _run(loaded, scenario, enable_prefix_caching=False))
     assert stats.prefix_cache_hit_tokens >= 2 * 64
+
+
+def test_requests_sent_together_wait_for_the_shared_prefix_and_match_the_cache_off_output(loaded):
+    """n choices of one prompt, or a question's options, arrive at once: the later ones are admitted once the
+    first has prefilled their shared blocks, and copy them."""
+    async def scenario(engine):
+        return await asyncio.gather(*(_generate(engine, SHARED + t, f"r{i}") for i, t in enumerate(TAILS)),
+                                    _generate(engine, SHARED + TAILS[0], "again"))
+
+    stats = _same(_run(loaded, scenario), _run(loaded, scenario, enable_prefix_caching=False))
+    assert stats.prefix_cache_hits == 3 and stats.prefix_cache_hit_tokens == 3 * 64
 
 
 def test_a_pool_too_small_for_the_prompts_evicts_and_stays_correct(loaded):
