@@ -100,6 +100,14 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if mem.get("int4_over_bf16") is not None or mem:
         out.append(_target("1.5B shape: int4 peak RSS / bf16 peak RSS", mem.get("int4_over_bf16"), "<=", 0.4,
                            f"bf16 {mem.get('bf16_peak_rss_mb')} MiB, int4 {mem.get('int4_peak_rss_mb')} MiB"))
+    for mode, pc in (results.get("prefix_cache") or {}).items():  # issue 14
+        out.append(_target(f"prefix cache ({mode}): 2nd TTFT / 1st TTFT, ~1,000-token shared prefix",
+                           pc.get("second_over_first"), "<=", 0.25,
+                           f"{pc.get('ttft_first_s')} s -> {pc.get('ttft_second_s')} s; cache off "
+                           f"{pc.get('cache_off_ttft_s')}; identical outputs on/off: {pc.get('identical_outputs')}"))
+        out.append({"target": f"prefix cache ({mode}): identical outputs with the cache on and off", "value": None,
+                    "op": "==", "threshold": None, "met": pc.get("identical_outputs"),
+                    "detail": f"prompts of {pc.get('prompt_tokens')} tokens"})
     ppl = results.get("perplexity") or {}
     for mode, limit in (("int8", 0.01), ("int4", 0.10)):
         rise = (ppl.get(mode) or {}).get("rise_vs_bf16")

@@ -3,9 +3,10 @@
     python -m bench.run [--quick] [--only SECTION[,SECTION]] [--out FILE] [--threads 2] [--ours-compile]
 
 Sections (in run order): prepare, bandwidth, kernels, llamacpp, hf, hf_serve, ours, ours_1p5b, overload,
-perplexity, operator, distill. `--only` runs some of them and merges into the existing results file, so a
-partial rerun keeps the other numbers. Each engine runs in its own subprocess (servers too), so peak
-RSS is its own and a crash is recorded as an error in the JSON without stopping the rest.
+itl_long_prefill, guidellm, prefix_cache, perplexity, operator, distill. `--only` runs some of them and merges
+into the existing results file, so a partial rerun keeps the other numbers. Each engine runs in its own
+subprocess (servers too), so peak RSS is its own and a crash is recorded as an error in the JSON without
+stopping the rest.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from bench.loadgen import run_http_benchmark, run_overload
 from bench.procs import REPO_ROOT, ServerUnderTest, free_port, run_step
 
 SECTIONS = ["prepare", "bandwidth", "kernels", "llamacpp", "hf", "hf_serve", "ours", "ours_1p5b", "overload",
-            "itl_long_prefill", "guidellm", "perplexity", "operator", "distill"]
+            "itl_long_prefill", "guidellm", "prefix_cache", "perplexity", "operator", "distill"]
 MODELS = REPO_ROOT / "models"
 GGUF_Q4 = MODELS / "qwen2.5-0.5b-q4_k_m.gguf"
 GGUF_Q8 = MODELS / "qwen2.5-0.5b-q8_0.gguf"
@@ -80,11 +81,14 @@ class Settings:
     itl_streams: int = 4
     itl_long_tokens: int = 2000
     itl_settle_s: float = 5.0  # the streams decode this long before the long prompt comes
+    prefix_modes: tuple[str, ...] = ("int8", "int4")  # prefix_cache: our quantized modes run (cache on and off)
+    prefix_tokens: int = 32  # prefix_cache: new tokens per request (outputs compared with the cache on and off)
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(single_tokens=16, repeats=1, conc_tokens=8, levels=(1, 4), big_tokens=8, overload_tokens=4,
-                   ppl_max_tokens=256, ppl_window=128, bandwidth_mib=128, guidellm_seconds=10.0)
+                   ppl_max_tokens=256, ppl_window=128, bandwidth_mib=128, guidellm_seconds=10.0,
+                   prefix_modes=("int8",), prefix_tokens=8)
 
 
 def _log(msg: str) -> None:
@@ -342,6 +346,24 @@ class Bench:
                     settle_s=self.s.itl_settle_s))
         self.results["itl_long_prefill"] = section
 
+    def prefix_cache(self) -> None:
+        """Two requests sharing a ~1,000-token prefix, one after the other, on a server with prefix caching
+        and on one without (bench/prefix_bench.py): the second's TTFT over the first's, identical texts."""
+        from bench.prefix_bench import run_prefix_requests, summarize
+
+        section: dict[str, Any] = {}
+        for mode in self.s.prefix_modes:
+            runs: dict[str, dict[str, Any]] = {}
+            for cache in ("on", "off"):
+                port = free_port()
+                cmd = self._ours_cmd(ST_0P5B, SMALL, port, mode, max_batch=1, max_queue=4,
+                                     max_model_len=self.s.max_model_len) + [f"--enable_prefix_caching={cache == 'on'}"]
+                runs[cache] = self._with_small_server(
+                    f"{SMALL}/ours/{mode}-prefix-cache-{cache}", cmd, port, {},
+                    lambda base: run_prefix_requests(base, SMALL, max_tokens=self.s.prefix_tokens))
+            section[mode] = {**summarize(runs["on"], runs["off"]), "runs": runs}
+        self.results["prefix_cache"] = section
+
     def perplexity(self) -> None:
         ppl: dict[str, Any] = {}
         for mode, quant in (("bf16", "none"), ("int8", "int8"), ("int4", "int4")):
@@ -510,6 +532,11 @@ def print_report(results: dict[str, Any]) -> None:
               f"{il.get('itl_ms_p99')} ms (p99/median {il.get('itl_p99_over_median')}; during the prefill median "
               f"{during.get('median_ms')} max {during.get('max_ms')} ms), long prompt TTFT {il.get('long_ttft_s')} s "
               f"{il.get('error') or ''}")
+    for mode, pc in (results.get("prefix_cache") or {}).items():
+        print(f"prefix cache ({mode}, prompts of {pc.get('prompt_tokens')} tokens sharing ~1,000): TTFT first "
+              f"{pc.get('ttft_first_s')} s, second {pc.get('ttft_second_s')} s (second/first "
+              f"{pc.get('second_over_first')}; cache off {pc.get('cache_off_second_over_first')}), identical "
+              f"outputs on/off {pc.get('identical_outputs')}")
     mem = results.get("memory_1p5b")
     if mem:
         print(f"1.5B shape peak RSS: bf16 {mem.get('bf16_peak_rss_mb')} MiB, int8 {mem.get('int8_peak_rss_mb')} MiB, "
