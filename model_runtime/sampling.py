@@ -89,9 +89,32 @@ class SamplingParams:
         return None
 
 
+class _Tokens:
+    """Distinct token ids in first-seen order and how often each came, in tensors allocated once: adding a token
+    is one or two index writes, and a row is penalised at just these ids, never over the whole vocabulary."""
+
+    def __init__(self, capacity: int, device: torch.device, initial: list[int] | None = None) -> None:
+        self.where = {t: i for i, t in enumerate(dict.fromkeys(initial or []))}
+        self.ids = torch.zeros(capacity + len(self.where), dtype=torch.long, device=device)
+        self.counts = torch.zeros(capacity + len(self.where), dtype=torch.float32, device=device)
+        if self.where:
+            self.ids[: len(self.where)] = torch.tensor(list(self.where), dtype=torch.long, device=device)
+
+    def add(self, token: int) -> None:
+        i = self.where.get(token)
+        if i is None:
+            i = self.where[token] = len(self.where)
+            self.ids[i] = token
+        self.counts[i] += 1
+
+    def view(self) -> tuple[Tensor, Tensor]:
+        n = len(self.where)
+        return self.ids[:n], self.counts[:n]
+
+
 class RequestSampler:
-    """One request's sampling state: its generator, and the per-token tensors its controls need (the counts of
-    its generated tokens, the tokens seen in prompt + output), updated by observe() once per token."""
+    """One request's sampling state: its generator, and what its controls need (the tokens it generated and how
+    often, the tokens of its prompt and output), updated by observe() once per token."""
 
     def __init__(self, params: SamplingParams, prompt: list[int], stop_ids: set[int], vocab_size: int,
                  device: torch.device) -> None:
@@ -102,16 +125,16 @@ class RequestSampler:
             self.generator = torch.Generator()
             self.generator.manual_seed(params.seed if params.seed is not None else
                                        int(torch.randint(0, 2**62, ()).item()))
-        self.counts: Tensor | None = None   # [V] float32: times each token was generated
-        self.seen: Tensor | None = None     # [V] bool: in the prompt or generated
+        capacity = max(params.max_tokens, 1)
+        self.output: _Tokens | None = None  # generated tokens and their counts (frequency, presence)
+        self.seen: _Tokens | None = None    # prompt + generated tokens (repetition)
         self.bias_ids: Tensor | None = None
         self.bias: Tensor | None = None
         self.min_tokens_ids: Tensor | None = None
         if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
-            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            self.output = _Tokens(capacity, device)
         if params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            self.seen[torch.tensor(prompt, dtype=torch.long, device=device)] = True
+            self.seen = _Tokens(capacity, device, prompt)
         if params.logit_bias:
             self.bias_ids = torch.tensor([int(t) for t in params.logit_bias], dtype=torch.long, device=device)
             self.bias = torch.tensor([float(v) for v in params.logit_bias.values()], device=device)
@@ -119,11 +142,11 @@ class RequestSampler:
             self.min_tokens_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
 
     def observe(self, token: int) -> None:
-        """Count a generated token (one index op per tensor, never a rebuild)."""
-        if self.counts is not None:
-            self.counts[token] += 1
+        """Count a generated token (an index write or two, never a rebuild)."""
+        if self.output is not None:
+            self.output.add(token)
         if self.seen is not None:
-            self.seen[token] = True
+            self.seen.add(token)
 
     def edit(self, raw: Tensor, generated: int) -> Tensor:
         """A new row: logit_bias, repetition/frequency/presence penalties, the min_tokens mask (raw unchanged)."""
@@ -132,13 +155,12 @@ class RequestSampler:
             row.index_add_(0, self.bias_ids, self.bias)
         p = self.params
         if self.seen is not None:
-            factor = torch.where(row > 0, 1.0 / p.repetition_penalty, p.repetition_penalty)
-            row = torch.where(self.seen, row * factor, row)
-        if self.counts is not None:
-            if p.frequency_penalty != 0.0:
-                row.sub_(self.counts, alpha=p.frequency_penalty)
-            if p.presence_penalty != 0.0:
-                row.sub_((self.counts > 0).float(), alpha=p.presence_penalty)
+            ids, _ = self.seen.view()
+            vals = row[ids]
+            row[ids] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if self.output is not None:
+            ids, counts = self.output.view()  # every count >= 1: presence applies once to each
+            row.index_add_(0, ids, counts * -p.frequency_penalty - p.presence_penalty)
         if self.min_tokens_ids is not None and generated < p.min_tokens:
             row[self.min_tokens_ids] = -math.inf
         return row
@@ -148,7 +170,7 @@ class RequestSampler:
         p = self.params
         row = self.edit(raw, generated) if self.edits_logits else raw
         if p.temperature <= 0:
-            return argmax if row is raw else int(torch.argmax(row))
+            return argmax if row is raw else int(row.max(dim=-1).indices)  # max(dim): ~2/3 of argmax's time
         return _sample(row, p.temperature, p.top_p, self.generator, top_k=p.top_k, min_p=p.min_p)
 
 

@@ -39,7 +39,7 @@ def greedy_pick(s: RequestSampler, logits: torch.Tensor, generated: int = 0) -> 
 
 def test_no_controls_means_no_edit_and_the_raw_argmax():
     s = sampler()
-    assert not s.edits_logits and s.counts is None and s.seen is None
+    assert not s.edits_logits and s.output is None and s.seen is None
     assert greedy_pick(s, row(1.0, 3.0)) == 1
 
 
