@@ -311,3 +311,19 @@ async def test_runtime_flag_defaults_reach_the_engine(tok):
     resp = await post(app, "/v1/completions", {"prompt": "x", "max_tokens": 2})
     assert resp.status_code == 200, resp.text
     assert (engine.calls[0][1].top_k, engine.calls[0][1].repetition_penalty) == (5, 1.1)
+
+
+async def test_the_openai_sdk_reads_the_logprobs(tok):
+    from tests.unit.runtime.test_serving import sdk
+
+    app, _ = app_with(tok)
+    client = sdk(app)
+    done = await client.completions.create(model="r1", prompt=[[7, 8]], echo=True, logprobs=2, max_tokens=2, n=2)
+    assert [c.index for c in done.choices] == [0, 1]
+    lp = done.choices[1].logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.token_logprobs[0] is None
+    assert lp.tokens is not None and len(lp.tokens) == 4 and lp.top_logprobs is not None
+    chat = await client.chat.completions.create(model="r1", messages=[{"role": "user", "content": "hi"}],
+                                                logprobs=True, top_logprobs=1)
+    content = chat.choices[0].logprobs.content
+    assert content is not None and content[0].top_logprobs[0].logprob == content[0].logprob
