@@ -24,6 +24,9 @@ import torch
 from torch import Tensor
 
 MAX_LOGPROBS = 20          # the most alternatives per position a request may ask for (vLLM's max_logprobs)
+# a request that wants its prompt's logprobs prefills at most this many tokens a step: their logits, one
+# float32 row over the vocabulary each, are held at once (256 x 151,936 x 4 bytes = 155 MB)
+PROMPT_LOGPROBS_CHUNK = 256
 NUCLEUS_CANDIDATES = 1024  # top-p looks among this many most likely tokens first (all of them if they fall short)
 
 TopLogprobs = list[tuple[int, float]]

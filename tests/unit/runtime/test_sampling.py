@@ -13,6 +13,7 @@ import asyncio
 import pytest
 import torch
 
+from model_runtime import engine as engine_module
 from model_runtime import sampling
 from model_runtime.engine import Engine, EngineConfig, GenerationError, SamplingParams
 from model_runtime.loader import load_model
@@ -207,8 +208,30 @@ def test_completion_logprobs_equal_transformers(engine, reference, temperature):
     assert events[0].prompt_logprobs is None
 
 
-def test_prompt_logprobs_equal_transformers_across_prefill_chunks(engine, reference):
+class ChunkSpy:
+    """The engine's model, recording the length of each prompt chunk it is called with."""
+
+    def __init__(self, model) -> None:
+        self.model, self.chunks = model, []
+
+    def __call__(self, ids, *args, **kw):
+        self.chunks.append(ids.shape[1])
+        return self.model(ids, *args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+@pytest.mark.parametrize("logprobs_chunk", [None, 2])
+def test_prompt_logprobs_equal_transformers_across_prefill_chunks(engine, reference, monkeypatch, logprobs_chunk):
+    """Chunks of 3 (the engine's prefill_chunk), or of 2 when PROMPT_LOGPROBS_CHUNK (which bounds the
+    [T, vocab] logits a scored chunk holds) is smaller."""
+    spy = ChunkSpy(engine.model)
+    monkeypatch.setattr(engine, "model", spy)
+    if logprobs_chunk is not None:
+        monkeypatch.setattr(engine_module, "PROMPT_LOGPROBS_CHUNK", logprobs_chunk)
     tokens, events = run(engine, PROMPT, SamplingParams(2, temperature=0.0, prompt_logprobs=2), "plp")
+    assert spy.chunks == ([3, 3, 2] if logprobs_chunk is None else [2, 2, 2, 2])
     ref = reference(PROMPT)
     first = events[0].prompt_logprobs
     assert first is not None and len(first) == len(PROMPT) and first[0] == (None, [])
