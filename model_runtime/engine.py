@@ -463,19 +463,10 @@ class Engine:
         # step got its first token from the prefill and decodes from the next step on (the budget holds)
         decoding = [r for r in self._running if not r.prefilling and not r.done]
         self._prefilling = [r for r in self._prefilling + admitted if r.prefilling and not r.done]
-        plan = self._prefill_plan(len(decoding))
-        # chunks that neither end their prompt nor score it only write the cache: they ride in the decode rows'
-        # forward (model.forward_ragged), one read of the weights for both instead of a forward each, so a step
-        # with a chunk costs a decode step plus the chunk's own compute. Not with a compiled decode step.
-        riding = [(r, n) for r, n in plan if r.pos + n < len(r.prompt) and r.prompt_logprobs is None] \
-            if decoding and not self.compiled else []
-        for req, tokens in plan:
-            if (req, tokens) not in riding:
-                self._guarded([req], self._prefill_chunk, req, tokens)
+        for req, tokens in self._prefill_plan(len(decoding)):
+            self._guarded([req], self._prefill_chunk, req, tokens)
         decoding = [r for r in decoding if not r.done]
-        if decoding and riding:
-            self._guarded(decoding + [r for r, _ in riding], self._decode_with_chunks, decoding, riding)
-        elif decoding:
+        if decoding:
             self._guarded(decoding, self._decode, decoding)
         self._update_stats()
 
@@ -600,26 +591,6 @@ class Engine:
             req.prompt_logprobs += token_logprobs(rows[:n], req.prompt[start + 1:start + 1 + n],
                                                   req.params.prompt_logprobs, in_place=True)
         return last_row
-
-    def _decode_with_chunks(self, reqs: list[_Request], chunks: list[tuple[_Request, int]]) -> None:
-        """One decode step for reqs and, in the same forward, prompt chunks (request, tokens) that write the
-        cache only (none ends its prompt)."""
-        assert self._cache is not None
-        ids = [cast(int, r.next_token) for r in reqs]
-        positions = [r.pos for r in reqs]
-        seqs = [(cast(int, r.slot), 1) for r in reqs]
-        for r, n in chunks:
-            ids += r.prompt[r.pos:r.pos + n]
-            positions += range(r.pos, r.pos + n)
-            seqs.append((cast(int, r.slot), n))
-        device = self.model.device
-        logits = self.model.forward_ragged(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
-                                           self._cache, seqs, logit_rows=list(range(len(reqs))))
-        for r, n in chunks:
-            r.pos += n
-        for r in reqs:
-            r.pos += 1
-        self._sample_and_emit(reqs, logits)
 
     def _decode(self, reqs: list[_Request]) -> None:
         assert self._cache is not None
