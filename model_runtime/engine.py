@@ -384,7 +384,7 @@ class Engine:
         deadline = time.monotonic() + timeout if timeout else None
         eos_ids = set() if params.ignore_eos else self.eos_ids  # ignore_eos: eos is a token like any other
         stop_ids = set(params.stop_token_ids) | eos_ids
-        sampler = RequestSampler(params, prompt, stop_ids, vocab, self.device)
+        sampler = RequestSampler(params, prompt, stop_ids, self.device)
         req = _Request(request_id, prompt, params, stop_ids, eos_ids, deliver, deadline, sampler)
         with self._lock:
             if self._stopping or self._thread is None:

@@ -117,10 +117,10 @@ class _Tokens:
 
 class RequestSampler:
     """One request's sampling state: its generator, and what its controls need (the tokens it generated and how
-    often, the tokens of its prompt and output), updated by observe() once per token."""
+    often, the tokens of its prompt and output), updated by observe() once per token. Built where the request
+    is submitted (the event loop), its tensors are made on first use, on the engine's thread."""
 
-    def __init__(self, params: SamplingParams, prompt: list[int], stop_ids: set[int], vocab_size: int,
-                 device: torch.device) -> None:
+    def __init__(self, params: SamplingParams, prompt: list[int], stop_ids: set[int], device: torch.device) -> None:
         self.params = params
         self.edits_logits = params.edits_logits
         self.generator: torch.Generator | None = None
@@ -128,24 +128,31 @@ class RequestSampler:
             self.generator = torch.Generator()
             self.generator.manual_seed(params.seed if params.seed is not None else
                                        int(torch.randint(0, 2**62, ()).item()))
-        capacity = max(params.max_tokens, 1)
+        self._prompt, self._stop_ids, self._device = prompt, stop_ids, device
+        self._made = False
         self.output: _Tokens | None = None  # generated tokens and their counts (frequency, presence)
         self.seen: _Tokens | None = None    # prompt + generated tokens (repetition)
         self.bias_ids: Tensor | None = None
         self.bias: Tensor | None = None
         self.min_tokens_ids: Tensor | None = None
-        if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+
+    def _make_tensors(self) -> None:
+        p, device, capacity = self.params, self._device, max(self.params.max_tokens, 1)
+        if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
             self.output = _Tokens(capacity, device)
-        if params.repetition_penalty != 1.0:
-            self.seen = _Tokens(capacity, device, prompt)
-        if params.logit_bias:
-            self.bias_ids = torch.tensor([int(t) for t in params.logit_bias], dtype=torch.long, device=device)
-            self.bias = torch.tensor([float(v) for v in params.logit_bias.values()], device=device)
-        if params.min_tokens > 0 and stop_ids:
-            self.min_tokens_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+        if p.repetition_penalty != 1.0:
+            self.seen = _Tokens(capacity, device, self._prompt)
+        if p.logit_bias:
+            self.bias_ids = torch.tensor([int(t) for t in p.logit_bias], dtype=torch.long, device=device)
+            self.bias = torch.tensor([float(v) for v in p.logit_bias.values()], device=device)
+        if p.min_tokens > 0 and self._stop_ids:
+            self.min_tokens_ids = torch.tensor(sorted(self._stop_ids), dtype=torch.long, device=device)
+        self._made = True
 
     def observe(self, token: int) -> None:
         """Count a generated token (an index write or two, never a rebuild)."""
+        if self.edits_logits and not self._made:
+            self._make_tensors()
         if self.output is not None:
             self.output.add(token)
         if self.seen is not None:
@@ -153,6 +160,8 @@ class RequestSampler:
 
     def edit(self, raw: Tensor, generated: int) -> Tensor:
         """A new row: logit_bias, repetition/frequency/presence penalties, the min_tokens mask (raw unchanged)."""
+        if not self._made:
+            self._make_tensors()
         row = raw.float().clone()
         if self.bias_ids is not None and self.bias is not None:
             row.index_add_(0, self.bias_ids, self.bias)

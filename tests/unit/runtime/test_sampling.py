@@ -27,7 +27,7 @@ V = 8
 # ---------------------------------------------------------------- crafted rows (no model)
 def sampler(prompt: list[int] | None = None, stop: set[int] | None = None, **kw) -> RequestSampler:
     params = SamplingParams(max_tokens=16, **{"temperature": 0.0, **kw})
-    return RequestSampler(params, prompt or [7], stop or set(), V, torch.device("cpu"))
+    return RequestSampler(params, prompt or [7], stop or set(), torch.device("cpu"))
 
 
 def row(*head: float) -> torch.Tensor:
