@@ -16,9 +16,11 @@ packed kernels; "generic" the device-generic PyTorch path (what the GPU runs but
 kernels); "dq" requires ours and fails loudly when they cannot be built. The choice is made once, by
 plan.make_plan (which calls load() to learn whether the library is usable); layers get it passed in.
 
-Instruction set (DISTILLERY_CPU_ISA): the library holds the linear kernels twice, for AVX2 and for
-AVX-VNNI (one `vpdpbusd` where AVX2 needs maddubs + madd + add), and picks the best the CPU has
-("auto"); "avx2" / "avxvnni" force one (an instruction set the CPU lacks is a ValueError at load).
+Instruction set (DISTILLERY_CPU_ISA): the library holds the linear kernels three times, for AVX2, for
+AVX-VNNI (one `vpdpbusd` where AVX2 needs maddubs + madd + add) and for AVX-512 with VNNI (512-bit
+registers, compiled per function: the library still builds and runs on AVX2-only CPUs), and picks the
+best the CPU has ("auto"); "avx2" / "avxvnni" / "avx512vnni" force one (an instruction set the CPU lacks
+is a ValueError at load). All three give bit-identical results.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ SOURCE = Path(__file__).parent / "csrc" / "dq_kernels.c"
 ABI_VERSION = 4
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-D_POSIX_C_SOURCE=200809L"]
 BACKENDS = ("auto", "dq", "aten", "generic")
-ISAS = {"auto": 0, "avx2": 1, "avxvnni": 2}  # DISTILLERY_CPU_ISA -> dq_set_isa's argument
+ISAS = {"auto": 0, "avx2": 1, "avxvnni": 2, "avx512vnni": 3}  # DISTILLERY_CPU_ISA -> dq_set_isa's argument
 
 
 class KernelUnavailable(RuntimeError):
@@ -132,7 +134,7 @@ class _Lib:
 
     @property
     def isa(self) -> str:
-        """The instruction set the linear kernels run on: "avx2" or "avxvnni"."""
+        """The instruction set the linear kernels run on: "avx2", "avxvnni" or "avx512vnni"."""
         code = self.lib.dq_isa()
         return next(name for name, c in ISAS.items() if c == code)
 
@@ -156,7 +158,7 @@ class _Lib:
     def available_isas(self) -> list[str]:
         """The instruction sets this CPU and this build of the library can run, best first."""
         usable = []
-        for name in ("avxvnni", "avx2"):
+        for name in ("avx512vnni", "avxvnni", "avx2"):
             with contextlib.suppress(KernelUnavailable), self.using_isa(name):
                 usable.append(name)
         return usable

@@ -1,6 +1,7 @@
 /*
  * Weight-only int8 / int4 linear layers for x86-64 CPUs with AVX2 (no AVX-512 or AMX needed; the
- * linear kernels also come compiled for AVX-VNNI and run on it where the CPU has it).
+ * linear kernels also come compiled for AVX-VNNI, and as 512-bit kernels for AVX-512 VNNI, and run on
+ * the best the CPU has, chosen at run time: dq_set_isa).
  *
  * Why: PyTorch's packed weight-only kernels (aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu)
  * convert every weight to float and multiply with FMAs; on a 2-core AVX2 machine that is
@@ -163,10 +164,347 @@ static inline int64_t prefetch_rows(int64_t row_bytes) {
 #define DQ_HAVE_AVXVNNI 0
 #endif
 
-/* Which kernels run: 0 = not chosen yet, DQ_ISA_AVX2, DQ_ISA_AVXVNNI (dq_set_isa; default: the best
-   this CPU has). Chosen once, before the first call, by ckernels.py. */
+/* AVX-512 (F/BW/VL/DQ + VNNI): 512-bit kernels for the shapes real models have (K a multiple of 128;
+   int8 activation blocks of 64/128; int4 groups of 32, 64 or multiples of 128), the 256-bit kernels
+   above, EVEX-encoded (AVX512-VNNI CPUs may lack AVX-VNNI), for the rest. Same results as AVX2, bit for
+   bit: each 512-bit int32 accumulator is folded (lane l + lane l+8) into exactly the 8 integer lanes the
+   256-bit kernels have, before the same float steps in the same order. GCC >= 9 (the target names). */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 9
+#define DQ_HAVE_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#define SFX(name) name##_avx512y
+#define DQ_VNNI 2
+#include "dq_kernels.c"
+#undef SFX
+#undef DQ_VNNI
+
+/* the 256-bit kernels' 8 int32 lanes: 32-byte chunk lane l of either half */
+static inline __m256i fold512(__m512i v) {
+    return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+
+/* int8, blocks B % 64 == 0. vpdpbusd multiplies unsigned by signed bytes and AVX-512 has no vpsignb
+   (the 256-bit kernels' |w| . sign(x, w) trick), so the activations come as unsigned codes x + 128
+   (xu) and each block subtracts 128 * sum(w), the weight sum taken by one more vpdpbusd with ones
+   (shared by the mt rows): the same exact integer dot products. */
+static inline __attribute__((always_inline)) void w8z_tile(const int8_t* wr, const uint8_t* xu, const float* xs,
+                                                      int64_t K, int64_t B, int64_t nb, int mt, float* r,
+                                                      const int8_t* pf) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m256 accf[8];
+    for (int j = 0; j < mt; j++) accf[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        for (int64_t o = b * B; o < (b + 1) * B; o += 64) _mm_prefetch((const char*)(pf + o), _MM_HINT_T0);
+        __m512i ai[8], wsum = _mm512_setzero_si512();
+        for (int j = 0; j < mt; j++) ai[j] = _mm512_setzero_si512();
+        for (int64_t i = b * B; i < (b + 1) * B; i += 64) {
+            const __m512i wv = _mm512_loadu_si512((const void*)(wr + i));
+            wsum = _mm512_dpbusd_epi32(wsum, ones, wv);
+            for (int j = 0; j < mt; j++)
+                ai[j] = _mm512_dpbusd_epi32(ai[j], _mm512_loadu_si512((const void*)(xu + j * K + i)), wv);
+        }
+        const __m256i w128 = _mm256_slli_epi32(fold512(wsum), 7);
+        for (int j = 0; j < mt; j++) {
+            const __m256i d = _mm256_sub_epi32(fold512(ai[j]), w128);
+            accf[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(xs[j * nb + b]), accf[j]);
+        }
+    }
+    for (int j = 0; j < mt; j++) r[j] = hsum_ps(accf[j]);
+}
+
+/* int4, K % 128 == 0, G = 32, 64 or a multiple of 128. One 64-byte load holds two 64-value blocks
+   (A then B: values 0..127 of a chunk); their low nibbles are values 0..31 and 64..95, the high ones
+   32..63 and 96..127, so the activations come reordered per chunk of 128 to match (xz: 0..31, 64..95,
+   32..63, 96..127; zorder_rows). Then per chunk: lo . x[0:64] and hi . x[64:128] are two vpdpbusd
+   whose lanes 0..7 are block A's and 8..15 block B's. */
+static inline __attribute__((always_inline)) void w4z_tile(const uint8_t* wr, const int8_t* xz, const float* xs,
+                                                      const int32_t* xqs, const float* sg, const float* cg,
+                                                      int64_t K, int64_t G, int64_t ng, int mt, float* r,
+                                                      const uint8_t* pf) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m256 accf[8];
+    float extra[8];
+    for (int j = 0; j < mt; j++) {
+        accf[j] = _mm256_setzero_ps();
+        extra[j] = 0.f;
+    }
+/* group g's 8 int32 lanes v into row j's sums, as w4_tile does */
+#define W4Z_GROUP(j, g, v)                                                                                   \
+    do {                                                                                                     \
+        const float d_ = xs[(j) * ng + (g)];                                                                 \
+        accf[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(d_ * sg[g]), accf[j]);              \
+        extra[j] += d_ * (float)xqs[(j) * ng + (g)] * cg[g];                                                 \
+    } while (0)
+    if (G >= 128) {
+        for (int64_t g = 0; g < ng; g++) {
+            for (int64_t o = g * G / 2; o < (g + 1) * G / 2; o += 64) _mm_prefetch((const char*)(pf + o), _MM_HINT_T0);
+            __m512i a[8];
+            for (int j = 0; j < mt; j++) a[j] = _mm512_setzero_si512();
+            for (int64_t i = g * G; i < (g + 1) * G; i += 128) {
+                const __m512i bytes = _mm512_loadu_si512((const void*)(wr + i / 2));
+                const __m512i lo = _mm512_and_si512(bytes, low4);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
+                for (int j = 0; j < mt; j++) {
+                    const __m512i x0 = _mm512_loadu_si512((const void*)(xz + j * K + i));
+                    const __m512i x1 = _mm512_loadu_si512((const void*)(xz + j * K + i + 64));
+                    a[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a[j], lo, x0), hi, x1);
+                }
+            }
+            for (int j = 0; j < mt; j++) W4Z_GROUP(j, g, fold512(a[j]));
+        }
+    } else { /* G = 64: a chunk is groups A, B; G = 32: a chunk is groups A-lo, A-hi, B-lo, B-hi */
+        for (int64_t i = 0; i < K; i += 128) {
+            _mm_prefetch((const char*)(pf + i / 2), _MM_HINT_T0);
+            const __m512i bytes = _mm512_loadu_si512((const void*)(wr + i / 2));
+            const __m512i lo = _mm512_and_si512(bytes, low4);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
+            const int64_t g = i / G;
+            for (int j = 0; j < mt; j++) {
+                const __m512i x0 = _mm512_loadu_si512((const void*)(xz + j * K + i));
+                const __m512i x1 = _mm512_loadu_si512((const void*)(xz + j * K + i + 64));
+                const __m512i zero = _mm512_setzero_si512();
+                if (G == 64) {
+                    const __m512i a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, x0), hi, x1);
+                    W4Z_GROUP(j, g, _mm512_castsi512_si256(a));
+                    W4Z_GROUP(j, g + 1, _mm512_extracti64x4_epi64(a, 1));
+                } else {
+                    const __m512i al = _mm512_dpbusd_epi32(zero, lo, x0), ah = _mm512_dpbusd_epi32(zero, hi, x1);
+                    W4Z_GROUP(j, g, _mm512_castsi512_si256(al));
+                    W4Z_GROUP(j, g + 1, _mm512_castsi512_si256(ah));
+                    W4Z_GROUP(j, g + 2, _mm512_extracti64x4_epi64(al, 1));
+                    W4Z_GROUP(j, g + 3, _mm512_extracti64x4_epi64(ah, 1));
+                }
+            }
+        }
+    }
+#undef W4Z_GROUP
+    for (int j = 0; j < mt; j++) r[j] = hsum_ps(accf[j]) + extra[j];
+}
+
+/* per weight row: scale[g] = xs[g] * s[g] and ex[g] = dx[g] * (z[g] - 8 s[g]) (dx = xs * code sum, per call),
+   16 groups at a time */
+static inline __attribute__((always_inline)) void w4z_row_scales(const uint16_t* s, const uint16_t* z, const float* xs,
+        const float* dx, int64_t ng, float* scale, float* ex) {
+    for (int64_t g = 0; g < ng; g += 16) {
+        const __mmask16 m = ng - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g)) - 1);
+        const __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s + g)), 16));
+        const __m512 zv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, z + g)), 16));
+        const __m512 cv = _mm512_sub_ps(zv, _mm512_mul_ps(_mm512_set1_ps(8.f), sv));
+        _mm512_mask_storeu_ps(scale + g, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xs + g), sv));
+        _mm512_mask_storeu_ps(ex + g, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dx + g), cv));
+    }
+}
+/* One activation row (single-stream decode), G % 128 == 0: two weight rows at a time sharing the activation
+   loads, the float work per group cut to a broadcast and an FMA (scales and zero-point terms of a row
+   computed 16 groups at a time first; the same products, so the same values as w4_tile). */
+static inline __attribute__((always_inline)) void w4z_rows2(const uint8_t* w0, const uint8_t* w1, const int8_t* xz,
+        const float* sc0, const float* ex0, const float* sc1, const float* ex1, int64_t G, int64_t ng,
+        const uint8_t* pf, float* r) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float e0 = 0.f, e1 = 0.f;
+    for (int64_t g = 0; g < ng; g++) {
+        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+        for (int64_t i = g * G; i < (g + 1) * G; i += 128) {
+            _mm_prefetch((const char*)(pf + i / 2), _MM_HINT_T0);
+            _mm_prefetch((const char*)(pf + (w1 - w0) + i / 2), _MM_HINT_T0);
+            const __m512i x0 = _mm512_loadu_si512((const void*)(xz + i));
+            const __m512i x1 = _mm512_loadu_si512((const void*)(xz + i + 64));
+            const __m512i b0 = _mm512_loadu_si512((const void*)(w0 + i / 2));
+            const __m512i b1 = _mm512_loadu_si512((const void*)(w1 + i / 2));
+            a0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a0, _mm512_and_si512(b0, low4), x0),
+                                     _mm512_and_si512(_mm512_srli_epi16(b0, 4), low4), x1);
+            a1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a1, _mm512_and_si512(b1, low4), x0),
+                                     _mm512_and_si512(_mm512_srli_epi16(b1, 4), low4), x1);
+        }
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold512(a0)), _mm256_set1_ps(sc0[g]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold512(a1)), _mm256_set1_ps(sc1[g]), acc1);
+        e0 += ex0[g];
+        e1 += ex1[g];
+    }
+    r[0] = hsum_ps(acc0) + e0;
+    r[1] = hsum_ps(acc1) + e1;
+}
+/* int8, one activation row, two weight rows at a time (as w4z_rows2) */
+static inline __attribute__((always_inline)) void w8z_rows2(const int8_t* w0, const int8_t* w1, const uint8_t* xu,
+        const float* xs, int64_t B, int64_t nb, const int8_t* pf, float* r) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+        __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+        for (int64_t i = b * B; i < (b + 1) * B; i += 64) {
+            _mm_prefetch((const char*)(pf + i), _MM_HINT_T0);
+            _mm_prefetch((const char*)(pf + (w1 - w0) + i), _MM_HINT_T0);
+            const __m512i x = _mm512_loadu_si512((const void*)(xu + i));
+            const __m512i b0 = _mm512_loadu_si512((const void*)(w0 + i));
+            const __m512i b1 = _mm512_loadu_si512((const void*)(w1 + i));
+            a0 = _mm512_dpbusd_epi32(a0, x, b0);
+            s0 = _mm512_dpbusd_epi32(s0, ones, b0);
+            a1 = _mm512_dpbusd_epi32(a1, x, b1);
+            s1 = _mm512_dpbusd_epi32(s1, ones, b1);
+        }
+        const __m256 d = _mm256_set1_ps(xs[b]);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(fold512(a0), _mm256_slli_epi32(fold512(s0), 7))), d, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(fold512(a1), _mm256_slli_epi32(fold512(s1), 7))), d, acc1);
+    }
+    r[0] = hsum_ps(acc0);
+    r[1] = hsum_ps(acc1);
+}
+
+/* Up to 8 activation rows per pass over a weight row (32 vector registers hold their accumulators) */
+#define ZTILE_SWITCH(call)                                                                                   \
+    switch (mt) {                                                                                            \
+        case 8: call(8); break;                                                                              \
+        case 7: call(7); break;                                                                              \
+        case 6: call(6); break;                                                                              \
+        case 5: call(5); break;                                                                              \
+        case 4: call(4); break;                                                                              \
+        case 3: call(3); break;                                                                              \
+        case 2: call(2); break;                                                                              \
+        default: call(1); break;                                                                             \
+    }
+
+static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* w, const float* ws,
+                            const float* bias, int64_t N, float* y, int nthreads, const float* norm_w, float eps,
+                            int accumulate) {
+    if (K <= 0 || B <= 0 || B % 64 != 0 || K % B != 0)
+        return linear_w8_avx512y(x, M, K, B, w, ws, bias, N, y, nthreads, norm_w, eps, accumulate);
+    const int64_t nb = K / B;
+    scratch_t sc;
+    if (scratch_init(&sc, M, K, nb) != 0) return -1;
+    quantize_rows(x, M, K, B, norm_w, eps, sc.tmp, sc.q, sc.scale, sc.qsum, nthreads);
+    uint8_t* xu = (uint8_t*)sc.q;
+    const __m512i bias128 = _mm512_set1_epi8((char)0x80);
+    for (int64_t i = 0; i < M * K; i += 64)  /* x + 128 (M K is a multiple of 64) */
+        _mm512_storeu_si512((void*)(xu + i), _mm512_xor_si512(_mm512_loadu_si512((const void*)(xu + i)), bias128));
+    const float* xs = sc.scale;
+    const int64_t ahead = prefetch_rows(K);
+    if (M == 1) {
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
+        for (int64_t p = 0; p < (N + 1) / 2; p++) {
+            const int64_t n = 2 * p, n1 = n + 1 < N ? n + 1 : n;
+            const int64_t nf = n + ahead + 1 < N ? n + ahead : n;
+            float r[2];
+            w8z_rows2(w + n * K, w + n1 * K, xu, xs, B, nb, w + nf * K, r);
+            for (int64_t j = 0; j < 2 && n + j < N; j++) {
+                float v = r[j] * ws[n + j];
+                if (bias) v += bias[n + j];
+                y[n + j] = accumulate ? y[n + j] + v : v;
+            }
+        }
+        free(sc.buf);
+        return 0;
+    }
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t* wr = w + n * K;
+        const int8_t* pf = w + (n + ahead < N ? n + ahead : n) * K;
+        float r[8];
+        for (int64_t m0 = 0; m0 < M; m0 += 8) {
+            const int64_t mt = M - m0 < 8 ? M - m0 : 8;
+#define W8Z(T) w8z_tile(wr, xu + m0 * K, xs + m0 * nb, K, B, nb, T, r, pf)
+            ZTILE_SWITCH(W8Z)
+#undef W8Z
+            for (int64_t j = 0; j < mt; j++) {
+                float v = r[j] * ws[n];
+                if (bias) v += bias[n];
+                float* out = y + (m0 + j) * N + n;
+                *out = accumulate ? *out + v : v;
+            }
+        }
+    }
+    free(sc.buf);
+    return 0;
+}
+
+/* x codes [M, K] in place, per chunk of 128: 0..31, 32..63, 64..95, 96..127 -> 0..31, 64..95, 32..63, 96..127 */
+static void zorder_rows(int8_t* q, int64_t M, int64_t K) {
+    for (int64_t i = 0; i < M * K; i += 128) {
+        const __m256i b = _mm256_loadu_si256((const __m256i*)(q + i + 32));
+        _mm256_storeu_si256((__m256i*)(q + i + 32), _mm256_loadu_si256((const __m256i*)(q + i + 64)));
+        _mm256_storeu_si256((__m256i*)(q + i + 64), b);
+    }
+}
+
+static int linear_w4_avx512(const float* x, int64_t M, int64_t K, int64_t G, const uint8_t* w, const uint16_t* s,
+                            const uint16_t* z, const float* bias, int64_t N, float* y, int nthreads,
+                            const float* norm_w, float eps, int accumulate) {
+    if (K <= 0 || K % 128 != 0 || G <= 0 || G > 256 || K % G != 0 || (G != 32 && G != 64 && G % 128 != 0))
+        return linear_w4_avx512y(x, M, K, G, w, s, z, bias, N, y, nthreads, norm_w, eps, accumulate);
+    const int64_t ng = K / G;
+    scratch_t sc;
+    if (scratch_init(&sc, M, K, ng) != 0) return -1;
+    quantize_rows(x, M, K, G, norm_w, eps, sc.tmp, sc.q, sc.scale, sc.qsum, nthreads);
+    zorder_rows(sc.q, M, K);
+    const int8_t* xz = sc.q;
+    const float* xs = sc.scale;
+    const int32_t* xsum = sc.qsum;
+    const int64_t ahead = prefetch_rows(K / 2);
+    if (M == 1 && G % 128 == 0) {
+        float dx[ng];
+        for (int64_t g = 0; g < ng; g++) dx[g] = xs[g] * (float)xsum[g];
+        const int64_t N2 = (N + 1) / 2;
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
+        for (int64_t p = 0; p < N2; p++) {
+            const int64_t n = 2 * p, n1 = n + 1 < N ? n + 1 : n;
+            const int64_t nf = n + ahead + 1 < N ? n + ahead : n;
+            _mm_prefetch((const char*)(s + nf * ng), _MM_HINT_T0);
+            _mm_prefetch((const char*)(z + nf * ng), _MM_HINT_T0);
+            float sc0[ng], ex0[ng], sc1[ng], ex1[ng], r[2];
+            w4z_row_scales(s + n * ng, z + n * ng, xs, dx, ng, sc0, ex0);
+            w4z_row_scales(s + n1 * ng, z + n1 * ng, xs, dx, ng, sc1, ex1);
+            w4z_rows2(w + n * (K / 2), w + n1 * (K / 2), xz, sc0, ex0, sc1, ex1, G, ng, w + nf * (K / 2), r);
+            for (int64_t j = 0; j < 2 && n + j < N; j++) {
+                float v = r[j];
+                if (bias) v += bias[n + j];
+                y[n + j] = accumulate ? y[n + j] + v : v;
+            }
+        }
+        free(sc.buf);
+        return 0;
+    }
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t* wr = w + n * (K / 2);
+        const int64_t nf = n + ahead < N ? n + ahead : n;
+        const uint8_t* pf = w + nf * (K / 2);
+        _mm_prefetch((const char*)(s + nf * ng), _MM_HINT_T0);
+        _mm_prefetch((const char*)(z + nf * ng), _MM_HINT_T0);
+        float sg[ng], cg[ng];
+        for (int64_t g = 0; g < ng; g++) {
+            sg[g] = bf16_to_f32(s[n * ng + g]);
+            cg[g] = bf16_to_f32(z[n * ng + g]) - 8.f * sg[g];
+        }
+        float r[8];
+        for (int64_t m0 = 0; m0 < M; m0 += 8) {
+            const int64_t mt = M - m0 < 8 ? M - m0 : 8;
+#define W4Z(T) w4z_tile(wr, xz + m0 * K, xs + m0 * ng, xsum + m0 * ng, sg, cg, K, G, ng, T, r, pf)
+            ZTILE_SWITCH(W4Z)
+#undef W4Z
+            for (int64_t j = 0; j < mt; j++) {
+                float v = r[j];
+                if (bias) v += bias[n];
+                float* out = y + (m0 + j) * N + n;
+                *out = accumulate ? *out + v : v;
+            }
+        }
+    }
+    free(sc.buf);
+    return 0;
+}
+#undef ZTILE_SWITCH
+#pragma GCC pop_options
+#else
+#define DQ_HAVE_AVX512 0
+#endif
+
+/* Which kernels run: 0 = not chosen yet, DQ_ISA_AVX2, DQ_ISA_AVXVNNI, DQ_ISA_AVX512VNNI (dq_set_isa;
+   default: the best this CPU has). Chosen once, before the first call, by ckernels.py. */
 #define DQ_ISA_AVX2 1
 #define DQ_ISA_AVXVNNI 2
+#define DQ_ISA_AVX512VNNI 3
 static int dq_isa_selected = 0;  /* read and written with relaxed atomics: tests switch it between calls */
 
 static int dq_isa_supported(int isa) {
@@ -174,13 +512,22 @@ static int dq_isa_supported(int isa) {
 #if DQ_HAVE_AVXVNNI  /* older compilers do not know the feature name */
     if (isa == DQ_ISA_AVXVNNI) return dq_isa_supported(DQ_ISA_AVX2) && __builtin_cpu_supports("avxvnni");
 #endif
+#if DQ_HAVE_AVX512  /* (libgcc also checks that the OS saves the 512-bit registers) */
+    if (isa == DQ_ISA_AVX512VNNI)
+        return dq_isa_supported(DQ_ISA_AVX2) && __builtin_cpu_supports("avx512f") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni");
+#endif
     return 0;
 }
 
 /* 0 = the best available; returns the instruction set now used, or -1 when `isa` is not available here. */
 int dq_set_isa(int isa) {
     __builtin_cpu_init();
-    if (isa == 0) isa = dq_isa_supported(DQ_ISA_AVXVNNI) ? DQ_ISA_AVXVNNI : DQ_ISA_AVX2;
+    if (isa == 0)
+        isa = dq_isa_supported(DQ_ISA_AVX512VNNI) ? DQ_ISA_AVX512VNNI
+              : dq_isa_supported(DQ_ISA_AVXVNNI)  ? DQ_ISA_AVXVNNI
+                                                  : DQ_ISA_AVX2;
     if (!dq_isa_supported(isa)) return -1;
     __atomic_store_n(&dq_isa_selected, isa, __ATOMIC_RELAXED);
     return isa;
@@ -197,6 +544,10 @@ int dq_isa(void) {
 int dq_linear_w8(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* w, const float* ws,
                  const float* bias, int64_t N, float* y, int nthreads, const float* norm_w, float eps,
                  int accumulate) {
+#if DQ_HAVE_AVX512
+    if (dq_isa() == DQ_ISA_AVX512VNNI)
+        return linear_w8_avx512(x, M, K, B, w, ws, bias, N, y, nthreads, norm_w, eps, accumulate);
+#endif
 #if DQ_HAVE_AVXVNNI
     if (dq_isa() == DQ_ISA_AVXVNNI)
         return linear_w8_avxvnni(x, M, K, B, w, ws, bias, N, y, nthreads, norm_w, eps, accumulate);
@@ -208,6 +559,10 @@ int dq_linear_w8(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* 
 int dq_linear_w4(const float* x, int64_t M, int64_t K, int64_t G, const uint8_t* w, const uint16_t* s,
                  const uint16_t* z, const float* bias, int64_t N, float* y, int nthreads, const float* norm_w,
                  float eps, int accumulate) {
+#if DQ_HAVE_AVX512
+    if (dq_isa() == DQ_ISA_AVX512VNNI)
+        return linear_w4_avx512(x, M, K, G, w, s, z, bias, N, y, nthreads, norm_w, eps, accumulate);
+#endif
 #if DQ_HAVE_AVXVNNI
     if (dq_isa() == DQ_ISA_AVXVNNI)
         return linear_w4_avxvnni(x, M, K, G, w, s, z, bias, N, y, nthreads, norm_w, eps, accumulate);
@@ -308,11 +663,17 @@ int dq_attn_decode(const float* qkv, int64_t B, int64_t nh, int64_t nkv, int64_t
 #else /* DQ_KERNELS_DEFINED: the body, compiled once per instruction set ------------------------- */
 
 #if DQ_VNNI
-/* acc (int32 x 8) += 4-byte dot products of u (unsigned) and s (signed): one instruction */
-#define DOT_ADD(acc, u, s) _mm256_dpbusd_avx_epi32((acc), (u), (s))
+/* acc (int32 x 8) += 4-byte dot products of u (unsigned) and s (signed): one instruction (VEX-encoded
+   AVX-VNNI, or the same instruction EVEX-encoded on AVX512-VNNI CPUs, which may lack AVX-VNNI) */
+#if DQ_VNNI == 2
+#define DPBUSD256 _mm256_dpbusd_epi32
+#else
+#define DPBUSD256 _mm256_dpbusd_avx_epi32
+#endif
+#define DOT_ADD(acc, u, s) DPBUSD256((acc), (u), (s))
 /* int4 pairs: accumulated straight into int32, no int16 stage to widen */
-#define PAIR_ADD(acc, u0, s0, u1, s1) _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32((acc), (u0), (s0)), (u1), (s1))
-#define ONE_ADD(acc, u, s) _mm256_dpbusd_avx_epi32((acc), (u), (s))
+#define PAIR_ADD(acc, u0, s0, u1, s1) DPBUSD256(DPBUSD256((acc), (u0), (s0)), (u1), (s1))
+#define ONE_ADD(acc, u, s) DPBUSD256((acc), (u), (s))
 #define PAIR_WIDEN(acc) (acc)
 #else
 #define DOT_ADD(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
@@ -479,6 +840,7 @@ static int SFX(linear_w4)(const float* x, int64_t M, int64_t K, int64_t G, const
     return 0;
 }
 
+#undef DPBUSD256
 #undef DOT_ADD
 #undef PAIR_ADD
 #undef ONE_ADD

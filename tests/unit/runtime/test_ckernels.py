@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from typing import Any
 
 import pytest
 import torch
@@ -28,11 +29,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+_ISA_FLAGS = {"avx2": {"avx2"}, "avxvnni": {"avx_vnni"},  # /proc/cpuinfo's names
+              "avx512vnni": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}}
+
+
 def _cpu_has(isa: str) -> bool:
-    return isa == "avx2" or {"avxvnni": "avx_vnni"}[isa] in ckernels._cpu_flags()  # /proc/cpuinfo's name
+    return _ISA_FLAGS[isa] <= ckernels._cpu_flags()
 
 
-@pytest.fixture(scope="module", params=["avx2", "avxvnni"])
+@pytest.fixture(scope="module", params=["avx2", "avxvnni", "avx512vnni"])
 def lib(request):
     """The library with its linear kernels on each instruction set this CPU has (every kernel test runs
     on each); on a machine with a C compiler and AVX2 they must build: no silent fallback in tests."""
@@ -116,6 +121,64 @@ def test_avx2_and_avxvnni_kernels_give_identical_results(int8_weights, m):
             outs[isa] += [ckernels.linear_w4(x, pk, s, z, None, g) for g, (pk, s, z) in int4.items()]
     for a, b in zip(outs["avx2"], outs["avxvnni"], strict=True):
         assert torch.equal(a, b)
+
+
+def test_available_instruction_sets_follow_the_cpu_flags() -> None:
+    """auto picks the best the CPU has; each one it lists can be selected (AVX2 always, on this test's
+    machines), so every ISA-specific test below really runs where the flags say it can."""
+    loaded = ckernels._load()
+    usable = loaded.available_isas()
+    assert usable == [isa for isa in ("avx512vnni", "avxvnni", "avx2") if _cpu_has(isa)]
+    with loaded.using_isa("avx2"):
+        assert ckernels._Lib(ckernels.build()).isa == usable[0]  # DISTILLERY_CPU_ISA unset: auto, the best
+
+
+# (N, K, int4 group or None for int8): odd N (two weight rows per pass on AVX-512 leave one over), K a
+# multiple of 128 (the 512-bit kernels) and not (K 192: int4 on 256-bit EVEX kernels; K 160: int8 blocks
+# of 32), every int4 group size the kernel takes, and a K with several groups of 256
+_ISA_SHAPES = [(37, 256, None), (37, 192, None), (37, 160, None), (37, 896, None),
+               (37, 256, 32), (37, 256, 64), (37, 256, 128), (37, 512, 256), (37, 192, 64), (37, 192, 32)]
+
+
+@pytest.mark.parametrize(("n", "k", "group"), _ISA_SHAPES)
+def test_every_instruction_set_gives_the_avx2_results_bit_for_bit(n: int, k: int, group: int | None) -> None:
+    """Every instruction set sums the same integer products exactly and applies the same float steps in
+    the same order: the AVX2 outputs bit for bit, at every batch size 1..8, with the fused RMSNorm, a
+    bias and the residual add, so the CPU a replica lands on never changes a token. Each also matches a
+    float reference (activation quantization only)."""
+    loaded = ckernels._load()
+    isas = loaded.available_isas()
+    torch.manual_seed(n + k + (group or 0))
+    w = torch.randn(n, k) * 0.05 + 0.01
+    norm, bias = torch.rand(k) + 0.5, torch.randn(n)
+    if group is None:
+        codes, scales = quantize_int8(w)
+        wd = codes.float() * scales.float()[:, None]
+        block = ckernels.act_block(k)
+
+        def run(x: torch.Tensor, **kw: Any) -> torch.Tensor:
+            return ckernels.linear_w8(x, codes, scales.float(), bias, block, **kw)
+    else:
+        c4, s4, z4 = quantize_int4(w, group)
+        packed = ckernels.pack_w4(c4)
+        wd = dequantize_int4(c4, s4, z4)
+
+        def run(x: torch.Tensor, **kw: Any) -> torch.Tensor:
+            return ckernels.linear_w4(x, packed, s4, z4, bias, group, **kw)
+    for m in range(1, 9):
+        x = torch.randn(m, k) * 2
+        residual = torch.randn(m, n)
+        outs = {}
+        for isa in isas:
+            with loaded.using_isa(isa):
+                out = residual.clone()
+                outs[isa] = (run(x), run(x, norm=norm, eps=1e-6, out=out))
+        for isa in isas:
+            for got, want in zip(outs[isa], outs["avx2"], strict=True):
+                assert torch.equal(got, want), (isa, m)
+        assert rel_err(outs[isas[0]][0], x @ wd.T + bias) < 0.015
+        normed = F.rms_norm(x, (k,), norm, 1e-6)
+        assert rel_err(outs[isas[0]][1] - residual, normed @ wd.T + bias) < 0.015
 
 
 def test_pack_w4_layout_is_low_nibbles_then_high_per_block_of_64(lib):
