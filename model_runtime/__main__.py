@@ -23,7 +23,7 @@ from kserve.utils.utils import strtobool
 from distillery_contract import flags, values
 from model_runtime.log_config import configure_logging
 from model_runtime.request_decoding import DEFAULT_MAX_BODY_BYTES
-from model_runtime.response_cache import DEFAULT_MAX_BYTES, DEFAULT_TTL_S
+from model_runtime.response_cache import DEFAULT_MAX_BYTES, DEFAULT_TTL_S, ResponseCacheConfig
 from model_runtime.server import DistilleryModel, RuntimeModelServer, RuntimeOptions, add_routes
 
 log = logging.getLogger("model_runtime")
@@ -201,6 +201,8 @@ def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
         kernel_backend=args.kernel_backend, compile=args.compile,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, prefix_cache_bytes=args.prefix_cache_bytes,
+        response_cache=ResponseCacheConfig(max_entries=args.response_cache_max_entries,
+                                           max_bytes=args.response_cache_max_bytes, ttl_s=args.response_cache_ttl_s),
     )
 
 

@@ -11,8 +11,8 @@ memory costs nothing. The cache is deliberately narrow:
 - The key is the canonical JSON of the validated request (every field pydantic parsed, defaults filled,
   keys sorted: `{"temperature": 0}` and `{"temperature": 0.0}` are one key; any sampling field, `n`,
   `best_of`, `logprobs`, `echo`, `stop` that differs is another) plus the route, the served model and the
-  server's sampling defaults. Only `user`, `stream` and `stream_options` are left out: they do not change
-  a non-streamed answer. A field a later protocol version adds joins the key by itself.
+  server's sampling defaults. Only NOT_IN_KEY is left out (`user` and OpenAI's other bookkeeping, `stream`):
+  it does not change a non-streamed answer. A field a later protocol version adds joins the key by itself.
 - Bounded by entries (LRU), by bytes (the stored bodies plus keys) and by age (TTL, checked on every
   lookup and swept periodically).
 - `Cache-Control: no-cache` (or `Pragma: no-cache`) skips the lookup; the fresh answer is still stored.
@@ -40,7 +40,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from pydantic import BaseModel
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -60,10 +60,13 @@ EVICTION_REASONS: Final = (EVICT_EXPIRED, EVICT_ENTRIES, EVICT_BYTES)
 
 DEFAULT_MAX_BYTES: Final = 64 * 2**20
 DEFAULT_TTL_S: Final = 600.0
-# request fields that do not change a non-streamed answer (streams bypass the cache)
-NOT_IN_KEY: Final = frozenset({"user", "stream", "stream_options"})
+# request fields that do not change a non-streamed answer (streams bypass the cache): who asks (OpenAI's
+# end-user ids) and bookkeeping the runtime accepts and ignores; left in the key they would only split hits
+NOT_IN_KEY: Final = frozenset({"user", "safety_identifier", "metadata", "store", "service_tier",
+                               "prompt_cache_key", "stream", "stream_options"})
 COMPLETE_FINISH_REASONS: Final = frozenset({"stop", "length"})
 _SWEEP_EVERY_S: Final = 60.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,11 @@ class ResponseCache:
             self.metrics.response_cache_size(len(self._entries), self._bytes)
 
 
+def create_response_cache(config: ResponseCacheConfig, metrics: Any | None = None) -> ResponseCache | None:
+    """The cache the flags ask for, or None when it is off."""
+    return ResponseCache(config, metrics) if config.enabled else None
+
+
 # --------------------------------------------------------------------------- which requests, which key
 def effective_temperature(req: BaseModel, serving: Serving) -> float:
     """The temperature the request will sample with: request > runtime flag > generation_config (greedy
@@ -231,13 +239,14 @@ class Lookup:
     labels the response and stores a fresh complete answer."""
 
     def __init__(self, cache: ResponseCache | None, result: str | None, key: str | None,
-                 hit: Response | None = None) -> None:
+                 hit: Response | None = None, pool: Any | None = None) -> None:
         self.cache = cache
         self.result = result  # None: cache off (no header)
         self.key = key  # set when a fresh answer may be stored
         self.hit = hit
+        self.pool = pool
 
-    def finish(self, response: Response) -> None:
+    async def finish(self, response: Response) -> None:
         if self.result is None:
             return
         response.headers[CACHE_HEADER] = self.result
@@ -246,25 +255,37 @@ class Lookup:
         if response.status_code != 200 or isinstance(response, StreamingResponse):
             return
         body = bytes(response.body)
-        if _complete(body):
+        if await _off_loop(self.pool, _complete, body):
             self.cache.put(self.key, body)
 
 
-def lookup(cache: ResponseCache | None, endpoint: str, req: BaseModel, headers: Mapping[str, str],
-           serving: Serving) -> Lookup:
-    """Decide whether this OpenAI request may use the cache, and look it up (before any generation)."""
+async def lookup_response(cache: ResponseCache | None, endpoint: str, req: BaseModel, headers: Mapping[str, str],
+                          serving: Serving, pool: Any | None = None) -> Lookup:
+    """Decide whether this OpenAI request may use the cache, and look it up (before any generation).
+
+    `pool` (the model's WorkerPool) takes the work that grows with the request off the event loop: the key
+    serializes and hashes the whole prompt (up to the body limit: it runs before the prompt-size check), a
+    hit and a store parse the answer.
+    """
     if cache is None:
         return Lookup(None, None, None)
     directives = cache_directives(headers)
     if getattr(req, "stream", False) or "no-store" in directives or not is_deterministic(req, serving):
         return _counted(cache, Lookup(cache, BYPASS, None))
-    key = request_key(endpoint, req, serving)
+    key = await _off_loop(pool, request_key, endpoint, req, serving)
     if "no-cache" in directives:
-        return _counted(cache, Lookup(cache, BYPASS, key))
+        return _counted(cache, Lookup(cache, BYPASS, key, pool=pool))
     body = cache.get(key)
     if body is None:
-        return _counted(cache, Lookup(cache, MISS, key))
-    return _counted(cache, Lookup(cache, HIT, key, _replay(body)))
+        return _counted(cache, Lookup(cache, MISS, key, pool=pool))
+    return _counted(cache, Lookup(cache, HIT, key, await _off_loop(pool, _replay, body)))
+
+
+async def _off_loop(pool: Any | None, fn: Callable[..., T], *args: Any) -> T:
+    if pool is None:
+        return fn(*args)
+    result: T = await pool.run(fn, *args)
+    return result
 
 
 def _counted(cache: ResponseCache, result: Lookup) -> Lookup:

@@ -80,6 +80,7 @@ from model_runtime.request_decoding import (
     v2_prompts_from_dict,
     validate,
 )
+from model_runtime.response_cache import ResponseCacheConfig, create_response_cache, lookup_response
 from model_runtime.serving import (
     Delta,
     Job,
@@ -135,6 +136,7 @@ class RuntimeOptions:
     kernel_backend: str | None = None  # plan.KERNEL_CHOICES; None: DISTILLERY_CPU_KERNELS or auto
     compile: bool | None = None  # torch.compile the decode step; None: on for CUDA, DISTILLERY_COMPILE
     gpu_memory_utilization: float = 0.9  # CUDA: the KV cache's share of GPU memory (vLLM's flag)
+    response_cache: ResponseCacheConfig = ResponseCacheConfig()  # off unless max_entries > 0
     enable_prefix_caching: bool = True  # reuse the KV of cached prompt prefixes (prefix_cache.py)
     prefix_cache_bytes: int | None = None  # the prefix cache's pool; None: the engine's default
 
@@ -149,6 +151,7 @@ class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
         self.serving: Serving | None = None
         self.generator: Any = None
         self.pool = WorkerPool(options.request_workers)
+        self.response_cache = create_response_cache(options.response_cache, self.metrics)
 
     def load(self) -> bool:
         from model_runtime.engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, Engine, EngineConfig
@@ -458,7 +461,10 @@ class OpenAIRoutes:
         try:
             serving = self.model._serving()
             req = await read_request(request, self.model, lambda raw: validate(cls, decode_json(raw)))
-            response = await run(request, serving, req, finish)
+            cached = await lookup_response(self.model.response_cache, endpoint, req, request.headers, serving,
+                                           self.model.pool)
+            response = cached.hit or await run(request, serving, req, finish)
+            await cached.finish(response)  # labels it (x-distillery-cache); stores a complete deterministic answer
             if not isinstance(response, StreamingResponse):
                 finish(response.status_code)
             return response

@@ -36,8 +36,9 @@ def test_every_contract_flag_is_accepted():
         "int4", 64, "gguf", "bfloat16", "cpu")
     assert (opts.max_model_len, opts.max_batch_size, opts.max_queue) == (2048, 4, 8)
     assert opts.max_num_batched_tokens == 64
-    assert (args.response_cache_max_entries, args.response_cache_ttl_s, args.response_cache_max_bytes) == (
-        100, 30.0, 4096)
+    cache = opts.response_cache
+    assert (cache.enabled, cache.max_entries, cache.ttl_s, cache.max_bytes) == (True, 100, 30.0, 4096)
+    assert not options_from_args(build_parser().parse_args([])).response_cache.enabled  # off by default
     assert (opts.default_temperature, opts.default_top_p, opts.default_max_tokens) == (0.6, 0.95, 256)
     assert (opts.default_top_k, opts.default_repetition_penalty) == (20, 1.1)
     assert opts.prequantized is True and opts.think_prefix is True and opts.separate_reasoning is True

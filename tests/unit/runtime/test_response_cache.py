@@ -26,7 +26,7 @@ from model_runtime.response_cache import (
     cache_directives,
     effective_temperature,
     is_deterministic,
-    lookup,
+    lookup_response,
     request_key,
 )
 from model_runtime.serving import ServingConfig
@@ -198,6 +198,12 @@ SAMPLING_VARIANTS: dict[str, Any] = {
     "n": 2, "best_of": 3, "logprobs": 2, "echo": True, "top_k": 5, "min_p": 0.1, "presence_penalty": 0.5,
     "frequency_penalty": 0.5, "repetition_penalty": 1.2, "logit_bias": {"11": 5.0}, "min_tokens": 2,
     "ignore_eos": True, "stop_token_ids": [13], "prompt_logprobs": 1, "model": "other",
+    "include_stop_str_in_output": True, "skip_special_tokens": False, "add_special_tokens": False,
+    "truncate_prompt_tokens": 2, "spaces_between_special_tokens": False,
+}
+CHAT_VARIANTS: dict[str, Any] = {
+    "messages": [{"role": "user", "content": "Hi!"}], "max_completion_tokens": 3, "top_logprobs": 2,
+    "add_generation_prompt": False, "continue_final_message": True, "response_format": {"type": "text"},
 }
 
 
@@ -225,13 +231,22 @@ def test_a_request_differing_in_any_sampling_field_has_another_key():
     assert request_key("completions", completion(**base), fake_serving(generation_defaults={})) != key
 
 
-def test_chat_messages_are_in_the_key():
+def test_a_chat_request_differing_in_any_field_has_another_key():
     serving = fake_serving()
-    one = request_key("chat", chat(temperature=0), serving)
-    other = ChatCompletionRequest.model_validate(
-        {"model": "r1", "temperature": 0, "messages": [{"role": "user", "content": "Hi!"}]})
-    assert request_key("chat", other, serving) != one
-    assert request_key("chat", chat(temperature=0, max_completion_tokens=3), serving) != one
+    base = {"max_tokens": 8, "temperature": 0.0, "logprobs": True}
+    key = request_key("chat", chat(**base), serving)
+    assert request_key("chat", chat(**base, user="bob"), serving) == key
+    tried = 0
+    for field, value in {**SAMPLING_VARIANTS, **CHAT_VARIANTS}.items():
+        if field not in ChatCompletionRequest.model_fields or field == "prompt":
+            continue
+        try:
+            variant = chat(**{**base, field: value})
+        except ValueError:
+            continue
+        tried += 1
+        assert request_key("chat", variant, serving) != key, field
+    assert tried >= 5
 
 
 def test_cache_control_directives():
@@ -250,88 +265,241 @@ def response_body(finish_reason: str = "stop", text: str = "hi") -> bytes:
                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
 
 
-def test_lookup_miss_then_store_then_hit_with_a_new_id():
+async def test_lookup_miss_then_store_then_hit_with_a_new_id():
+    import json
+
     from starlette.responses import Response
 
     cache, _, registry = store()
     serving = fake_serving()
     req = completion(temperature=0)
-    first = lookup(cache, "completions", req, {}, serving)
+    first = await lookup_response(cache, "completions", req, {}, serving)
     assert first.result == MISS and first.hit is None
     response = Response(response_body(), media_type="application/json")
-    first.finish(response)
+    await first.finish(response)
     assert response.headers["x-distillery-cache"] == MISS and len(cache) == 1
-    second = lookup(cache, "completions", req, {}, serving)
+    second = await lookup_response(cache, "completions", req, {}, serving)
     assert second.result == HIT and second.hit is not None
-    import json
-
     replay = json.loads(bytes(second.hit.body))
     assert replay["choices"] == json.loads(response_body())["choices"]
     assert replay["id"].startswith("cmpl-") and replay["id"] != "cmpl-abc" and replay["created"] > 1
-    second.finish(second.hit)
+    await second.finish(second.hit)
     assert second.hit.headers["x-distillery-cache"] == HIT and len(cache) == 1
     for result in (HIT, MISS):
         assert sample(registry, metric_names.METRIC_RESPONSE_CACHE_LOOKUPS_TOTAL, result=result) == 1
 
 
-def test_a_sampling_request_is_never_served_nor_stored():
+async def store_answer(cache: ResponseCache, req: Any, serving: Any, body: bytes, **headers: str) -> str | None:
+    """Look `req` up and finish it with `body` as the fresh answer; the header it got."""
     from starlette.responses import Response
 
+    decision = await lookup_response(cache, "completions", req, headers, serving)
+    response = decision.hit or Response(body, media_type="application/json")
+    await decision.finish(response)
+    return response.headers.get("x-distillery-cache")
+
+
+async def test_a_sampling_request_is_never_served_nor_stored():
     cache, _, registry = store()
     serving = fake_serving()
-    greedy = completion(temperature=0)
-    lookup(cache, "completions", greedy, {}, serving).finish(Response(response_body(), media_type="application/json"))
+    assert await store_answer(cache, completion(temperature=0), serving, response_body()) == MISS
     assert len(cache) == 1
     # the same prompt with the default (sampling) temperature, or an explicit one: not served, not stored
     for req in (completion(), completion(temperature=0.6), completion(temperature=1e-3)):
-        decision = lookup(cache, "completions", req, {}, serving)
+        decision = await lookup_response(cache, "completions", req, {}, serving)
         assert decision.result == BYPASS and decision.hit is None and decision.key is None
-        decision.finish(Response(response_body(text="sampled"), media_type="application/json"))
+        assert await store_answer(cache, req, serving, response_body(text="sampled")) == BYPASS
     assert len(cache) == 1
-    assert sample(registry, metric_names.METRIC_RESPONSE_CACHE_LOOKUPS_TOTAL, result=BYPASS) == 3
+    assert sample(registry, metric_names.METRIC_RESPONSE_CACHE_LOOKUPS_TOTAL, result=BYPASS) == 6
 
 
-def test_no_cache_skips_the_lookup_but_stores_and_no_store_does_neither():
-    from starlette.responses import Response
-
+async def test_no_cache_skips_the_lookup_but_stores_and_no_store_does_neither():
     cache, _, _ = store()
     serving = fake_serving()
     req = completion(temperature=0)
-    lookup(cache, "completions", req, {}, serving).finish(Response(response_body("stop", "old"),
-                                                                   media_type="application/json"))
-    fresh = lookup(cache, "completions", req, {"cache-control": "no-cache"}, serving)
+
+    async def cached_text() -> bytes:
+        hit = (await lookup_response(cache, "completions", req, {}, serving)).hit
+        assert hit is not None
+        return bytes(hit.body)
+
+    await store_answer(cache, req, serving, response_body("stop", "old"))
+    fresh = await lookup_response(cache, "completions", req, {"cache-control": "no-cache"}, serving)
     assert fresh.result == BYPASS and fresh.hit is None
-    fresh.finish(Response(response_body("stop", "new"), media_type="application/json"))
-    assert b'"new"' in bytes(lookup(cache, "completions", req, {}, serving).hit.body)  # refreshed
-    nostore = lookup(cache, "completions", req, {"cache-control": "no-store"}, serving)
+    assert await store_answer(cache, req, serving, response_body("stop", "new"), **{"cache-control": "no-cache"}) \
+        == BYPASS
+    assert b'"new"' in await cached_text()  # refreshed
+    nostore = await lookup_response(cache, "completions", req, {"cache-control": "no-store"}, serving)
     assert nostore.result == BYPASS and nostore.hit is None
-    nostore.finish(Response(response_body("stop", "never"), media_type="application/json"))
-    assert b'"new"' in bytes(lookup(cache, "completions", req, {}, serving).hit.body)
+    assert await store_answer(cache, req, serving, response_body("stop", "never"), **{"cache-control": "no-store"}) \
+        == BYPASS
+    assert b'"new"' in await cached_text()
 
 
-def test_streams_bypass_and_incomplete_or_failed_answers_are_not_stored():
+async def test_streams_bypass_and_incomplete_or_failed_answers_are_not_stored():
     from starlette.responses import JSONResponse, Response, StreamingResponse
 
     cache, _, _ = store()
     serving = fake_serving()
-    stream = lookup(cache, "completions", completion(temperature=0, stream=True), {}, serving)
+    stream = await lookup_response(cache, "completions", completion(temperature=0, stream=True), {}, serving)
     assert stream.result == BYPASS
     req = completion(temperature=0)
     for response in (JSONResponse({"error": {"message": "busy"}}, status_code=429),
                      Response(response_body(finish_reason="abort"), media_type="application/json"),
                      Response(b"not json", media_type="application/json"),
                      StreamingResponse(iter([b"data: [DONE]\n\n"]))):
-        decision = lookup(cache, "completions", req, {}, serving)
+        decision = await lookup_response(cache, "completions", req, {}, serving)
         assert decision.result == MISS
-        decision.finish(response)
+        await decision.finish(response)
         assert response.headers["x-distillery-cache"] == MISS
     assert len(cache) == 0
 
 
-def test_with_the_cache_off_nothing_is_labelled():
+async def test_the_worker_pool_does_the_hashing_and_parsing():
+    """With a pool (the model's WorkerPool), the key, the replay and the completeness check run there."""
+    from model_runtime.worker_pool import WorkerPool
+
+    class CountingPool(WorkerPool):
+        def __init__(self) -> None:
+            super().__init__(1)
+            self.ran: list[str] = []
+
+        async def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            self.ran.append(fn.__name__)
+            return await super().run(fn, *args, **kwargs)
+
     from starlette.responses import Response
 
-    decision = lookup(None, "completions", completion(temperature=0), {}, fake_serving())
+    pool = CountingPool()
+    cache, _, _ = store()
+    serving = fake_serving()
+    req = completion(temperature=0)
+    try:
+        miss = await lookup_response(cache, "completions", req, {}, serving, pool)
+        await miss.finish(Response(response_body(), media_type="application/json"))
+        hit = await lookup_response(cache, "completions", req, {}, serving, pool)
+        assert hit.result == HIT
+    finally:
+        pool.shutdown()
+    assert pool.ran == ["request_key", "_complete", "request_key", "_replay"]
+
+
+async def test_with_the_cache_off_nothing_is_labelled():
+    from starlette.responses import Response
+
+    decision = await lookup_response(None, "completions", completion(temperature=0), {}, fake_serving())
     response = Response(response_body(), media_type="application/json")
-    decision.finish(response)
+    await decision.finish(response)
     assert decision.hit is None and "x-distillery-cache" not in response.headers
+
+
+# ------------------------------------------------------------------ the hook in server.py's OpenAI routes
+class _TextTokenizer(_Tokenizer):
+    """One token per character (ids < 1000), decoded back to the same characters."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) % 1000 for c in text]}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool = False
+               ) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+class _Engine:
+    """engine.py's generate() interface, replaying fixed tokens; counts the requests it was given."""
+
+    def __init__(self, text: str = "four") -> None:
+        self.tokens = [ord(c) for c in text]
+        self.calls = 0
+        self.queue_full = False
+
+    async def generate(self, prompt_ids: list[int], params: Any, request_id: str) -> Any:
+        from model_runtime.engine import QueueFullError, TokenEvent
+
+        if self.queue_full:
+            raise QueueFullError("queue full")
+        self.calls += 1
+        tokens = self.tokens[: params.max_tokens]
+        for i, token in enumerate(tokens):
+            last = i == len(tokens) - 1
+            yield TokenEvent(token_id=token, finish_reason=("length" if len(tokens) < len(self.tokens) else "stop")
+                             if last else None, prompt_tokens=len(prompt_ids), completion_tokens=i + 1)
+
+    def abort(self, request_id: str) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def routes_app(max_entries: int = 8) -> tuple[Any, _Engine, CollectorRegistry]:
+    from fastapi import FastAPI
+
+    from model_runtime.server import DistilleryModel, RuntimeOptions, add_openai_routes
+
+    registry = CollectorRegistry()
+    model = DistilleryModel(RuntimeOptions(model_name="r1", model_dir="/nowhere", allow_special_tokens_in_content=True,
+                                           response_cache=ResponseCacheConfig(max_entries=max_entries)),
+                            metrics=RuntimeMetrics("r1", registry))
+    engine = _Engine()
+    loaded = SimpleNamespace(tokenizer=_TextTokenizer(), eos_token_ids=[0], max_model_len=256,
+                             generation_defaults={"temperature": 0.6, "top_p": 0.95})
+    model.attach(loaded, engine)
+    app = FastAPI()
+    add_openai_routes(app, model)
+    return app, engine, registry
+
+
+def client(app: Any) -> Any:
+    import httpx
+
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://runtime")
+
+
+async def test_the_routes_answer_a_repeated_greedy_request_without_the_engine():
+    app, engine, registry = routes_app()
+    async with client(app) as http:
+        body = {"model": "r1", "prompt": "2+2=", "temperature": 0, "max_tokens": 8}
+        first = await http.post("/v1/completions", json=body)
+        second = await http.post("/v1/completions", json=body)
+        assert (first.status_code, second.status_code) == (200, 200)
+        assert (first.headers["x-distillery-cache"], second.headers["x-distillery-cache"]) == (MISS, HIT)
+        assert first.json()["choices"] == second.json()["choices"] and first.json()["choices"][0]["text"] == "four"
+        assert engine.calls == 1  # the hit never reached the engine
+        chat = {"model": "r1", "messages": [{"role": "user", "content": "2+2?"}], "temperature": 0}
+        assert [(await http.post("/openai/v1/chat/completions", json=chat)).headers["x-distillery-cache"]
+                for _ in range(2)] == [MISS, HIT]
+        assert engine.calls == 2
+        # a differing sampling field, a sampling request, no-cache, a stream: the engine answers each
+        for extra, headers, result in (({"max_tokens": 3}, {}, MISS), ({"temperature": 0.5}, {}, BYPASS),
+                                       ({}, {"Cache-Control": "no-cache"}, BYPASS), ({"stream": True}, {}, BYPASS)):
+            response = await http.post("/v1/completions", json={**body, **extra}, headers=headers)
+            assert response.status_code == 200 and response.headers["x-distillery-cache"] == result, extra
+        assert engine.calls == 6
+    value = lambda result: registry.get_sample_value(  # noqa: E731
+        metric_names.METRIC_RESPONSE_CACHE_LOOKUPS_TOTAL, {"model_name": "r1", "result": result})
+    assert (value(HIT), value(MISS), value(BYPASS)) == (2, 3, 3)
+    assert registry.get_sample_value("distillery_requests_total",
+                                     {"model_name": "r1", "endpoint": "completions", "status": "200"}) == 6
+
+
+async def test_a_failed_request_is_not_stored_and_the_next_one_generates():
+    app, engine, _ = routes_app()
+    async with client(app) as http:
+        body = {"model": "r1", "prompt": "2+2=", "temperature": 0, "max_tokens": 8}
+        engine.queue_full = True
+        busy = await http.post("/v1/completions", json=body)
+        assert busy.status_code == 429 and busy.headers.get("x-distillery-cache") is None
+        engine.queue_full = False
+        again = await http.post("/v1/completions", json=body)
+        assert again.status_code == 200 and again.headers["x-distillery-cache"] == MISS and engine.calls == 1
+
+
+async def test_with_the_cache_off_the_routes_add_no_header():
+    app, engine, _ = routes_app(max_entries=0)
+    async with client(app) as http:
+        body = {"model": "r1", "prompt": "2+2=", "temperature": 0, "max_tokens": 8}
+        for _ in range(2):
+            response = await http.post("/v1/completions", json=body)
+            assert response.status_code == 200 and "x-distillery-cache" not in response.headers
+        assert engine.calls == 2
