@@ -108,6 +108,13 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"target": f"prefix cache ({mode}): identical outputs with the cache on and off", "value": None,
                     "op": "==", "threshold": None, "met": pc.get("identical_outputs"),
                     "detail": f"prompts of {pc.get('prompt_tokens')} tokens"})
+    pf = results.get("prefill") or {}
+    for key, res in (pf.get("engines") or {}).items():  # issue 15: TTFT <= 0.5x llama.cpp's on AVX512-BF16/AMX
+        if key in ("ours/int8", "ours/int4"):
+            out.append(_target(f"TTFT {key} / llama.cpp Q4_K_M, ~{pf.get('prompt_tokens')}-token prompt "
+                               f"({'+'.join(pf.get('cpu_isa') or [])})", res.get("ttft_over_llamacpp"), "<=", 0.5,
+                               f"{res.get('ttft_s')} s vs {(pf['engines'].get('llama.cpp/Q4_K_M') or {}).get('ttft_s')} s; "
+                               f"prefill kernel {(res.get('kernel_plan') or {}).get('prefill_kernel')}"))
     ppl = results.get("perplexity") or {}
     for mode, limit in (("int8", 0.01), ("int4", 0.10)):
         rise = (ppl.get(mode) or {}).get("rise_vs_bf16")
@@ -156,6 +163,46 @@ def kernel_table(kernels: dict[str, Any]) -> str:
         lines.append(f"| {r['model']} | {r['layer']} | {r['N']} x {r['K']} | {r['M']} | {_fmt(r.get('aten_int8_ms'), 3)} "
                      f"| {_fmt(r.get('dq_int8_ms'), 3)} | {_fmt(r.get('aten_int4_ms'), 3)} | {_fmt(r.get('dq_int4_ms'), 3)} "
                      f"| {_fmt(r.get('int8_speedup'), 2)}x | {_fmt(r.get('int4_speedup'), 2)}x |")
+    return "\n".join(lines)
+
+
+def merge_ttft_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One engine's prefill steps (one per round) -> their fields, the median TTFT over every timed run."""
+    ok = [r for r in rounds if r.get("ttft_s_runs")]
+    if not ok:
+        return {"error": "; ".join(str(r.get("error")) for r in rounds)[:600] or "no run"}
+    times = sorted(t for r in ok for t in r["ttft_s_runs"])
+    med = times[len(times) // 2] if len(times) % 2 else (times[len(times) // 2 - 1] + times[len(times) // 2]) / 2
+    tokens = ok[0].get("prompt_tokens") or 0
+    return {**{k: v for k, v in ok[-1].items() if k not in ("log",)}, "ttft_s": round(med, 4), "ttft_s_runs": times,
+            "prefill_tok_s": round(tokens / med, 1) if med else None, "rounds": len(ok),
+            "errors": [r["error"] for r in rounds if r.get("error")]}
+
+
+def prefill_table(pf: dict[str, Any]) -> str:
+    """TTFT per engine, then the prefill kernel vs our decode kernels per layer shape (256 rows)."""
+    lines = ["| engine | prompt tokens | TTFT s (median) | prompt tok/s | TTFT / llama.cpp | prefill kernel |",
+             "|---|---|---|---|---|---|"]
+    for key, r in (pf.get("engines") or {}).items():
+        kern = (r.get("kernel_plan") or {}).get("prefill_kernel", "-")
+        lines.append(f"| {key} | {_fmt(r.get('prompt_tokens'), 0)} | {_fmt(r.get('ttft_s'), 3)} "
+                     f"| {_fmt(r.get('prefill_tok_s'), 0)} | {_fmt(r.get('ttft_over_llamacpp'), 2)} | {kern} "
+                     f"{r.get('error') or ''}|")
+    kt = pf.get("kernels") or {}
+    if kt.get("rows"):
+        chosen = kt.get("chosen")
+        lines += ["", f"Prefill kernel chosen for this CPU: {chosen} ({kt.get('why')}); ms per call at M rows "
+                  "(GFLOP/s):", "",
+                  "| layer | N x K | M | dq int8 | int8mm int8 | bf16 int8 | dq int4 | int8mm int4 | bf16 int4 "
+                  "| chosen vs dq int8 / int4 |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in kt["rows"]:
+            def cell(key: str, row: dict[str, Any] = r) -> str:
+                return f"{_fmt(row.get(key + '_ms'), 2)} ({_fmt(row.get(key + '_gflop_s'), 0)})"
+            lines.append(f"| {r['layer']} | {r['N']} x {r['K']} | {r['M']} | {cell('dq_int8')} | {cell('int8mm_int8')} "
+                         f"| {cell('bf16_int8')} | {cell('dq_int4')} | {cell('int8mm_int4')} | {cell('bf16_int4')} "
+                         f"| {_fmt(r.get('int8_speedup'), 2)}x / {_fmt(r.get('int4_speedup'), 2)}x |")
+    elif kt.get("error"):
+        lines.append(f"\nprefill kernels: {kt['error']}")
     return "\n".join(lines)
 
 

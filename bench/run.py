@@ -2,7 +2,7 @@
 
     python -m bench.run [--quick] [--only SECTION[,SECTION]] [--out FILE] [--threads 2] [--ours-compile]
 
-Sections (in run order): prepare, bandwidth, kernels, llamacpp, hf, hf_serve, ours, ours_1p5b, overload,
+Sections (in run order): prepare, bandwidth, kernels, llamacpp, prefill, hf, hf_serve, ours, ours_1p5b, overload,
 itl_long_prefill, guidellm, prefix_cache, perplexity, operator, distill. `--only` runs some of them and merges
 into the existing results file, so a partial rerun keeps the other numbers. Each engine runs in its own
 subprocess (servers too), so peak RSS is its own and a crash is recorded as an error in the JSON without
@@ -30,7 +30,7 @@ from bench.itl_bench import run_itl_long_prefill
 from bench.loadgen import run_http_benchmark, run_overload
 from bench.procs import REPO_ROOT, ServerUnderTest, free_port, run_step
 
-SECTIONS = ["prepare", "bandwidth", "kernels", "llamacpp", "hf", "hf_serve", "ours", "ours_1p5b", "overload",
+SECTIONS = ["prepare", "bandwidth", "kernels", "llamacpp", "prefill", "hf", "hf_serve", "ours", "ours_1p5b", "overload",
             "itl_long_prefill", "guidellm", "prefix_cache", "perplexity", "operator", "distill"]
 MODELS = REPO_ROOT / "models"
 GGUF_Q4 = MODELS / "qwen2.5-0.5b-q4_k_m.gguf"
@@ -83,12 +83,16 @@ class Settings:
     itl_settle_s: float = 5.0  # the streams decode this long before the long prompt comes
     prefix_modes: tuple[str, ...] = ("int8", "int4")  # prefix_cache: our quantized modes run (cache on and off)
     prefix_tokens: int = 32  # prefix_cache: new tokens per request (outputs compared with the cache on and off)
+    # prefill: time to first token on a ~1,000-token prompt, engines interleaved round by round
+    prefill_tokens: int = 1000
+    prefill_rounds: int = 2
+    prefill_repeats: int = 3
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(single_tokens=16, repeats=1, conc_tokens=8, levels=(1, 4), big_tokens=8, overload_tokens=4,
                    ppl_max_tokens=256, ppl_window=128, bandwidth_mib=128, guidellm_seconds=10.0,
-                   prefix_modes=("int8",), prefix_tokens=8)
+                   prefix_modes=("int8",), prefix_tokens=8, prefill_rounds=1, prefill_repeats=1)
 
 
 def _log(msg: str) -> None:
@@ -364,6 +368,34 @@ class Bench:
             section[mode] = {**summarize(runs["on"], runs["off"]), "runs": runs}
         self.results["prefix_cache"] = section
 
+    def prefill(self) -> None:
+        """Time to first token on a ~1,000-token prompt (bench/prefill.py), in-process: ours int8 / int4 with
+        the KernelPlan's prefill kernel for this CPU, ours int8 with every prompt row on the decode kernels
+        (the path of before), llama.cpp Q4_K_M; the engines interleaved round by round. Plus the prefill
+        kernels against our decode kernels per layer shape of the 0.5B at 256 rows."""
+        common = {"prompt_tokens": self.s.prefill_tokens, "repeats": self.s.prefill_repeats}
+        variants: list[tuple[str, str, dict[str, Any]]] = []
+        if GGUF_Q4.exists():
+            variants.append(("llama.cpp/Q4_K_M", "prefill_llamacpp", {"gguf": str(GGUF_Q4)}))
+        for mode in ("int8", "int4"):
+            variants.append((f"ours/{mode}", "prefill_ours", {"model_dir": str(ST_0P5B), "quantization": mode}))
+        variants.append(("ours/int8-decode-kernels", "prefill_ours",
+                         {"model_dir": str(ST_0P5B), "quantization": "int8", "prefill_kernel": "none"}))
+        rounds: dict[str, list[dict[str, Any]]] = {}
+        for r in range(self.s.prefill_rounds):
+            for key, step, args in variants:
+                rounds.setdefault(key, []).append(self.step(f"prefill/{key}#{r}", step, {**args, **common}))
+        engines = {key: report.merge_ttft_rounds(res) for key, res in rounds.items()}
+        base = (engines.get("llama.cpp/Q4_K_M") or {}).get("ttft_s")
+        for key, res in engines.items():
+            if base and res.get("ttft_s") and key.startswith("ours/"):
+                res["ttft_over_llamacpp"] = round(res["ttft_s"] / base, 3)
+        self.results["prefill"] = {
+            "prompt_tokens": self.s.prefill_tokens, "cpu_isa": _meta(self.s)["cpu_isa"], "engines": engines,
+            "kernels": self.step("prefill/kernels", "prefill_kernels", {"m": 256}),
+            "note": "TTFT = submit to first greedy token, in-process (no HTTP), prompt = the first tokens of "
+                    "bench/ppl_text.py, first token changed per run (no prefix reuse)"}
+
     def perplexity(self) -> None:
         ppl: dict[str, Any] = {}
         for mode, quant in (("bf16", "none"), ("int8", "int8"), ("int4", "int4")):
@@ -532,6 +564,11 @@ def print_report(results: dict[str, Any]) -> None:
               f"{il.get('itl_ms_p99')} ms (p99/median {il.get('itl_p99_over_median')}; during the prefill median "
               f"{during.get('median_ms')} max {during.get('max_ms')} ms), long prompt TTFT {il.get('long_ttft_s')} s "
               f"{il.get('error') or ''}")
+    if results.get("prefill"):
+        pf = results["prefill"]
+        print(f"\n## Time to first token, ~{pf.get('prompt_tokens')}-token prompt (in-process; CPU "
+              f"{', '.join(pf.get('cpu_isa') or [])})\n")
+        print(report.prefill_table(pf))
     for mode, pc in (results.get("prefix_cache") or {}).items():
         print(f"prefix cache ({mode}, prompts of {pc.get('prompt_tokens')} tokens sharing ~1,000): TTFT first "
               f"{pc.get('ttft_first_s')} s, second {pc.get('ttft_second_s')} s (second/first "

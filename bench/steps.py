@@ -79,6 +79,29 @@ def llamacpp(args: dict[str, Any]) -> dict[str, Any]:
 
 
 @step
+def prefill_ours(args: dict[str, Any]) -> dict[str, Any]:
+    from bench.prefill import ours_ttft
+
+    return ours_ttft(args["model_dir"], args["quantization"], prefill_kernel=args.get("prefill_kernel"),
+                     prompt_tokens=args["prompt_tokens"], repeats=args["repeats"], threads=_threads())
+
+
+@step
+def prefill_llamacpp(args: dict[str, Any]) -> dict[str, Any]:
+    from bench.prefill import llamacpp_ttft
+
+    return llamacpp_ttft(args["gguf"], prompt_tokens=args["prompt_tokens"], repeats=args["repeats"],
+                         threads=_threads())
+
+
+@step
+def prefill_kernels(args: dict[str, Any]) -> dict[str, Any]:
+    from bench.prefill import prefill_kernel_rows
+
+    return prefill_kernel_rows(_threads(), m=args.get("m", 256))
+
+
+@step
 def perplexity(args: dict[str, Any]) -> dict[str, Any]:
     from bench.perplexity import runtime_perplexity
 

@@ -138,9 +138,16 @@ def load() -> ctypes.CDLL:
         return lib
 
 
+# A scratch buffer larger than this is allocated per call and freed, not kept: the int32 product of a
+# vocabulary-sized head over a whole chunk (prompt logprobs: 256 x 151936 x 4 B = 155 MB) must not stay
+# resident. The decoder's buffers stay below it (the 0.5B's largest: gate_up 9728 x 896 int8 = 8.7 MB).
+SCRATCH_KEEP_BYTES = 64 << 20
+
+
 class _Scratch(threading.local):
     """Grow-only buffers reused from layer to layer (one set per thread that runs the model): a
-    layer's int8 weight, its activation codes and the int32 product are rewritten, not reallocated."""
+    layer's int8 weight, its activation codes and the int32 product are rewritten, not reallocated.
+    Resident cost: the largest of each (at most SCRATCH_KEEP_BYTES each)."""
 
     def __init__(self) -> None:
         self.bufs: dict[str, Tensor] = {}
@@ -150,6 +157,8 @@ class _Scratch(threading.local):
         for d in shape:
             n *= d
         nbytes = n * dtype.itemsize
+        if nbytes > SCRATCH_KEEP_BYTES:
+            return torch.empty(shape, dtype=dtype)
         buf = self.bufs.get(name)
         if buf is None or buf.numel() < nbytes:
             buf = self.bufs[name] = torch.empty(nbytes, dtype=torch.uint8)
