@@ -301,3 +301,38 @@ def test_the_serving_flags_reach_the_engine(tiny_qwen2_dir, loaded):
     finally:
         served.stop()
     assert Engine(loaded, EngineConfig(enable_prefix_caching=False)).prefix_cache is None
+
+
+@pytest.mark.parametrize(("method", "prefill_kernel"), [("int8", None), ("int4", "none"), ("int4", None)])
+def test_quantized_weights_on_the_fused_decode_path_match_the_cache_off_output(tiny_qwen2_dir, monkeypatch,
+                                                                               method, prefill_kernel):
+    """int4 prompt chunks of >= prefill_min_rows rows run on the matrix engine with the weights requantized
+    per channel (prefill.py), fewer rows on the decode kernels: the logits then depend on how a prompt is cut
+    into chunks (up to 0.15 on the tiny model between prefill_chunk 24 and 7, no cache involved), and a
+    cached prefix changes the cut. So the logits are compared with the decode kernels on every row
+    (DISTILLERY_PREFILL=none); with the matrix engine, the tokens."""
+    if prefill_kernel is not None:
+        monkeypatch.setenv("DISTILLERY_PREFILL", prefill_kernel)
+    quantized = load_model(tiny_qwen2_dir, quantization=method, group_size=32)
+
+    async def scenario(engine):
+        return await asyncio.gather(*(_generate(engine, SHARED + t, f"r{i}") for i, t in enumerate(TAILS)))
+
+    on, off = _run(quantized, scenario), _run(quantized, scenario, enable_prefix_caching=False)
+    if method == "int4" and prefill_kernel is None:
+        assert on[0] == off[0]
+    else:
+        _same(on, off)
+    assert on[2].prefix_cache_hit_tokens == 2 * 64
+
+
+def test_the_pool_is_sized_from_the_budget_and_what_the_gpu_leaves(loaded):
+    cfg = loaded.model.config
+    per_block = block_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, torch.float32, 16)
+    engine = Engine(loaded, EngineConfig(prefix_cache_bytes=100 * per_block))
+    assert engine.prefix_cache is not None and engine.prefix_cache.capacity == 100
+    # CUDA: no more than the KV cache's budget leaves over; nothing left -> prefix caching off
+    assert engine._make_prefix_cache(engine.config, 7 * per_block + 5).capacity == 7
+    assert engine._make_prefix_cache(engine.config, per_block - 1) is None
+    small = Engine(loaded, EngineConfig(prefix_cache_bytes=per_block - 1))
+    assert small.prefix_cache is None and small.stats.prefix_cache_capacity_blocks == 0
