@@ -10,7 +10,9 @@ activations quantized to int8 per block and integer dot products (AVX2 maddubs),
 does. On this machine a decode row (M=1) runs ~1.5-2x faster for int8 and ~2-3x for int4 than
 the aten kernels, batches of 4-8 rows ~1.3-2x (per-shape figures: the kernel table of
 `make bench`, bench/kernels.py). With that backend the model computes in float32 between the
-linears (model.act_dtype), so the kernels take float32 rows with no conversions.
+linears (model.act_dtype), so the kernels take float32 rows with no conversions. Those kernels are for
+decode rows; a prompt chunk of at least the plan's prefill_min_rows rows runs on the CPU's matrix engine
+instead (prefill.py: the plan's prefill_kernel, e.g. torch._int_mm on AVX512-VNNI / AMX).
 Device-generic ("generic", any device; DISTILLERY_CPU_KERNELS=generic selects it on the CPU): int8 as
 gpt-fast's `F.linear(x, codes.to(x.dtype)) * scales`, int4 dequantized inside the matmul in the
 activation dtype; under torch.compile the conversion fuses into the matmul.
