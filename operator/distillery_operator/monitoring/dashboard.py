@@ -1,7 +1,7 @@
 """The Grafana dashboard the chart ships (a ConfigMap with the Grafana sidecar's label,
 `monitoring.dashboard.enabled`), built from `promql`: QPS, P99 and time to first token, tokens/s, queue
-depth, running sequences, KV use, 429s, GPU use, replicas and the response cache's hit ratio, per model (a
-`model` variable)."""
+depth, running sequences, KV use, 429s, GPU use, replicas, the response cache's hit ratio and the prefix
+cache's, per model (a `model` variable)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ def panels() -> list[tuple[str, str, str, str]]:
         ("GPU utilisation", q.gpu_utilization("$model-predictor-.*"), "percent", "{{pod}}"),
         ("Replicas", q.replicas(MODEL_VAR, BY), "short", "{{model_name}}"),
         ("Response cache hit ratio", q.response_cache_hit_ratio(MODEL_VAR, w, BY), "percentunit", "{{model_name}}"),
+        ("Prefix cache hit rate (prompt tokens)", q.prefix_cache_hit_ratio(MODEL_VAR, w, BY), "percentunit",
+         "{{model_name}}"),
     ]
 
 

@@ -117,6 +117,13 @@ def response_cache_hit_ratio(sel: Selector = ALL, window: str = "5m", by: tuple[
     return f"sum{_by(by)} ({hits}) / sum{_by(by)} ({looked})"
 
 
+def prefix_cache_hit_ratio(sel: Selector = ALL, window: str = "5m", by: tuple[str, ...] = ()) -> str:
+    """Prompt tokens served from the engine's prefix cache over prompt tokens looked up (vLLM's hit rate)."""
+    hits = _rate(m.METRIC_PREFIX_CACHE_HITS_TOTAL, sel, window)
+    queried = _rate(m.METRIC_PREFIX_CACHE_QUERIES_TOTAL, sel, window)
+    return f"sum{_by(by)} ({hits}) / sum{_by(by)} ({queried})"
+
+
 def replicas(sel: Selector = ALL, by: tuple[str, ...] = ()) -> str:
     """Runtime pods reporting metrics (each exports one running-sequences gauge per model)."""
     return gauge(m.METRIC_RUNNING_SEQUENCES, sel, by, agg="count")
