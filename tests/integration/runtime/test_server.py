@@ -204,7 +204,8 @@ def test_kserve_v1_predict_and_v2_infer(server):
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400,
          "messages.0.role"),
         ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
-        ("/v1/chat/completions", {"model": MODEL, "messages": MSGS, "n": 2}, 400, "n"),
+        # batch 1 + queue 1: three choices can never be held at once
+        ("/v1/chat/completions", {"model": MODEL, "messages": MSGS, "n": 3}, 400, "n"),
         ("/v1/chat/completions", {"model": MODEL, "messages": MSGS, "temperature": 5}, 400, "temperature"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 600}]}, 400,
          "messages"),
@@ -215,7 +216,8 @@ def test_kserve_v1_predict_and_v2_infer(server):
          "messages.0.reasoning_content"),
         ("/v1/chat/completions", {"model": "gpt-4", "messages": MSGS}, 404, "model"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
-        ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": [[]]}, 400, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": ["a", "b", "c"]}, 400, "n"),
         (f"/v1/models/{MODEL}:predict", {"instances": [{"prompt": "x", "max_tokens": 10**6}]}, 400,
          "instances.0.max_tokens"),
         (f"/v2/models/{MODEL}/infer", {"inputs": [{"name": "t", "shape": [1], "datatype": "FP32", "data": [1]}]},
@@ -242,7 +244,7 @@ def test_sdk_raises_typed_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=MSGS)
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=MODEL, messages=MSGS, n=2)
+        client.chat.completions.create(model=MODEL, messages=MSGS, n=3)
     assert err.value.body["param"] == "n"
 
 
