@@ -204,15 +204,30 @@ class PrefixCache:
             start = len(chain) * bs
             ids = torch.tensor([b.index for b in new], device=self.pool.device)
             n = len(new)
-            for layer in range(self.n_layers):
-                for kind, cache in enumerate((k_cache[layer], v_cache[layer])):
-                    src = _split(cache[slot, :, start:start + n * bs], n).transpose(0, 1)
-                    self.pool[layer, kind].index_copy_(0, ids, src)           # [n, kv heads, bs, hd]
+            try:
+                for layer in range(self.n_layers):
+                    for kind, cache in enumerate((k_cache[layer], v_cache[layer])):
+                        src = _split(cache[slot, :, start:start + n * bs], n).transpose(0, 1)
+                        self.pool[layer, kind].index_copy_(0, ids, src)       # [n, kv heads, bs, hd]
+            except BaseException:
+                self._forget(new)  # half-copied blocks must never be found
+                raise
             for block in new:
                 self._unref(block)
         self._touch(chain + new)
         self.stats.blocks = len(self._table)
         return len(new)
+
+    def _forget(self, new: list[Block]) -> None:
+        """Drop blocks just inserted by store() (a chain, root first), their rows back to the free list."""
+        for block in reversed(new):
+            del self._table[block.key]
+            if block.parent is not None:
+                block.parent.refs -= 1
+                if block.parent.refs == 0:
+                    heapq.heappush(self._lru, (block.parent.last_used, next(self._seq), block.parent))
+            self._free.append(block.index)
+        self.stats.blocks = len(self._table)
 
     def clear(self) -> None:
         """Forget every block (the pool's memory stays allocated)."""

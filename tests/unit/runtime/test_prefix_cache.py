@@ -336,3 +336,15 @@ def test_the_pool_is_sized_from_the_budget_and_what_the_gpu_leaves(loaded):
     assert engine._make_prefix_cache(engine.config, per_block - 1) is None
     small = Engine(loaded, EngineConfig(prefix_cache_bytes=per_block - 1))
     assert small.prefix_cache is None and small.stats.prefix_cache_capacity_blocks == 0
+
+
+def test_a_store_that_fails_mid_copy_leaves_no_block_behind():
+    pc = make_cache(4)
+    k, v = make_slots()
+    pc.store([1, 1, 1, 1], k, v, 0)
+    broken_k = [k[0], "not a tensor"]  # layer 1 fails after layer 0 was copied
+    with pytest.raises(TypeError):
+        pc.store([1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3], broken_k, v, 0)
+    assert pc.stats.blocks == 1 and pc.cached_blocks([1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3], 12) == 1
+    assert pc.store([1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4], k, v, 0) == 3  # the rows are free again
+    assert pc.stats.blocks == 4
