@@ -83,12 +83,20 @@ class TextContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # an unknown field (e.g. DeepSeek's `prefix`) would change the answer if it were implemented: refused
+    model_config = ConfigDict(extra="forbid")
     role: ChatRole
     content: str | list[TextContentPart] | None = None
     name: str | None = None
     # DeepSeek's API answers 400 when a client sends its reasoning back; so do we.
     reasoning_content: Any = None
+    # what the openai SDK's message.model_dump() carries when a client appends an answer to the history:
+    # accepted while empty (no tool calls, no audio)
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: Any = None
+    function_call: Any = None
+    tool_calls: Any = None
 
     @field_validator("reasoning_content")
     @classmethod
@@ -97,6 +105,13 @@ class ChatMessage(BaseModel):
             raise ValueError(
                 "reasoning_content must not be sent back in input messages; send only the content"
             )
+        return value
+
+    @field_validator("audio", "function_call", "tool_calls")
+    @classmethod
+    def _nothing_from_tools(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("tool calls and audio are not supported by this runtime")
         return value
 
     def text(self) -> str:

@@ -123,3 +123,13 @@ def test_kserve_parameters_carry_the_same_controls():
     assert (p.top_k, p.repetition_penalty, p.logit_bias_ids(), p.min_tokens) == (5, 1.2, {3: 1.0}, 2)
     with pytest.raises(ValidationError):
         GenerationParameters.model_validate({"top_k": 0})
+
+
+def test_messages_refuse_what_they_cannot_honour():
+    sdk_dump = {"role": "assistant", "content": "4", "refusal": None, "annotations": [], "audio": None,
+                "function_call": None, "tool_calls": None}
+    req = chat(messages=[{"role": "user", "content": "2+2?"}, sdk_dump, {"role": "user", "content": "and 3+3?"}])
+    assert req.messages[1].text() == "4"
+    for extra, param in (({"prefix": True}, "messages.0.prefix"),
+                         ({"tool_calls": [{"id": "x"}]}, "messages.0.tool_calls")):
+        assert refused(chat, messages=[{"role": "assistant", "content": "x", **extra}])[1] == param
