@@ -193,6 +193,11 @@ def load() -> None:
     _load()
 
 
+def isa() -> str:
+    """The instruction set the linear kernels run on (the best this CPU has unless DISTILLERY_CPU_ISA says)."""
+    return _load().isa
+
+
 def backend() -> str:
     """"dq" (our kernels), "aten" (PyTorch's) or "generic", per DISTILLERY_CPU_KERNELS and what this
     machine can do (scripts and the bench ask; the runtime's layers get theirs from the KernelPlan)."""

@@ -58,6 +58,7 @@ class Machine:
     cuda_name: str = ""
     dq_available: bool = False                    # our CPU kernels build and the CPU has AVX2/FMA/F16C
     dq_problem: str = ""
+    dq_isa: str = ""                              # the instruction set our CPU kernels run on (ckernels.ISAS)
     cpu_flags: frozenset[str] = frozenset()     # /proc/cpuinfo flags (which matrix engine prefill uses)
     prefill_problem: str = ""                   # why the prefill kernels' C helpers cannot load ("" = they can)
 
@@ -87,7 +88,8 @@ class Machine:
         flags = prefill.cpu_flags()
         try:
             ckernels.load()
-            return cls(device=str(device), dq_available=True, cpu_flags=flags, prefill_problem=prefill_problem)
+            return cls(device=str(device), dq_available=True, dq_isa=ckernels.isa(), cpu_flags=flags,
+                       prefill_problem=prefill_problem)
         except ckernels.KernelUnavailable as exc:
             return cls(device=str(device), dq_available=False, dq_problem=str(exc), cpu_flags=flags,
                        prefill_problem=prefill_problem)
@@ -110,6 +112,7 @@ class KernelPlan:
     compile: bool = False           # torch.compile the decode step
     prefill_kernel: str = "none"    # dq linears, >= prefill_min_rows rows: none | int8mm | bf16 (prefill.py)
     prefill_min_rows: int = 0
+    dq_isa: str = ""                # dq linears: avx2 | avxvnni | avx512vnni (the decode kernels' instruction set)
     source_format: str = "hf"
     prequantized: bool = False
     machine: str = ""
@@ -282,6 +285,7 @@ def make_plan(cfg: ModelConfig, machine: Machine, *, quantization: str = "none",
         lm_head="float" if lm_head == "none" else lm_head, embedding=embedding, backend=backend,
         lm_head_backend=head, int8_kernel=kernel8, fused_decode=fused, compile=bool(compile),
         prefill_kernel=prefill_kernel, prefill_min_rows=prefill_rows,
+        dq_isa=machine.dq_isa if "dq" in (backend, head) else "",
         source_format=source_format, prequantized=prequantized,
         machine=machine.cuda_name or machine.device, notes=tuple(notes))
 

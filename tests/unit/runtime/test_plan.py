@@ -102,6 +102,18 @@ needs_dq = pytest.mark.skipif(not _dq_available(), reason="our CPU kernels do no
 
 
 @needs_dq
+def test_the_plan_names_the_instruction_set_the_integer_kernels_run_on() -> None:
+    """The probed machine's plan says which kernels decode (the best this CPU has, as ckernels picks);
+    a plan without our kernels names none."""
+    machine = Machine.probe(torch.device("cpu"))
+    assert machine.dq_isa == ckernels.isa() == ckernels._load().available_isas()[0]
+    plan = make_plan(CFG, machine, quantization="int4", lm_head="int8")
+    assert plan.describe()["dq_isa"] == machine.dq_isa
+    assert make_plan(CFG, machine, quantization="int4", lm_head="int8", kernels="aten").dq_isa == ""
+    assert make_plan(CFG, CPU_NO_DQ, quantization="int8", lm_head="int8").dq_isa == ""
+
+
+@needs_dq
 def test_generic_int8_gives_the_fast_cpu_paths_greedy_tokens(tiny_qwen2_dir):
     fast = load_model(tiny_qwen2_dir, quantization="int8")
     generic = load_model(tiny_qwen2_dir, quantization="int8", kernels="generic")
