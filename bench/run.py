@@ -71,11 +71,12 @@ class Settings:
     ours_modes: tuple[str, ...] = ("bf16", "int8", "int4")  # which of our modes the ours* sections run
     guidellm_seconds: float = 30.0  # guidellm's run against our server (int8 0.5B), concurrent streams
     # one guidellm run per number of concurrent users, 256-token prompts / 128 output tokens (issue 15's load):
-    # total output tokens/s of 8 users over 1; at least 40 s each, so that 8 users finish a few requests
+    # total output tokens/s of 8 users over 1; at least 60 s each, so that 8 users finish several requests each
+    # (guidellm counts completed requests only)
     guidellm_levels: tuple[int, ...] = (1, 8)
     guidellm_prompt_tokens: int = 256
     guidellm_output_tokens: int = 128
-    guidellm_min_seconds: float = 40.0
+    guidellm_min_seconds: float = 60.0
     # itl_long_prefill: decoding streams while a ~2,000-token prompt is prefilled beside them
     itl_modes: tuple[str, ...] = ("int4",)
     itl_streams: int = 4
@@ -334,7 +335,7 @@ class Bench:
         from transformers import AutoTokenizer
 
         from bench.ppl_text import PPL_TEXT
-        from model_runtime.engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
+        from model_runtime.engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_PREFILL_CHUNK
 
         ids: list[int] = AutoTokenizer.from_pretrained(str(ST_0P5B))(PPL_TEXT)["input_ids"]
         long_ids = (ids * (1 + self.s.itl_long_tokens // max(1, len(ids))))[: self.s.itl_long_tokens]
@@ -343,7 +344,8 @@ class Bench:
             port = free_port()
             cmd = self._ours_cmd(ST_0P5B, SMALL, port, mode, max_batch=self.s.itl_streams + 1,
                                  max_queue=4, max_model_len=self.s.max_model_len)
-            out: dict[str, Any] = {"model": SMALL, "mode": mode, "max_num_batched_tokens": DEFAULT_MAX_NUM_BATCHED_TOKENS}
+            out: dict[str, Any] = {"model": SMALL, "mode": mode, "max_num_batched_tokens": DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                                   "prefill_chunk": DEFAULT_PREFILL_CHUNK}
             section[mode] = self._with_small_server(
                 f"{SMALL}/ours/{mode}-itl-long-prefill", cmd, port, out, lambda base: run_itl_long_prefill(
                     base, SMALL, decode_prompt=PROMPT, long_prompt_ids=long_ids, streams=self.s.itl_streams,

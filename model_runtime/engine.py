@@ -5,7 +5,7 @@ Each step of the loop:
 2. admit waiting requests into free KV-cache slots (caps: max_batch_size, max_tokens_in_flight);
 3. spend the step's token budget (max_num_batched_tokens): one token per decoding sequence, the rest on
    prompt chunks of the prefilling requests, oldest first, so a long prompt never stalls the running
-   batch for long (and takes the whole budget when nothing decodes);
+   batch for long; with nothing decoding, prompts go prefill_chunk tokens a step each (fast TTFT);
 4. run ONE decode forward for every sequence that was decoding at the step's start (each at its own
    position) and sample each row with its own parameters and torch.Generator.
 Requests join and leave between steps. A request whose logits are NaN/inf, or whose step raised,
@@ -49,8 +49,19 @@ log = logging.getLogger("model_runtime.engine")
 RATE_WINDOW_S = 5.0     # tokens/s: the tokens of the last RATE_WINDOW_S seconds over the time since the first
 RATE_MIN_SPAN_S = 0.05  # ... but never over less than this: a burst of a few ms would read as an absurd rate
 
-# EngineConfig.max_num_batched_tokens's default: TODO(measure)
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+# EngineConfig.max_num_batched_tokens's default: the budget of a step while sequences decode. A decode step of the
+# 0.5B (int4, 4 sequences, 2 cores) takes ~20-25 ms, nearly all of it one read of the weights; prompt rows riding
+# in the same forward (model.forward_ragged) add their compute, ~1-2 ms a row on the int8 GEMM. Issue 15's target,
+# ITL p99 <= 2x median while a 2,000-token prompt prefills beside the streams, leaves a step about one decode step
+# of prompt compute: 12-16 rows. 16 also keeps guidellm's 8 users (256-token prompts, 128 outputs: 2 prompt tokens
+# per output token) at ~5 output tokens a ~35 ms step, ~3.5x one user. Larger: a long prompt beside decoding
+# streams gets its first token sooner, the streams theirs later. Keep it above max_batch_size: decoding rows take
+# their share first (a prompt still moves one token a step when they take it all).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 16
+# EngineConfig.prefill_chunk's default: with nothing decoding, a prompt goes 512 tokens a forward: the prompt GEMM
+# (prefill.py) is at full speed from ~64 rows, and what every forward pays once (reading the weights; for int4,
+# requantizing them) is paid once per 512 tokens: a 2,000-token prompt in 4 forwards.
+DEFAULT_PREFILL_CHUNK = 512
 
 
 @dataclass
@@ -60,12 +71,14 @@ class EngineConfig:
     max_model_len: int = 4096
     max_tokens_in_flight: int | None = None
     request_timeout_s: float | None = 600
-    # Token budget of one engine step (vLLM's max_num_batched_tokens): every decoding sequence takes 1, prompt
-    # chunks of the prefilling requests (oldest first, several may share a step) take what is left, so a long
-    # prompt enters the cache a bounded chunk per step while the others keep getting a token every step, and
-    # with nothing decoding a prompt takes the whole budget. DEFAULT_MAX_NUM_BATCHED_TOKENS says why this value.
+    # Token budget of a step while sequences decode (vLLM's max_num_batched_tokens): every decoding sequence
+    # takes 1, prompt chunks of the prefilling requests (oldest first, several may share a step) take what is
+    # left, so a long prompt enters the cache a bounded chunk per step while the others keep getting a token
+    # every step. DEFAULT_MAX_NUM_BATCHED_TOKENS says why this value.
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
-    prefill_chunk: int | None = None  # at most this many prompt tokens of ONE request per step; None: the budget
+    # prompt tokens of ONE request per step at most; with nothing decoding (no inter-token latency to protect)
+    # the step's budget is max(max_num_batched_tokens, prefill_chunk): a lone prompt goes in big chunks
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     # torch.compile the decode step (opt-in: ~20-100 s of compiling at start, three graphs: batch 1,
     # batch >= 2, slots with gaps; measured ~1.3x faster single-stream decode on the 0.5B int8 with
     # PyTorch's kernels). Ignored when the fused CPU kernels run the decode step. None: read the
@@ -463,19 +476,30 @@ class Engine:
         # step got its first token from the prefill and decodes from the next step on (the budget holds)
         decoding = [r for r in self._running if not r.prefilling and not r.done]
         self._prefilling = [r for r in self._prefilling + admitted if r.prefilling and not r.done]
-        for req, tokens in self._prefill_plan(len(decoding)):
-            self._guarded([req], self._prefill_chunk, req, tokens)
+        plan = self._prefill_plan(len(decoding))
+        # chunks that neither end their prompt nor score it only write the cache: they ride in the decode rows'
+        # forward (model.forward_ragged), one read of the weights for both instead of a forward each, so a step
+        # with a chunk costs a decode step plus the chunk's own compute. Not with a compiled decode step.
+        riding = [(r, n) for r, n in plan if r.pos + n < len(r.prompt) and r.prompt_logprobs is None] \
+            if decoding and not self.compiled else []
+        for req, tokens in plan:
+            if (req, tokens) not in riding:
+                self._guarded([req], self._prefill_chunk, req, tokens)
         decoding = [r for r in decoding if not r.done]
-        if decoding:
+        if decoding and riding:
+            self._guarded(decoding + [r for r, _ in riding], self._decode_with_chunks, decoding, riding)
+        elif decoding:
             self._guarded(decoding, self._decode, decoding)
         self._update_stats()
 
     def _prefill_plan(self, decoding: int) -> list[tuple[_Request, int]]:
         """(request, prompt tokens) to prefill in this step: the budget left after one token per decoding
-        sequence, oldest request first, each at most prefill_chunk. At least one prompt token runs even when
-        decoding sequences take the whole budget (max_batch_size above it), so no prompt waits forever."""
-        left = max(1, self.config.max_num_batched_tokens - decoding)
-        cap = self.config.prefill_chunk or left
+        sequence, oldest request first, each at most prefill_chunk; with nothing decoding, the budget is
+        max(max_num_batched_tokens, prefill_chunk). At least one prompt token runs even when decoding sequences
+        take the whole budget (max_batch_size above it), so no prompt waits forever."""
+        cap = self.config.prefill_chunk
+        budget = self.config.max_num_batched_tokens if decoding else max(self.config.max_num_batched_tokens, cap)
+        left = max(1, budget - decoding)
         plan: list[tuple[_Request, int]] = []
         for req in self._prefilling:
             if left <= 0:
@@ -591,6 +615,26 @@ class Engine:
             req.prompt_logprobs += token_logprobs(rows[:n], req.prompt[start + 1:start + 1 + n],
                                                   req.params.prompt_logprobs, in_place=True)
         return last_row
+
+    def _decode_with_chunks(self, reqs: list[_Request], chunks: list[tuple[_Request, int]]) -> None:
+        """One decode step for reqs and, in the same forward, prompt chunks (request, tokens) that write the
+        cache only (none ends its prompt)."""
+        assert self._cache is not None
+        ids = [cast(int, r.next_token) for r in reqs]
+        positions = [r.pos for r in reqs]
+        seqs = [(cast(int, r.slot), 1) for r in reqs]
+        for r, n in chunks:
+            ids += r.prompt[r.pos:r.pos + n]
+            positions += range(r.pos, r.pos + n)
+            seqs.append((cast(int, r.slot), n))
+        device = self.model.device
+        logits = self.model.forward_ragged(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
+                                           self._cache, seqs, logit_rows=list(range(len(reqs))))
+        for r, n in chunks:
+            r.pos += n
+        for r in reqs:
+            r.pos += 1
+        self._sample_and_emit(reqs, logits)
 
     def _decode(self, reqs: list[_Request]) -> None:
         assert self._cache is not None

@@ -13,6 +13,7 @@ so sequences of different lengths share one forward without padding the inputs.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -75,6 +76,19 @@ class KVCache:
         self.max_batch, self.max_len = max_batch, max_len
 
 
+@dataclass
+class AttnGroup:
+    """Rows of a ragged batch's tokens seen as [B, T] (B sequences of T tokens, consecutive), in cache slots
+    `slots`, attending cache positions [0, kv_len) under mask [B, 1, T, kv_len] (None: causal, T tokens alone)."""
+
+    rows: slice
+    B: int
+    T: int
+    slots: Tensor | slice
+    kv_len: int
+    mask: Tensor | None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -105,6 +119,27 @@ class Attention(nn.Module):
         out: Tensor = self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
         return out
 
+    def forward_ragged(self, x: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, tok_slots: Tensor,
+                       tok_pos: Tensor, groups: list[AttnGroup]) -> Tensor:
+        """forward() for a ragged batch x [1, N, C] (see Transformer.forward_ragged): the projections and the cache
+        write over all N tokens at once, attention per group."""
+        N = x.shape[1]
+        nh, nkv, hd = self.n_heads, self.n_kv, self.hd
+        qkv = self.qkv(x)[0]                                          # [N, (nh + 2 nkv) * hd]
+        qk = qkv[:, : (nh + nkv) * hd].view(N, nh + nkv, hd)
+        qk = qk * cos + rotate_half(qk) * sin                         # cos [N, 1, hd]
+        kc[tok_slots, :, tok_pos] = qk[:, nh:].to(kc.dtype)           # cache[slot, :, pos] is [nkv, hd]
+        vc[tok_slots, :, tok_pos] = qkv[:, (nh + nkv) * hd:].view(N, nkv, hd).to(vc.dtype)
+        ys = []
+        for g in groups:
+            q = qk[g.rows, :nh].view(g.B, g.T, nh, hd).transpose(1, 2)  # [B, nh, T, hd]
+            keys, values = kc[g.slots, :, :g.kv_len], vc[g.slots, :, :g.kv_len]
+            y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=g.mask,
+                                               is_causal=g.mask is None, enable_gqa=True)
+            ys.append(y.transpose(1, 2).reshape(g.B * g.T, nh * hd).to(x.dtype))
+        out: Tensor = self.o(torch.cat(ys)[None])
+        return out
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -129,6 +164,12 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, *attn_args: Tensor | slice | int | None) -> Tensor:
         x = x + self.attn(self.attn_norm(x), *attn_args)
+        mlp_out: Tensor = self.mlp(self.mlp_norm(x))
+        return x + mlp_out
+
+    def forward_ragged(self, x: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, tok_slots: Tensor,
+                       tok_pos: Tensor, groups: list[AttnGroup]) -> Tensor:
+        x = x + self.attn.forward_ragged(self.attn_norm(x), cos, sin, kc, vc, tok_slots, tok_pos, groups)
         mlp_out: Tensor = self.mlp(self.mlp_norm(x))
         return x + mlp_out
 
@@ -249,4 +290,54 @@ class Transformer(nn.Module):
         if logits == "last":
             x = x[:, -1, :]                                              # [B, C]
         head: Tensor = self.lm_head(self.norm(x))
+        return head.float()
+
+    def forward_ragged(self, input_ids: Tensor, positions: Tensor, cache: KVCache, seqs: list[tuple[int, int]],
+                       logit_rows: list[int]) -> Tensor | None:
+        """Sequences of different lengths in ONE forward, without padding: input_ids/positions [N], each
+        sequence's tokens consecutive at consecutive positions; seqs: (cache slot, tokens) per sequence, in order.
+        The linears see all N rows at once, so decode rows and prompt chunks share one read of the weights (a
+        separate prompt-chunk forward would read them again: about one more decode step). Attention runs per
+        group: runs of one-token sequences together (a decode step), every longer sequence alone (a prompt chunk).
+        Returns the float32 logits [len(logit_rows), vocab] of those token rows, or None when there are none."""
+        device = input_ids.device
+        pos = positions.tolist()
+        groups: list[AttnGroup] = []
+        tok_slots: list[int] = []
+        row = 0
+        i = 0
+        while i < len(seqs):
+            slot, n = seqs[i]
+            if n == 1:  # a run of decode rows: one [B, 1] group, each row at its own position
+                j = i
+                while j < len(seqs) and seqs[j][1] == 1:
+                    j += 1
+                slots = [s for s, _ in seqs[i:j]]
+                kv_len = max(pos[row:row + j - i]) + 1
+                ar = torch.arange(kv_len, device=device)
+                rows_mask = ar[None, None, None, :] <= positions[row:row + j - i, None, None, None]  # [B, 1, 1, L]
+                groups.append(AttnGroup(slice(row, row + j - i), j - i, 1, torch.tensor(slots, device=device),
+                                        kv_len, rows_mask))
+                tok_slots += slots
+                row, i = row + j - i, j
+                continue
+            start = pos[row]
+            mask: Tensor | None = None
+            if start > 0:  # earlier positions of this slot are all visible, the chunk itself causally
+                ar = torch.arange(start + n, device=device)
+                mask = (ar[None, None, None, :] <= positions[None, None, row:row + n, None])
+            groups.append(AttnGroup(slice(row, row + n), 1, n, slice(slot, slot + 1), start + n, mask))
+            tok_slots += [slot] * n
+            row, i = row + n, i + 1
+        slot_t = torch.tensor(tok_slots, device=device)
+        x: Tensor = self.embed(input_ids[None])                          # [1, N, C]
+        if self.act_dtype is not None:
+            x = x.to(self.act_dtype)
+        cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)          # [N, 1, hd]
+        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
+        for i, layer in enumerate(cast("Iterable[Block]", self.layers)):
+            x = layer.forward_ragged(x, cos, sin, cache.k[i], cache.v[i], slot_t, positions, groups)
+        if not logit_rows:
+            return None
+        head: Tensor = self.lm_head(self.norm(x[0, logit_rows]))
         return head.float()

@@ -121,3 +121,27 @@ def test_prefill_from_position_0_runs_causal_sdpa_and_matches_the_masked_path(hf
         rest = ours(ids[:1, 40:], torch.arange(40, 150)[None], cache, slice(1, 2), logits="all")
         assert calls and all(c == (False, False) for c in calls)
     torch.testing.assert_close(rest[0], whole[0, 40:], atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_forward_equals_separate_decode_and_prefill_forwards(ours):
+    """Decode rows and prompt chunks (one from position 0, one continuing a slot) in one forward_ragged give the
+    logits and the cache contents of a decode forward plus one forward per chunk."""
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 152064, (n,), generator=gen).tolist() for n in (6, 9, 40, 70)]
+    caches = [ours.new_cache(4, 128), ours.new_cache(4, 128)]
+    with torch.no_grad():
+        for cache in caches:  # slots 0, 1: decoding, all but their last token cached; slot 3: 30 tokens cached
+            for slot, p in ((0, prompts[0]), (1, prompts[1])):
+                ours(torch.tensor([p[:-1]]), torch.arange(len(p) - 1)[None], cache, slice(slot, slot + 1), logits="none")
+            ours(torch.tensor([prompts[3][:30]]), torch.arange(30)[None], cache, slice(3, 4), logits="none")
+        a, b = caches
+        dec = ours(torch.tensor([[prompts[0][-1]], [prompts[1][-1]]]), torch.tensor([[5], [8]]), a,
+                   torch.tensor([0, 1]), logits="last")
+        fresh = ours(torch.tensor([prompts[2][:25]]), torch.arange(25)[None], a, slice(2, 3), logits="last")
+        more = ours(torch.tensor([prompts[3][30:50]]), torch.arange(30, 50)[None], a, slice(3, 4), logits="last")
+        ids = torch.tensor([prompts[0][-1], prompts[1][-1], *prompts[2][:25], *prompts[3][30:50]])
+        pos = torch.tensor([5, 8, *range(25), *range(30, 50)])
+        got = ours.forward_ragged(ids, pos, b, [(0, 1), (1, 1), (2, 25), (3, 20)], logit_rows=[0, 1, 26, 46])
+    torch.testing.assert_close(got, torch.cat([dec, fresh, more]), atol=1e-4, rtol=1e-4)
+    for ka, kb in zip(a.k + a.v, b.k + b.v, strict=True):
+        torch.testing.assert_close(ka, kb, atol=1e-5, rtol=1e-5)

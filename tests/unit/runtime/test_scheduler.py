@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from model_runtime.engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, Engine, EngineConfig, SamplingParams
+from model_runtime.engine import Engine, EngineConfig, SamplingParams
 from model_runtime.loader import load_model
 
 LONG = [151646] + [100 + (i * 37) % 5000 for i in range(299)]  # 300 prompt tokens
@@ -32,7 +32,7 @@ class StepLog:
     def __init__(self, engine: Engine) -> None:
         self.steps: list[dict] = []
         self.lock = threading.Lock()
-        step, prefill, decode = engine._step, engine._prefill_chunk, engine._decode
+        step, prefill, decode, mixed = engine._step, engine._prefill_chunk, engine._decode, engine._decode_with_chunks
 
         def logged_step():
             with self.lock:
@@ -48,7 +48,15 @@ class StepLog:
             self.steps[-1]["decode"].extend(r.id for r in reqs)
             decode(reqs)
 
+        def logged_mixed(reqs, chunks):  # one forward: decode rows and chunks that only write the cache
+            before = [r.pos for r, _ in chunks]
+            mixed(reqs, chunks)
+            self.steps[-1]["decode"].extend(r.id for r in reqs)
+            self.steps[-1]["prefill"].extend((r.id, r.pos - p) for (r, _), p in zip(chunks, before, strict=True))
+            self.steps[-1]["riding"] = [r.id for r, _ in chunks]
+
         engine._step, engine._prefill_chunk, engine._decode = logged_step, logged_prefill, logged_decode
+        engine._decode_with_chunks = logged_mixed
 
 
 def start(loaded, **config) -> tuple[Engine, StepLog]:
@@ -93,12 +101,16 @@ def test_a_decoding_stream_gets_a_token_every_step_while_a_long_prompt_prefills(
         assert "stream" in s["decode"]  # the stream kept getting its token in every one of those steps
         assert len(s["decode"]) + sum(n for _, n in s["prefill"]) <= budget
     assert sum(n for s in long_steps for rid, n in s["prefill"] if rid == "long") == len(LONG)
+    # every chunk but the prompt's last rode in the stream's decode forward (one read of the weights)
+    assert [s.get("riding") for s in long_steps] == [["long"]] * (len(long_steps) - 1) + [None]
     for s in log.steps:
         assert len(s["decode"]) + sum(n for _, n in s["prefill"]) <= budget
 
 
-def test_with_nothing_decoding_a_prompt_takes_the_whole_budget(loaded):
-    engine, log = start(loaded, max_num_batched_tokens=128)
+@pytest.mark.parametrize("budget", [16, 200])
+def test_with_nothing_decoding_a_prompt_goes_prefill_chunk_tokens_a_step(loaded, budget):
+    """No inter-token latency to protect: the budget is max(max_num_batched_tokens, prefill_chunk)."""
+    engine, log = start(loaded, max_num_batched_tokens=budget, prefill_chunk=128)
     try:
         asyncio.run(tokens_of(engine, LONG, SamplingParams(max_tokens=1, temperature=0.0), "alone"))
     finally:
@@ -118,27 +130,32 @@ def test_prefill_chunk_still_caps_one_requests_share(loaded):
 
 def test_prefilling_requests_share_a_step_oldest_first(loaded):
     """The plan itself (no forward): what the decoding rows leave goes to the oldest prompt, then the next."""
-    engine = Engine(loaded, EngineConfig(max_batch_size=4, max_model_len=512, max_num_batched_tokens=20))
+    engine = Engine(loaded, EngineConfig(max_batch_size=4, max_model_len=512, max_num_batched_tokens=20,
+                                         prefill_chunk=25))
     old, new, newest = (SimpleNamespace(prompt=[1] * n, pos=p) for n, p in ((10, 4), (30, 0), (5, 0)))
     engine._prefilling = [old, new, newest]
     assert engine._prefill_plan(decoding=2) == [(old, 6), (new, 12)]
-    assert engine._prefill_plan(decoding=0) == [(old, 6), (new, 14)]
+    assert engine._prefill_plan(decoding=1) == [(old, 6), (new, 13)]
+    # nothing decoding: max(budget, prefill_chunk) = 25 tokens in all, each request at most prefill_chunk
+    assert engine._prefill_plan(decoding=0) == [(old, 6), (new, 19)]
+    engine.config.prefill_chunk = 12
+    assert engine._prefill_plan(decoding=0) == [(old, 6), (new, 12), (newest, 2)]
     # decoding rows over the budget: the oldest prompt still moves (one token), nobody waits forever
     assert engine._prefill_plan(decoding=25) == [(old, 1)]
 
 
 def test_chunked_and_unchunked_prefill_give_the_same_greedy_tokens(loaded):
     outputs = []
-    for budget in (7, DEFAULT_MAX_NUM_BATCHED_TOKENS):
-        engine, _ = start(loaded, max_num_batched_tokens=budget)
+    for budget in (7, 512):  # 7: every prompt in 7-token chunks (riding with decode rows when there are some)
+        engine, _ = start(loaded, max_num_batched_tokens=budget, prefill_chunk=budget)
         try:
-            async def main():
+            async def main(engine: Engine):
                 params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
                 return await asyncio.gather(tokens_of(engine, LONG, params, "a"),
                                             tokens_of(engine, SHORT, params, "b"),
                                             tokens_of(engine, LONG[:97], params, "c"))
 
-            outputs.append(asyncio.run(main()))
+            outputs.append(asyncio.run(main(engine)))
         finally:
             engine.stop()
     assert outputs[0] == outputs[1]
