@@ -105,9 +105,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(flags.FLAG_MAX_QUEUE, default=values.DEFAULT_MAX_QUEUE, type=_positive_int,
                         help="waiting requests beyond this get HTTP 429")
     parser.add_argument(flags.FLAG_MAX_NUM_BATCHED_TOKENS, default=None, type=_positive_int,
-                        help="token budget of one engine step (vLLM's): one per decoding sequence, the rest on "
-                             "prompt chunks; smaller keeps inter-token latency flat while long prompts prefill, "
-                             "larger gets a lone prompt its first token sooner; unset: the engine's default")
+                        help="token budget of an engine step while sequences decode (vLLM's): one per decoding "
+                             "sequence, the rest on prompt chunks; smaller keeps their inter-token latency flat while "
+                             "prompts prefill beside them, larger gets those prompts their first token sooner; unset: "
+                             "the engine's default")
     parser.add_argument(flags.FLAG_DEFAULT_TEMPERATURE, default=None, type=_temperature,
                         help="default temperature; unset: the model's generation_config")
     parser.add_argument(flags.FLAG_DEFAULT_TOP_P, default=None, type=_unit_float,
