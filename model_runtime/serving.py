@@ -272,7 +272,7 @@ class Serving:
         self.max_prompt_bytes = limit if limit is not None else max(64 * 2**10, 32 * self.max_model_len)
         self._plain: Any = None if config.allow_special_tokens_in_content else plain_text_tokenizer(self.tokenizer)
         self.lineage = read_lineage(getattr(loaded, "source_path", None))
-        self._token_texts: dict[int, str] = {}
+        self._token_texts: dict[int, str] = {}  # token_text's cache: at most the vocabulary
         self._special_ids = {int(t) for t in getattr(self.tokenizer, "all_special_ids", [])}
 
     @property
@@ -392,25 +392,24 @@ class Serving:
             if bad:
                 raise invalid(f"{name}: token id {bad[0]} is not in the model's vocabulary [0, {self.vocab_size})",
                               param=name)
-        values: dict[str, Any] = {
-            "max_tokens": max_tokens,
-            "temperature": self._default("temperature", c.temperature, self.config.default_temperature),
-            "top_p": self._default("top_p", c.top_p, self.config.default_top_p),
-            "seed": c.seed,
-            "top_k": self._default_top_k(c.top_k),
-            "min_p": c.min_p or 0.0,
-            "presence_penalty": c.presence_penalty or 0.0,
-            "frequency_penalty": c.frequency_penalty or 0.0,
-            "repetition_penalty": self._default("repetition_penalty", c.repetition_penalty,
-                                                self.config.default_repetition_penalty),
-            "logit_bias": c.logit_bias_ids(),
-            "stop_token_ids": list(c.stop_token_ids or []),
-            "min_tokens": c.min_tokens,
-            "ignore_eos": c.ignore_eos,
-            "logprobs": logprobs,
-            "prompt_logprobs": prompt_logprobs,
-        }
-        return SamplingParams(**values)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self._default("temperature", c.temperature, self.config.default_temperature),
+            top_p=self._default("top_p", c.top_p, self.config.default_top_p),
+            seed=c.seed,
+            top_k=self._default_top_k(c.top_k),
+            min_p=c.min_p or 0.0,
+            presence_penalty=c.presence_penalty or 0.0,
+            frequency_penalty=c.frequency_penalty or 0.0,
+            repetition_penalty=self._default("repetition_penalty", c.repetition_penalty,
+                                             self.config.default_repetition_penalty),
+            logit_bias=c.logit_bias_ids(),
+            stop_token_ids=list(c.stop_token_ids or []),
+            min_tokens=c.min_tokens,
+            ignore_eos=c.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
 
     def _default(self, name: str, requested: float | None, flag: float | None) -> float:
         if requested is not None:
@@ -567,7 +566,7 @@ class Serving:
                     if generated == 0 and self.metrics is not None:
                         self.metrics.first_token(time.monotonic() - job.arrival)
                     generated += 1
-                    if job.logprobs and finish is None:
+                    if job.logprobs:
                         pending.append(LogprobEntry(event.token_id, getattr(event, "logprob", None),
                                                     list(getattr(event, "top_logprobs", None) or [])))
                     if event.token_id not in self.eos_ids:
