@@ -2,12 +2,15 @@
 
 - kernel_table: every linear shape of the real 0.5B and of the R1-Distill-1.5B shape, at 1/4/8
   activation rows, through our integer kernels (model_runtime.ckernels, on the best instruction set
-  this CPU has: AVX-VNNI or AVX2) and PyTorch's packed weight-only kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu, bf16 activations).
+  this CPU has: AVX-512 VNNI, AVX-VNNI or AVX2, and on the next best for comparison) and PyTorch's packed
+  weight-only kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu, bf16 activations).
   Weights are random (speed does not depend on their values); each figure is the median of `repeats`
   timed calls after two warm-ups, with the weights cycled so a matrix is not served from cache.
 - decode_steps: the loaded model's decode step (no engine, no HTTP) at batch 1/4/8 for each mode
   and backend (ours on each instruction set the CPU has, PyTorch's): what the engine and the HTTP
-  layer add on top shows up against the HTTP figures.
+  layer add on top shows up against the HTTP figures. Each row carries the weight bytes a step reads
+  (bench.bandwidth's count, lm_head int8 as our runtime stores it), so the report puts batch 1 against
+  the memory-bandwidth bound.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ def _median_ms(fn: Callable[[int], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _time_kernels(x: Any, q8: list, sc8: list, q4: list, aten4: list, dq4: list, block: int,
-                  repeats: int) -> dict[str, float]:
-    """Median ms per call of each kernel on activations x [M, K], cycling through the weight copies."""
+def _time_kernels(x: Any, q8: list[Any], sc8: list[Any], q4: list[Any], aten4: list[Any], dq4: list[Any], block: int,
+                  repeats: int, other_isa: str | None = None) -> dict[str, float]:
+    """Median ms per call of each kernel on activations x [M, K], cycling through the weight copies;
+    other_isa: ours on that instruction set too (dq_int8_ms_<isa>, dq_int4_ms_<isa>)."""
     import torch
 
     from model_runtime import ckernels
@@ -58,6 +62,13 @@ def _time_kernels(x: Any, q8: list, sc8: list, q4: list, aten4: list, dq4: list,
         out["dq_int4_ms"] = _median_ms(
             lambda i: ckernels.linear_w4(x, dq4[i % copies], q4[i % copies][1], q4[i % copies][2], None, 128),
             repeats)
+        if other_isa:
+            with ckernels._load().using_isa(other_isa):
+                out[f"dq_int8_ms_{other_isa}"] = _median_ms(
+                    lambda i: ckernels.linear_w8(x, q8[i % copies][0], sc8[i % copies], None, block), repeats)
+                out[f"dq_int4_ms_{other_isa}"] = _median_ms(
+                    lambda i: ckernels.linear_w4(x, dq4[i % copies], q4[i % copies][1], q4[i % copies][2], None,
+                                                 128), repeats)
     return {key: round(v, 4) for key, v in out.items()}
 
 
@@ -70,6 +81,8 @@ def kernel_table(threads: int = 2, rows: tuple[int, ...] = (1, 4, 8), repeats: i
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     have_dq = ckernels.cpu_supported()
+    isas = ckernels._load().available_isas() if have_dq else []
+    other_isa = isas[1] if len(isas) > 1 else None  # the next best: what the best one gains over it
     out: list[dict[str, Any]] = []
     for model, shapes in SHAPES.items():
         for name, n, k in shapes:
@@ -86,14 +99,14 @@ def kernel_table(threads: int = 2, rows: tuple[int, ...] = (1, 4, 8), repeats: i
             block = ckernels.act_block(k)
             for m in rows:
                 row: dict[str, Any] = {"model": model, "layer": name, "N": n, "K": k, "M": m}
-                row.update(_time_kernels(torch.randn(m, k), q8, sc8, q4, aten4, dq4, block, repeats))
+                row.update(_time_kernels(torch.randn(m, k), q8, sc8, q4, aten4, dq4, block, repeats, other_isa))
                 if "dq_int8_ms" in row:
                     row["int8_speedup"] = round(row["aten_int8_ms"] / row["dq_int8_ms"], 2)
                     row["int4_speedup"] = round(row["aten_int4_ms"] / row["dq_int4_ms"], 2)
                     row["dq_int8_gb_s"] = round(n * k / row["dq_int8_ms"] / 1e6, 1)  # weight bytes read per s
                 out.append(row)
     return {"rows": out, "threads": threads, "repeats": repeats, "dq_available": have_dq,
-            "dq_isa": ckernels._load().isa if have_dq else None}
+            "dq_isa": ckernels._load().isa if have_dq else None, "dq_other_isa": other_isa}
 
 
 def decode_steps(model_dir: str, modes: list[str], threads: int = 2, batches: tuple[int, ...] = (1, 4, 8),
@@ -128,12 +141,18 @@ def decode_steps(model_dir: str, modes: list[str], threads: int = 2, batches: tu
 def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[int, ...],
                        steps: int) -> list[dict[str, Any]]:
     """One model load, its decode step timed at each batch size."""
+    import json
+    from pathlib import Path
+
     import torch
 
+    from bench.bandwidth import ModelShape, weight_bytes_per_token
     from model_runtime.loader import load_model
 
     loaded = load_model(model_dir, quantization="none" if mode == "bf16" else mode, max_model_len=512)
     model = loaded.model
+    shape = ModelShape.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
+    per_token = weight_bytes_per_token(shape, mode, lm_head_mode="int8" if mode in ("int8", "int4") else None)
     cache = model.new_cache(max(batches), 512)
     results: list[dict[str, Any]] = []
     with torch.inference_mode():
@@ -147,5 +166,6 @@ def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[i
                 model(ids, pos + i, cache, slice(0, b))
             ms = (time.perf_counter() - t) / steps * 1e3
             results.append({"mode": mode, "backend": backend, "batch": b, "step_ms": round(ms, 2),
-                            "tok_s": round(b * 1e3 / ms, 1), "fused_decode": bool(model.fused_decode)})
+                            "tok_s": round(b * 1e3 / ms, 1), "fused_decode": bool(model.fused_decode),
+                            "bytes_per_token": per_token})
     return results

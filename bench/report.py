@@ -150,19 +150,24 @@ def perplexity_table(ppl: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-ISA_LABELS = {"avx2": "AVX2", "avxvnni": "AVX-VNNI"}  # model_runtime.ckernels' instruction-set names
+ISA_LABELS = {"avx2": "AVX2", "avxvnni": "AVX-VNNI", "avx512vnni": "AVX-512 VNNI"}  # ckernels' ISA names
 
 
 def kernel_table(kernels: dict[str, Any]) -> str:
     """Per layer shape and row count: PyTorch's packed kernels vs ours (ms per call, median)."""
-    isa = kernels.get("dq_isa")
-    lines = [f"Ours on {ISA_LABELS.get(isa, isa)}.", ""] if isa else []
+    isa, other = kernels.get("dq_isa"), kernels.get("dq_other_isa")
+    also = f" (and on {ISA_LABELS.get(other, other)})" if other else ""
+    lines = [f"Ours on {ISA_LABELS.get(isa, isa)}{also}.", ""] if isa else []
+    extra = f" | ours int8 ms {ISA_LABELS.get(other, other)} | ours int4 ms {ISA_LABELS.get(other, other)}" if other else ""
     lines += ["| model | layer | N x K | M | aten int8 ms | ours int8 ms | aten int4 ms | ours int4 ms "
-              "| int8 speed-up | int4 speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
+              f"| int8 speed-up | int4 speed-up{extra} |", "|---|---|---|---|---|---|---|---|---|---|"
+              + ("---|---|" if other else "")]
     for r in kernels.get("rows", []):
+        more = (f" | {_fmt(r.get(f'dq_int8_ms_{other}'), 3)} | {_fmt(r.get(f'dq_int4_ms_{other}'), 3)}"
+                if other else "")
         lines.append(f"| {r['model']} | {r['layer']} | {r['N']} x {r['K']} | {r['M']} | {_fmt(r.get('aten_int8_ms'), 3)} "
                      f"| {_fmt(r.get('dq_int8_ms'), 3)} | {_fmt(r.get('aten_int4_ms'), 3)} | {_fmt(r.get('dq_int4_ms'), 3)} "
-                     f"| {_fmt(r.get('int8_speedup'), 2)}x | {_fmt(r.get('int4_speedup'), 2)}x |")
+                     f"| {_fmt(r.get('int8_speedup'), 2)}x | {_fmt(r.get('int4_speedup'), 2)}x{more} |")
     return "\n".join(lines)
 
 
@@ -206,12 +211,15 @@ def prefill_table(pf: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def decode_steps_table(steps: dict[str, Any]) -> str:
-    """The model's own decode step (no engine, no HTTP): tokens/s per mode, kernel backend and batch."""
+def decode_steps_table(steps: dict[str, Any], bandwidth_gb_s: float | None = None) -> str:
+    """The model's own decode step (no engine, no HTTP): tokens/s per mode, kernel backend and batch; with
+    the copy bandwidth, batch 1 as a fraction of the bound (bandwidth / the weight bytes a step reads)."""
     rows = steps.get("rows", [])
     batches = sorted({r["batch"] for r in rows})
-    lines = ["| mode | kernels | " + " | ".join(f"batch {b} tok/s (ms/step)" for b in batches) + " |",
-             "|---|---|" + "---|" * len(batches)]
+    bound_col = bool(bandwidth_gb_s) and any(r.get("bytes_per_token") and r["batch"] == 1 for r in rows)
+    lines = ["| mode | kernels | " + " | ".join(f"batch {b} tok/s (ms/step)" for b in batches)
+             + (" | batch 1 / bound |" if bound_col else " |"),
+             "|---|---|" + "---|" * (len(batches) + bound_col)]
     seen: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for r in rows:
         seen.setdefault((r["mode"], r["backend"]), {})[r["batch"]] = r
@@ -220,5 +228,9 @@ def decode_steps_table(steps: dict[str, Any]) -> str:
         label = ({"aten": "PyTorch packed", "-": "PyTorch bf16"}.get(backend)
                  or (f"ours ({ISA_LABELS[isa]} int)" if isa in ISA_LABELS else backend))
         cells = [f"{per[b]['tok_s']} ({per[b]['step_ms']})" if b in per else "-" for b in batches]
+        if bound_col:
+            one = per.get(1) or {}
+            bound = (bandwidth_gb_s or 0.0) * 1e9 / one["bytes_per_token"] if one.get("bytes_per_token") else None
+            cells.append(f"{one['tok_s'] / bound * 100:.0f}% of {bound:.1f}" if bound else "-")
         lines.append(f"| {mode} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -539,7 +539,7 @@ def print_report(results: dict[str, Any]) -> None:
     steps = results.get("decode_steps") or {}
     if steps.get("rows"):
         print("\n## Decode step of the model itself (real 0.5B, no engine/HTTP)\n")
-        print(report.decode_steps_table(steps))
+        print(report.decode_steps_table(steps, bw.get("best_gb_s")))
     if bw:
         print(f"\nCopy bandwidth (read+write): numpy {bw.get('numpy_gb_s')} GB/s, torch {bw.get('torch_gb_s')} GB/s; "
               f"bound = {bw.get('best_gb_s')} GB/s / weight bytes read per token. Read-only stream (torch sum): "

@@ -217,6 +217,17 @@ def test_kernel_and_decode_step_tables() -> None:
     assert report.kernel_table({**kern, "dq_isa": "avxvnni"}).splitlines()[0] == "Ours on AVX-VNNI."
     per_isa = {"rows": [{"mode": "int4", "backend": "dq-avxvnni", "batch": 1, "step_ms": 20.0, "tok_s": 50.0}]}
     assert report.decode_steps_table(per_isa).splitlines()[2] == "| int4 | ours (AVX-VNNI int) | 50.0 (20.0) |"
+    # AVX-512 against the next best ISA per shape, and batch 1 against the bandwidth bound (34 GB/s / 340 MB)
+    two = {**kern, "dq_isa": "avx512vnni", "dq_other_isa": "avxvnni",
+           "rows": [{**kern["rows"][0], "dq_int8_ms_avxvnni": 0.2, "dq_int4_ms_avxvnni": 0.3}]}
+    table = report.kernel_table(two).splitlines()
+    assert table[0] == "Ours on AVX-512 VNNI (and on AVX-VNNI)."
+    assert table[2].endswith("| ours int8 ms AVX-VNNI | ours int4 ms AVX-VNNI |") and table[3].count("|") == 13
+    assert table[4].endswith("| 2.06x | 2.46x | 0.200 | 0.300 |")
+    bound = {"rows": [{**per_isa["rows"][0], "backend": "dq-avx512vnni", "bytes_per_token": 340e6}]}
+    assert report.decode_steps_table(bound, 34.0).splitlines()[2] == (
+        "| int4 | ours (AVX-512 VNNI int) | 50.0 (20.0) | 50% of 100.0 |")
+    assert report.decode_steps_table(bound).splitlines()[2] == "| int4 | ours (AVX-512 VNNI int) | 50.0 (20.0) |"
 
 
 def test_stored_decode_bytes_counts_the_head_once_and_the_embedding_table_apart() -> None:
