@@ -10,11 +10,15 @@ kernel table of `make bench`, bench/kernels.py, has the per-shape figures):
   F.linear in bfloat16 (oneDNN brgemm avx512_core_bf16, no AMX): ~140 GFLOP/s (slower than float32's ~220)
   our dq kernels (int8 / int4):                                   ~110-125 GFLOP/s
 So the kernel the plan picks (KernelPlan.prefill_kernel) is:
-- "int8mm": activations quantized to int8 with one scale per row (pf_quantize_rows), int8 weights
-  used as stored (one scale per output channel), int4 weights requantized to per-channel int8 a
-  layer at a time into a reused scratch buffer (pf_w4_to_i8: no cached copy, no extra resident
-  memory), `torch._int_mm`, then y = acc * row scale * channel scale (+ bias) in one pass.
-  CPUs with AVX512-VNNI or AMX-INT8.
+- "int8mm": activations quantized to int8 with one scale per row and chunk of CHUNK_K values along K
+  (pf_quantize_rows), int8 weights used as stored (one scale per output channel), int4 weights
+  requantized to int8 with one scale per output channel and chunk, a layer at a time into a reused
+  scratch buffer (pf_w4_to_i8: no cached copy, no extra resident memory); one `torch._int_mm` per
+  chunk, each finished by y (+)= acc * row scale * channel scale (+ bias) in one pass. The chunks
+  keep the rounding local: one scale over the 4864 values of the 0.5B's down_proj rows (and its
+  outlier-prone SiLU-gated activations) cost int4 +1.2% perplexity over the dq kernels, per chunk
+  of 1024 much less (the 0.5B's other linears have K = 896: one chunk). CPUs with AVX512-VNNI or
+  AMX-INT8.
 - "bf16": weights dequantized to bfloat16 a layer at a time (int8: codes * scale; int4: pf_w4_to_bf16)
   and oneDNN's bf16 GEMM. Selectable (DISTILLERY_PREFILL=bf16) for CPUs where the bf16 engine
   (AMX-BF16) outruns the int8 one; not the default anywhere until measured on such a CPU.
@@ -44,7 +48,7 @@ from torch import Tensor
 from model_runtime.ckernels import KernelUnavailable, kernel_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "prefill_kernels.c"
-ABI_VERSION = 1
+ABI_VERSION = 2
 # AVX2 code (it also runs where the plan picks a prefill kernel: AVX-512 CPUs); no FMA contraction, so
 # dequantized values equal PyTorch's (c - 8) * s + z bit for bit
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared",
@@ -54,6 +58,7 @@ PREFILL_KERNELS = ("none", "int8mm", "bf16")
 # the dq kernels from 16 rows on for every 0.5B shape (1.6-2.5x at 16, 3-5x at 64 and 256) and behind
 # at 1-4 rows (where reading the weight once is all that matters); decode batches are <= 8-16 rows.
 PREFILL_MIN_ROWS = 16
+CHUNK_K = 1024  # values along K sharing one activation / requantized-weight scale (see above)
 
 
 def choose_kernel(cpu_flags: frozenset[str] | set[str], override: str | None = None) -> tuple[str, str]:
@@ -126,13 +131,13 @@ def load() -> ctypes.CDLL:
         if lib.pf_abi_version() != ABI_VERSION:
             raise KernelUnavailable(f"prefill kernels ABI {lib.pf_abi_version()}, expected {ABI_VERSION}")
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.pf_quantize_rows.argtypes = [p, i64, i64, p, p, i32]
+        lib.pf_quantize_rows.argtypes = [p, i64, i64, i64, p, p, i32]
         lib.pf_quantize_rows.restype = None
-        lib.pf_w4_to_i8.argtypes = [p, p, p, i64, i64, i64, p, p, i32]
+        lib.pf_w4_to_i8.argtypes = [p, p, p, i64, i64, i64, i64, p, p, i32]
         lib.pf_w4_to_i8.restype = i32
         lib.pf_w4_to_bf16.argtypes = [p, p, p, i64, i64, i64, p, i32]
         lib.pf_w4_to_bf16.restype = i32
-        lib.pf_scale_rows.argtypes = [p, i64, i64, p, p, p, p, i32, i32]
+        lib.pf_scale_rows.argtypes = [p, i64, i64, p, i64, p, p, p, i32, i32]
         lib.pf_scale_rows.restype = None
         _lib = lib
         return lib
@@ -175,25 +180,36 @@ def _check(t: Tensor, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> 
                          f"{t.dtype} {tuple(t.shape)}")
 
 
-def quantize_rows(x: Tensor, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """x [M, K] float32 -> (codes int8 [M, K], scales float32 [M]): x ~ codes * scales[:, None]."""
+def _n_chunks(k: int, chunk: int) -> int:
+    return -(-k // chunk)
+
+
+def quantize_rows(x: Tensor, chunk: int = CHUNK_K,
+                  out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """x [M, K] float32 -> (codes int8 [M, K], scales float32 [M, ceil(K / chunk)]): each chunk of
+    `chunk` values of a row ~ its codes * its scale."""
     m, k = x.shape
     _check(x, torch.float32, (m, k), "x")
-    q, xs = out if out is not None else (torch.empty((m, k), dtype=torch.int8), torch.empty(m))
-    load().pf_quantize_rows(x.data_ptr(), m, k, q.data_ptr(), xs.data_ptr(), torch.get_num_threads())
+    nc = _n_chunks(k, chunk)
+    q, xs = out if out is not None else (torch.empty((m, k), dtype=torch.int8), torch.empty((m, nc)))
+    _check(xs, torch.float32, (m, nc), "row scales")
+    load().pf_quantize_rows(x.data_ptr(), m, k, chunk, q.data_ptr(), xs.data_ptr(), torch.get_num_threads())
     return q, xs
 
 
-def w4_to_i8(w: Tensor, s: Tensor, z: Tensor, group: int,
+def w4_to_i8(w: Tensor, s: Tensor, z: Tensor, group: int, chunk: int = CHUNK_K,
              out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """int4 (dq layout [N, K/2], bf16 scales/zeros [N, K/group]) -> (int8 codes [N, K], float32 scales [N])."""
+    """int4 (dq layout [N, K/2], bf16 scales/zeros [N, K/group]) -> (int8 codes [N, K], float32 scales
+    [ceil(K / chunk), N]): each chunk of `chunk` values of a row ~ its codes * its scale."""
     n, k = w.shape[0], w.shape[1] * 2
     _check(w, torch.uint8, (n, k // 2), "w")
     _check(s, torch.bfloat16, (n, k // group), "scales")
     _check(z, torch.bfloat16, (n, k // group), "zeros")
-    codes, ws = out if out is not None else (torch.empty((n, k), dtype=torch.int8), torch.empty(n))
-    if load().pf_w4_to_i8(w.data_ptr(), s.data_ptr(), z.data_ptr(), n, k, group, codes.data_ptr(), ws.data_ptr(),
-                          torch.get_num_threads()) != 0:
+    nc = _n_chunks(k, chunk)
+    codes, ws = out if out is not None else (torch.empty((n, k), dtype=torch.int8), torch.empty((nc, n)))
+    _check(ws, torch.float32, (nc, n), "channel scales")
+    if load().pf_w4_to_i8(w.data_ptr(), s.data_ptr(), z.data_ptr(), n, k, group, chunk, codes.data_ptr(),
+                          ws.data_ptr(), torch.get_num_threads()) != 0:
         raise RuntimeError(f"pf_w4_to_i8 failed (N={n}, K={k}, group={group})")
     return codes, ws
 
@@ -211,27 +227,37 @@ def w4_to_bf16(w: Tensor, s: Tensor, z: Tensor, group: int, out: Tensor | None =
     return y
 
 
-def _scale_rows(acc: Tensor, xs: Tensor, ws: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:
+def _scale_rows(acc: Tensor, xs: Tensor, c: int, ws: Tensor, bias: Tensor | None, y: Tensor,
+                accumulate: bool) -> None:
+    """y (+)= acc * xs[:, c][:, None] * ws[None, :] (+ bias): chunk c's int32 product, scaled."""
     m, n = acc.shape
+    _check(xs, torch.float32, (m, xs.shape[1]), "row scales")
     _check(ws, torch.float32, (n,), "channel scales")
     if bias is not None:
         _check(bias, torch.float32, (n,), "bias")
-    if out is not None:
-        _check(out, torch.float32, (m, n), "out")
-    y = out if out is not None else torch.empty((m, n))
-    load().pf_scale_rows(acc.data_ptr(), m, n, xs.data_ptr(), ws.data_ptr(),
-                         None if bias is None else bias.data_ptr(), y.data_ptr(), int(out is not None),
+    _check(y, torch.float32, (m, n), "out")
+    if not 0 <= c < xs.shape[1]:
+        raise ValueError(f"chunk {c} of {xs.shape[1]}")
+    load().pf_scale_rows(acc.data_ptr(), m, n, xs.data_ptr() + 4 * c, xs.shape[1], ws.data_ptr(),
+                         None if bias is None else bias.data_ptr(), y.data_ptr(), int(accumulate),
                          torch.get_num_threads())
-    return y
 
 
 def _int8mm(x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:
+    """ws: [N] (one scale per output channel for every chunk: int8 weights) or [chunks, N] (int4 requantized)."""
     m, k = x.shape
     n = codes.shape[0]
-    q, xs = quantize_rows(x, (_scratch.get("xq", (m, k), torch.int8), _scratch.get("xs", (m,), torch.float32)))
+    nc = _n_chunks(k, CHUNK_K)
+    q, xs = quantize_rows(x, CHUNK_K, (_scratch.get("xq", (m, k), torch.int8),
+                                       _scratch.get("xs", (m, nc), torch.float32)))
     acc = _scratch.get("acc", (m, n), torch.int32)
-    torch._int_mm(q, codes.t(), out=acc)
-    return _scale_rows(acc, xs, ws, bias, out)
+    y = out if out is not None else torch.empty((m, n))
+    for c in range(nc):
+        k0, k1 = c * CHUNK_K, min(k, (c + 1) * CHUNK_K)
+        torch._int_mm(q[:, k0:k1], codes[:, k0:k1].t(), out=acc)
+        _scale_rows(acc, xs, c, ws if ws.dim() == 1 else ws[c], bias if c == 0 else None, y,
+                    accumulate=out is not None or c > 0)
+    return y
 
 
 def linear_w8(kernel: str, x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None,
@@ -257,8 +283,8 @@ def linear_w4(kernel: str, x: Tensor, w: Tensor, s: Tensor, z: Tensor, group: in
     n = w.shape[0]
     _check(x, torch.float32, (m, k), "x")
     if kernel == "int8mm":
-        codes, ws = w4_to_i8(w, s, z, group, (_scratch.get("w8", (n, k), torch.int8),
-                                              _scratch.get("ws", (n,), torch.float32)))
+        codes, ws = w4_to_i8(w, s, z, group, CHUNK_K, (_scratch.get("w8", (n, k), torch.int8),
+                                                       _scratch.get("ws", (_n_chunks(k, CHUNK_K), n), torch.float32)))
         return _int8mm(x, codes, ws, bias, out)
     if kernel != "bf16":
         raise ValueError(f"prefill kernel {kernel!r}")

@@ -3,11 +3,14 @@
  * multiplies on the CPU's int8 matrix engine (torch._int_mm: oneDNN on AVX512-VNNI / AMX-INT8), and
  * these kernels prepare its operands and finish its result in one pass each, instead of three or four
  * PyTorch elementwise ops over [M, N] tensors:
- *   pf_quantize_rows: activations x [M, K] float32 -> int8 codes, one symmetric scale per row;
+ *   pf_quantize_rows: activations x [M, K] float32 -> int8 codes, one symmetric scale per row and chunk
+ *                     of C values along K;
  *   pf_w4_to_i8:      our int4 weights (the dq kernel layout, group scales/zeros) -> int8 codes with one
- *                     scale per output channel, into a reused scratch buffer (no cached int8 copy);
+ *                     scale per output channel and chunk of C values, into a reused scratch buffer (no
+ *                     cached int8 copy);
  *   pf_w4_to_bf16:    the same int4 weights dequantized to bfloat16 (the bf16 GEMM variant);
- *   pf_scale_rows:    the int32 GEMM result -> float32 y = acc * xs[m] * ws[n] (+ bias) (+= residual).
+ *   pf_scale_rows:    one chunk's int32 GEMM result -> float32 y = acc * xs[m] * ws[n] (+ bias) (+= the
+ *                     earlier chunks, or a residual).
  * Plain loops the compiler vectorises; compiled with -ffp-contract=off so the dequantized values are
  * bit-identical to PyTorch's (c - 8) * s + z (tests compare them exactly).
  *
@@ -19,7 +22,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#define PF_ABI_VERSION 1
+#define PF_ABI_VERSION 2
 
 int pf_abi_version(void) { return PF_ABI_VERSION; }
 
@@ -46,10 +49,15 @@ static float quantize_row(const float* x, int64_t K, int8_t* q) {
     return d;
 }
 
-/* x [M, K] float32 -> q [M, K] int8, xs [M] float32 (x ~ q * xs[:, None]) */
-void pf_quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* xs, int nthreads) {
+/* x [M, K] float32 -> q [M, K] int8, xs [M, ceil(K / C)] float32: one scale per row and chunk of C values */
+void pf_quantize_rows(const float* x, int64_t M, int64_t K, int64_t C, int8_t* q, float* xs, int nthreads) {
+    const int64_t nc = (K + C - 1) / C;
 #pragma omp parallel for schedule(static) num_threads(M >= 8 ? nthreads : 1)
-    for (int64_t m = 0; m < M; m++) xs[m] = quantize_row(x + m * K, K, q + m * K);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < nc; c++) {
+            const int64_t k0 = c * C, len = K - k0 < C ? K - k0 : C;
+            xs[m * nc + c] = quantize_row(x + m * K + k0, len, q + m * K + k0);
+        }
 }
 
 /* one int4 row -> float32 values [K] */
@@ -68,11 +76,13 @@ static void w4_row(const uint8_t* wr, const uint16_t* s, const uint16_t* z, int6
     }
 }
 
-/* int4 rows n0..n1 -> int8 codes [N, K] + per-row scale ws [N] (the row's dequantized values
-   requantized symmetrically: w ~ codes * ws[:, None]). -1 when out of memory. */
+/* int4 rows -> int8 codes [N, K] + scales ws [ceil(K / C), N] (chunk-major: one contiguous vector per
+   chunk of C values along K): each chunk of a row's dequantized values requantized symmetrically.
+   -1 on bad shapes or out of memory. */
 int pf_w4_to_i8(const uint8_t* w, const uint16_t* s, const uint16_t* z, int64_t N, int64_t K, int64_t G,
-                int8_t* out, float* ws, int nthreads) {
-    if (K % 64 || G <= 0 || K % G) return -1;
+                int64_t C, int8_t* out, float* ws, int nthreads) {
+    if (K % 64 || G <= 0 || K % G || C <= 0) return -1;
+    const int64_t nc = (K + C - 1) / C;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -85,7 +95,10 @@ int pf_w4_to_i8(const uint8_t* w, const uint16_t* s, const uint16_t* z, int64_t 
         for (int64_t n = 0; n < N; n++) {
             if (!tmp) continue;
             w4_row(w + n * (K / 2), s + n * (K / G), z + n * (K / G), K, G, tmp);
-            ws[n] = quantize_row(tmp, K, out + n * K);
+            for (int64_t c = 0; c < nc; c++) {
+                const int64_t k0 = c * C, len = K - k0 < C ? K - k0 : C;
+                ws[c * N + n] = quantize_row(tmp + k0, len, out + n * K + k0);
+            }
         }
         free(tmp);
     }
@@ -116,14 +129,15 @@ int pf_w4_to_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* z, int64_
     return failed ? -1 : 0;
 }
 
-/* y [M, N] = acc * xs[m] * ws[n] (+ bias[n]); accumulate: y += that (a pre-norm block's residual) */
-void pf_scale_rows(const int32_t* acc, int64_t M, int64_t N, const float* xs, const float* ws, const float* bias,
-                   float* y, int accumulate, int nthreads) {
+/* y [M, N] = acc * xs[m * xs_stride] * ws[n] (+ bias[n]); accumulate: y += that (the earlier chunks, or
+   a pre-norm block's residual) */
+void pf_scale_rows(const int32_t* acc, int64_t M, int64_t N, const float* xs, int64_t xs_stride, const float* ws,
+                   const float* bias, float* y, int accumulate, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(M * N >= 16384 ? nthreads : 1)
     for (int64_t m = 0; m < M; m++) {
         const int32_t* a = acc + m * N;
         float* yr = y + m * N;
-        const float d = xs[m];
+        const float d = xs[m * xs_stride];
         if (bias && accumulate) {
 #pragma omp simd
             for (int64_t n = 0; n < N; n++) yr[n] += (float)a[n] * d * ws[n] + bias[n];

@@ -65,15 +65,27 @@ def test_no_prefill_kernel_off_the_dq_backend_or_without_its_helpers(monkeypatch
         make_plan(CFG, machine, quantization="int8", lm_head="int8")
 
 
+def _chunked(w: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's reference: each chunk of `chunk` values of a row rounded on its own amax / 127 scale."""
+    codes, scales = [], []
+    for part in w.split(chunk, dim=1):
+        d = part.abs().amax(1) / 127
+        inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+        codes.append(torch.round(part * inv[:, None]).to(torch.int8))
+        scales.append(d)
+    return torch.cat(codes, dim=1), torch.stack(scales, dim=1)
+
+
 @needs_kernels
-def test_activation_rows_quantize_like_torch():
-    x = torch.randn(19, 896) * torch.logspace(-3, 2, 19)[:, None]
+@pytest.mark.parametrize(("k", "chunk"), [(896, prefill.CHUNK_K), (2560, 1024), (256, 64)])
+def test_activation_rows_quantize_like_torch_per_chunk(k, chunk):
+    x = torch.randn(19, k) * torch.logspace(-3, 2, 19)[:, None]
     x[3] = 0.0
-    q, xs = prefill.quantize_rows(x)
-    d = x.abs().amax(1) / 127
-    assert torch.equal(xs, d)
-    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    assert torch.equal(q, torch.round(x * inv[:, None]).to(torch.int8))
+    x[5, : min(chunk, k)] = 0.0  # a zero chunk: scale 0, codes 0
+    q, xs = prefill.quantize_rows(x, chunk)
+    ref_q, ref_s = _chunked(x, chunk)
+    assert xs.shape == (19, -(-k // chunk))
+    assert torch.equal(xs, ref_s) and torch.equal(q, ref_q)
 
 
 def _int4_module(n: int, k: int, group: int) -> tuple[Int4Linear, torch.Tensor]:
@@ -87,23 +99,24 @@ def _int4_module(n: int, k: int, group: int) -> tuple[Int4Linear, torch.Tensor]:
 def test_int4_dequant_is_bit_exact_with_the_portable_dequantize(group):
     lin, w = _int4_module(40, 256, group)
     assert torch.equal(prefill.w4_to_bf16(lin._packed, lin._dq_scales, lin._dq_zeros, group), w.to(torch.bfloat16))
-    codes, ws = prefill.w4_to_i8(lin._packed, lin._dq_scales, lin._dq_zeros, group)
-    d = w.abs().amax(1) / 127
-    assert torch.equal(ws, d)
-    assert torch.equal(codes, torch.round(w * (1 / d)[:, None]).to(torch.int8))
+    for chunk in (prefill.CHUNK_K, 128, 192):  # one chunk; two of 128; 192 + a partial 64
+        codes, ws = prefill.w4_to_i8(lin._packed, lin._dq_scales, lin._dq_zeros, group, chunk)
+        ref_codes, ref_scales = _chunked(w, chunk)
+        assert torch.equal(ws, ref_scales.t()) and torch.equal(codes, ref_codes)
 
 
 @needs_kernels
 @pytest.mark.parametrize("kernel", ["int8mm", "bf16"])
 def test_prefill_gemms_match_the_float_product_and_add_into_out(kernel):
     torch.manual_seed(0)
-    x, bias = torch.randn(24, 256), torch.randn(48)
-    lin4, w4 = _int4_module(48, 256, 64)
-    codes, scales = kernels.quantize_int8(torch.randn(48, 256) * 0.02)
+    x, bias = torch.randn(24, 2560), torch.randn(48)  # K of three chunks, the last one partial
+    lin4, w4 = _int4_module(48, 2560, 64)
+    codes, scales = kernels.quantize_int8(torch.randn(48, 2560) * 0.02)
     w8 = codes.float() * scales.float()[:, None]
     for w, run in ((w8, lambda out: prefill.linear_w8(kernel, x, codes, scales.float(), bias, out=out)),
                    (w4, lambda out: prefill.linear_w4(kernel, x, lin4._packed, lin4._dq_scales, lin4._dq_zeros, 64,
                                                       bias, out=out))):
+        assert x.shape[1] > 2 * prefill.CHUNK_K
         ref = x @ w.t() + bias
         y = run(None)
         assert (y - ref).norm() / ref.norm() < 0.02
@@ -151,7 +164,7 @@ def test_int8_prefill_gemm_gives_the_same_greedy_tokens_as_the_dq_kernels(tiny_q
 
 
 @needs_kernels
-@pytest.mark.parametrize("kernel", ["int8mm", "bf16"])
+@pytest.mark.parametrize("kernel", ["int8mm"])  # (bf16's int4 GEMM: test_prefill_gemms_match_the_float_product)
 def test_int4_prefill_gemm_follows_the_exact_int4_math(tiny_qwen2_dir, kernel, monkeypatch):
     """int4 on the random tiny model has a near-tie at the 6th token that the dq kernels' own rounding
     (activations quantized per group of 32) tips the other way: the prefill GEMM gives the tokens of
