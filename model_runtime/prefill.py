@@ -15,10 +15,9 @@ So the kernel the plan picks (KernelPlan.prefill_kernel) is:
   requantized to int8 with one scale per output channel and chunk, a layer at a time into a reused
   scratch buffer (pf_w4_to_i8: no cached copy, no extra resident memory); one `torch._int_mm` per
   chunk, each finished by y (+)= acc * row scale * channel scale (+ bias) in one pass. The chunks
-  keep the rounding local: one scale over the 4864 values of the 0.5B's down_proj rows (and its
-  outlier-prone SiLU-gated activations) cost int4 +1.2% perplexity over the dq kernels, per chunk
-  of 1024 much less (the 0.5B's other linears have K = 896: one chunk). CPUs with AVX512-VNNI or
-  AMX-INT8.
+  keep the rounding local. Real 0.5B int4, perplexity on bench/ppl_text.py vs the dq kernels' 25.495:
+  one scale per whole row 25.794 (+1.17%), chunks of 1024 25.641 (+0.57%), 512 25.463 (-0.13%),
+  256 25.487; int8 (dq 24.441): whole rows 24.496 (+0.23%). CPUs with AVX512-VNNI or AMX-INT8.
 - "bf16": weights dequantized to bfloat16 a layer at a time (int8: codes * scale; int4: pf_w4_to_bf16)
   and oneDNN's bf16 GEMM. Selectable (DISTILLERY_PREFILL=bf16) for CPUs where the bf16 engine
   (AMX-BF16) outruns the int8 one; not the default anywhere until measured on such a CPU.
@@ -58,7 +57,7 @@ PREFILL_KERNELS = ("none", "int8mm", "bf16")
 # the dq kernels from 16 rows on for every 0.5B shape (1.6-2.5x at 16, 3-5x at 64 and 256) and behind
 # at 1-4 rows (where reading the weight once is all that matters); decode batches are <= 8-16 rows.
 PREFILL_MIN_ROWS = 16
-CHUNK_K = 1024  # values along K sharing one activation / requantized-weight scale (see above)
+CHUNK_K = 512  # values along K sharing one activation / requantized-weight scale (see above)
 
 
 def choose_kernel(cpu_flags: frozenset[str] | set[str], override: str | None = None) -> tuple[str, str]:
