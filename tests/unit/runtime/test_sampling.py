@@ -9,6 +9,7 @@ Seeded requests give the same tokens alone, in a batch with other requests, and 
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 import torch
@@ -140,6 +141,30 @@ def test_token_logprobs_are_the_log_softmax_and_its_top_k():
         assert [t for t, _ in top] == ids.tolist()
         assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-5)
     assert token_logprobs(logits, [0, 0, 0], 0)[0][1] == []
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_token_logprobs_over_a_vocabulary_of_whole_groups(in_place):
+    """Vocabularies of whole LOGPROB_GROUPs take the grouped top-1 search, rows a few at a time (more rows than
+    LOGPROB_ROW_BLOCK, the last block short): values as log_softmax's, the top-1 the row's argmax wherever it
+    lies (first group, last group, last entry), an all -inf row but one finite entry stays finite."""
+    rows, vocab = sampling.LOGPROB_ROW_BLOCK * 2 + 1, sampling.LOGPROB_GROUP * 7
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(1)) * 4
+    logits[0, 3] = logits[1, vocab - 1] = logits[2, vocab - sampling.LOGPROB_GROUP] = 30.0
+    logits[3] = -math.inf
+    logits[3, 500] = 0.0
+    ref = torch.log_softmax(logits.double(), dim=-1)
+    tokens = [(17 * i) % vocab for i in range(rows)]
+    tokens[3] = 500
+    for k in (1, 0):
+        got = token_logprobs(logits.clone() if in_place else logits, tokens, k, in_place=in_place)
+        for i, (lp, top) in enumerate(got):
+            assert lp == pytest.approx(float(ref[i, tokens[i]]), abs=1e-5)
+            if k:
+                assert top[0][0] == int(ref[i].argmax()) and top[0][1] == pytest.approx(float(ref[i].max()), abs=1e-5)
+            else:
+                assert top == []
+    assert got[3][0] == 0.0
 
 
 @pytest.mark.parametrize(("kw", "match"), [
