@@ -17,7 +17,8 @@ So the kernel the plan picks (KernelPlan.prefill_kernel) is:
   chunk, each finished by y (+)= acc * row scale * channel scale (+ bias) in one pass. The chunks
   keep the rounding local. Real 0.5B int4, perplexity on bench/ppl_text.py vs the dq kernels' 25.495:
   one scale per whole row 25.794 (+1.17%), chunks of 1024 25.641 (+0.57%), 512 25.463 (-0.13%),
-  256 25.487; int8 (dq 24.441): whole rows 24.496 (+0.23%). CPUs with AVX512-VNNI or AMX-INT8.
+  256 25.487; int8 (dq 24.441): whole rows 24.496 (+0.23%), 512 24.490 (+0.20%). CPUs with AVX512-VNNI
+  or AMX-INT8.
 - "bf16": weights dequantized to bfloat16 a layer at a time (int8: codes * scale; int4: pf_w4_to_bf16)
   and oneDNN's bf16 GEMM. Selectable (DISTILLERY_PREFILL=bf16) for CPUs where the bf16 engine
   (AMX-BF16) outruns the int8 one; not the default anywhere until measured on such a CPU.
