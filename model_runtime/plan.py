@@ -277,7 +277,7 @@ def make_plan(cfg: ModelConfig, machine: Machine, *, quantization: str = "none",
             # torch's int8pack kernel reads the int8 bytes directly (no float weight per call)
             kernel8 = "dequant" if compile else "int8pack_mm"
     act = torch.float32 if fused else dtype
-    prefill_kernel, prefill_rows = _prefill_choice(backend, head, machine, notes)
+    prefill_kernel, prefill_rows = _prefill_choice(backend, head, quantization, machine, notes)
     kv = torch.float32 if not machine.is_cuda else dtype
     return KernelPlan(
         device=machine.device, float_dtype=dtype, act_dtype=act, kv_dtype=kv, quantization=quantization,
@@ -290,13 +290,21 @@ def make_plan(cfg: ModelConfig, machine: Machine, *, quantization: str = "none",
         machine=machine.cuda_name or machine.device, notes=tuple(notes))
 
 
-def _prefill_choice(backend: str, head: str, machine: Machine, notes: list[str]) -> tuple[str, int]:
-    """The prompt-chunk GEMM of the dq linears, from the CPU's matrix engines (prefill.choose_kernel)."""
+def _prefill_choice(backend: str, head: str, quantization: str, machine: Machine,
+                    notes: list[str]) -> tuple[str, int]:
+    """The prompt-chunk GEMM of the dq linears, from the CPU's matrix engines (prefill.choose_kernel).
+    int4 decoders stay on the decode kernels unless DISTILLERY_PREFILL asks: their per-call requantization
+    to int8 (prefill.w4_to_i8) has not yet measured faster than the dq kernels end to end."""
     if "dq" not in (backend, head):
         return "none", 0
     from model_runtime import prefill
 
-    kernel, why = prefill.choose_kernel(machine.cpu_flags, os.environ.get("DISTILLERY_PREFILL", "").lower() or None)
+    override = os.environ.get("DISTILLERY_PREFILL", "").lower() or None
+    if quantization == "int4" and override is None:
+        notes.append("prefill: int4 prompt chunks on the decode kernels (DISTILLERY_PREFILL=int8mm: the matrix "
+                     "engine, weights requantized per call; not yet measured faster)")
+        return "none", 0
+    kernel, why = prefill.choose_kernel(machine.cpu_flags, override)
     if kernel != "none" and machine.prefill_problem:
         notes.append(f"prefill: {why}, but its helpers are unavailable ({machine.prefill_problem}): decode kernels")
         return "none", 0

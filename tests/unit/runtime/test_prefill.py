@@ -43,7 +43,7 @@ def _no_env(monkeypatch):
 
 @pytest.mark.parametrize(("flags", "kernel"), [(AVX2_ONLY, "none"), (AVX512_BF16, "int8mm"), (AMX, "int8mm")])
 def test_the_plan_picks_the_prefill_kernel_from_the_cpu_features(flags, kernel):
-    plan = make_plan(CFG, Machine("cpu", dq_available=True, cpu_flags=flags), quantization="int4", lm_head="int8")
+    plan = make_plan(CFG, Machine("cpu", dq_available=True, cpu_flags=flags), quantization="int8", lm_head="int8")
     assert plan.prefill_kernel == kernel
     assert plan.prefill_min_rows == (prefill.PREFILL_MIN_ROWS if kernel != "none" else 0)
     assert any(n.startswith("prefill:") for n in plan.notes)
@@ -52,6 +52,9 @@ def test_the_plan_picks_the_prefill_kernel_from_the_cpu_features(flags, kernel):
 
 def test_no_prefill_kernel_off_the_dq_backend_or_without_its_helpers(monkeypatch):
     machine = Machine("cpu", dq_available=True, cpu_flags=AMX)
+    # int4: the decode kernels unless asked (the per-call requantization is not yet measured faster)
+    plan4 = make_plan(CFG, machine, quantization="int4", lm_head="int8")
+    assert plan4.prefill_kernel == "none" and any("int4 prompt chunks" in n for n in plan4.notes)
     assert make_plan(CFG, machine, quantization="int8", kernels="aten").prefill_kernel == "none"
     assert make_plan(CFG, machine, quantization="none").prefill_kernel == "none"
     assert make_plan(CFG, Machine("cuda:0", cuda_capability=(8, 0)), quantization="int8").prefill_kernel == "none"
@@ -60,6 +63,8 @@ def test_no_prefill_kernel_off_the_dq_backend_or_without_its_helpers(monkeypatch
     assert plan.prefill_kernel == "none" and any("no C compiler" in n for n in plan.notes)
     monkeypatch.setenv("DISTILLERY_PREFILL", "bf16")
     assert make_plan(CFG, machine, quantization="int8", lm_head="int8").prefill_kernel == "bf16"
+    monkeypatch.setenv("DISTILLERY_PREFILL", "int8mm")
+    assert make_plan(CFG, machine, quantization="int4", lm_head="int8").prefill_kernel == "int8mm"
     monkeypatch.setenv("DISTILLERY_PREFILL", "fast")
     with pytest.raises(ValueError, match="DISTILLERY_PREFILL"):
         make_plan(CFG, machine, quantization="int8", lm_head="int8")
