@@ -22,8 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from model_runtime.errors import ServingError, invalid
 from model_runtime.protocol import GenerationParameters, V1Request, validation_error_param
-from model_runtime.serving import ServingError, invalid
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -1,46 +1,60 @@
 """Turn an API request into a generation job for the engine, and the engine's tokens into text.
 
-Everything between the wire format (protocol.py) and the engine (engine.py) lives here:
+Serving is the path between the wire format (protocol.py) and the engine (engine.py):
 - validation that needs the model: model name (404), context length, max_tokens (400);
-- the chat template, with DeepSeek-R1's usage recommendations (the R1 model card):
-  a system message is folded into the first user turn when the template drops system messages;
-  "<think>\\n" is forced after the generation prompt when configured and the template did not add
-  it; the thinking is returned as `reasoning_content` when configured;
+- the chat template (helpers in chat_template.py), with DeepSeek-R1's usage recommendations (the R1
+  model card): a system message is folded into the first user turn when the template drops system
+  messages; "<think>\\n" is forced after the generation prompt when configured and the template did not
+  add it; the thinking is returned as `reasoning_content` when configured;
 - sampling defaults: request > runtime flag > the model's generation_config > neutral (temperature and
   top_p 1.0, top_k off, repetition_penalty 1.0); every control reaches SamplingParams or is refused;
-- fan-out: each prompt of a request times n (or best_of) is one engine request (a JobGroup); choice
-  index = prompt index * n + i (vLLM's); best_of keeps the n with the highest cumulative log-probability;
-  usage counts each prompt once and every generated token;
+- fan-out (fanout.py): each prompt of a request times n (or best_of) is one engine request (a JobGroup,
+  jobs.py); choice index = prompt index * n + i (vLLM's); best_of keeps the n with the highest cumulative
+  log-probability; usage counts each prompt once and every generated token;
 - log-probabilities (the engine's, of the model's raw distribution) into OpenAI's completions and chat
-  shapes; echo puts the prompt (and its log-probabilities) in front of the completion;
-- incremental detokenization, stop strings (cut from the output; a match aborts the engine
-  request), finish_reason and usage.
-The HTTP layer (server.py) only parses, calls plan_*() and stream_group()/complete_group(), and writes.
+  shapes (logprobs_format.py); echo puts the prompt (and its log-probabilities) in front of the completion;
+- incremental detokenization and stop strings (detokenize.py: cut from the output; a match aborts the
+  engine request), finish_reason and usage.
+Errors are ServingError (errors.py). The HTTP layer (openai_routes.py, kserve_routes.py) only parses, calls
+plan_*() and stream_group()/complete_group(), and writes. The helpers' names are re-exported here for the
+callers that import them from this module.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
 import json
 import logging
-import math
 import re
 import time
 import uuid
-import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from distillery_contract.distillation import LINEAGE_FILE
+from model_runtime.chat_template import (
+    THINK_PREFIX,
+    fallback_chat_template,
+    renders_system_role,
+    without_thinking,
+)
+from model_runtime.chat_template import fold_system_into_first_user as fold_system_into_first_user
+from model_runtime.chat_template import plain_text_tokenizer as plain_text_tokenizer
+from model_runtime.detokenize import IncrementalDetokenizer as IncrementalDetokenizer
+from model_runtime.detokenize import StopMatcher as StopMatcher
 from model_runtime.engine import GenerationError, QueueFullError, RequestTimeoutError
+from model_runtime.errors import ServingError as ServingError
+from model_runtime.errors import invalid as invalid
+from model_runtime.fanout import choice_params, merge, sub_id
+from model_runtime.fanout import gather_or_cancel as gather_or_cancel
+from model_runtime.jobs import Delta as Delta
+from model_runtime.jobs import Job as Job
+from model_runtime.jobs import JobGroup as JobGroup
+from model_runtime.jobs import Output as Output
+from model_runtime.logprobs_format import LogprobEntry as LogprobEntry
+from model_runtime.logprobs_format import LogprobFormatter
 from model_runtime.protocol import (
-    SEED_MAX,
-    SEED_MIN,
     ChatCompletionRequest,
     ChatLogprobs,
     ChatMessage,
@@ -48,46 +62,12 @@ from model_runtime.protocol import (
     CompletionRequest,
     GenerationParameters,
     SamplingControls,
-    TokenLogprob,
-    TopLogprob,
     Usage,
 )
-from model_runtime.reasoning import THINK_END, THINK_START, ReasoningSplitter
+from model_runtime.reasoning import THINK_START, ReasoningSplitter
 from model_runtime.sampling import SamplingParams
 
 log = logging.getLogger("model_runtime.serving")
-
-THINK_PREFIX = THINK_START + "\n"
-_SYSTEM_PROBE = "\x00distillery-system-probe\x00"
-
-
-class ServingError(Exception):
-    """An error with an HTTP status and an OpenAI-style body."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def invalid(message: str, param: str | None = None, code: str | None = None) -> ServingError:
-    return ServingError(400, message, param=param, code=code)
 
 
 @dataclass
@@ -104,138 +84,6 @@ class ServingConfig:
     max_prompt_bytes: int | None = None  # None: 32 bytes per token of context, at least 64 KiB
     # Trusted clients only: control tokens typed in message text (e.g. "<｜Assistant｜>") count as such.
     allow_special_tokens_in_content: bool = False
-
-
-@dataclass
-class LogprobEntry:
-    """One token of an answer with its log-probability (None: a prompt's first token) and top-k alternatives."""
-
-    token_id: int
-    logprob: float | None
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class Job:
-    """One generation request, validated and tokenized."""
-
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    stop: list[str] = field(default_factory=list)
-    separate_reasoning: bool = False
-    # put in front of the output: "<think>\n" when the prompt opened the thinking and it is not separated,
-    # or the prompt itself for a completion's echo
-    content_prefix: str = ""
-    arrival: float = field(default_factory=time.monotonic)
-    index: int = 0  # the choice index before best_of picks (prompt index * best_of + i)
-    logprobs: bool = False  # the answer carries log-probabilities (the engine is asked for them)
-
-
-@dataclass
-class JobGroup:
-    """The engine requests of one API request: each prompt x best_of (n without best_of)."""
-
-    request_id: str
-    jobs: list[Job]
-    n: int = 1
-    best_of: int = 1
-    prompt_tokens: int = 0  # each prompt counted once, however many choices it has
-    top_logprobs: int | None = None  # alternatives per token in the answer; None: no logprobs in the answer
-
-    def single(self) -> Job:
-        if len(self.jobs) != 1:
-            raise ValueError(f"{len(self.jobs)} engine requests, not one")
-        return self.jobs[0]
-
-
-@dataclass
-class Delta:
-    """A piece of output. The first delta of a job comes once the engine accepted it."""
-
-    content: str = ""
-    reasoning: str = ""
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    logprobs: list[LogprobEntry] = field(default_factory=list)  # the tokens since the previous delta
-    completion_tokens: int = 0  # generated so far
-
-
-@dataclass
-class Output:
-    content: str | None
-    reasoning: str | None
-    finish_reason: str
-    usage: Usage
-    index: int = 0
-    logprobs: list[LogprobEntry] | None = None
-    cumulative_logprob: float = 0.0  # of the generated tokens (best_of's ranking)
-
-
-# --------------------------------------------------------------------------- text helpers
-class IncrementalDetokenizer:
-    """Token ids in, text deltas out, never splitting a multi-byte character or a word's space.
-
-    Decodes a sliding window (prefix_offset..end) and emits only what grew past the previously read
-    part (the same scheme as vLLM/TGI); a trailing U+FFFD means an incomplete UTF-8 sequence, so the
-    text waits for the next token.
-    """
-
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = list(prompt_ids[-4:])  # context for the first token's leading space
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
-
-    def _decode(self, ids: list[int]) -> str:
-        text: str = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return text
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        new_text = self._decode(self.ids[self.prefix_offset :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return new_text[len(prefix_text) :]
-        return ""
-
-    def flush(self) -> str:
-        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        new_text = self._decode(self.ids[self.prefix_offset :])
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
-
-
-class StopMatcher:
-    """Finds stop strings in streamed text; holds back a tail that may still become a stop string."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self._buffer = ""
-
-    def feed(self, text: str, final: bool = False) -> tuple[str, bool]:
-        """(text safe to emit, whether a stop string matched). After a match, stop feeding."""
-        self._buffer += text
-        if not self.stops:
-            out, self._buffer = self._buffer, ""
-            return out, False
-        hits = [i for i in (self._buffer.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self._buffer = self._buffer[: min(hits)], ""
-            return out, True
-        if final:
-            out, self._buffer = self._buffer, ""
-            return out, False
-        keep = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(self._buffer)), keep, -1):
-                if self._buffer.endswith(stop[:size]):
-                    keep = size
-                    break
-        cut = len(self._buffer) - keep
-        out, self._buffer = self._buffer[:cut], self._buffer[cut:]
-        return out, False
 
 
 def read_lineage(model_path: str | None) -> dict[str, Any] | None:
@@ -265,15 +113,14 @@ class Serving:
         self.engine = engine
         self.config = config
         self.metrics = metrics
-        self.system_role_supported = self._probe_system_role()
+        self.system_role_supported = renders_system_role(self.tokenizer)
         # ids the model has rows for: the tokenizer may know more (R1-Distill-1.5B: 152064 vs 151936)
         self.vocab_size = _model_vocab(loaded, len(self.tokenizer))
         limit = config.max_prompt_bytes
         self.max_prompt_bytes = limit if limit is not None else max(64 * 2**10, 32 * self.max_model_len)
         self._plain: Any = None if config.allow_special_tokens_in_content else plain_text_tokenizer(self.tokenizer)
         self.lineage = read_lineage(getattr(loaded, "source_path", None))
-        self._token_texts: dict[int, str] = {}  # token_text's cache: at most the vocabulary
-        self._special_ids = {int(t) for t in getattr(self.tokenizer, "all_special_ids", [])}
+        self.logprob_format = LogprobFormatter(self.tokenizer)
 
     @property
     def model_name(self) -> str:
@@ -289,20 +136,6 @@ class Serving:
                 code="model_not_found",
             )
 
-    def _probe_system_role(self) -> bool:
-        """Does the chat template render a system message? (R1's does; Gemma-style ones raise.)"""
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            return True  # the fallback template renders it
-        try:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "system", "content": _SYSTEM_PROBE}, {"role": "user", "content": "hi"}],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-        except Exception:
-            return False
-        return _SYSTEM_PROBE in text
-
     def render_chat(self, messages: list[ChatMessage]) -> str:
         """The prompt text for a conversation, with the generation prompt (and "<think>\\n")."""
         return self._template(self._chat_dicts(messages))
@@ -316,7 +149,7 @@ class Serving:
             return text, self._encode(text, add_special_tokens=False)  # the template already has the BOS
         # Render once more with a unique mark in place of each content: the marks split the template's
         # text from the contents. R1's template drops earlier turns' thinking; the second try does too.
-        for attempt in (msgs, [_without_thinking(m) for m in msgs]):
+        for attempt in (msgs, [without_thinking(m) for m in msgs]):
             nonce = uuid.uuid4().hex
             skeleton = self._template([{**m, "content": f"\ue000{nonce}:{i}\ue001"} for i, m in enumerate(attempt)])
             parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", skeleton)
@@ -470,8 +303,8 @@ class Serving:
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = self._sampling(len(ids), max_tokens, req, "messages", logprobs=k)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        jobs = [self._job("chatcmpl", text, ids, _choice_params(params, req.seed, i), req.stop_list(), chat=True,
-                          separate=self.config.separate_reasoning, request_id=_sub_id(rid, i, req.n), index=i,
+        jobs = [self._job("chatcmpl", text, ids, choice_params(params, req.seed, i), req.stop_list(), chat=True,
+                          separate=self.config.separate_reasoning, request_id=sub_id(rid, i, req.n), index=i,
                           logprobs=k is not None)
                 for i in range(req.n)]
         return JobGroup(rid, jobs, n=req.n, best_of=req.n, prompt_tokens=len(ids), top_logprobs=k)
@@ -508,8 +341,8 @@ class Serving:
                     ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
             for i in range(best_of):
                 index = p_index * best_of + i
-                jobs.append(self._job("cmpl", text, ids, _choice_params(params, req.seed, i), req.stop_list(),
-                                      chat=False, separate=False, request_id=_sub_id(rid, index, len(prompts) * best_of),
+                jobs.append(self._job("cmpl", text, ids, choice_params(params, req.seed, i), req.stop_list(),
+                                      chat=False, separate=False, request_id=sub_id(rid, index, len(prompts) * best_of),
                                       index=index, echo=echo, logprobs=engine_k is not None))
         return JobGroup(rid, jobs, n=n, best_of=best_of, prompt_tokens=prompt_tokens, top_logprobs=k)
 
@@ -676,135 +509,21 @@ class Serving:
             async for delta in self.stream(job):
                 yield job.index, delta
             return
-        async for item in _merge([(job.index, self.stream(job)) for job in group.jobs]):
+        async for item in merge([(job.index, self.stream(job)) for job in group.jobs]):
             yield item
 
-    # ---- log-probabilities in the API's shapes
+    # ---- log-probabilities in the API's shapes (logprobs_format.py)
     def token_text(self, token_id: int) -> str:
         """A token as text (special tokens included; a piece of a multi-byte character reads as U+FFFD)."""
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = str(self.tokenizer.decode([token_id], skip_special_tokens=False,
-                                             clean_up_tokenization_spaces=False))
-            self._token_texts[token_id] = text
-        return text
+        return self.logprob_format.token_text(token_id)
 
     def completion_logprobs(self, entries: Sequence[LogprobEntry], top_k: int, text_offset: int = 0
                             ) -> tuple[CompletionLogprobs, int]:
-        """The completions API's parallel lists, and the text offset after them. Each top_logprobs dict holds
-        the top-k and the chosen token (vLLM's). text_offset counts characters from the start of the choice's
-        text, a special token (not in the text) counting none."""
-        out = CompletionLogprobs()
-        offset = text_offset
-        for e in entries:
-            token = self.token_text(e.token_id)
-            out.tokens.append(token)
-            out.text_offset.append(offset)
-            offset += 0 if e.token_id in self._special_ids else len(token)
-            if e.logprob is None:
-                out.token_logprobs.append(None)
-                out.top_logprobs.append(None)
-                continue
-            out.token_logprobs.append(_finite(e.logprob))
-            top = {self.token_text(t): _finite(lp) for t, lp in e.top[:top_k]}
-            top.setdefault(token, _finite(e.logprob))
-            out.top_logprobs.append(top)
-        return out, offset
+        """The completions API's parallel lists, and the text offset after them."""
+        return self.logprob_format.completion_logprobs(entries, top_k, text_offset)
 
     def chat_logprobs(self, entries: Sequence[LogprobEntry], top_k: int) -> ChatLogprobs:
-        content = []
-        for e in entries:
-            token = self.token_text(e.token_id)
-            top = [TopLogprob(token=self.token_text(t), logprob=_finite(lp), bytes=_utf8_bytes(self.token_text(t)))
-                   for t, lp in e.top[:top_k]]
-            content.append(TokenLogprob(token=token, logprob=_finite(e.logprob if e.logprob is not None else 0.0),
-                                        bytes=_utf8_bytes(token), top_logprobs=top))
-        return ChatLogprobs(content=content)
-
-
-LOGPROB_FLOOR = -9999.0  # vLLM's stand-in for -inf (JSON has no infinities)
-
-
-def _finite(value: float) -> float:
-    return LOGPROB_FLOOR if math.isnan(value) or value < LOGPROB_FLOOR else float(value)
-
-
-def _utf8_bytes(text: str) -> list[int]:
-    return list(text.encode("utf-8", "replace"))
-
-
-def _choice_params(params: SamplingParams, seed: int | None, i: int) -> SamplingParams:
-    """Choice i of a fan-out: its own seed (seed + i, wrapped into the range torch accepts) when seeded."""
-    if seed is None or i == 0:
-        return dataclasses.replace(params)
-    s = seed + i
-    if s > SEED_MAX:
-        s = SEED_MIN + (s - SEED_MAX - 1)
-    return dataclasses.replace(params, seed=s)
-
-
-def _sub_id(request_id: str, index: int, count: int) -> str:
-    return request_id if count == 1 else f"{request_id}-{index}"
-
-
-async def gather_or_cancel(coros: Sequence[Any]) -> list[Any]:
-    """asyncio.gather, but one failure (e.g. a 429) cancels the siblings instead of leaving them
-    generating for a response nobody will read."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-_DONE = object()
-
-
-async def _merge(streams: list[tuple[int, AsyncGenerator[Delta, None]]]) -> AsyncIterator[tuple[int, Delta]]:
-    """Interleave several jobs' deltas; held until every job yielded its first (accepted) or failed."""
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-
-    async def pump(index: int, gen: AsyncGenerator[Delta, None]) -> None:
-        try:
-            async for delta in gen:
-                await queue.put((index, delta))
-            await queue.put((index, _DONE))
-        except Exception as exc:
-            await queue.put((index, exc))
-        finally:
-            await gen.aclose()
-
-    tasks = [asyncio.create_task(pump(index, gen)) for index, gen in streams]
-    started: set[int] = set()
-    held: list[tuple[int, Delta]] = []
-    remaining = len(tasks)
-    try:
-        while remaining:
-            index, item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            if item is _DONE:
-                remaining -= 1
-                continue
-            if len(started) < len(streams):
-                started.add(index)
-                held.append((index, item))
-                if len(started) < len(streams):
-                    continue
-                for pair in held:
-                    yield pair
-                held = []
-                continue
-            yield index, item
-        for pair in held:
-            yield pair
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        return self.logprob_format.chat_logprobs(entries, top_k)
 
 
 def _finish_reason(engine_reason: str | None, request_id: str) -> str:
@@ -825,70 +544,3 @@ def _model_vocab(loaded: Any, tokenizer_len: int) -> int:
 
 def _utf8_len(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
-
-
-def _without_thinking(msg: dict[str, str]) -> dict[str, str]:
-    if msg["role"] == "assistant" and THINK_END in msg["content"]:
-        return {**msg, "content": msg["content"].split(THINK_END)[-1]}
-    return msg
-
-
-_plain_tokenizers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-
-
-def plain_text_tokenizer(tokenizer: Any) -> Any:
-    """A copy of the HF tokenizer's Rust tokenizer that reads every added token (control tokens,
-    `<think>`) as plain text: all marked special, special tokens not extracted. Without a Rust
-    tokenizer, `split_special_tokens` (which covers only the special ones). Built once per tokenizer
-    (the copy goes through the tokenizer's JSON: seconds for R1's)."""
-    try:
-        return _plain_tokenizers[tokenizer]
-    except (KeyError, TypeError):
-        pass
-    plain = _build_plain_tokenizer(tokenizer)
-    with contextlib.suppress(TypeError):
-        _plain_tokenizers[tokenizer] = plain
-    return plain
-
-
-def _build_plain_tokenizer(tokenizer: Any) -> Any:
-    import json
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return _SplitSpecial(tokenizer)
-    from tokenizers import Tokenizer
-
-    spec = json.loads(backend.to_str())
-    for added in spec.get("added_tokens", []):
-        added["special"] = True
-    plain = Tokenizer.from_str(json.dumps(spec))
-    plain.encode_special_tokens = True
-    return plain
-
-
-class _SplitSpecial:
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> Any:
-        ids = self.tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True)["input_ids"]
-        return SimpleNamespace(ids=list(ids))
-
-
-def fold_system_into_first_user(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Move system messages' text to the front of the first user turn (R1: no system prompt)."""
-    system = "\n\n".join(m["content"] for m in msgs if m["role"] == "system" and m["content"])
-    rest = [dict(m) for m in msgs if m["role"] != "system"]
-    if system:
-        for m in rest:
-            if m["role"] == "user":
-                m["content"] = f"{system}\n\n{m['content']}" if m["content"] else system
-                break
-    return rest
-
-
-def fallback_chat_template(msgs: list[dict[str, str]]) -> str:
-    """For tokenizers without a chat template: a plain transcript ending with the assistant cue."""
-    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in msgs]
-    return "\n".join(lines) + "\nAssistant:"
