@@ -230,6 +230,13 @@ class Engine:
         # test hook: called with (logits [B, V], request ids) before sampling; may edit logits in place
         self.logits_hook: Callable[[Tensor, list[str]], None] | None = None
         self.prefix_cache = self._make_prefix_cache(config, spare_bytes)
+        # prompt tokens a cache hit still computes: at least the last one (its logits give the first token),
+        # and as many as make a chunk take the same prefill kernel as a whole prompt (prompt chunks of >=
+        # prefill_min_rows rows run on the matrix engine, fewer on the decode kernels; int4 differs between
+        # the two), so a prompt's positions come out as a prefill of the whole of it would compute them
+        kernel_plan = getattr(loaded, "plan", None)
+        self._prefix_recompute = max(1, int(getattr(kernel_plan, "prefill_min_rows", 0) or 0)
+                                     if getattr(kernel_plan, "prefill_kernel", "none") != "none" else 1)
         use_compile = config.compile
         plan = getattr(loaded, "plan", None)
         if use_compile is None and plan is not None:
@@ -539,7 +546,7 @@ class Engine:
         pc = self.prefix_cache
         if pc is None or req.params.prompt_logprobs is not None:
             return False
-        bs, usable = pc.block_size, (len(req.prompt) - 1) // pc.block_size
+        bs, usable = pc.block_size, (len(req.prompt) - self._prefix_recompute) // pc.block_size
         shared = 0
         for other in self._running:
             if other.prefilling and not other.done:
@@ -552,12 +559,13 @@ class Engine:
     def _load_prefix(self, req: _Request) -> None:
         """Copy the longest cached block-aligned prefix of the prompt into the request's fresh slot; its
         prefill starts after it. At least the last prompt token is left to compute (its logits give the
-        first token); a request that wants every prompt token's logprobs computes them all."""
+        first token; see _prefix_recompute); a request that wants every prompt token's logprobs computes
+        them all."""
         pc = self.prefix_cache
         if pc is None or self._cache is None or req.slot is None or req.params.prompt_logprobs is not None:
             return
         try:
-            chain = pc.match(req.prompt, len(req.prompt) - 1)
+            chain = pc.match(req.prompt, len(req.prompt) - self._prefix_recompute)
             req.pos = pc.load(chain, self._cache.k, self._cache.v, req.slot)
         except Exception:  # noqa: BLE001 - the cache is an optimisation: compute the whole prompt instead
             log.exception("prefix cache look-up failed for %s; prefilling the whole prompt", req.id)

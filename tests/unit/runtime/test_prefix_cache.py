@@ -307,10 +307,10 @@ def test_the_serving_flags_reach_the_engine(tiny_qwen2_dir, loaded):
 def test_quantized_weights_on_the_fused_decode_path_match_the_cache_off_output(tiny_qwen2_dir, monkeypatch,
                                                                                method, prefill_kernel):
     """int4 prompt chunks of >= prefill_min_rows rows run on the matrix engine with the weights requantized
-    per channel (prefill.py), fewer rows on the decode kernels: the logits then depend on how a prompt is cut
-    into chunks (up to 0.15 on the tiny model between prefill_chunk 24 and 7, no cache involved), and a
-    cached prefix changes the cut. So the logits are compared with the decode kernels on every row
-    (DISTILLERY_PREFILL=none); with the matrix engine, the tokens."""
+    per channel (prefill.py), fewer rows on the decode kernels: the logits depend on which one computed each
+    position (up to 0.15 on the tiny model between prefill_chunk 24 and 7, no cache involved). A cache hit
+    therefore recomputes at least prefill_min_rows tokens, so a whole prompt's positions go through the same
+    kernel with the cache or without (prompts in one chunk: the default token budget)."""
     if prefill_kernel is not None:
         monkeypatch.setenv("DISTILLERY_PREFILL", prefill_kernel)
     quantized = load_model(tiny_qwen2_dir, quantization=method, group_size=32)
@@ -318,12 +318,16 @@ def test_quantized_weights_on_the_fused_decode_path_match_the_cache_off_output(t
     async def scenario(engine):
         return await asyncio.gather(*(_generate(engine, SHARED + t, f"r{i}") for i, t in enumerate(TAILS)))
 
-    on, off = _run(quantized, scenario), _run(quantized, scenario, enable_prefix_caching=False)
-    if method == "int4" and prefill_kernel is None:
-        assert on[0] == off[0]
-    else:
-        _same(on, off)
-    assert on[2].prefix_cache_hit_tokens == 2 * 64
+    # every prompt in one chunk and no chunk riding a decode step: each prompt row on the same kernel either way
+    one_chunk = {"prefill_chunk": 256, "max_num_batched_tokens": 512}
+    on = _run(quantized, scenario, **one_chunk)
+    _same(on, _run(quantized, scenario, enable_prefix_caching=False, **one_chunk))
+    engine = Engine(quantized, EngineConfig())
+    min_rows = quantized.plan.prefill_min_rows if quantized.plan.prefill_kernel != "none" else 1
+    assert engine._prefix_recompute == max(1, min_rows)
+    # r1 (89 tokens) and r2 (72) find SHARED's 4 blocks, less what keeps >= _prefix_recompute tokens to compute
+    expected = sum(min(4, (len(SHARED) + len(t) - engine._prefix_recompute) // 16) * 16 for t in TAILS[1:])
+    assert on[2].prefix_cache_hit_tokens == expected > 0
 
 
 def test_the_pool_is_sized_from_the_budget_and_what_the_gpu_leaves(loaded):
