@@ -41,6 +41,7 @@ from model_runtime.sampling import (  # noqa: F401 - SamplingParams and _sample 
     SamplingParams,
     TopLogprobs,
     _sample,
+    one_thread,
     token_logprobs,
 )
 
@@ -678,15 +679,16 @@ class Engine:
         finite = torch.isfinite(best.values).tolist()
         argmax = best.indices.tolist()
         tokens: list[int | None] = []
-        for i, r in enumerate(reqs):
-            if not finite[i]:
-                log.error("request %s produced non-finite logits; failing it alone", r.id)
-                self._finish(r, None, "error")
-                tokens.append(None)
-                continue
-            chosen = r.sampler.choose(logits[i], argmax[i], r.generated)  # no controls: argmax or _sample
-            r.sampler.observe(chosen)
-            tokens.append(chosen)
+        with one_thread(logits.device):
+            for i, r in enumerate(reqs):
+                if not finite[i]:
+                    log.error("request %s produced non-finite logits; failing it alone", r.id)
+                    self._finish(r, None, "error")
+                    tokens.append(None)
+                    continue
+                chosen = r.sampler.choose(logits[i], argmax[i], r.generated)  # no controls: argmax or _sample
+                r.sampler.observe(chosen)
+                tokens.append(chosen)
         logprobs = self._logprobs(reqs, logits, tokens)
         for i, r in enumerate(reqs):
             tok = tokens[i]
