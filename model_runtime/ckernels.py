@@ -84,21 +84,26 @@ def library_path() -> Path:
 
 
 def build(dest: Path | None = None) -> Path:
-    """Compile the library (atomically: a concurrent builder never sees a half-written file)."""
-    dest = dest or library_path()
+    """Compile the int8/int4 kernels' library (once per source + flags)."""
+    return compile_library(SOURCE, CFLAGS, dest or library_path())
+
+
+def compile_library(source: Path, cflags: list[str], dest: Path) -> Path:
+    """Compile `source` into the shared library `dest` unless it exists (atomically: a concurrent builder never
+    sees a half-written file). Every C library of the runtime (these kernels, prefill.py's) is built here."""
     if dest.exists():
         return dest
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
-        raise KernelUnavailable("no C compiler (cc/gcc) to build the int8/int4 CPU kernels")
+        raise KernelUnavailable(f"no C compiler (cc/gcc) to build {source.name}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=dest.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+        proc = subprocess.run([cc, *cflags, "-o", tmp, str(source), "-lm"], capture_output=True, text=True,
                               timeout=300)
         if proc.returncode != 0:
-            raise KernelUnavailable(f"building {SOURCE.name} failed: {proc.stderr.strip()[-2000:]}")
+            raise KernelUnavailable(f"building {source.name} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):

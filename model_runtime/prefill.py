@@ -33,11 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -45,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model_runtime.ckernels import KernelUnavailable, kernel_dir
+from model_runtime.ckernels import KernelUnavailable, compile_library, kernel_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "prefill_kernels.c"
 ABI_VERSION = 2
@@ -92,26 +88,8 @@ def library_path() -> Path:
 
 
 def build(dest: Path | None = None) -> Path:
-    """Compile the library (atomically, as ckernels.build)."""
-    dest = dest or library_path()
-    if dest.exists():
-        return dest
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise KernelUnavailable("no C compiler (cc/gcc) to build the prefill kernels")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=dest.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                              timeout=300)
-        if proc.returncode != 0:
-            raise KernelUnavailable(f"building {SOURCE.name} failed: {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
+    """Compile the library (atomically, by ckernels.compile_library)."""
+    return compile_library(SOURCE, CFLAGS, dest or library_path())
 
 
 _lock = threading.Lock()
