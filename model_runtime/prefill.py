@@ -44,7 +44,7 @@ from torch import Tensor
 from model_runtime.ckernels import KernelUnavailable, compile_library, kernel_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "prefill_kernels.c"
-ABI_VERSION = 2
+ABI_VERSION = 3
 # AVX2 code (it also runs where the plan picks a prefill kernel: AVX-512 CPUs); no FMA contraction, so
 # dequantized values equal PyTorch's (c - 8) * s + z bit for bit
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared",

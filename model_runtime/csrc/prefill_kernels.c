@@ -7,22 +7,24 @@
  *                     of C values along K;
  *   pf_w4_to_i8:      our int4 weights (the dq kernel layout, group scales/zeros) -> int8 codes with one
  *                     scale per output channel and chunk of C values, into a reused scratch buffer (no
- *                     cached int8 copy);
+ *                     cached int8 copy); by a 16-entry table per group (w4_row_to_i8_lut) where the
+ *                     group size allows, else value by value (the same bytes either way);
  *   pf_w4_to_bf16:    the same int4 weights dequantized to bfloat16 (the bf16 GEMM variant);
  *   pf_scale_rows:    one chunk's int32 GEMM result -> float32 y = acc * xs[m] * ws[n] (+ bias) (+= the
  *                     earlier chunks, or a residual).
- * Plain loops the compiler vectorises; compiled with -ffp-contract=off so the dequantized values are
+ * Plain loops the compiler vectorises (the table look-up: AVX2 intrinsics); compiled with -ffp-contract=off so the dequantized values are
  * bit-identical to PyTorch's (c - 8) * s + z (tests compare them exactly).
  *
  * int4 layout (as csrc/dq_kernels.c): w [N, K/2] uint8; for each block of 64 values, 32 bytes: byte j =
  * value j (low nibble) | value j+32 (high nibble); codes 0..15, value = (code - 8) * s + z per group of G
  * values; s, z [N, K/G] bfloat16.
  */
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
-#define PF_ABI_VERSION 2
+#define PF_ABI_VERSION 3
 
 int pf_abi_version(void) { return PF_ABI_VERSION; }
 
@@ -76,6 +78,56 @@ static void w4_row(const uint8_t* wr, const uint16_t* s, const uint16_t* z, int6
     }
 }
 
+/* One int4 row -> int8 codes [K] + its chunk scales (ws[c * N], chunk-major), by table: within a group a value
+   is a function of its 4-bit code alone, so each group's 16 requantized codes are computed once (the same
+   float steps as w4_row + quantize_row, hence the same bytes) and the row's nibbles are looked up 32 at a
+   time (vpshufb). A chunk's scale needs its largest |value|: |(c - 8) s + z| is convex in c, so over the
+   codes a group holds it peaks at the group's smallest or largest code (vector min / max of the nibbles).
+   Needs G % 32 == 0 (each 32-value half of a 64-value block in one group) and C % G == 0. */
+static void w4_row_to_i8_lut(const uint8_t* wr, const uint16_t* s, const uint16_t* z, int64_t K, int64_t G,
+                             int64_t C, int8_t* out, float* ws, int64_t ws_stride) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const int64_t halves = G / 32;  /* 32-value halves per group */
+    for (int64_t k0 = 0, c = 0; k0 < K; k0 += C, c++) {
+        const int64_t len = K - k0 < C ? K - k0 : C;
+        float amax = 0.f;
+        for (int64_t g = k0 / G; g < (k0 + len) / G; g++) {
+            __m256i mn = _mm256_set1_epi8(15), mx = _mm256_setzero_si256();
+            for (int64_t h = g * halves; h < (g + 1) * halves; h++) {  /* half h: values 32h..32h+31 */
+                const __m256i b = _mm256_loadu_si256((const __m256i*)(wr + (h / 2) * 32));
+                const __m256i v = (h & 1) ? _mm256_and_si256(_mm256_srli_epi16(b, 4), low4) : _mm256_and_si256(b, low4);
+                mn = _mm256_min_epu8(mn, v);
+                mx = _mm256_max_epu8(mx, v);
+            }
+            uint8_t lo8[32], hi8[32];
+            _mm256_storeu_si256((__m256i*)lo8, mn);
+            _mm256_storeu_si256((__m256i*)hi8, mx);
+            uint8_t cmin = 15, cmax = 0;
+            for (int i = 0; i < 32; i++) {
+                cmin = lo8[i] < cmin ? lo8[i] : cmin;
+                cmax = hi8[i] > cmax ? hi8[i] : cmax;
+            }
+            const float sg = bf16_to_f32(s[g]), zg = bf16_to_f32(z[g]);
+            const float a = ((float)cmin - 8.f) * sg + zg, b = ((float)cmax - 8.f) * sg + zg;
+            amax = fmaxf(amax, fmaxf(fabsf(a), fabsf(b)));
+        }
+        const float d = amax / 127.f;
+        const float id = d > 0.f ? 1.f / d : 0.f;
+        ws[c * ws_stride] = d;
+        for (int64_t g = k0 / G; g < (k0 + len) / G; g++) {
+            const float sg = bf16_to_f32(s[g]), zg = bf16_to_f32(z[g]);
+            int8_t lut[16];
+            for (int code = 0; code < 16; code++) lut[code] = (int8_t)(int32_t)rintf((((float)code - 8.f) * sg + zg) * id);
+            const __m256i t = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)lut));
+            for (int64_t h = g * halves; h < (g + 1) * halves; h++) {
+                const __m256i b = _mm256_loadu_si256((const __m256i*)(wr + (h / 2) * 32));
+                const __m256i v = (h & 1) ? _mm256_and_si256(_mm256_srli_epi16(b, 4), low4) : _mm256_and_si256(b, low4);
+                _mm256_storeu_si256((__m256i*)(out + h * 32), _mm256_shuffle_epi8(t, v));
+            }
+        }
+    }
+}
+
 /* int4 rows -> int8 codes [N, K] + scales ws [ceil(K / C), N] (chunk-major: one contiguous vector per
    chunk of C values along K): each chunk of a row's dequantized values requantized symmetrically.
    -1 on bad shapes or out of memory. */
@@ -94,6 +146,10 @@ int pf_w4_to_i8(const uint8_t* w, const uint16_t* s, const uint16_t* z, int64_t 
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
             if (!tmp) continue;
+            if (G % 32 == 0 && C % G == 0) {
+                w4_row_to_i8_lut(w + n * (K / 2), s + n * (K / G), z + n * (K / G), K, G, C, out + n * K, ws + n, N);
+                continue;
+            }
             w4_row(w + n * (K / 2), s + n * (K / G), z + n * (K / G), K, G, tmp);
             for (int64_t c = 0; c < nc; c++) {
                 const int64_t k0 = c * C, len = K - k0 < C ? K - k0 : C;

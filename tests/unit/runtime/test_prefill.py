@@ -110,6 +110,27 @@ def test_int4_dequant_is_bit_exact_with_the_portable_dequantize(group):
 
 
 @needs_kernels
+@pytest.mark.parametrize(("group", "chunk"), [(32, 512), (64, 192), (128, 512), (128, 256), (128, 384)])
+def test_int4_requantization_by_table_matches_value_by_value_on_any_codes(group, chunk):
+    """The table path (16 codes per group, a chunk's amax from each group's smallest / largest code) on arbitrary
+    nibbles, scales of either sign and zero points: the bytes and scales of the value-by-value reference."""
+    torch.manual_seed(1)
+    n, k = 24, 896
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    packed[3] = 0x88  # every code 8: values are the zero points only
+    packed[4, :32] = 0xF0  # one block with the low nibbles 0 and the high ones 15
+    s = (torch.randn(n, k // group) * 0.01).to(torch.bfloat16)
+    z = (torch.randn(n, k // group) * 0.01).to(torch.bfloat16)
+    s[5] = 0.0
+    z[5] = 0.0  # an all-zero row: scale 0, codes 0
+    lin = Int4Linear(packed, s, z, None, torch.float32, keep_codes=True, backend="dq")
+    w = kernels.dequantize_int4(kernels.unpack_nibbles(packed), s, z)
+    codes, ws = prefill.w4_to_i8(lin._packed, lin._dq_scales, lin._dq_zeros, group, chunk)
+    ref_codes, ref_scales = _chunked(w, chunk)
+    assert torch.equal(ws, ref_scales.t()) and torch.equal(codes, ref_codes)
+
+
+@needs_kernels
 @pytest.mark.parametrize("kernel", ["int8mm", "bf16"])
 def test_prefill_gemms_match_the_float_product_and_add_into_out(kernel):
     torch.manual_seed(0)
