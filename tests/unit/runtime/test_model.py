@@ -145,3 +145,42 @@ def test_ragged_forward_equals_separate_decode_and_prefill_forwards(ours):
     torch.testing.assert_close(got, torch.cat([dec, fresh, more]), atol=1e-4, rtol=1e-4)
     for ka, kb in zip(a.k + a.v, b.k + b.v, strict=True):
         torch.testing.assert_close(ka, kb, atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_decode_rows_take_the_fused_attention_of_a_decode_step(tiny_qwen2_dir, monkeypatch):
+    """On the CPU integer kernels (int8, fused decode), a ragged forward's decode rows attend through
+    ckernels.attn_decode, as a decode step does (no gather of their slots for SDPA), and the logits and cache
+    equal a fused decode step plus a forward for the chunk."""
+    from model_runtime import ckernels
+
+    try:
+        ckernels.load()
+    except ckernels.KernelUnavailable as exc:
+        pytest.skip(f"CPU kernels unavailable: {exc}")
+    loaded = load_model(tiny_qwen2_dir, quantization="int8", device="cpu")
+    model = loaded.model
+    assert model.fused_decode
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 152064, (n,), generator=gen).tolist() for n in (6, 9, 40)]
+    caches = [model.new_cache(3, 128), model.new_cache(3, 128)]
+    with torch.no_grad():
+        for cache in caches:
+            for slot, p in ((0, prompts[0]), (1, prompts[1])):
+                model(torch.tensor([p[:-1]]), torch.arange(len(p) - 1)[None], cache, slice(slot, slot + 1),
+                      logits="none")
+            model(torch.tensor([prompts[2][:10]]), torch.arange(10)[None], cache, slice(2, 3), logits="none")
+        a, b = caches
+        dec = model(torch.tensor([[prompts[0][-1]], [prompts[1][-1]]]), torch.tensor([[5], [8]]), a,
+                    torch.tensor([0, 1]), logits="last")
+        more = model(torch.tensor([prompts[2][10:22]]), torch.arange(10, 22)[None], a, slice(2, 3), logits="last")
+        calls: list[int] = []
+        real = ckernels.attn_decode
+        monkeypatch.setattr(ckernels, "attn_decode", lambda qkv, *args, **kw: calls.append(qkv.shape[0]) or
+                            real(qkv, *args, **kw))
+        ids = torch.tensor([prompts[0][-1], prompts[1][-1], *prompts[2][10:22]])
+        pos = torch.tensor([5, 8, *range(10, 22)])
+        got = model.forward_ragged(ids, pos, b, [(0, 1), (1, 1), (2, 12)], logit_rows=[0, 1, 13])
+    assert calls == [2] * model.config.n_layers  # one call per layer for the two decode rows
+    torch.testing.assert_close(got, torch.cat([dec, more]), atol=2e-3, rtol=2e-3)
+    for ka, kb in zip(a.k + a.v, b.k + b.v, strict=True):
+        torch.testing.assert_close(ka, kb, atol=1e-4, rtol=1e-4)
