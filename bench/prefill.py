@@ -43,7 +43,9 @@ def ours_ttft(model_dir: str, quantization: str, *, prefill_kernel: str | None =
 
     if prefill_kernel is not None:
         os.environ["DISTILLERY_PREFILL"] = prefill_kernel
-    torch.set_num_threads(threads)
+    # no torch.set_num_threads here: it would start an OpenMP pool on this thread beside the engine's and slow
+    # every forward as in no server (model_runtime/omp_pool.py); the step's OMP_NUM_THREADS pins `threads`
+    del threads
     loaded = load_model(model_dir, quantization=quantization, device="cpu", max_model_len=prompt_tokens + 64)
     ids = loaded.tokenizer(PPL_TEXT)["input_ids"][:prompt_tokens]
     engine = Engine(loaded, EngineConfig(max_batch_size=1, max_model_len=prompt_tokens + 64))

@@ -31,8 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model_runtime.device import configure_threads
 from model_runtime.gpu_memory import kv_slot_bytes, size_kv_cache
 from model_runtime.model import KVCache
+from model_runtime.omp_pool import in_own_thread
 from model_runtime.prefix_cache import DEFAULT_BLOCK_SIZE, DEFAULT_POOL_BYTES, PrefixCache, block_bytes
 from model_runtime.sampling import (  # noqa: F401 - SamplingParams and _sample re-exported (their old home)
     PROMPT_LOGPROBS_CHUNK,
@@ -345,7 +347,7 @@ class Engine:
             for t in itertools.chain(self._cache.k, self._cache.v):
                 dynamo.mark_static_address(t)
         if self.compiled:
-            self._warm_up()
+            in_own_thread(self._warm_up, name="distillery-warm-up")  # no OpenMP pool left behind (omp_pool.py)
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -455,6 +457,8 @@ class Engine:
 
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
+        if self.model.device.type == "cpu":
+            configure_threads()  # the loader's choice (its thread has exited: omp_pool.py), on this thread
         with torch.inference_mode():
             while True:
                 with self._lock:
