@@ -35,7 +35,6 @@ def ours_ttft(model_dir: str, quantization: str, *, prefill_kernel: str | None =
               prompt_tokens: int = PROMPT_TOKENS, repeats: int = 3, threads: int = 2) -> dict[str, Any]:
     """prefill_kernel: DISTILLERY_PREFILL for this load ("none": every prompt row on the decode kernels,
     the path of before); None: the plan's choice for this CPU."""
-    import torch
 
     from bench.ppl_text import PPL_TEXT
     from model_runtime.engine import Engine, EngineConfig, SamplingParams, TokenEvent
