@@ -27,12 +27,13 @@ def guidellm_executable() -> str | None:
 
 
 def guidellm_command(exe: str, base_url: str, tokenizer_dir: Path, out_json: Path, *, streams: int,
-                     seconds: float, prompt_tokens: int, output_tokens: int) -> list[str]:
+                     seconds: float, prompt_tokens: int, output_tokens: int, seed: int = 42) -> list[str]:
     return [exe, "run", "--backend", f"kind=openai_http,target={base_url}",
             "--profile", f"kind=concurrent,streams={streams}",
             "--constraint", f"kind=max_duration,seconds={seconds:g}",
             "--data", f"kind=synthetic_text,prompt_tokens={prompt_tokens},output_tokens={output_tokens}",
             "--tokenizer", f"kind=hf_auto,model={tokenizer_dir}",
+            "--seed", f"kind=static,value={seed}",
             "--output", f"kind=json,path={out_json}", "--disable-progress"]
 
 
@@ -59,21 +60,21 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_guidellm(base_url: str, tokenizer_dir: Path, out_dir: Path, *, streams: int = 4, seconds: float = 30.0,
-                 prompt_tokens: int = 64, output_tokens: int = 32) -> dict[str, Any]:
+                 prompt_tokens: int = 64, output_tokens: int = 32, seed: int = 42) -> dict[str, Any]:
     exe = guidellm_executable()
     if exe is None:
         return {"error": "guidellm not installed (pip install guidellm, or `pip install .[bench]`; or set $GUIDELLM)"}
     out_dir.mkdir(parents=True, exist_ok=True)
     out_json = out_dir / "guidellm.json"
     cmd = guidellm_command(exe, base_url, tokenizer_dir, out_json, streams=streams, seconds=seconds,
-                           prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+                           prompt_tokens=prompt_tokens, output_tokens=output_tokens, seed=seed)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 300)
     (out_dir / "guidellm.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not out_json.exists():
         return {"error": f"guidellm exit {proc.returncode}: {(proc.stderr or proc.stdout)[-800:]}",
                 "command": " ".join(cmd)}
     return {**summarize(json.loads(out_json.read_text())), "streams": streams, "seconds": seconds,
-            "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "command": " ".join(cmd),
+            "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "seed": seed, "command": " ".join(cmd),
             "report": str(out_json)}
 
 
@@ -81,9 +82,12 @@ def run_guidellm_sweep(base_url: str, tokenizer_dir: Path, out_dir: Path, *, lev
                        seconds: float = 30.0, prompt_tokens: int = 256, output_tokens: int = 128) -> dict[str, Any]:
     """One guidellm run per number of concurrent users (one after the other, same server); the total output
     tokens/s of the most users over the fewest (what batching buys under real prompt lengths) and each level's
-    TTFT median."""
+    TTFT median. Each level draws its synthetic prompts from its own seed: guidellm's default seed repeats the same
+    prompts run after run, and the server's prefix cache would then serve a later level's first prompts from the
+    earlier level's."""
     runs = {str(n): run_guidellm(base_url, tokenizer_dir, out_dir / f"{n}u", streams=n, seconds=seconds,
-                                 prompt_tokens=prompt_tokens, output_tokens=output_tokens) for n in levels}
+                                 prompt_tokens=prompt_tokens, output_tokens=output_tokens, seed=1000 + n)
+            for n in levels}
     lo, hi = runs[str(min(levels))], runs[str(max(levels))]
     rate_lo, rate_hi = lo.get("output_tokens_per_s"), hi.get("output_tokens_per_s")
     return {

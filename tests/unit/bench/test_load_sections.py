@@ -28,14 +28,15 @@ def test_itl_figures_count_only_intervals_inside_the_window() -> None:
 def test_guidellm_sweep_reports_the_most_over_the_fewest_users(monkeypatch, tmp_path: Path) -> None:
     calls = []
 
-    def fake(base_url, tokenizer_dir, out_dir, *, streams, seconds, prompt_tokens, output_tokens):
-        calls.append((streams, out_dir.name, seconds, prompt_tokens, output_tokens))
+    def fake(base_url, tokenizer_dir, out_dir, *, streams, seconds, prompt_tokens, output_tokens, seed):
+        calls.append((streams, out_dir.name, seconds, prompt_tokens, output_tokens, seed))
         return {"output_tokens_per_s": 30.0 * (1 + streams // 2), "ttft_ms_median": 100.0 * streams,
                 "itl_ms_median": 20.0}
 
     monkeypatch.setattr(guidellm_run, "run_guidellm", fake)
     out = guidellm_run.run_guidellm_sweep("http://x", tmp_path, tmp_path, levels=(1, 8), seconds=40.0)
-    assert calls == [(1, "1u", 40.0, 256, 128), (8, "8u", 40.0, 256, 128)]
+    # each level its own prompts (its own seed): no level is served from the prefix cache an earlier one filled
+    assert calls == [(1, "1u", 40.0, 256, 128, 1001), (8, "8u", 40.0, 256, 128, 1008)]
     assert out["output_tokens_per_s"] == {"1": 30.0, "8": 150.0}
     assert out["output_tokens_per_s_8u_over_1u"] == 5.0
     assert out["ttft_ms_median"] == {"1": 100.0, "8": 800.0}
@@ -48,3 +49,9 @@ def test_guidellm_sweep_carries_a_levels_error(monkeypatch, tmp_path: Path) -> N
     out = guidellm_run.run_guidellm_sweep("http://x", tmp_path, tmp_path, levels=(1, 8))
     assert out["output_tokens_per_s_8u_over_1u"] is None
     assert out["error"] == "8 users: guidellm exit 1"
+
+
+def test_guidellm_command_passes_the_seed(tmp_path: Path) -> None:
+    cmd = guidellm_run.guidellm_command("guidellm", "http://x", tmp_path, tmp_path / "o.json", streams=8, seconds=60,
+                                        prompt_tokens=256, output_tokens=128, seed=1008)
+    assert cmd[cmd.index("--seed") + 1] == "kind=static,value=1008"
