@@ -52,18 +52,16 @@ log = logging.getLogger("model_runtime.engine")
 RATE_WINDOW_S = 5.0     # tokens/s: the tokens of the last RATE_WINDOW_S seconds over the time since the first
 RATE_MIN_SPAN_S = 0.05  # ... but never over less than this: a burst of a few ms would read as an absurd rate
 
-# EngineConfig.max_num_batched_tokens's default: the budget of a step while sequences decode. A decode step of the
-# 0.5B (int4, 4 sequences, 2 cores) is ~20-25 ms, nearly all of it one read of the weights; prompt rows riding in
-# the same forward (model.forward_ragged) add their compute. Issue 15's target, ITL p99 <= 2x median while a
-# 2,000-token prompt prefills beside the streams, leaves a step about one decode step of prompt compute. 15 keeps a
-# riding step under prefill.PREFILL_MIN_ROWS (16) rows, on the decode kernels: from 16 rows the int8 prompt GEMM
-# runs, whose fixed cost per forward (int4 weights requantized) measured ~2-4x a 4-row decode step here (0.5B int4,
-# 1 thread, loaded machine: 16 rows ~10.5 s vs 15 rows 2.3-5.5 s and a fused 4-row decode 0.9-4.8 s); amortised
-# over prefill_chunk rows it is what makes a lone prompt fast. guidellm's 8 users (256-token prompts, 128 outputs:
-# 2 prompt tokens per output token) then get ~5 output tokens a step. Larger: a long prompt beside decoding
-# streams gets its first token sooner, the streams theirs later. Keep it above max_batch_size: decoding rows take
-# their share first (a prompt still moves one token a step when they take it all).
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 15
+# EngineConfig.max_num_batched_tokens's default: the budget of a step while sequences decode. Prompt rows riding in a
+# decode step (model.forward_ragged) cost ~2.7 ms each on the decode kernels (below prefill.PREFILL_MIN_ROWS rows)
+# and ~1.4 ms on the prompt GEMM (from 16 rows on, decode rows included), while the decode rows' share is nearly
+# fixed (one read of the weights). Under load with real prompt lengths the budget is the server's prompt intake:
+# measured in-process (0.5B int8, 2 vCPUs, 8 closed-loop users, 256-token prompts, 128 outputs) 68 output tok/s at
+# 15 (TTFT median 5.5 s: prompts queued behind a 7-10-token intake per step), 79 at 32, 106 at 64, 110 at 128
+# (1 user: 39). 64 takes most of that; a larger budget lengthens each step that carries a chunk (64 rows ~130 ms,
+# 128 ~230 ms, vs ~35 ms for 8 decode rows) for little more throughput. A step with a chunk is slower than one
+# without, uniformly while a long prompt is prefilled (bench itl_long_prefill reports both).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 64
 # EngineConfig.prefill_chunk's default: with nothing decoding, a prompt goes 512 tokens a forward: the prompt GEMM
 # (prefill.py) is at full speed from ~64 rows, and what every forward pays once (reading the weights; for int4,
 # requantizing them) is paid once per 512 tokens: a 2,000-token prompt in 4 forwards.
