@@ -109,6 +109,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                              "sequence, the rest on prompt chunks; smaller keeps their inter-token latency flat while "
                              "prompts prefill beside them, larger gets those prompts their first token sooner; unset: "
                              "the engine's default")
+    parser.add_argument(flags.FLAG_LONG_PREFILL_TOKEN_THRESHOLD, default=None, type=_nonnegative_int,
+                        help="while sequences decode, a prompt longer than this takes only a few tokens per step "
+                             "(keeps their inter-token latency near that of decoding alone; shorter prompts take the "
+                             "whole budget); 0: no cap; unset: the engine's default (512)")
     parser.add_argument(flags.FLAG_DEFAULT_TEMPERATURE, default=None, type=_temperature,
                         help="default temperature; unset: the model's generation_config")
     parser.add_argument(flags.FLAG_DEFAULT_TOP_P, default=None, type=_unit_float,
@@ -190,6 +194,7 @@ def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
         dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, request_timeout_s=args.request_timeout_s,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
         default_temperature=args.default_temperature, default_top_p=args.default_top_p,
         default_top_k=args.default_top_k, default_repetition_penalty=args.default_repetition_penalty,
         default_max_tokens=args.default_max_tokens, think_prefix=args.think_prefix,

@@ -34,7 +34,7 @@ from torch import Tensor
 from model_runtime.device import configure_threads
 from model_runtime.gpu_memory import kv_slot_bytes, size_kv_cache
 from model_runtime.model import KVCache
-from model_runtime.omp_pool import in_own_thread
+from model_runtime.omp_pool import in_own_thread, name_os_thread
 from model_runtime.prefix_cache import DEFAULT_BLOCK_SIZE, DEFAULT_POOL_BYTES, PrefixCache, block_bytes
 from model_runtime.sampling import (  # noqa: F401 - SamplingParams and _sample re-exported (their old home)
     PROMPT_LOGPROBS_CHUNK,
@@ -62,6 +62,14 @@ RATE_MIN_SPAN_S = 0.05  # ... but never over less than this: a burst of a few ms
 # 128 ~230 ms, vs ~35 ms for 8 decode rows) for little more throughput. A step with a chunk is slower than one
 # without, uniformly while a long prompt is prefilled (bench itl_long_prefill reports both).
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 64
+# EngineConfig.long_prefill_token_threshold / long_prefill_step_tokens' defaults (vLLM's long_prefill_token_threshold,
+# with the cap separate): while sequences decode, a prompt longer than the threshold takes at most the step tokens per
+# step, so a long prompt beside decoding streams makes each of their steps a little slower for longer instead of much
+# slower (measured on the server, 0.5B int4, 4 streams beside a 2,000-token prompt, budget 64 and no cap: ITL median
+# 34 ms before the prompt, 280 ms while it prefilled, its TTFT 9.6 s). Prompts up to the threshold (chat turns,
+# guidellm's 256 tokens) keep the whole budget: under load the budget is the server's prompt intake.
+DEFAULT_LONG_PREFILL_TOKEN_THRESHOLD = 512
+DEFAULT_LONG_PREFILL_STEP_TOKENS = 8
 # EngineConfig.prefill_chunk's default: with nothing decoding, a prompt goes 512 tokens a forward: the prompt GEMM
 # (prefill.py) is at full speed from ~64 rows, and what every forward pays once (reading the weights; for int4,
 # requantizing them) is paid once per 512 tokens: a 2,000-token prompt in 4 forwards.
@@ -83,6 +91,10 @@ class EngineConfig:
     # prompt tokens of ONE request per step at most; with nothing decoding (no inter-token latency to protect)
     # the step's budget is max(max_num_batched_tokens, prefill_chunk): a lone prompt goes in big chunks
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    # while sequences decode, a prompt of more than long_prefill_token_threshold tokens takes at most
+    # long_prefill_step_tokens of the budget per step (0: no cap); DEFAULT_LONG_PREFILL_TOKEN_THRESHOLD says why
+    long_prefill_token_threshold: int = DEFAULT_LONG_PREFILL_TOKEN_THRESHOLD
+    long_prefill_step_tokens: int = DEFAULT_LONG_PREFILL_STEP_TOKENS
     # torch.compile the decode step (opt-in: ~20-100 s of compiling at start, three graphs: batch 1,
     # batch >= 2, slots with gaps; measured ~1.3x faster single-stream decode on the 0.5B int8 with
     # PyTorch's kernels). Ignored when the fused CPU kernels run the decode step. None: read the
@@ -455,6 +467,7 @@ class Engine:
 
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
+        name_os_thread("engine")
         if self.model.device.type == "cpu":
             configure_threads()  # the loader's choice (its thread has exited: omp_pool.py), on this thread
         with torch.inference_mode():
@@ -508,16 +521,21 @@ class Engine:
     def _prefill_plan(self, decoding: int) -> list[tuple[_Request, int]]:
         """(request, prompt tokens) to prefill in this step: the budget left after one token per decoding
         sequence, oldest request first, each at most prefill_chunk; with nothing decoding, the budget is
-        max(max_num_batched_tokens, prefill_chunk). At least one prompt token runs even when decoding sequences
-        take the whole budget (max_batch_size above it), so no prompt waits forever."""
+        max(max_num_batched_tokens, prefill_chunk); while sequences decode, a long prompt (more than
+        long_prefill_token_threshold tokens) at most long_prefill_step_tokens. At least one prompt token runs even when
+        decoding sequences take the whole budget (max_batch_size above it), so no prompt waits forever."""
         cap = self.config.prefill_chunk
         budget = self.config.max_num_batched_tokens if decoding else max(self.config.max_num_batched_tokens, cap)
         left = max(1, budget - decoding)
         plan: list[tuple[_Request, int]] = []
+        long_at = self.config.long_prefill_token_threshold
         for req in self._prefilling:
             if left <= 0:
                 break
-            tokens = min(len(req.prompt) - req.pos, cap, left)
+            req_cap = cap
+            if decoding and long_at > 0 and len(req.prompt) > long_at:
+                req_cap = min(cap, max(1, self.config.long_prefill_step_tokens))
+            tokens = min(len(req.prompt) - req.pos, req_cap, left)
             plan.append((req, tokens))
             left -= tokens
         return plan

@@ -22,6 +22,17 @@ import torch
 T = TypeVar("T")
 
 
+def name_os_thread(name: str) -> None:
+    """Give the calling thread an OS-visible name (top -H, /proc/PID/task/*/comm; at most 15 bytes): which thread
+    burns the CPU is then visible from outside the process."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):  # not Linux
+        pass
+
+
 def in_own_thread(fn: Callable[..., T], *args: Any, name: str = "distillery-load", **kwargs: Any) -> T:
     """fn(*args, **kwargs) on a fresh thread that exits when it returns (its OpenMP pool with it), with the
     caller's torch thread count; returns its result or raises its exception here."""

@@ -66,6 +66,7 @@ class RuntimeOptions:
     max_batch_size: int = 8
     max_queue: int = 32
     max_num_batched_tokens: int | None = None  # tokens per engine step; None: engine.DEFAULT_MAX_NUM_BATCHED_TOKENS
+    long_prefill_token_threshold: int | None = None  # None: engine.DEFAULT_LONG_PREFILL_TOKEN_THRESHOLD
     request_timeout_s: float | None = 600.0
     default_temperature: float | None = None
     default_top_p: float | None = None
@@ -105,7 +106,12 @@ class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
         self.response_cache = create_response_cache(options.response_cache, self.metrics)
 
     def load(self) -> bool:
-        from model_runtime.engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, Engine, EngineConfig
+        from model_runtime.engine import (
+            DEFAULT_LONG_PREFILL_TOKEN_THRESHOLD,
+            DEFAULT_MAX_NUM_BATCHED_TOKENS,
+            Engine,
+            EngineConfig,
+        )
         from model_runtime.loader import load_model
 
         o = self.options
@@ -122,6 +128,8 @@ class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
                 max_batch_size=o.max_batch_size, max_queue=o.max_queue, max_model_len=loaded.max_model_len,
                 request_timeout_s=o.request_timeout_s, gpu_memory_utilization=o.gpu_memory_utilization,
                 max_num_batched_tokens=o.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                long_prefill_token_threshold=(DEFAULT_LONG_PREFILL_TOKEN_THRESHOLD if o.long_prefill_token_threshold
+                                              is None else o.long_prefill_token_threshold),
                 enable_prefix_caching=o.enable_prefix_caching, prefix_cache_bytes=o.prefix_cache_bytes,
             ),
             metrics=self.metrics,

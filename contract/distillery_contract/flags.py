@@ -25,6 +25,7 @@ FLAG_MAX_MODEL_LEN: Final = "--max_model_len"
 FLAG_MAX_BATCH_SIZE: Final = "--max_batch_size"
 FLAG_MAX_QUEUE: Final = "--max_queue"
 FLAG_MAX_NUM_BATCHED_TOKENS: Final = "--max_num_batched_tokens"  # tokens per engine step (decode rows + prompt)
+FLAG_LONG_PREFILL_TOKEN_THRESHOLD: Final = "--long_prefill_token_threshold"  # longer prompts: small chunks beside decode
 FLAG_DEFAULT_TEMPERATURE: Final = "--default_temperature"
 FLAG_DEFAULT_TOP_P: Final = "--default_top_p"
 FLAG_DEFAULT_TOP_K: Final = "--default_top_k"  # -1: off

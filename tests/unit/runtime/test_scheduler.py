@@ -144,6 +144,27 @@ def test_prefilling_requests_share_a_step_oldest_first(loaded):
     assert engine._prefill_plan(decoding=25) == [(old, 1)]
 
 
+def test_a_long_prompt_takes_a_few_tokens_a_step_beside_decoding_streams(loaded):
+    """While sequences decode, a prompt over long_prefill_token_threshold tokens takes at most
+    long_prefill_step_tokens a step (their steps stay near decoding alone); a short prompt behind it still gets the
+    rest of the budget; with nothing decoding the long prompt goes prefill_chunk tokens; threshold 0: no cap."""
+    engine = Engine(loaded, EngineConfig(max_batch_size=4, max_model_len=4096, max_num_batched_tokens=64,
+                                         prefill_chunk=512, long_prefill_token_threshold=512,
+                                         long_prefill_step_tokens=8))
+    long, short = (SimpleNamespace(prompt=[1] * n, pos=0) for n in (2000, 256))
+    engine._prefilling = [long, short]
+    assert engine._prefill_plan(decoding=4) == [(long, 8), (short, 52)]
+    assert engine._prefill_plan(decoding=0) == [(long, 512)]
+    engine._prefilling = [short, long]
+    assert engine._prefill_plan(decoding=4) == [(short, 60)]
+    exactly = SimpleNamespace(prompt=[1] * 512, pos=0)  # at the threshold: not long
+    engine._prefilling = [exactly]
+    assert engine._prefill_plan(decoding=4) == [(exactly, 60)]
+    engine.config.long_prefill_token_threshold = 0
+    engine._prefilling = [long, short]
+    assert engine._prefill_plan(decoding=4) == [(long, 60)]
+
+
 def test_chunked_and_unchunked_prefill_give_the_same_greedy_tokens(loaded):
     outputs = []
     for budget in (7, 512):  # 7: every prompt in 7-token chunks (riding with decode rows when there are some)
