@@ -44,7 +44,7 @@ from torch import Tensor
 log = logging.getLogger("model_runtime.ckernels")
 
 SOURCE = Path(__file__).parent / "csrc" / "dq_kernels.c"
-ABI_VERSION = 4
+ABI_VERSION = 5
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-D_POSIX_C_SOURCE=200809L"]
 BACKENDS = ("auto", "dq", "aten", "generic")
 ISAS = {"auto": 0, "avx2": 1, "avxvnni": 2, "avx512vnni": 3}  # DISTILLERY_CPU_ISA -> dq_set_isa's argument
@@ -128,6 +128,8 @@ class _Lib:
         lib.dq_set_isa.argtypes = [i32]
         lib.dq_set_isa.restype = i32
         lib.dq_isa.restype = i32
+        lib.dq_set_w8_row_vnni.argtypes = [i32]
+        lib.dq_set_w8_row_vnni.restype = i32
         choice = os.environ.get("DISTILLERY_CPU_ISA", "auto").lower()
         if choice not in ISAS:
             raise ValueError(f"DISTILLERY_CPU_ISA={choice!r}: expected one of {', '.join(ISAS)}")
@@ -155,9 +157,11 @@ class _Lib:
         process-wide; tests and the benchmark compare instruction sets)."""
         before = self.isa
         self.set_isa(name)
+        row_vnni = self.lib.dq_set_w8_row_vnni(0)  # every call on `name` (see dq_set_w8_row_vnni)
         try:
             yield self
         finally:
+            self.lib.dq_set_w8_row_vnni(row_vnni)
             self.set_isa(before)
 
     def available_isas(self) -> list[str]:

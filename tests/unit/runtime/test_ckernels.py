@@ -123,6 +123,26 @@ def test_avx2_and_avxvnni_kernels_give_identical_results(int8_weights, m):
         assert torch.equal(a, b)
 
 
+def test_one_int8_row_on_avx512_takes_the_vnni_kernel_only_outside_an_explicit_choice(int8_weights) -> None:
+    """dq_set_w8_row_vnni: on by default (single-stream int8 decode on the 256-bit VNNI kernel where the CPU has
+    both), off inside using_isa (a comparison of instruction sets gets that set only) and back after it; the
+    outputs are the same bytes either way. (The module's `lib` fixture may hold a using_isa block open: the
+    state is set here and put back.)"""
+    loaded = ckernels._load()
+    before = loaded.lib.dq_set_w8_row_vnni(1)
+    try:
+        codes, scales, _ = int8_weights
+        x = torch.randn(1, 256)
+        on = ckernels.linear_w8(x, codes, scales.float(), None, 128)
+        with loaded.using_isa(loaded.isa):
+            assert loaded.lib.dq_set_w8_row_vnni(0) == 0  # off inside the block
+            ref = ckernels.linear_w8(x, codes, scales.float(), None, 128)
+        assert loaded.lib.dq_set_w8_row_vnni(1) == 1  # restored on leaving it
+        assert torch.equal(on, ref)
+    finally:
+        loaded.lib.dq_set_w8_row_vnni(before)
+
+
 def test_available_instruction_sets_follow_the_cpu_flags() -> None:
     """auto picks the best the CPU has; each one it lists can be selected (AVX2 always, on this test's
     machines), so every ISA-specific test below really runs where the flags say it can."""
