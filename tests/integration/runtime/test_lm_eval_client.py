@@ -16,13 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lm_eval  # the dev extra installs it (make venv)
 import pytest
 
 from distillery_contract import flags
 from tests.live_runtime import REPO, live_runtime
-
-lm_eval = pytest.importorskip(
-    "lm_eval", reason="lm-eval is not installed (it comes with the dev extra: pip install -e '.[dev]')")
 
 pytestmark = pytest.mark.integration
 

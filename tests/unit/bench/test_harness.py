@@ -154,7 +154,7 @@ def test_parse_sections_and_quick_settings() -> None:
 
 def test_our_server_command_parses_with_the_runtime_parser() -> None:
     """The harness starts `python -m model_runtime ...`; its flags must be ones the runtime accepts."""
-    runtime_main = pytest.importorskip("model_runtime.__main__")
+    import model_runtime.__main__ as runtime_main
     from bench.run import R1_1P5B, Bench
 
     cmd = Bench(Settings(), {})._ours_cmd(R1_1P5B, "m", 8080, "int4", max_batch=1, max_queue=4, max_model_len=1024)

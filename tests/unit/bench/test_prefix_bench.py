@@ -3,8 +3,6 @@ targets (no server)."""
 
 from __future__ import annotations
 
-import pytest
-
 from bench import report
 from bench.prefix_bench import PREFIX, QUESTIONS, _prefix_counters, summarize
 from bench.run import Settings
@@ -40,7 +38,7 @@ def test_prefix_counters_from_the_metrics_text() -> None:
 
 def test_the_requests_share_a_long_prefix_and_the_servers_parse() -> None:
     assert len(PREFIX) > 4000 and len(QUESTIONS) == 2 and QUESTIONS[0] != QUESTIONS[1]
-    runtime_main = pytest.importorskip("model_runtime.__main__")
+    import model_runtime.__main__ as runtime_main
     from bench.run import ST_0P5B, Bench
 
     cmd = Bench(Settings(), {})._ours_cmd(ST_0P5B, "m", 8080, "int8", max_batch=1, max_queue=4)

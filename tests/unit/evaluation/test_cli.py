@@ -271,8 +271,7 @@ def test_bad_input_exits_non_zero_with_a_message(capsys, tmp_path):
 
 def test_the_console_script(tmp_path):
     script = Path(sys.executable).parent / "distillery-eval"
-    if not script.exists():
-        pytest.skip(f"{script} is not installed (pip install -e .)")
+    assert script.exists(), f"{script} is not installed: make venv installs the project's console scripts"
     with openai_stub(half_right) as (url, _):
         proc = subprocess.run([str(script), "--endpoint", url + "/v1", "--model", MODEL, "--dataset",
                                str(DATASET), "--scorer", "boxed", "--limit", "2", "--repeats", "2",

@@ -10,7 +10,6 @@ fused decode step of a whole model matches the plain PyTorch path.
 from __future__ import annotations
 
 import math
-import shutil
 from typing import Any
 
 import pytest
@@ -20,9 +19,9 @@ import torch.nn.functional as F
 from model_runtime import ckernels
 from model_runtime.kernels import Int4Linear, Int8Linear, dequantize_int4, quantize_int4, quantize_int8
 from model_runtime.loader import load_model
+from tests.cpu_kernels import needs_cpu_kernels
 
-pytestmark = pytest.mark.skipif(not ckernels.cpu_supported() or not (shutil.which("cc") or shutil.which("gcc")),
-                                reason="needs an x86-64 Linux CPU with AVX2/FMA and a C compiler")
+pytestmark = needs_cpu_kernels
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

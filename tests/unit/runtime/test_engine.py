@@ -17,6 +17,7 @@ from model_runtime import engine as engine_module
 from model_runtime import sampling
 from model_runtime.engine import Engine, EngineConfig, GenerationError, QueueFullError, SamplingParams
 from model_runtime.loader import load_model
+from tests.cpu_kernels import needs_cpu_kernels
 
 PROMPTS = [[151646, 151644, 9707, 1879, 151645], [151646, 100, 200, 300, 400, 500, 600, 700], [151646, 42]]
 
@@ -96,10 +97,10 @@ def test_batched_greedy_equals_one_at_a_time_on_quantized_weights(tiny_qwen2_dir
     assert all(len(toks) == 12 for toks, _ in single)
 
 
+@needs_cpu_kernels
 def test_compile_is_not_applied_to_the_fused_cpu_decode_step(tiny_qwen2_dir):
     quantized = load_model(tiny_qwen2_dir, quantization="int8")
-    if not quantized.model.fused_decode:
-        pytest.skip("the CPU integer kernels are not available here")
+    assert quantized.model.fused_decode
     assert Engine(quantized, EngineConfig(compile=True)).compiled is False
 
 

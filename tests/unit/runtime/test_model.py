@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model_runtime.loader import load_model
+from tests.cpu_kernels import needs_cpu_kernels
 
 PROMPT = [151646, 100, 2000, 30000, 4, 151644, 77, 151645, 9]
 
@@ -147,16 +148,13 @@ def test_ragged_forward_equals_separate_decode_and_prefill_forwards(ours):
         torch.testing.assert_close(ka, kb, atol=1e-5, rtol=1e-5)
 
 
+@needs_cpu_kernels
 def test_ragged_decode_rows_take_the_fused_attention_of_a_decode_step(tiny_qwen2_dir, monkeypatch):
     """On the CPU integer kernels (int8, fused decode), a ragged forward's decode rows attend through
     ckernels.attn_decode, as a decode step does (no gather of their slots for SDPA), and the logits and cache
     equal a fused decode step plus a forward for the chunk."""
     from model_runtime import ckernels
 
-    try:
-        ckernels.load()
-    except ckernels.KernelUnavailable as exc:
-        pytest.skip(f"CPU kernels unavailable: {exc}")
     loaded = load_model(tiny_qwen2_dir, quantization="int8", device="cpu")
     model = loaded.model
     assert model.fused_decode

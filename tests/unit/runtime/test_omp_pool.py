@@ -54,9 +54,8 @@ PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts the process's threads in Linux's /proc")
 def test_the_workers_openmp_pool_leaves_with_it() -> None:
-    if not sys.platform.startswith("linux"):
-        pytest.skip("counts threads in /proc")
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, timeout=120,
                          env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
     before, after_worker, after_main = map(int, out.stdout.split())

@@ -12,6 +12,7 @@ from model_runtime.config import ModelConfig
 from model_runtime.kernels import Int4Linear, Int8Linear
 from model_runtime.loader import ModelLoadError, load_model
 from model_runtime.plan import Machine, PlanError, make_plan
+from tests.cpu_kernels import needs_cpu_kernels
 from tests.unit.runtime.test_quant import PROMPT, greedy
 
 CFG = ModelConfig(arch="qwen2", hidden_size=1536, n_layers=2, n_heads=12, n_kv_heads=2, intermediate_size=8960,
@@ -90,15 +91,7 @@ def test_the_env_reaches_the_plan_and_the_layers(tiny_qwen2_dir, monkeypatch):
     assert loaded.plan is not None and loaded.plan.backend == "generic" and not loaded.model.fused_decode
 
 
-def _dq_available() -> bool:
-    try:
-        ckernels.load()
-        return True
-    except ckernels.KernelUnavailable:
-        return False
-
-
-needs_dq = pytest.mark.skipif(not _dq_available(), reason="our CPU kernels do not build here")
+needs_dq = needs_cpu_kernels
 
 
 @needs_dq

@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_runtime import ckernels, kernels, prefill
+from model_runtime import kernels, prefill
 from model_runtime.config import ModelConfig
 from model_runtime.kernels import Int4Linear, Int8Linear
 from model_runtime.loader import load_model
 from model_runtime.plan import Machine, make_plan
+from tests.cpu_kernels import needs_cpu_kernels
 from tests.unit.runtime.test_quant import greedy
 
 CFG = ModelConfig(arch="qwen2", hidden_size=896, n_layers=2, n_heads=14, n_kv_heads=2, intermediate_size=4864,
@@ -23,16 +24,7 @@ AMX = frozenset({*AVX512_BF16, "amx_tile", "amx_int8", "amx_bf16"})
 LONG_PROMPT = [151646, 151644, *range(1000, 1030), 151645]
 
 
-def _available() -> str | None:
-    try:
-        ckernels.load()
-        prefill.load()
-    except ckernels.KernelUnavailable as exc:
-        return str(exc)
-    return None
-
-
-needs_kernels = pytest.mark.skipif(_available() is not None, reason=f"CPU kernels unavailable: {_available()}")
+needs_kernels = needs_cpu_kernels
 
 
 @pytest.fixture(autouse=True)
@@ -205,9 +197,8 @@ def test_int4_prefill_gemm_follows_the_exact_int4_math(tiny_qwen2_dir, kernel, m
     assert torch.allclose(logits, logits_dq, atol=0.04 * scale)
 
 
+@needs_kernels
 def test_build_command_prints_the_library(capsys):
-    if _available() is not None:
-        pytest.skip(f"CPU kernels unavailable: {_available()}")
     assert prefill.main(["build"]) == 0
     assert capsys.readouterr().out.strip().endswith(".so")
     assert prefill.main(["nonsense"]) == 2
