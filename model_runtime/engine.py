@@ -357,7 +357,7 @@ class Engine:
             for t in itertools.chain(self._cache.k, self._cache.v):
                 dynamo.mark_static_address(t)
         if self.compiled:
-            in_own_thread(self._warm_up, name="distillery-warm-up")  # no OpenMP pool left behind (omp_pool.py)
+            in_own_thread(self._warm_up, "distillery-warm-up")  # no OpenMP pool left behind (omp_pool.py)
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()

@@ -26,7 +26,7 @@ from model_runtime.device import configure_threads, pick_device, pick_dtype
 from model_runtime.gguf_reader import GGUFFile, gguf_config, gguf_source
 from model_runtime.load_error import ModelLoadError
 from model_runtime.load_memory import LoadTimeMalloc
-from model_runtime.omp_pool import in_own_thread
+from model_runtime.omp_pool import on_own_thread
 from model_runtime.plan import (
     KernelPlan,
     Machine,
@@ -113,13 +113,8 @@ def detect_format(p: Path) -> tuple[str, Path]:
 
 
 
-def load_model(model_dir: str | Path, **options: Any) -> LoadedModel:
-    """Load a model (options: _load_model's) on a thread of its own that exits afterwards: loading's OpenMP pool
-    then does not outlive it beside the engine thread's (omp_pool.py says why that matters)."""
-    return in_own_thread(_load_model, model_dir, **options)
-
-
-def _load_model(model_dir: str | Path, *, quantization: str = "none", group_size: int = 128,
+@on_own_thread  # loading's OpenMP pool must not outlive it beside the engine thread's (omp_pool.py says why)
+def load_model(model_dir: str | Path, *, quantization: str = "none", group_size: int = 128,
                prequantized: bool | None = None, dtype: str | torch.dtype = "auto",
                device: str | torch.device = "auto", max_model_len: int | None = None,
                allow_pickle: bool = False, trust_remote_code: bool = False,

@@ -13,13 +13,15 @@ No environment variable lifts the throttled spin count (GOMP_SPINCOUNT only lowe
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import ParamSpec, TypeVar
 
 import torch
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def name_os_thread(name: str) -> None:
@@ -33,9 +35,9 @@ def name_os_thread(name: str) -> None:
         pass
 
 
-def in_own_thread(fn: Callable[..., T], *args: Any, name: str = "distillery-load", **kwargs: Any) -> T:
-    """fn(*args, **kwargs) on a fresh thread that exits when it returns (its OpenMP pool with it), with the
-    caller's torch thread count; returns its result or raises its exception here."""
+def in_own_thread(fn: Callable[[], T], name: str = "distillery-load") -> T:
+    """fn() on a fresh thread that exits when it returns (its OpenMP pool with it), with the caller's torch thread
+    count; returns its result or raises its exception here."""
     threads = torch.get_num_threads()
     result: list[T] = []
     error: list[BaseException] = []
@@ -44,7 +46,7 @@ def in_own_thread(fn: Callable[..., T], *args: Any, name: str = "distillery-load
         try:
             if torch.get_num_threads() != threads:  # (setting it starts a thread that outlives this one)
                 torch.set_num_threads(threads)
-            result.append(fn(*args, **kwargs))
+            result.append(fn())
         except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
             error.append(exc)
 
@@ -54,3 +56,13 @@ def in_own_thread(fn: Callable[..., T], *args: Any, name: str = "distillery-load
     if error:
         raise error[0]
     return result[0]
+
+
+def on_own_thread(fn: Callable[P, T]) -> Callable[P, T]:
+    """fn, run by in_own_thread on every call (its signature kept for callers and type checkers)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        return in_own_thread(lambda: fn(*args, **kwargs))
+
+    return wrapper

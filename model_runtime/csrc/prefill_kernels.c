@@ -84,9 +84,14 @@ static void w4_row(const uint8_t* wr, const uint16_t* s, const uint16_t* z, int6
    time (vpshufb). A chunk's scale needs its largest |value|: |(c - 8) s + z| is convex in c, so over the
    codes a group holds it peaks at the group's smallest or largest code (vector min / max of the nibbles).
    Needs G % 32 == 0 (each 32-value half of a 64-value block in one group) and C % G == 0. */
+/* half h (values 32h..32h+31) of an int4 row: the low nibbles of block h / 2 for even h, the high ones for odd h */
+static inline __m256i half_codes(const uint8_t* wr, int64_t h) {
+    const __m256i b = _mm256_loadu_si256((const __m256i*)(wr + (h / 2) * 32));
+    return _mm256_and_si256((h & 1) ? _mm256_srli_epi16(b, 4) : b, _mm256_set1_epi8(0x0F));
+}
+
 static void w4_row_to_i8_lut(const uint8_t* wr, const uint16_t* s, const uint16_t* z, int64_t K, int64_t G,
                              int64_t C, int8_t* out, float* ws, int64_t ws_stride) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
     const int64_t halves = G / 32;  /* 32-value halves per group */
     for (int64_t k0 = 0, c = 0; k0 < K; k0 += C, c++) {
         const int64_t len = K - k0 < C ? K - k0 : C;
@@ -94,8 +99,7 @@ static void w4_row_to_i8_lut(const uint8_t* wr, const uint16_t* s, const uint16_
         for (int64_t g = k0 / G; g < (k0 + len) / G; g++) {
             __m256i mn = _mm256_set1_epi8(15), mx = _mm256_setzero_si256();
             for (int64_t h = g * halves; h < (g + 1) * halves; h++) {  /* half h: values 32h..32h+31 */
-                const __m256i b = _mm256_loadu_si256((const __m256i*)(wr + (h / 2) * 32));
-                const __m256i v = (h & 1) ? _mm256_and_si256(_mm256_srli_epi16(b, 4), low4) : _mm256_and_si256(b, low4);
+                const __m256i v = half_codes(wr, h);
                 mn = _mm256_min_epu8(mn, v);
                 mx = _mm256_max_epu8(mx, v);
             }
@@ -120,8 +124,7 @@ static void w4_row_to_i8_lut(const uint8_t* wr, const uint16_t* s, const uint16_
             for (int code = 0; code < 16; code++) lut[code] = (int8_t)(int32_t)rintf((((float)code - 8.f) * sg + zg) * id);
             const __m256i t = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)lut));
             for (int64_t h = g * halves; h < (g + 1) * halves; h++) {
-                const __m256i b = _mm256_loadu_si256((const __m256i*)(wr + (h / 2) * 32));
-                const __m256i v = (h & 1) ? _mm256_and_si256(_mm256_srli_epi16(b, 4), low4) : _mm256_and_si256(b, low4);
+                const __m256i v = half_codes(wr, h);
                 _mm256_storeu_si256((__m256i*)(out + h * 32), _mm256_shuffle_epi8(t, v));
             }
         }
