@@ -44,7 +44,7 @@ from torch import Tensor
 log = logging.getLogger("model_runtime.ckernels")
 
 SOURCE = Path(__file__).parent / "csrc" / "dq_kernels.c"
-ABI_VERSION = 5
+ABI_VERSION = 6
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-D_POSIX_C_SOURCE=200809L"]
 BACKENDS = ("auto", "dq", "aten", "generic")
 ISAS = {"auto": 0, "avx2": 1, "avxvnni": 2, "avx512vnni": 3}  # DISTILLERY_CPU_ISA -> dq_set_isa's argument
@@ -123,6 +123,10 @@ class _Lib:
         lib.dq_linear_w4.restype = i32
         lib.dq_attn_decode.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, i32]
         lib.dq_attn_decode.restype = i32
+        lib.dq_decode_blocks.argtypes = [p, i64, p, i64, p, p, i64, i64, i64, i64, p, p, p, p, i32]
+        lib.dq_decode_blocks.restype = i32
+        lib.dq_silu_mul.argtypes = [p, i64, i64, p, i32]
+        lib.dq_silu_mul.restype = None
         lib.dq_pack_w4.argtypes = [p, i64, i64, p]
         lib.dq_pack_w4.restype = None
         lib.dq_set_isa.argtypes = [i32]
@@ -312,14 +316,27 @@ def linear_w4(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor 
 def _check_attention(qkv: Tensor, n_heads: int, n_kv: int, head_dim: int, slots: Tensor, positions: Tensor,
                      cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor) -> None:
     """The C side trusts every index and shape: check them all."""
-    for t in (qkv, cos, sin, kc, vc):
+    if qkv.dtype != torch.float32 or not qkv.is_contiguous() or qkv.dim() != 2 \
+            or qkv.shape[1] != (n_heads + 2 * n_kv) * head_dim:
+        raise ValueError("attn_decode: qkv shapes do not match the head layout (contiguous float32 "
+                         "[B, (nh + 2 nkv) hd])")
+    check_attention_rows(qkv.shape[0], n_heads, n_kv, head_dim, slots, positions, cos, sin, kc, vc)
+
+
+def check_attention_rows(rows: int, n_heads: int, n_kv: int, head_dim: int, slots: Tensor, positions: Tensor,
+                         cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor) -> None:
+    """`rows` decode rows' int64 slots/positions against a cache layer and the RoPE tables (all of it)."""
+    for t in (cos, sin, kc, vc):
         if t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError("attn_decode takes contiguous float32 tensors")
-    if (n_kv < 1 or n_heads % n_kv or qkv.dim() != 2 or qkv.shape[1] != (n_heads + 2 * n_kv) * head_dim
+    if (n_kv < 1 or n_heads % n_kv or kc.dim() != 4
             or kc.shape != vc.shape or tuple(kc.shape[1:2]) + tuple(kc.shape[3:]) != (n_kv, head_dim)
-            or cos.shape != sin.shape or cos.shape[1] != head_dim):
+            or cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != head_dim):
         raise ValueError("attn_decode: qkv / cache / RoPE shapes do not match the head layout")
-    if slots.numel() != qkv.shape[0] or positions.numel() != qkv.shape[0]:
+    for t in (slots, positions):
+        if t.dtype != torch.int64 or not t.is_contiguous():
+            raise ValueError("attn_decode: slots and positions must be contiguous int64 tensors")
+    if slots.numel() != rows or positions.numel() != rows:
         raise ValueError("attn_decode: one slot and one position per row")
     if int(slots.min()) < 0 or int(slots.max()) >= kc.shape[0]:
         raise ValueError("a slot is outside the KV cache")
@@ -348,6 +365,17 @@ def attn_decode(qkv: Tensor, n_heads: int, n_kv: int, head_dim: int, slots: Tens
     if rc != 0:
         raise RuntimeError("dq_attn_decode failed (out of memory)")
     return y
+
+
+def silu_mul(gu: Tensor) -> Tensor:
+    """gu [M, 2 I] float32 ([gate; up] per row, I % 8 == 0) -> silu(gate) * up [M, I] (the C decode step's SwiGLU)."""
+    lib = _load().lib
+    if gu.dtype != torch.float32 or not gu.is_contiguous() or gu.dim() != 2 or gu.shape[1] % 16:
+        raise ValueError("silu_mul takes a contiguous float32 [M, 2 I] tensor, I a multiple of 8")
+    m, i = gu.shape[0], gu.shape[1] // 2
+    h = torch.empty((m, i), dtype=torch.float32)
+    lib.dq_silu_mul(gu.data_ptr(), m, i, h.data_ptr(), torch.get_num_threads())
+    return h
 
 
 def pack_w4(codes: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model_runtime import ckernels, prefill
+from model_runtime.decode_blocks import LinearWeights
 from model_runtime.plan import ATEN_INT4_GROUPS, TINYGEMM_INNER_K_TILES, int4_group_size
 
 __all__ = ["int4_group_size"]  # re-exported: quant.py and the tests ask kernels for it
@@ -53,7 +54,14 @@ class RMSNormLike(Protocol):
 class FusedLinear(Protocol):
     """A quantized linear on the dq backend (Int8Linear, Int4Linear): Block.decode_fused calls it."""
 
+    prefill_kernel: str    # "none", or the GEMM that chunks of at least prefill_min_rows rows take
+    prefill_min_rows: int
+
     def fused(self, x: Tensor, norm: RMSNormLike | None = None, out: Tensor | None = None) -> Tensor: ...
+
+    def dq_weights(self) -> LinearWeights:
+        """The tensors the C kernels read (decode_blocks.py runs a decode step's blocks on them)."""
+        ...
 
 
 def _prefill_input(x: Tensor, norm: RMSNormLike | None) -> Tensor:
@@ -224,6 +232,11 @@ class Int8Linear(nn.Module):
                                   norm=None if norm is None else norm.weight,
                                   eps=0.0 if norm is None else norm.eps, out=out)
 
+    def dq_weights(self) -> LinearWeights:
+        """dq backend only: as FusedLinear.dq_weights."""
+        return LinearWeights(8, self.codes, self._dq_scales, None, self._dq_bias, self._dq_block,
+                             self.out_features, self.in_features)
+
     def extra_repr(self) -> str:
         pf = f", prefill {self.prefill_kernel} >= {self.prefill_min_rows} rows" if self.prefill_kernel != "none" else ""
         return f"in={self.in_features}, out={self.out_features}, int8 per-channel, {self.backend}{pf}"
@@ -351,6 +364,11 @@ class Int4Linear(nn.Module):
         return ckernels.linear_w4(x, cast(Tensor, self._packed), self._dq_scales, self._dq_zeros, self._dq_bias,
                                   self.group_size, norm=None if norm is None else norm.weight,
                                   eps=0.0 if norm is None else norm.eps, out=out)
+
+    def dq_weights(self) -> LinearWeights:
+        """dq backend only: as FusedLinear.dq_weights."""
+        return LinearWeights(4, cast(Tensor, self._packed), self._dq_scales, self._dq_zeros, self._dq_bias,
+                             self.group_size, self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         pf = f", prefill {self.prefill_kernel} >= {self.prefill_min_rows} rows" if self.prefill_kernel != "none" else ""

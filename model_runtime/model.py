@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from model_runtime import ckernels
 from model_runtime.config import ModelConfig
+from model_runtime.decode_blocks import BlockWeights, DecodeBlocks
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -195,8 +196,15 @@ class Block(nn.Module):
                                  validate=validate)                             # [B, nh hd]
         cast("FusedLinear", a.o).fused(y, out=x)                                # x += o(y)
         gu = cast("FusedLinear", m.gate_up).fused(x, norm=self.mlp_norm)        # [B, 2 I]
-        h = F.silu(gu[:, : m.inter]) * gu[:, m.inter:]                          # [B, I]
+        h = ckernels.silu_mul(gu)                                               # [B, I] silu(gate) * up
         cast("FusedLinear", m.down).fused(h, out=x)                             # x += down(h)
+
+    def dq_weights(self) -> BlockWeights:
+        """The block's weights as decode_blocks.py runs them (decode_fused's math in one C call per step)."""
+        a, m = self.attn, self.mlp
+        qkv, o, gate_up, down = (cast("FusedLinear", lin).dq_weights() for lin in (a.qkv, a.o, m.gate_up, m.down))
+        return BlockWeights(qkv, o, gate_up, down, attn_norm=self.attn_norm.weight, attn_eps=self.attn_norm.eps,
+                            mlp_norm=self.mlp_norm.weight, mlp_eps=self.mlp_norm.eps)
 
 
 class Transformer(nn.Module):
@@ -223,6 +231,8 @@ class Transformer(nn.Module):
         self.fused_decode = False
         self.float_dtype = torch.float32  # the dtype float weights are kept in
         self.kv_dtype: torch.dtype | None = None
+        # the decode step's blocks in one C call (decode_blocks.py), built on the first fused decode step
+        self._decode_blocks: tuple[DecodeBlocks, int] | None = None
         if not embed.weight.is_meta:  # the loader builds on "meta" and calls set_rope itself
             self.set_rope(max_len or cfg.max_position)
 
@@ -252,6 +262,20 @@ class Transformer(nn.Module):
         dtype = dtype or self.kv_cache_dtype()
         return KVCache(self.config, max_batch, min(max_len, self.rope_len), dtype, self.device)
 
+    def decode_blocks(self, rows: int) -> DecodeBlocks | None:
+        """The fused decode step's blocks as one C call (built once), or None for a batch of `rows` rows that
+        some linear runs on the plan's prefill GEMM (Block.decode_fused then calls each linear itself)."""
+        if self._decode_blocks is None:
+            layers = cast("Iterable[Block]", self.layers)
+            linears = [cast("FusedLinear", lin) for b in layers for lin in (b.attn.qkv, b.attn.o, b.mlp.gate_up,
+                                                                              b.mlp.down)]
+            limit = min((lin.prefill_min_rows for lin in linears if lin.prefill_kernel != "none"), default=1 << 62)
+            cfg = self.config
+            self._decode_blocks = (DecodeBlocks([b.dq_weights() for b in layers], cfg.n_heads, cfg.n_kv_heads,
+                                                cfg.head_dim), limit)
+        blocks, limit = self._decode_blocks
+        return blocks if rows < limit else None
+
     def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache, slots: Tensor | slice,
                 kv_len: int | None = None, logits: str = "last") -> Tensor | None:
         """input_ids/positions [B, T]; slots: B cache slots (a tensor, or a slice when contiguous).
@@ -273,10 +297,14 @@ class Transformer(nn.Module):
             x = x.reshape(B, -1).contiguous()                            # [B, C]
             pos = positions.reshape(B).to(torch.int64).contiguous()
             slot_idx = slot_idx.to(torch.int64).contiguous()
-            for i, block in enumerate(cast("Iterable[Block]", self.layers)):
-                # every layer's cache has the same shape: the indices are checked once, at layer 0
-                block.decode_fused(x, cache.k[i], cache.v[i], slot_idx, pos, self.rope_cos, self.rope_sin,
-                                   validate=i == 0)
+            blocks = self.decode_blocks(B)
+            if blocks is not None:
+                blocks.run(x, slot_idx, pos, self.rope_cos, self.rope_sin, cache.k, cache.v)
+            else:
+                for i, block in enumerate(cast("Iterable[Block]", self.layers)):
+                    # every layer's cache has the same shape: the indices are checked once, at layer 0
+                    block.decode_fused(x, cache.k[i], cache.v[i], slot_idx, pos, self.rope_cos, self.rope_sin,
+                                       validate=i == 0)
             if logits == "none":
                 return None
             out = cast("FusedLinear", self.lm_head).fused(x, norm=self.norm)  # [B, V] float32
