@@ -127,26 +127,32 @@ def decode_steps(model_dir: str, modes: list[str], threads: int = 2, batches: tu
         lib = None
     isas = lib.available_isas() if lib else []
     for mode in modes:
-        backends = [f"dq-{isa}" for isa in isas] + ["aten"] if mode in ("int8", "int4") else ["-"]
+        # "dq": the runtime's own choice (the best set, and its per-shape rules such as one int8 row on AVX-VNNI);
+        # then every set alone, then PyTorch's packed kernels
+        backends = (["dq"] if lib else []) + [f"dq-{isa}" for isa in isas] + ["aten"] if mode in ("int8", "int4") \
+            else ["-"]
         for backend in backends:
             if backend != "-":
                 os.environ["DISTILLERY_CPU_KERNELS"] = backend.split("-")[0]
             on_isa = lib.using_isa(backend.removeprefix("dq-")) if lib and backend.startswith("dq-") else nullcontext()
             with on_isa:
-                results += _time_decode_steps(model_dir, mode, backend, batches, steps)
+                results += _time_decode_steps(model_dir, mode, backend, batches, steps, threads)
             os.environ.pop("DISTILLERY_CPU_KERNELS", None)
-    return {"rows": results, "threads": threads, "steps": steps}
+    return {"rows": results, "threads": threads, "steps": steps,
+            "note": "step_ms: the best of 3 runs of `steps` steps; copy_gb_s: the copy bandwidth measured in the same "
+                    "process just before (best of 3, 256 MiB): on a shared VM both drift by tens of percent within "
+                    "minutes, so a row's fraction of the bound is taken against its own moment's bandwidth"}
 
 
 def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[int, ...],
-                       steps: int) -> list[dict[str, Any]]:
-    """One model load, its decode step timed at each batch size."""
+                       steps: int, threads: int) -> list[dict[str, Any]]:
+    """One model load, its decode step timed at each batch size (best of 3), with the copy bandwidth of the moment."""
     import json
     from pathlib import Path
 
     import torch
 
-    from bench.bandwidth import ModelShape, weight_bytes_per_token
+    from bench.bandwidth import ModelShape, measure_copy_bandwidth, weight_bytes_per_token
     from model_runtime.loader import load_model
 
     loaded = load_model(model_dir, quantization="none" if mode == "bf16" else mode, max_model_len=512)
@@ -161,11 +167,16 @@ def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[i
             pos = torch.full((b, 1), 64)
             for _ in range(2):
                 model(ids, pos, cache, slice(0, b))
-            t = time.perf_counter()
-            for i in range(steps):
-                model(ids, pos + i, cache, slice(0, b))
-            ms = (time.perf_counter() - t) / steps * 1e3
+            copy = measure_copy_bandwidth(256, 3, threads)
+            best = float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                for i in range(steps):
+                    model(ids, pos + i, cache, slice(0, b))
+                best = min(best, time.perf_counter() - t)
+            ms = best / steps * 1e3
             results.append({"mode": mode, "backend": backend, "batch": b, "step_ms": round(ms, 2),
                             "tok_s": round(b * 1e3 / ms, 1), "fused_decode": bool(model.fused_decode),
-                            "bytes_per_token": per_token})
+                            "bytes_per_token": per_token,
+                            "copy_gb_s": max(copy.numpy_gb_s, copy.torch_gb_s)})
     return results

@@ -211,7 +211,7 @@ def test_kernel_and_decode_step_tables() -> None:
                       {"mode": "int8", "backend": "aten", "batch": 1, "step_ms": 50.0, "tok_s": 20.0}]}
     table = report.decode_steps_table(steps).splitlines()
     assert table[0] == "| mode | kernels | batch 1 tok/s (ms/step) | batch 8 tok/s (ms/step) |"
-    assert table[2] == "| int8 | ours (AVX2 int) | 40.0 (25.0) | 100.0 (80.0) |"
+    assert table[2] == "| int8 | ours (runtime default) | 40.0 (25.0) | 100.0 (80.0) |"
     assert table[3] == "| int8 | PyTorch packed | 20.0 (50.0) | - |"
     # the instruction set the kernels ran on is named
     assert report.kernel_table({**kern, "dq_isa": "avxvnni"}).splitlines()[0] == "Ours on AVX-VNNI."
@@ -228,6 +228,24 @@ def test_kernel_and_decode_step_tables() -> None:
     assert report.decode_steps_table(bound, 34.0).splitlines()[2] == (
         "| int4 | ours (AVX-512 VNNI int) | 50.0 (20.0) | 50% of 100.0 |")
     assert report.decode_steps_table(bound).splitlines()[2] == "| int4 | ours (AVX-512 VNNI int) | 50.0 (20.0) |"
+    # a row measured with the bandwidth of its own moment is held to that, not to the run's
+    own = {"rows": [{**bound["rows"][0], "copy_gb_s": 40.8}]}
+    assert report.decode_steps_table(own, 34.0).splitlines()[2].endswith("| 42% of 120.0 |")
+
+
+def test_decode_step_target_is_the_runtime_defaults_batch_1_against_its_own_bandwidth() -> None:
+    rows = [{"mode": "int4", "backend": "dq", "batch": 1, "step_ms": 10.0, "tok_s": 100.0, "bytes_per_token": 300e6,
+             "copy_gb_s": 45.0},
+            {"mode": "int4", "backend": "dq", "batch": 8, "step_ms": 40.0, "tok_s": 200.0, "bytes_per_token": 300e6},
+            {"mode": "int4", "backend": "dq-avx2", "batch": 1, "step_ms": 40.0, "tok_s": 25.0, "bytes_per_token": 300e6},
+            {"mode": "int8", "backend": "dq", "batch": 1, "step_ms": 20.0, "tok_s": 50.0, "bytes_per_token": 500e6}]
+    results = {"decode_steps": {"rows": rows}, "bandwidth": {"copy": {"best_gb_s": 50.0}}}
+    targets = {t["target"]: t for t in report.evaluate_targets(results) if t["target"].startswith("decode step")}
+    assert len(targets) == 2
+    int4 = targets["decode step int4, batch 1 / bandwidth bound (runtime default kernels)"]
+    assert int4["value"] == pytest.approx(100 / 150, abs=1e-4) and int4["met"] is True  # 45 GB/s / 300 MB = 150 tok/s
+    int8 = targets["decode step int8, batch 1 / bandwidth bound (runtime default kernels)"]
+    assert int8["value"] == pytest.approx(0.5) and int8["met"] is False  # no own figure: the run's 50 GB/s
 
 
 def test_stored_decode_bytes_counts_the_head_once_and_the_embedding_table_apart() -> None:
