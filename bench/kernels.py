@@ -139,9 +139,10 @@ def decode_steps(model_dir: str, modes: list[str], threads: int = 2, batches: tu
                 results += _time_decode_steps(model_dir, mode, backend, batches, steps, threads)
             os.environ.pop("DISTILLERY_CPU_KERNELS", None)
     return {"rows": results, "threads": threads, "steps": steps,
-            "note": "step_ms: the best of 3 runs of `steps` steps; copy_gb_s: the copy bandwidth measured in the same "
-                    "process just before (best of 3, 256 MiB): on a shared VM both drift by tens of percent within "
-                    "minutes, so a row's fraction of the bound is taken against its own moment's bandwidth"}
+            "note": "step_ms: the best of 3 runs of `steps` steps; read_gb_s: the read-only stream bandwidth (torch sum, "
+                    "best of 3, 256 MiB) measured in the same process just before: a decode step only reads its "
+                    "weights, and on a shared VM both figures drift by tens of percent within minutes, so a row's "
+                    "fraction of the bound is taken against its own moment's read bandwidth"}
 
 
 def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[int, ...],
@@ -167,7 +168,7 @@ def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[i
             pos = torch.full((b, 1), 64)
             for _ in range(2):
                 model(ids, pos, cache, slice(0, b))
-            copy = measure_copy_bandwidth(256, 3, threads)
+            copy = measure_copy_bandwidth(256, 3, threads)  # (its read-only figure too)
             best = float("inf")
             for _ in range(3):
                 t = time.perf_counter()
@@ -178,5 +179,5 @@ def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[i
             results.append({"mode": mode, "backend": backend, "batch": b, "step_ms": round(ms, 2),
                             "tok_s": round(b * 1e3 / ms, 1), "fused_decode": bool(model.fused_decode),
                             "bytes_per_token": per_token,
-                            "copy_gb_s": max(copy.numpy_gb_s, copy.torch_gb_s)})
+                            "read_gb_s": copy.read_gb_s})
     return results

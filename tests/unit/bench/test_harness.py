@@ -229,13 +229,13 @@ def test_kernel_and_decode_step_tables() -> None:
         "| int4 | ours (AVX-512 VNNI int) | 50.0 (20.0) | 50% of 100.0 |")
     assert report.decode_steps_table(bound).splitlines()[2] == "| int4 | ours (AVX-512 VNNI int) | 50.0 (20.0) |"
     # a row measured with the bandwidth of its own moment is held to that, not to the run's
-    own = {"rows": [{**bound["rows"][0], "copy_gb_s": 40.8}]}
+    own = {"rows": [{**bound["rows"][0], "read_gb_s": 40.8}]}
     assert report.decode_steps_table(own, 34.0).splitlines()[2].endswith("| 42% of 120.0 |")
 
 
 def test_decode_step_target_is_the_runtime_defaults_batch_1_against_its_own_bandwidth() -> None:
     rows = [{"mode": "int4", "backend": "dq", "batch": 1, "step_ms": 10.0, "tok_s": 100.0, "bytes_per_token": 300e6,
-             "copy_gb_s": 45.0},
+             "read_gb_s": 45.0},
             {"mode": "int4", "backend": "dq", "batch": 8, "step_ms": 40.0, "tok_s": 200.0, "bytes_per_token": 300e6},
             {"mode": "int4", "backend": "dq-avx2", "batch": 1, "step_ms": 40.0, "tok_s": 25.0, "bytes_per_token": 300e6},
             {"mode": "int8", "backend": "dq", "batch": 1, "step_ms": 20.0, "tok_s": 50.0, "bytes_per_token": 500e6}]
