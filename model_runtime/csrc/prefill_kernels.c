@@ -41,9 +41,16 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
 
 /* one row: q = rint(x / d), d = amax / 127 (0 for an all-zero row); returns d */
 static float quantize_row(const float* x, int64_t K, int8_t* q) {
-    float amax = 0.f;
-#pragma omp simd reduction(max : amax)
-    for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(x[k]));
+    /* the largest |x| 8 lanes at a time: the compiler leaves an fmaxf reduction scalar (NaN rules), which made
+       this pass 3/4 of the call (72 x 896 rows: 165 us); max is exact, so the same amax (a NaN is skipped,
+       as by fmaxf: vmaxps returns its second operand when either is NaN) */
+    __m256 m8 = _mm256_setzero_ps();
+    int64_t k8 = 0;
+    for (; k8 + 8 <= K; k8 += 8) m8 = _mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.f), _mm256_loadu_ps(x + k8)), m8);
+    float lanes[8], amax = 0.f;
+    _mm256_storeu_ps(lanes, m8);
+    for (int i = 0; i < 8; i++) amax = fmaxf(amax, lanes[i]);
+    for (; k8 < K; k8++) amax = fmaxf(amax, fabsf(x[k8]));
     const float d = amax / 127.f;
     const float id = d > 0.f ? 1.f / d : 0.f;
 #pragma omp simd

@@ -73,7 +73,7 @@ def _chunked(w: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @needs_kernels
-@pytest.mark.parametrize(("k", "chunk"), [(896, prefill.CHUNK_K), (2560, 1024), (256, 64)])
+@pytest.mark.parametrize(("k", "chunk"), [(896, prefill.CHUNK_K), (2560, 1024), (256, 64), (100, 64)])  # 100: 8-lane tails
 def test_activation_rows_quantize_like_torch_per_chunk(k, chunk):
     x = torch.randn(19, k) * torch.logspace(-3, 2, 19)[:, None]
     x[3] = 0.0
