@@ -9,7 +9,7 @@ planned device with the planned dtype.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
@@ -19,7 +19,7 @@ from model_runtime import quant
 from model_runtime.config import ModelConfig
 from model_runtime.kernels import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 from model_runtime.load_error import ModelLoadError
-from model_runtime.model import RMSNorm, Transformer
+from model_runtime.model import Block, RMSNorm, Transformer
 from model_runtime.plan import KernelPlan
 from model_runtime.tensor_source import TensorSource
 
@@ -70,6 +70,8 @@ def build_model(cfg: ModelConfig, src: TensorSource, plan: KernelPlan, *, max_le
     model.act_dtype = plan.act_dtype
     model.kv_dtype = plan.kv_dtype
     model.fused_decode = plan.fused_decode
+    for block in cast("Iterable[Block]", model.layers):  # prompt chunks' SwiGLU in C too (MLP.c_swiglu)
+        block.mlp.c_swiglu = plan.fused_decode
     model = model.eval().requires_grad_(False)
     problems = placement_problems(model, plan)
     if problems:

@@ -151,3 +151,18 @@ def test_bad_rows_and_caches_are_refused_before_the_c_call(fused_model):
     with pytest.raises(ValueError, match="one shape"):
         plan.run(x, slots, pos, *args, [cache.k[0], other.k[1]], cache.v)
     assert all(t.abs().sum() == 0 for t in cache.k + cache.v)  # nothing was written
+
+
+def test_prompt_chunks_take_the_c_swiglu_within_rounding_of_pytorchs(fused_model, monkeypatch):
+    mlp = fused_model.layers[0].mlp
+    assert all(b.mlp.c_swiglu for b in fused_model.layers)  # build.py sets it with the plan's fused decode
+    x = torch.randn(1, 9, fused_model.config.hidden_size)
+    calls = []
+    silu_mul = ckernels.silu_mul
+    monkeypatch.setattr(ckernels, "silu_mul", lambda gu: calls.append(gu.shape) or silu_mul(gu))
+    with torch.inference_mode():
+        c = mlp(x)
+        monkeypatch.setattr(mlp, "c_swiglu", False)
+        plain = mlp(x)
+    assert calls == [(9, 2 * mlp.inter)]
+    assert c.shape == plain.shape and torch.allclose(c, plain, rtol=1e-5, atol=1e-5)
