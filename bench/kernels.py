@@ -110,7 +110,7 @@ def kernel_table(threads: int = 2, rows: tuple[int, ...] = (1, 4, 8), repeats: i
 
 
 def decode_steps(model_dir: str, modes: list[str], threads: int = 2, batches: tuple[int, ...] = (1, 4, 8),
-                 steps: int = 16) -> dict[str, Any]:
+                 steps: int = 16, bandwidth_mib: int = 256) -> dict[str, Any]:
     """Decode-step time of the model itself (no engine/HTTP) per mode and CPU kernel backend."""
     import os
 
@@ -136,7 +136,7 @@ def decode_steps(model_dir: str, modes: list[str], threads: int = 2, batches: tu
                 os.environ["DISTILLERY_CPU_KERNELS"] = backend.split("-")[0]
             on_isa = lib.using_isa(backend.removeprefix("dq-")) if lib and backend.startswith("dq-") else nullcontext()
             with on_isa:
-                results += _time_decode_steps(model_dir, mode, backend, batches, steps, threads)
+                results += _time_decode_steps(model_dir, mode, backend, batches, steps, threads, bandwidth_mib)
             os.environ.pop("DISTILLERY_CPU_KERNELS", None)
     return {"rows": results, "threads": threads, "steps": steps,
             "note": "step_ms: the best of 3 runs of `steps` steps; read_gb_s: the read-only stream bandwidth (torch sum, "
@@ -146,7 +146,7 @@ def decode_steps(model_dir: str, modes: list[str], threads: int = 2, batches: tu
 
 
 def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[int, ...],
-                       steps: int, threads: int) -> list[dict[str, Any]]:
+                       steps: int, threads: int, bandwidth_mib: int) -> list[dict[str, Any]]:
     """One model load, its decode step timed at each batch size (best of 3), with the copy bandwidth of the moment."""
     import json
     from pathlib import Path
@@ -168,7 +168,7 @@ def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[i
             pos = torch.full((b, 1), 64)
             for _ in range(2):
                 model(ids, pos, cache, slice(0, b))
-            copy = measure_copy_bandwidth(256, 3, threads)  # (its read-only figure too)
+            copy = measure_copy_bandwidth(bandwidth_mib, 3, threads)  # (its read-only figure too)
             best = float("inf")
             for _ in range(3):
                 t = time.perf_counter()
@@ -179,5 +179,5 @@ def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[i
             results.append({"mode": mode, "backend": backend, "batch": b, "step_ms": round(ms, 2),
                             "tok_s": round(b * 1e3 / ms, 1), "fused_decode": bool(model.fused_decode),
                             "bytes_per_token": per_token,
-                            "read_gb_s": copy.read_gb_s})
+                            "read_gb_s": copy.torch_read_gb_s})
     return results
