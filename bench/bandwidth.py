@@ -142,6 +142,20 @@ class Bandwidth:
         return {**asdict(self), "best_gb_s": round(self.best_gb_s, 3)}
 
 
+def measure_read_bandwidth(array_mib: int = 128, repeats: int = 3) -> float:
+    """Best-of-`repeats` read-only stream (torch sum of an `array_mib` float64 array) in GB/s, on the caller's
+    threads: a decode step's bound of the moment (bench.kernels pairs it with each step timing)."""
+    import torch
+
+    src = torch.ones(array_mib * (1 << 20) // 8, dtype=torch.float64)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        float(src.sum())
+        best = min(best, time.perf_counter() - t0)
+    return round(src.numel() * 8 / best / 1e9, 3)
+
+
 def measure_copy_bandwidth(array_mib: int = 512, repeats: int = 5, threads: int = 2) -> Bandwidth:
     """Best-of-`repeats` copy bandwidth of an `array_mib` array; read + write bytes are counted."""
     import numpy as np

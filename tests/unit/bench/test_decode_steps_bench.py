@@ -20,5 +20,8 @@ def test_decode_step_rows_carry_their_own_bandwidth(tmp_path, r1_tokenizer_dir):
     backends = [r["backend"] for r in rows]
     assert backends[:2] == ["dq", "dq"] and backends[-1] == "aten" and "dq-avx2" in backends
     assert all(r["step_ms"] > 0 and r["read_gb_s"] > 0 and r["bytes_per_token"] > 0 for r in rows)
+    assert all(len(r["step_ms_rounds"]) == 3 and len(r["read_gb_s_rounds"]) == 6 and r["paired_fraction"] > 0
+               for r in rows)
+    assert all(r["step_ms"] == min(r["step_ms_rounds"]) and r["read_gb_s"] == max(r["read_gb_s_rounds"]) for r in rows)
     targets = [t for t in report.evaluate_targets({"decode_steps": out}) if t["target"].startswith("decode step")]
     assert len(targets) == 1 and targets[0]["value"] is not None
