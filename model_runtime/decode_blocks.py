@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -37,14 +37,16 @@ class LinearWeights:
 
     def check(self, what: str) -> None:
         """What the C side trusts: dtypes, shapes and layouts (raises ValueError)."""
+        # the kernels' own shape rules (a kernel refusing a shape mid-step would leave x and the caches half updated)
         if self.bits == 8:
             ckernels._check(self.w, torch.int8, (self.n, self.k), f"{what}.w")
             ckernels._check(self.scales, torch.float32, (self.n,), f"{what}.scales")
-            if self.zeros is not None or self.block <= 0 or self.k % self.block:
-                raise ValueError(f"{what}: int8 takes no zeros and a block dividing K")
+            if self.zeros is not None or self.block <= 0 or self.block % 32 or self.k % self.block:
+                raise ValueError(f"{what}: int8 takes no zeros and an activation block (a multiple of 32) dividing K")
         elif self.bits == 4:
-            if self.block <= 0 or self.k % self.block or self.zeros is None:
-                raise ValueError(f"{what}: int4 needs zeros and a group dividing K")
+            if self.zeros is None or not ckernels.w4_group_supported(self.block, self.k):
+                raise ValueError(f"{what}: int4 needs zeros and a group the kernel supports (32, or 64-multiples "
+                                 "up to 256, dividing K, K a multiple of 64)")
             ckernels._check(self.w, torch.uint8, (self.n, self.k // 2), f"{what}.w")
             ckernels._check(self.scales, torch.bfloat16, (self.n, self.k // self.block), f"{what}.scales")
             ckernels._check(self.zeros, torch.bfloat16, (self.n, self.k // self.block), f"{what}.zeros")
@@ -102,29 +104,36 @@ class DecodeBlocks:
                     raise ValueError(f"layer {i} {name} is [{lw.n}, {lw.k}], the block needs [{n}, {k}]")
             for norm in (b.attn_norm, b.mlp_norm):
                 ckernels._check(norm, torch.float32, (c,), f"layer {i} norm weight")
-        self.blocks = tuple(blocks)  # keeps every tensor the structs point into alive
+        # detached aliases own the memory the structs point into: a Module.to() / _apply gives a parameter new
+        # memory and frees the old (the model drops its plan then: Transformer._apply)
+        blocks = [_owning(b) for b in blocks]
+        self.blocks = tuple(blocks)
         self._structs = (_Block * len(blocks))(*(
             _Block(_linear(b.qkv), _linear(b.o), _linear(b.gate_up), _linear(b.down), b.attn_norm.data_ptr(),
                    b.mlp_norm.data_ptr(), b.attn_eps, b.mlp_eps) for b in blocks))
         self.n_heads, self.n_kv, self.head_dim, self.hidden = n_heads, n_kv, head_dim, c
-        # the KV cache's per-layer pointers, for the lists they were taken from (a KVCache keeps its lists)
-        self._cache: tuple[list[Tensor], list[Tensor], ctypes.Array[ctypes.c_void_p],
+        # the last KV cache's layers (held: their memory stays valid) and the pointer arrays taken from them
+        self._cache: tuple[tuple[Tensor, ...], tuple[int, ...], ctypes.Array[ctypes.c_void_p],
                            ctypes.Array[ctypes.c_void_p]] | None = None
 
     def _cache_pointers(self, kc: list[Tensor], vc: list[Tensor]) -> tuple[ctypes.Array[ctypes.c_void_p],
                                                                             ctypes.Array[ctypes.c_void_p]]:
+        """The layers' pointers, checked in full when any layer tensor (or its memory) differs from last time."""
+        layers = (*kc, *vc)
+        ptrs = tuple(t.data_ptr() for t in layers)
         cached = self._cache
-        if cached is not None and cached[0] is kc and cached[1] is vc:
+        if cached is not None and cached[1] == ptrs and all(a is b for a, b in zip(cached[0], layers, strict=True)):
             return cached[2], cached[3]
+        self._cache = None
         n = len(self.blocks)
         if len(kc) != n or len(vc) != n:
             raise ValueError(f"the KV cache has {len(kc)}/{len(vc)} layers, the model {n}")
         for t in (*kc, *vc):
             if t.dtype != torch.float32 or not t.is_contiguous() or t.shape != kc[0].shape:
                 raise ValueError("every KV cache layer must be a contiguous float32 tensor of one shape")
-        kp = (ctypes.c_void_p * n)(*(t.data_ptr() for t in kc))
-        vp = (ctypes.c_void_p * n)(*(t.data_ptr() for t in vc))
-        self._cache = (kc, vc, kp, vp)
+        kp = (ctypes.c_void_p * n)(*ptrs[:n])
+        vp = (ctypes.c_void_p * n)(*ptrs[n:])
+        self._cache = (layers, ptrs, kp, vp)
         return kp, vp
 
     def run(self, x: Tensor, slots: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, kc: list[Tensor],
@@ -137,11 +146,19 @@ class DecodeBlocks:
         kp, vp = self._cache_pointers(kc, vc)
         ckernels.check_attention_rows(rows, self.n_heads, self.n_kv, self.head_dim, slots, positions, cos, sin,
                                       kc[0], vc[0])
-        if kc[0].data_ptr() != kp[0] or vc[0].data_ptr() != vp[0]:
-            raise ValueError("the KV cache's tensors changed under the decode plan")
         rc = ckernels._load().lib.dq_decode_blocks(
             x.data_ptr(), rows, ctypes.addressof(self._structs), len(self.blocks), kp, vp, kc[0].shape[2],
             self.n_heads, self.n_kv, self.head_dim, slots.data_ptr(), positions.data_ptr(), cos.data_ptr(),
             sin.data_ptr(), torch.get_num_threads())
         if rc != 0:
-            raise RuntimeError("dq_decode_blocks failed (out of memory)")
+            raise RuntimeError("dq_decode_blocks failed (out of memory)")  # every shape rule was checked above
+
+
+def _owning(b: BlockWeights) -> BlockWeights:
+    """The same block with every tensor a detached alias (one more owner of its memory, not a parameter)."""
+    def lin(lw: LinearWeights) -> LinearWeights:
+        return replace(lw, w=lw.w.detach(), scales=lw.scales.detach(),
+                       zeros=None if lw.zeros is None else lw.zeros.detach(),
+                       bias=None if lw.bias is None else lw.bias.detach())
+    return replace(b, qkv=lin(b.qkv), o=lin(b.o), gate_up=lin(b.gate_up), down=lin(b.down),
+                   attn_norm=b.attn_norm.detach(), mlp_norm=b.mlp_norm.detach())

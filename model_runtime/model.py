@@ -25,7 +25,7 @@ from model_runtime.config import ModelConfig
 from model_runtime.decode_blocks import BlockWeights, DecodeBlocks
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from model_runtime.kernels import FusedLinear, Int4Embedding, Int8Embedding
 
@@ -270,6 +270,11 @@ class Transformer(nn.Module):
     def new_cache(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         dtype = dtype or self.kv_cache_dtype()
         return KVCache(self.config, max_batch, min(max_len, self.rope_len), dtype, self.device)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Transformer:
+        # .to() / .float() / .share_memory() may give weights new memory: the C decode plan is rebuilt from them
+        self._decode_blocks = None
+        return cast("Transformer", super()._apply(fn, recurse))  # type: ignore[no-untyped-call]
 
     def decode_blocks(self, rows: int) -> DecodeBlocks | None:
         """The fused decode step's blocks as one C call (built once), or None for a batch of `rows` rows that

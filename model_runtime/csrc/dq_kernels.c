@@ -483,13 +483,14 @@ static int linear_w4_avx512(const float* x, int64_t M, int64_t K, int64_t G, con
             const int64_t nf = n + ahead + 1 < N ? n + ahead : n;
             /* every cache line of that pair's group scales and zeros: a 4864-wide row has 76 B of each, over two
                lines, and prefetching only the first left the rest to demand misses (down projection of the 0.5B:
-               +5-10% GB/s, three A/B runs; a prefetch past the end of the array is harmless) */
-            for (int64_t o = 0; o < 2 * ng; o += 32) {
+               +5-10% GB/s, three A/B runs); rows nf and nf + 1, the last one only at the end */
+            const int64_t pf_len = (nf + 1 < N ? 2 : 1) * ng;
+            for (int64_t o = 0; o < pf_len; o += 32) {
                 _mm_prefetch((const char*)(s + nf * ng + o), _MM_HINT_T0);
                 _mm_prefetch((const char*)(z + nf * ng + o), _MM_HINT_T0);
             }
-            _mm_prefetch((const char*)(s + (nf + 2) * ng - 1), _MM_HINT_T0);
-            _mm_prefetch((const char*)(z + (nf + 2) * ng - 1), _MM_HINT_T0);
+            _mm_prefetch((const char*)(s + nf * ng + pf_len - 1), _MM_HINT_T0);
+            _mm_prefetch((const char*)(z + nf * ng + pf_len - 1), _MM_HINT_T0);
             float sc0[ng], ex0[ng], sc1[ng], ex1[ng], r[2];
             w4z_row_scales(s + n * ng, z + n * ng, xs, dx, ng, sc0, ex0);
             w4z_row_scales(s + n1 * ng, z + n1 * ng, xs, dx, ng, sc1, ex1);

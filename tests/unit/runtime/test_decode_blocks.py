@@ -166,3 +166,35 @@ def test_prompt_chunks_take_the_c_swiglu_within_rounding_of_pytorchs(fused_model
         plain = mlp(x)
     assert calls == [(9, 2 * mlp.inter)]
     assert c.shape == plain.shape and torch.allclose(c, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_a_replaced_cache_layer_is_written_not_the_old_one(fused_model):
+    cache, reference = _prefilled_caches(fused_model, 2)
+    _decode(fused_model, cache, steps=1)   # the plan has taken this cache's pointers
+    _decode(fused_model, reference, steps=1)
+    old = cache.k[1]
+    before = old.clone()
+    cache.k[1] = torch.zeros_like(old)     # the same list, a new tensor in it
+    _decode(fused_model, cache, steps=1)   # writes the same positions again
+    assert torch.equal(old, before)        # the replaced tensor is left alone
+    for slot, p in ((0, 5), (2, 9), (3, 2)):  # the new one holds exactly this step's keys
+        assert torch.equal(cache.k[1][slot, :, p], reference.k[1][slot, :, p])
+    assert int((cache.k[1].abs().sum(-1) > 0).sum()) == 3 * fused_model.config.n_kv_heads
+
+
+def test_moving_the_model_drops_its_plan(tiny_qwen2_dir):
+    model = load_model(tiny_qwen2_dir, quantization="int4", group_size=32).model
+    plan = model.decode_blocks(1)
+    assert plan is not None and model.decode_blocks(1) is plan
+    model.to(torch.float32)                # nn.Module._apply: weights may get new memory
+    assert model._decode_blocks is None and model.decode_blocks(1) is not plan
+    # the plan's tensors are its own aliases: replacing a parameter's memory does not free what it points into
+    norm = model.layers[0].attn_norm.weight
+    alias = model.decode_blocks(1).blocks[0].attn_norm
+    assert alias.data_ptr() == norm.data_ptr() and alias is not norm
+
+
+def test_shapes_the_kernels_refuse_are_refused_when_the_plan_is_built(fused_model):
+    w = fused_model.layers[-1].dq_weights()
+    with pytest.raises(ValueError, match="layer 1 qkv"):  # int4: no group of 48; int8: no block of 48
+        _plan(fused_model, qkv=replace(w.qkv, block=48))
