@@ -179,7 +179,8 @@ def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[i
                     model(ids, pos + i, cache, slice(0, b))
                 times.append((time.perf_counter() - t) / steps)
                 reads += [before, measure_read_bandwidth(bandwidth_mib)]
-                fractions.append(b * per_token / times[-1] / (max(reads[-2:]) * 1e9))
+                # a step reads the weights once whatever the batch: bytes per step / time against the bandwidth
+                fractions.append(per_token / times[-1] / (max(reads[-2:]) * 1e9))
             ms = min(times) * 1e3
             results.append({"mode": mode, "backend": backend, "batch": b, "step_ms": round(ms, 2),
                             "tok_s": round(b * 1e3 / ms, 1), "fused_decode": bool(model.fused_decode),

@@ -3,6 +3,9 @@ every row with its step time and the read bandwidth of its own moment (what the 
 
 from __future__ import annotations
 
+import statistics
+
+import pytest
 import torch
 
 from bench import report
@@ -23,5 +26,9 @@ def test_decode_step_rows_carry_their_own_bandwidth(tmp_path, r1_tokenizer_dir):
     assert all(len(r["step_ms_rounds"]) == 3 and len(r["read_gb_s_rounds"]) == 6 and r["paired_fraction"] > 0
                for r in rows)
     assert all(r["step_ms"] == min(r["step_ms_rounds"]) and r["read_gb_s"] == max(r["read_gb_s_rounds"]) for r in rows)
+    for r in rows:  # the fraction is bytes a step reads / its time / that round's bandwidth, whatever the batch
+        fractions = [r["bytes_per_token"] / (ms / 1e3) / (max(r["read_gb_s_rounds"][2 * i:2 * i + 2]) * 1e9)
+                     for i, ms in enumerate(r["step_ms_rounds"])]
+        assert r["paired_fraction"] == pytest.approx(statistics.median(fractions), rel=0.05, abs=2e-3)
     targets = [t for t in report.evaluate_targets({"decode_steps": out}) if t["target"].startswith("decode step")]
     assert len(targets) == 1 and targets[0]["value"] is not None
