@@ -11,8 +11,12 @@ counting read + write bytes, and for context a read-only torch sum); it runs in 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # Bytes of one stored weight element per mode (codes only; scales/zeros are added separately).
 _CODE_BYTES = {"fp32": 4.0, "bf16": 2.0, "none": 2.0, "int8": 1.0, "int4": 0.5}
@@ -142,18 +146,19 @@ class Bandwidth:
         return {**asdict(self), "best_gb_s": round(self.best_gb_s, 3)}
 
 
-def measure_read_bandwidth(array_mib: int = 128, repeats: int = 3) -> float:
-    """Best-of-`repeats` read-only stream (torch sum of an `array_mib` float64 array) in GB/s, on the caller's
-    threads: a decode step's bound of the moment (bench.kernels pairs it with each step timing)."""
-    import torch
-
-    src = torch.ones(array_mib * (1 << 20) // 8, dtype=torch.float64)
+def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        float(src.sum())
+        fn()
         best = min(best, time.perf_counter() - t0)
-    return round(src.numel() * 8 / best / 1e9, 3)
+    return best
+
+
+def read_gb_s(src: Tensor, repeats: int = 3) -> float:
+    """Best-of-`repeats` read-only stream over `src` (torch sum) in GB/s, on the caller's threads: what a decode step
+    does with its weights (bench.kernels pairs it with each step timing)."""
+    return round(src.numel() * src.element_size() / _best_seconds(lambda: float(src.sum()), repeats) / 1e9, 3)
 
 
 def measure_copy_bandwidth(array_mib: int = 512, repeats: int = 5, threads: int = 2) -> Bandwidth:
@@ -166,27 +171,11 @@ def measure_copy_bandwidth(array_mib: int = 512, repeats: int = 5, threads: int 
     src = np.ones(n, dtype=np.float64)
     dst = np.empty_like(src)
     np.copyto(dst, src)  # fault the pages in before timing
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    numpy_gb_s = 2 * src.nbytes / best / 1e9
+    numpy_gb_s = 2 * src.nbytes / _best_seconds(lambda: np.copyto(dst, src), repeats) / 1e9
 
     tsrc = torch.from_numpy(src)
     tdst = torch.from_numpy(dst)
     tdst.copy_(tsrc)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        tdst.copy_(tsrc)
-        best = min(best, time.perf_counter() - t0)
-    torch_gb_s = 2 * src.nbytes / best / 1e9
-
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        float(tsrc.sum())
-        best = min(best, time.perf_counter() - t0)
-    read_gb_s = src.nbytes / best / 1e9
-    return Bandwidth(round(numpy_gb_s, 3), round(torch_gb_s, 3), array_mib, threads, round(read_gb_s, 3))
+    torch_gb_s = 2 * src.nbytes / _best_seconds(lambda: tdst.copy_(tsrc), repeats) / 1e9
+    read = read_gb_s(tsrc, repeats)
+    return Bandwidth(round(numpy_gb_s, 3), round(torch_gb_s, 3), array_mib, threads, read)

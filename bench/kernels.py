@@ -148,13 +148,13 @@ def decode_steps(model_dir: str, modes: list[str], threads: int = 2, batches: tu
 
 def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[int, ...],
                        steps: int, threads: int, bandwidth_mib: int) -> list[dict[str, Any]]:
-    """One model load, its decode step timed at each batch size (best of 3), with the copy bandwidth of the moment."""
+    """One model load, its decode step timed at each batch size (best of 3), with the read bandwidth of the moment."""
     import json
     from pathlib import Path
 
     import torch
 
-    from bench.bandwidth import ModelShape, measure_read_bandwidth, weight_bytes_per_token
+    from bench.bandwidth import ModelShape, read_gb_s, weight_bytes_per_token
     from model_runtime.loader import load_model
 
     loaded = load_model(model_dir, quantization="none" if mode == "bf16" else mode, max_model_len=512)
@@ -162,6 +162,7 @@ def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[i
     shape = ModelShape.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
     per_token = weight_bytes_per_token(shape, mode, lm_head_mode="int8" if mode in ("int8", "int4") else None)
     cache = model.new_cache(max(batches), 512)
+    stream = torch.ones(bandwidth_mib * (1 << 20) // 8, dtype=torch.float64)  # read_gb_s's array, allocated once
     results: list[dict[str, Any]] = []
     with torch.inference_mode():
         for b in batches:
@@ -173,12 +174,12 @@ def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[i
             # taken against the higher of its two reads (the bandwidth of that moment, erring high)
             times, reads, fractions = [], [], []
             for _ in range(3):
-                before = measure_read_bandwidth(bandwidth_mib)
+                before = read_gb_s(stream)
                 t = time.perf_counter()
                 for i in range(steps):
                     model(ids, pos + i, cache, slice(0, b))
                 times.append((time.perf_counter() - t) / steps)
-                reads += [before, measure_read_bandwidth(bandwidth_mib)]
+                reads += [before, read_gb_s(stream)]
                 # a step reads the weights once whatever the batch: bytes per step / time against the bandwidth
                 fractions.append(per_token / times[-1] / (max(reads[-2:]) * 1e9))
             ms = min(times) * 1e3

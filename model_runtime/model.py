@@ -199,19 +199,24 @@ class Block(nn.Module):
         Same math as forward(): the norms are fused into the next linear's activation quantization,
         the residual adds into the linear's output, RoPE + cache write + attention into one call.
         Every linear here is a quantized one with a `fused` method (the loader replaced nn.Linear)."""
-        a, m = self.attn, self.mlp
-        qkv = cast("FusedLinear", a.qkv).fused(x, norm=self.attn_norm)          # [B, (nh + 2 nkv) hd]
+        a = self.attn
+        qkv_lin, o_lin, gate_up_lin, down_lin = self.fused_linears()
+        qkv = qkv_lin.fused(x, norm=self.attn_norm)                             # [B, (nh + 2 nkv) hd]
         y = ckernels.attn_decode(qkv, a.n_heads, a.n_kv, a.hd, slot_idx, positions, cos, sin, kc, vc,
                                  validate=validate)                             # [B, nh hd]
-        cast("FusedLinear", a.o).fused(y, out=x)                                # x += o(y)
-        gu = cast("FusedLinear", m.gate_up).fused(x, norm=self.mlp_norm)        # [B, 2 I]
+        o_lin.fused(y, out=x)                                                   # x += o(y)
+        gu = gate_up_lin.fused(x, norm=self.mlp_norm)                           # [B, 2 I]
         h = ckernels.silu_mul(gu)                                               # [B, I] silu(gate) * up
-        cast("FusedLinear", m.down).fused(h, out=x)                             # x += down(h)
+        down_lin.fused(h, out=x)                                                # x += down(h)
+
+    def fused_linears(self) -> tuple[FusedLinear, FusedLinear, FusedLinear, FusedLinear]:
+        """qkv, o, gate_up, down: on the fused decode path every one is a quantized dq linear."""
+        lins = (self.attn.qkv, self.attn.o, self.mlp.gate_up, self.mlp.down)
+        return cast("tuple[FusedLinear, FusedLinear, FusedLinear, FusedLinear]", lins)
 
     def dq_weights(self) -> BlockWeights:
         """The block's weights as decode_blocks.py runs them (decode_fused's math in one C call per step)."""
-        a, m = self.attn, self.mlp
-        qkv, o, gate_up, down = (cast("FusedLinear", lin).dq_weights() for lin in (a.qkv, a.o, m.gate_up, m.down))
+        qkv, o, gate_up, down = (lin.dq_weights() for lin in self.fused_linears())
         return BlockWeights(qkv, o, gate_up, down, attn_norm=self.attn_norm.weight, attn_eps=self.attn_norm.eps,
                             mlp_norm=self.mlp_norm.weight, mlp_eps=self.mlp_norm.eps)
 
@@ -281,8 +286,7 @@ class Transformer(nn.Module):
         some linear runs on the plan's prefill GEMM (Block.decode_fused then calls each linear itself)."""
         if self._decode_blocks is None:
             layers = cast("Iterable[Block]", self.layers)
-            linears = [cast("FusedLinear", lin) for b in layers for lin in (b.attn.qkv, b.attn.o, b.mlp.gate_up,
-                                                                              b.mlp.down)]
+            linears = [lin for b in layers for lin in b.fused_linears()]
             limit = min((lin.prefill_min_rows for lin in linears if lin.prefill_kernel != "none"), default=1 << 62)
             cfg = self.config
             self._decode_blocks = (DecodeBlocks([b.dq_weights() for b in layers], cfg.n_heads, cfg.n_kv_heads,

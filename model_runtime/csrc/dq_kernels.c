@@ -789,7 +789,7 @@ void dq_silu_mul(const float* gu, int64_t M, int64_t I, float* h, int nthreads) 
     }
 }
 
-/* One quantized linear of a decode block, as the model holds it (ckernels.DqLinear mirrors this). */
+/* One quantized linear of a decode block, as the model holds it (decode_blocks._Linear mirrors this). */
 typedef struct {
     const void* w;      /* int8 [N, K], or int4 [N, K/2] in the layout above */
     const void* s;      /* int8: float32 [N]; int4: bfloat16 [N, K/G] */
@@ -800,7 +800,7 @@ typedef struct {
     int64_t bits;       /* 8 or 4 */
 } dq_linear_t;
 
-/* One decoder block: pre-norm attention and SwiGLU MLP (the model's Block.decode_fused) */
+/* One decoder block: pre-norm attention and SwiGLU MLP (the model's Block.decode_fused; decode_blocks._Block) */
 typedef struct {
     dq_linear_t qkv, o, gate_up, down;
     const float* attn_norm;
@@ -823,7 +823,7 @@ static int run_linear(const dq_linear_t* L, const float* x, int64_t M, float* y,
    block i reads and writes kc[i]/vc[i] ([max_batch, nkv, max_len, hd] float32) at slot[m], pos[m], as
    dq_attn_decode. The same kernels, in the same order, as the model's per-layer calls, without a return to the
    interpreter between them (at one token a step that return cost ~3 ms of a 15 ms 0.5B step). The caller has
-   checked every shape, slot and position (ckernels.DecodeBlocks). 0, or -1 (out of memory / bad block). */
+   checked every shape, slot and position (decode_blocks.DecodeBlocks). 0, or -1 (out of memory / bad block). */
 int dq_decode_blocks(float* x, int64_t M, const dq_block_t* blocks, int64_t n_blocks, float* const* kc,
                      float* const* vc, int64_t max_len, int64_t nh, int64_t nkv, int64_t hd, const int64_t* slot,
                      const int64_t* pos, const float* cos_t, const float* sin_t, int nthreads) {
