@@ -127,7 +127,7 @@ def decode_steps(model_dir: str, modes: list[str], threads: int = 2, batches: tu
         lib = None
     isas = lib.available_isas() if lib else []
     for mode in modes:
-        # "dq": the runtime's own choice (the best set, and its per-shape rules such as one int8 row on AVX-VNNI);
+        # "dq": the runtime's own choice (the best set, and the plan's one-row kernels: plan.row_isas);
         # then every set alone, then PyTorch's packed kernels
         backends = (["dq"] if lib else []) + [f"dq-{isa}" for isa in isas] + ["aten"] if mode in ("int8", "int4") \
             else ["-"]

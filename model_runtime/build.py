@@ -15,7 +15,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from model_runtime import quant
+from model_runtime import ckernels, quant
 from model_runtime.config import ModelConfig
 from model_runtime.kernels import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 from model_runtime.load_error import ModelLoadError
@@ -70,6 +70,8 @@ def build_model(cfg: ModelConfig, src: TensorSource, plan: KernelPlan, *, max_le
     model.act_dtype = plan.act_dtype
     model.kv_dtype = plan.kv_dtype
     model.fused_decode = plan.fused_decode
+    if plan.dq_isa:  # one-row calls' kernels (process-wide, as the instruction set: every model here has this plan's)
+        ckernels.set_row_isas(*plan.dq_row_isa)
     for block in cast("Iterable[Block]", model.layers):  # prompt chunks' SwiGLU in C too (MLP.c_swiglu)
         block.mlp.c_swiglu = plan.fused_decode
     model = model.eval().requires_grad_(False)

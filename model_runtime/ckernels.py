@@ -20,7 +20,9 @@ Instruction set (DISTILLERY_CPU_ISA): the library holds the linear kernels three
 AVX-VNNI (one `vpdpbusd` where AVX2 needs maddubs + madd + add) and for AVX-512 with VNNI (512-bit
 registers, compiled per function: the library still builds and runs on AVX2-only CPUs), and picks the
 best the CPU has ("auto"); "avx2" / "avxvnni" / "avx512vnni" force one (an instruction set the CPU lacks
-is a ValueError at load). All three give bit-identical results.
+is a ValueError at load). All three give bit-identical results. One activation row (a single-stream decode
+step) may take other kernels than the chosen set's where they stream the weights faster on this CPU
+(set_row_isas, from the kernel plan's row_isas).
 """
 
 from __future__ import annotations
@@ -44,10 +46,13 @@ from torch import Tensor
 log = logging.getLogger("model_runtime.ckernels")
 
 SOURCE = Path(__file__).parent / "csrc" / "dq_kernels.c"
-ABI_VERSION = 6
+ABI_VERSION = 7
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-D_POSIX_C_SOURCE=200809L"]
 BACKENDS = ("auto", "dq", "aten", "generic")
 ISAS = {"auto": 0, "avx2": 1, "avxvnni": 2, "avx512vnni": 3}  # DISTILLERY_CPU_ISA -> dq_set_isa's argument
+# the kernels one activation row takes (dq_set_row_isa): "" the chosen set's; "vnni256" the 256-bit VNNI kernels
+# (AVX-VNNI's, or the same instructions EVEX-encoded on an AVX512-VNNI CPU without AVX-VNNI)
+ROW_ISAS = {"": 0, "avx2": 1, "vnni256": 2, "avx512vnni": 3}
 
 
 class KernelUnavailable(RuntimeError):
@@ -132,8 +137,12 @@ class _Lib:
         lib.dq_set_isa.argtypes = [i32]
         lib.dq_set_isa.restype = i32
         lib.dq_isa.restype = i32
-        lib.dq_set_w8_row_vnni.argtypes = [i32]
-        lib.dq_set_w8_row_vnni.restype = i32
+        lib.dq_set_row_isa.argtypes = [i32, i32]
+        lib.dq_set_row_isa.restype = i32
+        lib.dq_row_isa.argtypes = [i32]
+        lib.dq_row_isa.restype = i32
+        lib.dq_call_isa.argtypes = [i32, i64]
+        lib.dq_call_isa.restype = i32
         choice = os.environ.get("DISTILLERY_CPU_ISA", "auto").lower()
         if choice not in ISAS:
             raise ValueError(f"DISTILLERY_CPU_ISA={choice!r}: expected one of {', '.join(ISAS)}")
@@ -155,17 +164,39 @@ class _Lib:
             raise KernelUnavailable(f"this CPU lacks {name}")
         return self.isa
 
+    def row_isa(self, bits: int) -> str:
+        """The kernels one activation row of `bits`-bit (8 or 4) weights takes ("": the chosen set's)."""
+        code = self.lib.dq_row_isa(bits)
+        return next(name for name, c in ROW_ISAS.items() if c == code)
+
+    def set_row_isa(self, bits: int, name: str) -> str:
+        """Route one-row calls of `bits`-bit weights to `name` (ROW_ISAS; the kernel plan's choice, plan.row_isas);
+        returns the previous setting."""
+        if name not in ROW_ISAS or bits not in (8, 4):
+            raise ValueError(f"row kernels {bits}-bit {name!r}: expected 8 or 4 and one of {', '.join(ROW_ISAS)}")
+        before = self.lib.dq_set_row_isa(bits, ROW_ISAS[name])
+        if before < 0:
+            raise KernelUnavailable(f"this CPU lacks {name}")
+        return next(n for n, c in ROW_ISAS.items() if c == before)
+
+    def call_isa(self, bits: int, rows: int) -> str:
+        """The instruction set a call with `rows` activation rows of `bits`-bit weights runs on (vnni256 reads as
+        avxvnni)."""
+        code = self.lib.dq_call_isa(bits, rows)
+        return next(name for name, c in ISAS.items() if c == code)
+
     @contextlib.contextmanager
     def using_isa(self, name: str) -> Iterator[_Lib]:
         """The linear kernels on `name` inside the block, on the previous choice after it (the choice is
-        process-wide; tests and the benchmark compare instruction sets)."""
+        process-wide; tests and the benchmark compare instruction sets): one-row calls too."""
         before = self.isa
         self.set_isa(name)
-        row_vnni = self.lib.dq_set_w8_row_vnni(0)  # every call on `name` (see dq_set_w8_row_vnni)
+        rows = {bits: self.set_row_isa(bits, "") for bits in (8, 4)}  # every call on `name`
         try:
             yield self
         finally:
-            self.lib.dq_set_w8_row_vnni(row_vnni)
+            for bits, row in rows.items():
+                self.set_row_isa(bits, row)
             self.set_isa(before)
 
     def available_isas(self) -> list[str]:
@@ -209,6 +240,14 @@ def load() -> None:
 def isa() -> str:
     """The instruction set the linear kernels run on (the best this CPU has unless DISTILLERY_CPU_ISA says)."""
     return _load().isa
+
+
+def set_row_isas(int8: str, int4: str) -> None:
+    """The kernels one-row calls of int8 / int4 weights take (the kernel plan's row_isas; process-wide, as the
+    instruction set is)."""
+    lib = _load()
+    lib.set_row_isa(8, int8)
+    lib.set_row_isa(4, int4)
 
 
 def backend() -> str:

@@ -60,6 +60,7 @@ class Machine:
     dq_problem: str = ""
     dq_isa: str = ""                              # the instruction set our CPU kernels run on (ckernels.ISAS)
     cpu_flags: frozenset[str] = frozenset()     # /proc/cpuinfo flags (which matrix engine prefill uses)
+    cpu_family: tuple[str, int] = ("", 0)       # /proc/cpuinfo vendor_id and cpu family (row_isas)
     prefill_problem: str = ""                   # why the prefill kernels' C helpers cannot load ("" = they can)
 
     @property
@@ -85,14 +86,20 @@ class Machine:
             prefill_problem = ""
         except ckernels.KernelUnavailable as exc:
             prefill_problem = str(exc)
-        flags = prefill.cpu_flags()
+        flags, family = prefill.cpu_flags(), prefill.cpu_family()
         try:
             ckernels.load()
             return cls(device=str(device), dq_available=True, dq_isa=ckernels.isa(), cpu_flags=flags,
-                       prefill_problem=prefill_problem)
+                       cpu_family=family, prefill_problem=prefill_problem)
         except ckernels.KernelUnavailable as exc:
             return cls(device=str(device), dq_available=False, dq_problem=str(exc), cpu_flags=flags,
-                       prefill_problem=prefill_problem)
+                       cpu_family=family, prefill_problem=prefill_problem)
+
+    @property
+    def avx512_halves(self) -> bool:
+        """AVX-512 executed as two 256-bit halves: AMD family 19h with AVX-512 (Zen 4; Zen 3, the same family, has
+        none; Zen 5 is family 1Ah, with full-width units)."""
+        return self.cpu_family == ("AuthenticAMD", 0x19) and "avx512f" in self.cpu_flags
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,7 @@ class KernelPlan:
     prefill_kernel: str = "none"    # dq linears, >= prefill_min_rows rows: none | int8mm | bf16 (prefill.py)
     prefill_min_rows: int = 0
     dq_isa: str = ""                # dq linears: avx2 | avxvnni | avx512vnni (the decode kernels' instruction set)
+    dq_row_isa: tuple[str, str] = ("", "")  # one activation row, int8 / int4 weights: row_isas ("" = dq_isa's)
     source_format: str = "hf"
     prequantized: bool = False
     machine: str = ""
@@ -286,8 +294,27 @@ def make_plan(cfg: ModelConfig, machine: Machine, *, quantization: str = "none",
         lm_head_backend=head, int8_kernel=kernel8, fused_decode=fused, compile=bool(compile),
         prefill_kernel=prefill_kernel, prefill_min_rows=prefill_rows,
         dq_isa=machine.dq_isa if "dq" in (backend, head) else "",
+        dq_row_isa=row_isas(machine) if "dq" in (backend, head) else ("", ""),
         source_format=source_format, prequantized=prequantized,
         machine=machine.cuda_name or machine.device, notes=tuple(notes))
+
+
+def row_isas(machine: Machine) -> tuple[str, str]:
+    """The kernels one activation row (a single-stream decode step) of int8 / int4 weights takes where the chosen
+    set is AVX-512 ("": its own; ckernels.ROW_ISAS). All are bit-identical; this is speed only. Measured as a
+    0.5B decode step at batch 1, each set alone in one process, alternating (bench `kernels`' per-set rows):
+    - int8: the 256-bit VNNI kernels (|w| . sign(x, w), one vpdpbusd per 32 weights) beat the 512-bit ones
+      (x + 128 and a second vpdpbusd for the weight sum, AVX-512 lacking vpsignb) on every CPU measured: Xeon
+      19.0-19.4 vs 22.4-23.6 ms, Zen 5 12.4-15.3 vs 17.7-18.8, Zen 4 (no AVX-VNNI: the EVEX-encoded ones) 13.5
+      vs 27.5;
+    - int4: the 512-bit kernels win on full-width AVX-512 (Xeon 14.7-16.4 vs 17.5-21.2 ms for the 256-bit
+      sets; Zen 5 10.2 vs 12.5-17.5 in one run, 12.1 vs 11.6-13.1 in another) and lose where AVX-512 runs as
+      two halves (Zen 4: AVX2's 13.3 vs 18.4, the 256-bit VNNI 16.7).
+    From two rows on the 512-bit kernels win or tie everywhere (Zen 4, int8 / int4 at 2 rows: 17.7 / 14.4 ms vs
+    AVX2's 17.4 / 15.6)."""
+    if machine.dq_isa != "avx512vnni":
+        return "", ""
+    return "vnni256", "avx2" if machine.avx512_halves else ""
 
 
 def _prefill_choice(backend: str, head: str, quantization: str, machine: Machine,

@@ -80,6 +80,23 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_family() -> tuple[str, int]:
+    """(vendor_id, cpu family) of /proc/cpuinfo, e.g. ("AuthenticAMD", 25); ("", 0) where it cannot say."""
+    vendor, family = "", 0
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "vendor_id" and not vendor:
+                vendor = value.strip()
+            elif key.strip() == "cpu family" and not family:
+                family = int(value.strip() or 0)
+            if vendor and family:
+                break
+    except (OSError, ValueError):
+        pass
+    return vendor, family
+
+
 # ---- the C helpers --------------------------------------------------------------------------------
 def library_path() -> Path:
     h = hashlib.sha256(SOURCE.read_bytes())

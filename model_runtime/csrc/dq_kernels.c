@@ -25,7 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define DQ_ABI_VERSION 6
+#define DQ_ABI_VERSION 7
 
 int dq_abi_version(void) { return DQ_ABI_VERSION; }
 
@@ -608,21 +608,54 @@ int dq_set_isa(int isa) {
     return isa;
 }
 
-/* One int8 activation row (single-stream decode) on AVX-512 CPUs that also have AVX-VNNI: the 256-bit VNNI kernel,
-   whose sign trick needs no second vpdpbusd per weight vector for the unsigned-activation correction, streamed
-   the weights faster (0.5B int8 decode step 16.8-19.2 ms vs 21.2-22.6 ms, three alternating runs, 2 vCPUs); int4
-   and batches stay on AVX-512 (int4 batch 1: 14.7-17.3 vs 18.7-28.9 ms). Same results, bit for bit. On by default;
-   dq_set_w8_row_vnni(0) keeps every call on the chosen instruction set (tests and the benchmark compare sets). */
-static int dq_w8_row_vnni = 1;
-
-int dq_set_w8_row_vnni(int on) {
-    return __atomic_exchange_n(&dq_w8_row_vnni, on ? 1 : 0, __ATOMIC_RELAXED);
-}
-
 int dq_isa(void) {
     const int isa = __atomic_load_n(&dq_isa_selected, __ATOMIC_RELAXED);
     return isa ? isa : dq_set_isa(0);
 }
+
+/* The kernels ONE activation row (a single-stream decode step) takes, per weight width, where they stream the
+   weights faster than the chosen set's: 0 = the chosen set's; DQ_ISA_AVX2; DQ_ISA_AVXVNNI = the 256-bit VNNI
+   kernels (VEX-encoded where the CPU has AVX-VNNI, else the same instructions EVEX-encoded on AVX512-VNNI);
+   DQ_ISA_AVX512VNNI. The kernel plan decides (plan.row_isas says what was measured); results are the same bit
+   for bit whichever runs. Index 0: int8 weights, 1: int4. */
+static int dq_row_isa_sel[2] = {0, 0};
+
+static int dq_row_isa_supported(int isa) {
+    if (isa == 0) return 1;
+    if (isa == DQ_ISA_AVXVNNI) return dq_isa_supported(DQ_ISA_AVXVNNI) || dq_isa_supported(DQ_ISA_AVX512VNNI);
+    return dq_isa_supported(isa);
+}
+
+/* Set the one-row kernels of `bits`-bit weights (8 or 4); returns the previous setting, or -1 (bad width, or an
+   instruction set this CPU / build lacks). */
+int dq_set_row_isa(int bits, int isa) {
+    if ((bits != 8 && bits != 4) || isa < 0 || isa > DQ_ISA_AVX512VNNI) return -1;
+    __builtin_cpu_init();
+    if (!dq_row_isa_supported(isa)) return -1;
+    return __atomic_exchange_n(&dq_row_isa_sel[bits == 4], isa, __ATOMIC_RELAXED);
+}
+
+int dq_row_isa(int bits) { return __atomic_load_n(&dq_row_isa_sel[bits == 4], __ATOMIC_RELAXED); }
+
+/* The instruction set a call with M activation rows of `bits`-bit weights runs on (the dispatch below; tests
+   ask it too). */
+int dq_call_isa(int bits, int64_t M) {
+    const int row = M == 1 ? dq_row_isa(bits) : 0;
+    return row ? row : dq_isa();
+}
+
+#if DQ_HAVE_AVX512
+/* whether the 256-bit VNNI kernels are the VEX ones (the CPU has AVX-VNNI) or the EVEX ones; asked once */
+static int dq_vex_vnni(void) {
+    static int vex = -1;
+    int v = __atomic_load_n(&vex, __ATOMIC_RELAXED);
+    if (v < 0) {
+        v = dq_isa_supported(DQ_ISA_AVXVNNI);
+        __atomic_store_n(&vex, v, __ATOMIC_RELAXED);
+    }
+    return v;
+}
+#endif
 
 /* y = f(x) @ (w * ws[:, None])^T + bias, where f = RMSNorm(., norm_w, eps) when norm_w is given;
    accumulate: y += (the residual add of a pre-norm block, in place). 0, or -1 (bad block size /
@@ -630,19 +663,15 @@ int dq_isa(void) {
 int dq_linear_w8(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* w, const float* ws,
                  const float* bias, int64_t N, float* y, int nthreads, const float* norm_w, float eps,
                  int accumulate) {
+    const int isa = dq_call_isa(8, M);
 #if DQ_HAVE_AVX512
-    if (dq_isa() == DQ_ISA_AVX512VNNI) {
-#if DQ_HAVE_AVXVNNI
-        static int vnni = -1;  /* whether the CPU has AVX-VNNI, asked once */
-        if (vnni < 0) __atomic_store_n(&vnni, dq_isa_supported(DQ_ISA_AVXVNNI), __ATOMIC_RELAXED);
-        if (M == 1 && __atomic_load_n(&vnni, __ATOMIC_RELAXED) && __atomic_load_n(&dq_w8_row_vnni, __ATOMIC_RELAXED))
-            return linear_w8_avxvnni(x, M, K, B, w, ws, bias, N, y, nthreads, norm_w, eps, accumulate);
-#endif
+    if (isa == DQ_ISA_AVX512VNNI)
         return linear_w8_avx512(x, M, K, B, w, ws, bias, N, y, nthreads, norm_w, eps, accumulate);
-    }
+    if (isa == DQ_ISA_AVXVNNI && !dq_vex_vnni())
+        return linear_w8_avx512y(x, M, K, B, w, ws, bias, N, y, nthreads, norm_w, eps, accumulate);
 #endif
 #if DQ_HAVE_AVXVNNI
-    if (dq_isa() == DQ_ISA_AVXVNNI)
+    if (isa == DQ_ISA_AVXVNNI)
         return linear_w8_avxvnni(x, M, K, B, w, ws, bias, N, y, nthreads, norm_w, eps, accumulate);
 #endif
     return linear_w8_avx2(x, M, K, B, w, ws, bias, N, y, nthreads, norm_w, eps, accumulate);
@@ -652,12 +681,15 @@ int dq_linear_w8(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* 
 int dq_linear_w4(const float* x, int64_t M, int64_t K, int64_t G, const uint8_t* w, const uint16_t* s,
                  const uint16_t* z, const float* bias, int64_t N, float* y, int nthreads, const float* norm_w,
                  float eps, int accumulate) {
+    const int isa = dq_call_isa(4, M);
 #if DQ_HAVE_AVX512
-    if (dq_isa() == DQ_ISA_AVX512VNNI)
+    if (isa == DQ_ISA_AVX512VNNI)
         return linear_w4_avx512(x, M, K, G, w, s, z, bias, N, y, nthreads, norm_w, eps, accumulate);
+    if (isa == DQ_ISA_AVXVNNI && !dq_vex_vnni())
+        return linear_w4_avx512y(x, M, K, G, w, s, z, bias, N, y, nthreads, norm_w, eps, accumulate);
 #endif
 #if DQ_HAVE_AVXVNNI
-    if (dq_isa() == DQ_ISA_AVXVNNI)
+    if (isa == DQ_ISA_AVXVNNI)
         return linear_w4_avxvnni(x, M, K, G, w, s, z, bias, N, y, nthreads, norm_w, eps, accumulate);
 #endif
     return linear_w4_avx2(x, M, K, G, w, s, z, bias, N, y, nthreads, norm_w, eps, accumulate);

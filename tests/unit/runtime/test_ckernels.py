@@ -122,24 +122,33 @@ def test_avx2_and_avxvnni_kernels_give_identical_results(int8_weights, m):
         assert torch.equal(a, b)
 
 
-def test_one_int8_row_on_avx512_takes_the_vnni_kernel_only_outside_an_explicit_choice(int8_weights) -> None:
-    """dq_set_w8_row_vnni: on by default (single-stream int8 decode on the 256-bit VNNI kernel where the CPU has
-    both), off inside using_isa (a comparison of instruction sets gets that set only) and back after it; the
-    outputs are the same bytes either way. (The module's `lib` fixture may hold a using_isa block open: the
-    state is set here and put back.)"""
+def test_one_row_kernels_are_set_per_weight_width_and_cleared_inside_an_explicit_choice() -> None:
+    """dq_set_row_isa: one-row calls of 8- or 4-bit weights go to the row setting (dq_call_isa says where a call
+    runs), calls of more rows stay on the chosen set; using_isa clears both settings inside its block (a comparison
+    of instruction sets gets that set only) and puts them back after it; widths and names outside the table are
+    refused. (The module's `lib` fixture may hold a using_isa block open: the state is set here and put back.)"""
     loaded = ckernels._load()
-    before = loaded.lib.dq_set_w8_row_vnni(1)
+    before = {bits: loaded.set_row_isa(bits, "") for bits in (8, 4)}
     try:
-        codes, scales, _ = int8_weights
-        x = torch.randn(1, 256)
-        on = ckernels.linear_w8(x, codes, scales.float(), None, 128)
-        with loaded.using_isa(loaded.isa):
-            assert loaded.lib.dq_set_w8_row_vnni(0) == 0  # off inside the block
-            ref = ckernels.linear_w8(x, codes, scales.float(), None, 128)
-        assert loaded.lib.dq_set_w8_row_vnni(1) == 1  # restored on leaving it
-        assert torch.equal(on, ref)
+        chosen = loaded.isa
+        assert loaded.call_isa(8, 1) == loaded.call_isa(4, 1) == chosen  # "": the chosen set's
+        assert loaded.set_row_isa(8, "avx2") == ""
+        assert (loaded.row_isa(8), loaded.row_isa(4)) == ("avx2", "")
+        assert (loaded.call_isa(8, 1), loaded.call_isa(8, 2), loaded.call_isa(4, 1)) == ("avx2", chosen, chosen)
+        loaded.set_row_isa(4, "avx2")
+        with loaded.using_isa("avx2"):
+            assert (loaded.row_isa(8), loaded.row_isa(4)) == ("", "")
+        assert (loaded.row_isa(8), loaded.row_isa(4)) == ("avx2", "avx2")
+        with pytest.raises(ValueError):
+            loaded.set_row_isa(16, "avx2")
+        with pytest.raises(ValueError):
+            loaded.set_row_isa(8, "sse4")
+        if not _cpu_has("avx512vnni"):
+            with pytest.raises(ckernels.KernelUnavailable):
+                loaded.set_row_isa(8, "avx512vnni")
     finally:
-        loaded.lib.dq_set_w8_row_vnni(before)
+        for bits, row in before.items():
+            loaded.set_row_isa(bits, row)
 
 
 def test_available_instruction_sets_follow_the_cpu_flags() -> None:
@@ -159,14 +168,9 @@ _ISA_SHAPES = [(37, 256, None), (37, 192, None), (37, 160, None), (37, 896, None
                (37, 256, 32), (37, 256, 64), (37, 256, 128), (37, 512, 256), (37, 192, 64), (37, 192, 32)]
 
 
-@pytest.mark.parametrize(("n", "k", "group"), _ISA_SHAPES)
-def test_every_instruction_set_gives_the_avx2_results_bit_for_bit(n: int, k: int, group: int | None) -> None:
-    """Every instruction set sums the same integer products exactly and applies the same float steps in
-    the same order: the AVX2 outputs bit for bit, at every batch size 1..8, with the fused RMSNorm, a
-    bias and the residual add, so the CPU a replica lands on never changes a token. Each also matches a
-    float reference (activation quantization only)."""
-    loaded = ckernels._load()
-    isas = loaded.available_isas()
+def _isa_case(n: int, k: int, group: int | None) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """run(x, **kw): the linear of a random (n, k) weight, int8 or int4 with `group`, plus a bias; the float weight
+    it quantized, an RMSNorm weight and that bias"""
     torch.manual_seed(n + k + (group or 0))
     w = torch.randn(n, k) * 0.05 + 0.01
     norm, bias = torch.rand(k) + 0.5, torch.randn(n)
@@ -184,6 +188,18 @@ def test_every_instruction_set_gives_the_avx2_results_bit_for_bit(n: int, k: int
 
         def run(x: torch.Tensor, **kw: Any) -> torch.Tensor:
             return ckernels.linear_w4(x, packed, s4, z4, bias, group, **kw)
+    return run, wd, norm, bias
+
+
+@pytest.mark.parametrize(("n", "k", "group"), _ISA_SHAPES)
+def test_every_instruction_set_gives_the_avx2_results_bit_for_bit(n: int, k: int, group: int | None) -> None:
+    """Every instruction set sums the same integer products exactly and applies the same float steps in
+    the same order: the AVX2 outputs bit for bit, at every batch size 1..8, with the fused RMSNorm, a
+    bias and the residual add, so the CPU a replica lands on never changes a token. Each also matches a
+    float reference (activation quantization only)."""
+    loaded = ckernels._load()
+    isas = loaded.available_isas()
+    run, wd, norm, bias = _isa_case(n, k, group)
     for m in range(1, 9):
         x = torch.randn(m, k) * 2
         residual = torch.randn(m, n)
@@ -198,6 +214,42 @@ def test_every_instruction_set_gives_the_avx2_results_bit_for_bit(n: int, k: int
         assert rel_err(outs[isas[0]][0], x @ wd.T + bias) < 0.015
         normed = F.rms_norm(x, (k,), norm, 1e-6)
         assert rel_err(outs[isas[0]][1] - residual, normed @ wd.T + bias) < 0.015
+
+
+@pytest.mark.parametrize(("n", "k", "group"), _ISA_SHAPES)
+def test_one_row_kernels_give_the_avx2_results_bit_for_bit(n: int, k: int, group: int | None) -> None:
+    """One activation row may take other kernels than the chosen set's (the kernel plan's row_isas): every row
+    setting this CPU can run (vnni256 included: on an AVX512-VNNI CPU without AVX-VNNI, the EVEX-encoded 256-bit
+    kernels, reachable no other way) runs there and gives the AVX2 bytes, with the fused RMSNorm and the residual
+    add; two rows stay on the chosen set."""
+    loaded = ckernels._load()
+    run, _, norm, _ = _isa_case(n, k, group)
+    x, residual = torch.randn(1, k) * 2, torch.randn(1, n)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        return run(x), run(x, norm=norm, eps=1e-6, out=residual.clone())
+
+    with loaded.using_isa("avx2"):
+        want = both()
+    bits = 8 if group is None else 4
+    before = loaded.set_row_isa(bits, "")
+    ran = []
+    try:
+        for row in ("avx2", "vnni256", "avx512vnni"):
+            try:
+                loaded.set_row_isa(bits, row)
+            except ckernels.KernelUnavailable:
+                continue
+            assert loaded.call_isa(bits, 1) == ("avxvnni" if row == "vnni256" else row)
+            assert loaded.call_isa(bits, 2) == loaded.isa
+            for got, w in zip(both(), want, strict=True):
+                assert torch.equal(got, w), row
+            ran.append(row)
+    finally:
+        loaded.set_row_isa(bits, before)
+    assert ran[0] == "avx2"
+    if _cpu_has("avx512vnni") or _cpu_has("avxvnni"):
+        assert "vnni256" in ran
 
 
 def test_pack_w4_layout_is_low_nibbles_then_high_per_block_of_64(lib):

@@ -106,6 +106,43 @@ def test_the_plan_names_the_instruction_set_the_integer_kernels_run_on() -> None
     assert make_plan(CFG, CPU_NO_DQ, quantization="int8", lm_head="int8").dq_isa == ""
 
 
+def test_one_row_kernels_follow_the_cpus_avx512_width() -> None:
+    """plan.row_isas: under the AVX-512 kernels one int8 row takes the 256-bit VNNI ones on every CPU, one int4 row
+    AVX2's where AVX-512 runs as two halves (AMD family 19h with AVX-512: Zen 4) and its own elsewhere (Intel, Zen 5
+    = family 1Ah); below AVX-512 nothing is rerouted; a plan without our kernels routes nothing."""
+    avx512 = frozenset({"avx2", "avx512f", "avx512_vnni"})
+
+    def cpu(isa: str, vendor: str, family: int, flags: frozenset[str] = avx512) -> Machine:
+        return Machine("cpu", dq_available=True, dq_isa=isa, cpu_flags=flags, cpu_family=(vendor, family))
+
+    zen4, zen5, xeon = cpu("avx512vnni", "AuthenticAMD", 0x19), cpu("avx512vnni", "AuthenticAMD", 0x1A), \
+        cpu("avx512vnni", "GenuineIntel", 6)
+    assert (zen4.avx512_halves, zen5.avx512_halves, xeon.avx512_halves) == (True, False, False)
+    assert cpu("avx2", "AuthenticAMD", 0x19, frozenset({"avx2"})).avx512_halves is False  # Zen 3
+    assert make_plan(CFG, zen4, quantization="int4", lm_head="int8").dq_row_isa == ("vnni256", "avx2")
+    assert make_plan(CFG, zen5, quantization="int4", lm_head="int8").dq_row_isa == ("vnni256", "")
+    assert make_plan(CFG, xeon, quantization="int8", lm_head="int8").describe()["dq_row_isa"] == ("vnni256", "")
+    assert make_plan(CFG, cpu("avxvnni", "GenuineIntel", 6), quantization="int8", lm_head="int8").dq_row_isa == \
+        ("", "")
+    assert make_plan(CFG, zen4, quantization="int8", lm_head="int8", kernels="aten").dq_row_isa == ("", "")
+
+
+@needs_dq
+def test_building_a_model_routes_one_row_calls_as_its_plan_says(tiny_qwen2_dir) -> None:
+    """load_model applies the plan's row_isas to the (process-wide) kernels: what this CPU's plan says is what a
+    one-row call runs on."""
+    lib = ckernels._load()
+    before = {bits: lib.set_row_isa(bits, "") for bits in (8, 4)}
+    try:
+        loaded = load_model(tiny_qwen2_dir, quantization="int8")
+        assert (lib.row_isa(8), lib.row_isa(4)) == loaded.plan.dq_row_isa
+        if loaded.plan.dq_isa == "avx512vnni":
+            assert lib.call_isa(8, 1) == "avxvnni" and lib.call_isa(8, 2) == "avx512vnni"
+    finally:
+        for bits, row in before.items():
+            lib.set_row_isa(bits, row)
+
+
 @needs_dq
 def test_generic_int8_gives_the_fast_cpu_paths_greedy_tokens(tiny_qwen2_dir):
     fast = load_model(tiny_qwen2_dir, quantization="int8")
