@@ -71,8 +71,8 @@ class Settings:
     ours_modes: tuple[str, ...] = ("bf16", "int8", "int4")  # which of our modes the ours* sections run
     guidellm_seconds: float = 30.0  # guidellm's run against our server (int8 0.5B), concurrent streams
     # one guidellm run per number of concurrent users, 256-token prompts / 128 output tokens (issue 15's load):
-    # total output tokens/s of 8 users over 1; at least 60 s each, so that 8 users finish several requests each
-    # (guidellm counts completed requests only)
+    # total output tokens/s of 8 users over 1 (guidellm_run.summarize: every request's tokens in the window, after
+    # guidellm_run.WARMUP); at least 60 s each, so that 8 users finish several requests each
     guidellm_levels: tuple[int, ...] = (1, 8)
     guidellm_prompt_tokens: int = 256
     guidellm_output_tokens: int = 128

@@ -4,6 +4,7 @@ summary (no server, no guidellm process)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,7 +52,27 @@ def test_guidellm_sweep_carries_a_levels_error(monkeypatch, tmp_path: Path) -> N
     assert out["error"] == "8 users: guidellm exit 1"
 
 
-def test_guidellm_command_passes_the_seed(tmp_path: Path) -> None:
+def test_guidellm_command_passes_the_seed_and_the_warmup(tmp_path: Path) -> None:
     cmd = guidellm_run.guidellm_command("guidellm", "http://x", tmp_path, tmp_path / "o.json", streams=8, seconds=60,
                                         prompt_tokens=256, output_tokens=128, seed=1008)
     assert cmd[cmd.index("--seed") + 1] == "kind=static,value=1008"
+    assert cmd[cmd.index("--profile") + 1] == "kind=concurrent,streams=8,warmup=0.1"
+
+
+def test_guidellm_summary_counts_every_requests_tokens_and_the_completed_ones_apart() -> None:
+    """Total output tokens/s is guidellm's "total" (requests still streaming at the window's end included), not
+    the completed requests' alone; latencies stay the completed requests'."""
+    def dist(mean: float, median: float | None = None) -> dict[str, Any]:
+        return {"mean": mean, "median": median if median is not None else mean, "percentiles": {"p95": 2 * mean}}
+
+    report = {"benchmarks": [{"metrics": {
+        "request_totals": {"successful": 29, "errored": 0, "incomplete": 7, "total": 36},
+        "output_tokens_per_second": {"successful": dist(68.18), "incomplete": dist(7.0), "total": dist(75.2)},
+        "requests_per_second": {"successful": dist(0.52)},
+        "time_to_first_token_ms": {"successful": dist(900.0, 800.0), "total": dist(5000.0)},
+        "inter_token_latency_ms": {"successful": dist(60.0, 55.0)},
+        "request_latency": {"successful": dist(14.0, 13.5)}}}]}
+    out = guidellm_run.summarize(report)
+    assert (out["output_tokens_per_s"], out["output_tokens_per_s_completed"]) == (75.2, 68.18)
+    assert (out["requests_completed"], out["requests_incomplete"]) == (29, 7)
+    assert (out["ttft_ms_median"], out["ttft_ms_p95"], out["itl_ms_median"]) == (800.0, 1800.0, 55.0)
