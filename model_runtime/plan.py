@@ -144,6 +144,7 @@ class KernelPlan:
         for k in ("float_dtype", "act_dtype", "kv_dtype"):
             out[k] = str(out[k]).removeprefix("torch.")
         out["notes"] = list(self.notes)
+        out["dq_row_isa"] = list(self.dq_row_isa)
         return out
 
 
