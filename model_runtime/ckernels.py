@@ -19,10 +19,10 @@ plan.make_plan (which calls load() to learn whether the library is usable); laye
 Instruction set (DISTILLERY_CPU_ISA): the library holds the linear kernels three times, for AVX2, for
 AVX-VNNI (one `vpdpbusd` where AVX2 needs maddubs + madd + add) and for AVX-512 with VNNI (512-bit
 registers, compiled per function: the library still builds and runs on AVX2-only CPUs), and picks the
-best the CPU has ("auto"); "avx2" / "avxvnni" / "avx512vnni" force one (an instruction set the CPU lacks
-is a ValueError at load). All three give bit-identical results. One activation row (a single-stream decode
+best the CPU has ("auto"); "avx2" / "avxvnni" / "avx512vnni" force one, for every call (an instruction set
+the CPU lacks is a ValueError at load). All three give bit-identical results. One activation row (a single-stream decode
 step) may take other kernels than the chosen set's where they stream the weights faster on this CPU
-(set_row_isas, from the kernel plan's row_isas).
+(set_row_isas, from the kernel plan's row_isas; not when the set is forced or compared: _Lib.pinned).
 """
 
 from __future__ import annotations
@@ -151,6 +151,8 @@ class _Lib:
                              "does not have it; use auto or avx2")
         self.lib = lib
         self.path = path
+        self.forced = choice != "auto"  # DISTILLERY_CPU_ISA named a set: every call on it (no one-row rerouting)
+        self._explicit = 0              # using_isa blocks open (a comparison of sets: every call on that set)
 
     @property
     def isa(self) -> str:
@@ -192,12 +194,20 @@ class _Lib:
         before = self.isa
         self.set_isa(name)
         rows = {bits: self.set_row_isa(bits, "") for bits in (8, 4)}  # every call on `name`
+        self._explicit += 1
         try:
             yield self
         finally:
+            self._explicit -= 1
             for bits, row in rows.items():
                 self.set_row_isa(bits, row)
             self.set_isa(before)
+
+    @property
+    def pinned(self) -> bool:
+        """Whether every call must run on the chosen set (DISTILLERY_CPU_ISA names one, or a using_isa block is
+        open): the kernel plan then routes no row elsewhere (plan.row_isas)."""
+        return self.forced or self._explicit > 0
 
     def available_isas(self) -> list[str]:
         """The instruction sets this CPU and this build of the library can run, best first."""
@@ -246,8 +256,17 @@ def set_row_isas(int8: str, int4: str) -> None:
     """The kernels one-row calls of int8 / int4 weights take (the kernel plan's row_isas; process-wide, as the
     instruction set is)."""
     lib = _load()
-    lib.set_row_isa(8, int8)
-    lib.set_row_isa(4, int4)
+    before = lib.set_row_isa(8, int8)
+    try:
+        lib.set_row_isa(4, int4)
+    except (ValueError, KernelUnavailable):
+        lib.set_row_isa(8, before)  # both or neither
+        raise
+
+
+def isa_pinned() -> bool:
+    """_Lib.pinned of the loaded library."""
+    return _load().pinned
 
 
 def backend() -> str:

@@ -59,6 +59,7 @@ class Machine:
     dq_available: bool = False                    # our CPU kernels build and the CPU has AVX2/FMA/F16C
     dq_problem: str = ""
     dq_isa: str = ""                              # the instruction set our CPU kernels run on (ckernels.ISAS)
+    dq_isa_pinned: bool = False                   # every call on it (ckernels._Lib.pinned): no one-row rerouting
     cpu_flags: frozenset[str] = frozenset()     # /proc/cpuinfo flags (which matrix engine prefill uses)
     cpu_family: tuple[str, int] = ("", 0)       # /proc/cpuinfo vendor_id and cpu family (row_isas)
     prefill_problem: str = ""                   # why the prefill kernels' C helpers cannot load ("" = they can)
@@ -89,8 +90,9 @@ class Machine:
         flags, family = prefill.cpu_flags(), prefill.cpu_family()
         try:
             ckernels.load()
-            return cls(device=str(device), dq_available=True, dq_isa=ckernels.isa(), cpu_flags=flags,
-                       cpu_family=family, prefill_problem=prefill_problem)
+            return cls(device=str(device), dq_available=True, dq_isa=ckernels.isa(),
+                       dq_isa_pinned=ckernels.isa_pinned(), cpu_flags=flags, cpu_family=family,
+                       prefill_problem=prefill_problem)
         except ckernels.KernelUnavailable as exc:
             return cls(device=str(device), dq_available=False, dq_problem=str(exc), cpu_flags=flags,
                        cpu_family=family, prefill_problem=prefill_problem)
@@ -302,7 +304,8 @@ def make_plan(cfg: ModelConfig, machine: Machine, *, quantization: str = "none",
 
 def row_isas(machine: Machine) -> tuple[str, str]:
     """The kernels one activation row (a single-stream decode step) of int8 / int4 weights takes where the chosen
-    set is AVX-512 ("": its own; ckernels.ROW_ISAS). All are bit-identical; this is speed only. Measured as a
+    set is AVX-512 and not pinned ("": its own; ckernels.ROW_ISAS; a set forced by DISTILLERY_CPU_ISA, or being
+    compared by using_isa, runs every call). All are bit-identical; this is speed only. Measured as a
     0.5B decode step at batch 1, each set alone in one process, alternating (bench `kernels`' per-set rows):
     - int8: the 256-bit VNNI kernels (|w| . sign(x, w), one vpdpbusd per 32 weights) beat the 512-bit ones
       (x + 128 and a second vpdpbusd for the weight sum, AVX-512 lacking vpsignb) on every CPU measured: Xeon
@@ -313,7 +316,7 @@ def row_isas(machine: Machine) -> tuple[str, str]:
       two halves (Zen 4: AVX2's 13.3 vs 18.4, the 256-bit VNNI 16.7).
     From two rows on the 512-bit kernels win or tie everywhere (Zen 4, int8 / int4 at 2 rows: 17.7 / 14.4 ms vs
     AVX2's 17.4 / 15.6)."""
-    if machine.dq_isa != "avx512vnni":
+    if machine.dq_isa != "avx512vnni" or machine.dq_isa_pinned:  # DISTILLERY_CPU_ISA / a comparison of sets
         return "", ""
     return "vnni256", "avx2" if machine.avx512_halves else ""
 

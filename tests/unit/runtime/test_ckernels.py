@@ -151,6 +151,24 @@ def test_one_row_kernels_are_set_per_weight_width_and_cleared_inside_an_explicit
             loaded.set_row_isa(bits, row)
 
 
+def test_a_forced_or_compared_instruction_set_is_pinned(monkeypatch) -> None:
+    """DISTILLERY_CPU_ISA naming a set, or a using_isa block, pins every call to that set (the kernel plan then
+    reroutes no row: plan.row_isas); auto outside a block does not. (New handles on the process-wide library set
+    its instruction set: the outer block puts the one in use back.)"""
+    with ckernels._load().using_isa("avx2"):
+        monkeypatch.setenv("DISTILLERY_CPU_ISA", "avx2")
+        assert ckernels._Lib(ckernels.build()).pinned
+        monkeypatch.setenv("DISTILLERY_CPU_ISA", "auto")
+        loaded = ckernels._Lib(ckernels.build())
+        assert not loaded.pinned
+        with loaded.using_isa("avx2"):
+            assert loaded.pinned
+            with loaded.using_isa("avx2"):
+                assert loaded.pinned
+            assert loaded.pinned
+        assert not loaded.pinned
+
+
 def test_available_instruction_sets_follow_the_cpu_flags() -> None:
     """auto picks the best the CPU has; each one it lists can be selected (AVX2 always, on this test's
     machines), so every ISA-specific test below really runs where the flags say it can."""
@@ -248,7 +266,7 @@ def test_one_row_kernels_give_the_avx2_results_bit_for_bit(n: int, k: int, group
     finally:
         loaded.set_row_isa(bits, before)
     assert ran[0] == "avx2"
-    if _cpu_has("avx512vnni") or _cpu_has("avxvnni"):
+    if {"avx512vnni", "avxvnni"} & set(loaded.available_isas()):  # what this CPU and this build of the library run
         assert "vnni256" in ran
 
 

@@ -125,6 +125,9 @@ def test_one_row_kernels_follow_the_cpus_avx512_width() -> None:
     assert make_plan(CFG, cpu("avxvnni", "GenuineIntel", 6), quantization="int8", lm_head="int8").dq_row_isa == \
         ("", "")
     assert make_plan(CFG, zen4, quantization="int8", lm_head="int8", kernels="aten").dq_row_isa == ("", "")
+    pinned = Machine("cpu", dq_available=True, dq_isa="avx512vnni", dq_isa_pinned=True, cpu_flags=avx512,
+                     cpu_family=("AuthenticAMD", 0x19))  # DISTILLERY_CPU_ISA forced, or sets being compared
+    assert make_plan(CFG, pinned, quantization="int4", lm_head="int8").dq_row_isa == ("", "")
 
 
 @needs_dq
@@ -132,12 +135,20 @@ def test_building_a_model_routes_one_row_calls_as_its_plan_says(tiny_qwen2_dir) 
     """load_model applies the plan's row_isas to the (process-wide) kernels: what this CPU's plan says is what a
     one-row call runs on."""
     lib = ckernels._load()
-    before = {bits: lib.set_row_isa(bits, "") for bits in (8, 4)}
+    before = {bits: lib.set_row_isa(bits, "avx2") for bits in (8, 4)}  # not what any plan asks for both widths
     try:
         loaded = load_model(tiny_qwen2_dir, quantization="int8")
         assert (lib.row_isa(8), lib.row_isa(4)) == loaded.plan.dq_row_isa
         if loaded.plan.dq_isa == "avx512vnni":
             assert lib.call_isa(8, 1) == "avxvnni" and lib.call_isa(8, 2) == "avx512vnni"
+        # a comparison of instruction sets (tests, bench `kernels`' per-set rows) measures that set alone: a model
+        # loaded inside it reroutes nothing
+        with lib.using_isa(lib.isa):
+            inside = load_model(tiny_qwen2_dir, quantization="int4")
+            assert inside.plan.dq_row_isa == ("", "")
+            assert (lib.row_isa(8), lib.row_isa(4)) == ("", "")
+            assert lib.call_isa(8, 1) == lib.call_isa(4, 1) == lib.isa
+        assert (lib.row_isa(8), lib.row_isa(4)) == loaded.plan.dq_row_isa  # put back after the block
     finally:
         for bits, row in before.items():
             lib.set_row_isa(bits, row)
