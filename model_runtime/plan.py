@@ -87,7 +87,8 @@ class Machine:
             prefill_problem = ""
         except ckernels.KernelUnavailable as exc:
             prefill_problem = str(exc)
-        flags, family = prefill.cpu_flags(), prefill.cpu_family()
+        info = prefill.cpuinfo()  # one read of /proc/cpuinfo for both
+        flags, family = prefill.cpu_flags(info), prefill.cpu_family(info)
         try:
             ckernels.load()
             return cls(device=str(device), dq_available=True, dq_isa=ckernels.isa(),

@@ -70,31 +70,31 @@ def choose_kernel(cpu_flags: frozenset[str] | set[str], override: str | None = N
     return "none", "no AVX512-VNNI/AMX: prompt chunks on the decode kernels"
 
 
-def cpu_flags() -> frozenset[str]:
+def cpuinfo() -> dict[str, str]:
+    """The first CPU's fields of /proc/cpuinfo ({} where it cannot be read)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+            key, sep, value = line.partition(":")
+            if not sep:
+                if fields:
+                    break  # the blank line after the first processor
+                continue
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return fields
 
 
-def cpu_family() -> tuple[str, int]:
+def cpu_flags(info: dict[str, str] | None = None) -> frozenset[str]:
+    return frozenset((cpuinfo() if info is None else info).get("flags", "").split())
+
+
+def cpu_family(info: dict[str, str] | None = None) -> tuple[str, int]:
     """(vendor_id, cpu family) of /proc/cpuinfo, e.g. ("AuthenticAMD", 25); ("", 0) where it cannot say."""
-    vendor, family = "", 0
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "vendor_id" and not vendor:
-                vendor = value.strip()
-            elif key.strip() == "cpu family" and not family:
-                family = int(value.strip() or 0)
-            if vendor and family:
-                break
-    except (OSError, ValueError):
-        pass
-    return vendor, family
+    info = cpuinfo() if info is None else info
+    family = info.get("cpu family", "")
+    return info.get("vendor_id", ""), int(family) if family.isdigit() else 0
 
 
 # ---- the C helpers --------------------------------------------------------------------------------

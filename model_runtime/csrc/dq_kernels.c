@@ -644,19 +644,6 @@ int dq_call_isa(int bits, int64_t M) {
     return row ? row : dq_isa();
 }
 
-#if DQ_HAVE_AVX512
-/* whether the 256-bit VNNI kernels are the VEX ones (the CPU has AVX-VNNI) or the EVEX ones; asked once */
-static int dq_vex_vnni(void) {
-    static int vex = -1;
-    int v = __atomic_load_n(&vex, __ATOMIC_RELAXED);
-    if (v < 0) {
-        v = dq_isa_supported(DQ_ISA_AVXVNNI);
-        __atomic_store_n(&vex, v, __ATOMIC_RELAXED);
-    }
-    return v;
-}
-#endif
-
 /* y = f(x) @ (w * ws[:, None])^T + bias, where f = RMSNorm(., norm_w, eps) when norm_w is given;
    accumulate: y += (the residual add of a pre-norm block, in place). 0, or -1 (bad block size /
    out of memory). */
@@ -667,7 +654,7 @@ int dq_linear_w8(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* 
 #if DQ_HAVE_AVX512
     if (isa == DQ_ISA_AVX512VNNI)
         return linear_w8_avx512(x, M, K, B, w, ws, bias, N, y, nthreads, norm_w, eps, accumulate);
-    if (isa == DQ_ISA_AVXVNNI && !dq_vex_vnni())
+    if (isa == DQ_ISA_AVXVNNI && !dq_isa_supported(DQ_ISA_AVXVNNI))  /* the EVEX-encoded 256-bit VNNI kernels */
         return linear_w8_avx512y(x, M, K, B, w, ws, bias, N, y, nthreads, norm_w, eps, accumulate);
 #endif
 #if DQ_HAVE_AVXVNNI
@@ -685,7 +672,7 @@ int dq_linear_w4(const float* x, int64_t M, int64_t K, int64_t G, const uint8_t*
 #if DQ_HAVE_AVX512
     if (isa == DQ_ISA_AVX512VNNI)
         return linear_w4_avx512(x, M, K, G, w, s, z, bias, N, y, nthreads, norm_w, eps, accumulate);
-    if (isa == DQ_ISA_AVXVNNI && !dq_vex_vnni())
+    if (isa == DQ_ISA_AVXVNNI && !dq_isa_supported(DQ_ISA_AVXVNNI))  /* the EVEX-encoded 256-bit VNNI kernels */
         return linear_w4_avx512y(x, M, K, G, w, s, z, bias, N, y, nthreads, norm_w, eps, accumulate);
 #endif
 #if DQ_HAVE_AVXVNNI
