@@ -10,15 +10,18 @@ kernel table of `make bench`, bench/kernels.py, has the per-shape figures):
   F.linear in bfloat16 (oneDNN brgemm avx512_core_bf16, no AMX): ~140 GFLOP/s (slower than float32's ~220)
   our dq kernels (int8 / int4):                                   ~110-125 GFLOP/s
 So the kernel the plan picks (KernelPlan.prefill_kernel) is:
-- "int8mm": activations quantized to int8 with one scale per row and chunk of CHUNK_K values along K
+- "int8mm": activations quantized to int8 with one scale per row and chunk of values along K
   (pf_quantize_rows), int8 weights used as stored (one scale per output channel), int4 weights
   requantized to int8 with one scale per output channel and chunk, a layer at a time into a reused
   scratch buffer (pf_w4_to_i8: no cached copy, no extra resident memory); one `torch._int_mm` per
   chunk, each finished by y (+)= acc * row scale * channel scale (+ bias) in one pass. The chunks
   keep the rounding local. Real 0.5B int4, perplexity on bench/ppl_text.py vs the dq kernels' 25.495:
   one scale per whole row 25.794 (+1.17%), chunks of 1024 25.641 (+0.57%), 512 25.463 (-0.13%),
-  256 25.487; int8 (dq 24.441): whole rows 24.496 (+0.23%), 512 24.490 (+0.20%). CPUs with AVX512-VNNI
-  or AMX-INT8.
+  256 25.487: int4 takes CHUNK_K = 512. int8 weights (their own scale per output channel: only the
+  activations are chunked) take W8_CHUNK_K = 1024: on a Zen 4 VM (session 9) 512 gave 24.436, 1024
+  24.462 (+0.11%), 896 24.454, whole rows 24.502 (+0.27%), and a K = 896 row in one chunk saves an
+  _int_mm call and a scaling pass: the 0.5B's linears over 285 prompt rows 334 -> 306 ms, 64 rows
+  83 -> 75 ms. CPUs with AVX512-VNNI or AMX-INT8.
 - "bf16": weights dequantized to bfloat16 a layer at a time (int8: codes * scale; int4: pf_w4_to_bf16)
   and oneDNN's bf16 GEMM. Selectable (DISTILLERY_PREFILL=bf16) for CPUs where the bf16 engine
   (AMX-BF16) outruns the int8 one; not the default anywhere until measured on such a CPU.
@@ -54,7 +57,8 @@ PREFILL_KERNELS = ("none", "int8mm", "bf16")
 # the dq kernels from 16 rows on for every 0.5B shape (1.6-2.5x at 16, 3-5x at 64 and 256) and behind
 # at 1-4 rows (where reading the weight once is all that matters); decode batches are <= 8-16 rows.
 PREFILL_MIN_ROWS = 16
-CHUNK_K = 512  # values along K sharing one activation / requantized-weight scale (see above)
+CHUNK_K = 512  # int4: values along K sharing one activation / requantized-weight scale (see above)
+W8_CHUNK_K = 1024  # int8 weights (one scale per output channel): values along K sharing one activation scale
 
 
 def choose_kernel(cpu_flags: frozenset[str] | set[str], override: str | None = None) -> tuple[str, str]:
@@ -238,17 +242,17 @@ def _scale_rows(acc: Tensor, xs: Tensor, c: int, ws: Tensor, bias: Tensor | None
                          torch.get_num_threads())
 
 
-def _int8mm(x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:
+def _int8mm(x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, out: Tensor | None, chunk: int) -> Tensor:
     """ws: [N] (one scale per output channel for every chunk: int8 weights) or [chunks, N] (int4 requantized)."""
     m, k = x.shape
     n = codes.shape[0]
-    nc = _n_chunks(k, CHUNK_K)
-    q, xs = quantize_rows(x, CHUNK_K, (_scratch.get("xq", (m, k), torch.int8),
-                                       _scratch.get("xs", (m, nc), torch.float32)))
+    nc = _n_chunks(k, chunk)
+    q, xs = quantize_rows(x, chunk, (_scratch.get("xq", (m, k), torch.int8),
+                                     _scratch.get("xs", (m, nc), torch.float32)))
     acc = _scratch.get("acc", (m, n), torch.int32)
     y = out if out is not None else torch.empty((m, n))
     for c in range(nc):
-        k0, k1 = c * CHUNK_K, min(k, (c + 1) * CHUNK_K)
+        k0, k1 = c * chunk, min(k, (c + 1) * chunk)
         torch._int_mm(q[:, k0:k1], codes[:, k0:k1].t(), out=acc)
         _scale_rows(acc, xs, c, ws if ws.dim() == 1 else ws[c], bias if c == 0 else None, y,
                     accumulate=out is not None or c > 0)
@@ -263,7 +267,7 @@ def linear_w8(kernel: str, x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | 
     _check(x, torch.float32, (m, k), "x")
     _check(codes, torch.int8, (n, k), "codes")
     if kernel == "int8mm":
-        return _int8mm(x, codes, ws, bias, out)
+        return _int8mm(x, codes, ws, bias, out, W8_CHUNK_K)
     if kernel != "bf16":
         raise ValueError(f"prefill kernel {kernel!r}")
     w = _scratch.get("wbf16", (n, k), torch.bfloat16)
@@ -280,7 +284,7 @@ def linear_w4(kernel: str, x: Tensor, w: Tensor, s: Tensor, z: Tensor, group: in
     if kernel == "int8mm":
         codes, ws = w4_to_i8(w, s, z, group, CHUNK_K, (_scratch.get("w8", (n, k), torch.int8),
                                                        _scratch.get("ws", (_n_chunks(k, CHUNK_K), n), torch.float32)))
-        return _int8mm(x, codes, ws, bias, out)
+        return _int8mm(x, codes, ws, bias, out, CHUNK_K)
     if kernel != "bf16":
         raise ValueError(f"prefill kernel {kernel!r}")
     return _finish_bf16(x, w4_to_bf16(w, s, z, group, _scratch.get("wbf16", (n, k), torch.bfloat16)), bias, out)

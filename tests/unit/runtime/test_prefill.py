@@ -141,6 +141,32 @@ def test_prefill_gemms_match_the_float_product_and_add_into_out(kernel):
         assert torch.allclose(run(resid.clone()), resid + y, atol=1e-5)
 
 
+def _chunked_product(x: torch.Tensor, codes: torch.Tensor, ws: torch.Tensor, chunk: int) -> torch.Tensor:
+    """x's rows quantized per chunk of `chunk` values, times int8 codes with one scale per output channel: the
+    integer products exact (float64), each chunk's scaled by its row scale and the channel scale."""
+    q, xs = _chunked(x, chunk)
+    y = torch.zeros(x.shape[0], codes.shape[0], dtype=torch.float64)
+    for c, (qc, wc) in enumerate(zip(q.split(chunk, dim=1), codes.split(chunk, dim=1), strict=True)):
+        y += (qc.double() @ wc.double().t()) * xs[:, c:c + 1].double()
+    return y * ws.double()
+
+
+@needs_kernels
+def test_int8_weights_share_one_activation_scale_per_w8_chunk():
+    """int8 weights have no chunk of their own: their prompt rows take one activation scale per W8_CHUNK_K values
+    (a K = 896 layer in one _int_mm and one scaling pass), not int4's CHUNK_K."""
+    torch.manual_seed(3)
+    k = 2 * prefill.W8_CHUNK_K + 384  # two whole chunks and a partial one
+    x = torch.randn(20, k) * torch.linspace(0.1, 3, k)  # ramped: chunks of the same row get different scales
+    codes, scales = kernels.quantize_int8(torch.randn(36, k) * 0.02)
+    y = prefill.linear_w8("int8mm", x, codes, scales.float(), None).double()
+    ref = _chunked_product(x, codes, scales.float(), prefill.W8_CHUNK_K)
+    other = _chunked_product(x, codes, scales.float(), prefill.CHUNK_K)
+    err, err_other = ((y - ref).norm() / ref.norm()).item(), ((y - other).norm() / ref.norm()).item()
+    assert err < 1e-6 < err_other  # float32 scaling of exact integer sums; another chunking is far off
+    assert prefill.W8_CHUNK_K != prefill.CHUNK_K
+
+
 @needs_kernels
 @pytest.mark.parametrize("cls", ["int8", "int4"])
 def test_linears_take_the_prefill_gemm_from_min_rows_on_and_the_dq_kernels_below(cls, monkeypatch):
