@@ -243,10 +243,13 @@ def _scale_rows(acc: Tensor, xs: Tensor, c: int, ws: Tensor, bias: Tensor | None
 
 
 def _int8mm(x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, out: Tensor | None, chunk: int) -> Tensor:
-    """ws: [N] (one scale per output channel for every chunk: int8 weights) or [chunks, N] (int4 requantized)."""
+    """ws: [N] (one scale per output channel for every chunk: int8 weights) or [chunks, N] (int4 requantized, with
+    the same `chunk`)."""
     m, k = x.shape
     n = codes.shape[0]
     nc = _n_chunks(k, chunk)
+    if ws.dim() == 2 and ws.shape[0] != nc:
+        raise ValueError(f"{ws.shape[0]} weight-scale chunks for {nc} activation chunks of {chunk}")
     q, xs = quantize_rows(x, chunk, (_scratch.get("xq", (m, k), torch.int8),
                                      _scratch.get("xs", (m, nc), torch.float32)))
     acc = _scratch.get("acc", (m, n), torch.int32)

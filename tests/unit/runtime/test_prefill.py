@@ -133,7 +133,7 @@ def test_prefill_gemms_match_the_float_product_and_add_into_out(kernel):
     for w, run in ((w8, lambda out: prefill.linear_w8(kernel, x, codes, scales.float(), bias, out=out)),
                    (w4, lambda out: prefill.linear_w4(kernel, x, lin4._packed, lin4._dq_scales, lin4._dq_zeros, 64,
                                                       bias, out=out))):
-        assert x.shape[1] > 2 * prefill.CHUNK_K
+        assert x.shape[1] > 2 * max(prefill.CHUNK_K, prefill.W8_CHUNK_K)
         ref = x @ w.t() + bias
         y = run(None)
         assert (y - ref).norm() / ref.norm() < 0.02
@@ -165,6 +165,13 @@ def test_int8_weights_share_one_activation_scale_per_w8_chunk():
     err, err_other = ((y - ref).norm() / ref.norm()).item(), ((y - other).norm() / ref.norm()).item()
     assert err < 1e-6 < err_other  # float32 scaling of exact integer sums; another chunking is far off
     assert prefill.W8_CHUNK_K != prefill.CHUNK_K
+
+
+@needs_kernels
+def test_int8mm_refuses_weight_scales_chunked_otherwise_than_the_activations():
+    codes = torch.randint(-127, 128, (8, 1024), dtype=torch.int8)
+    with pytest.raises(ValueError, match="2 weight-scale chunks for 4 activation chunks of 256"):
+        prefill._int8mm(torch.randn(16, 1024), codes, torch.ones(2, 8), None, None, 256)
 
 
 @needs_kernels
