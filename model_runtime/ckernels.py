@@ -151,7 +151,7 @@ class _Lib:
                              "does not have it; use auto or avx2")
         self.lib = lib
         self.path = path
-        self.forced = choice != "auto"  # DISTILLERY_CPU_ISA named a set: every call on it (no one-row rerouting)
+        self._forced = choice != "auto"  # DISTILLERY_CPU_ISA named a set: every call on it (no one-row rerouting)
         self._explicit = 0              # using_isa blocks open (a comparison of sets: every call on that set)
 
     @property
@@ -207,7 +207,7 @@ class _Lib:
     def pinned(self) -> bool:
         """Whether every call must run on the chosen set (DISTILLERY_CPU_ISA names one, or a using_isa block is
         open): the kernel plan then routes no row elsewhere (plan.row_isas)."""
-        return self.forced or self._explicit > 0
+        return self._forced or self._explicit > 0
 
     def available_isas(self) -> list[str]:
         """The instruction sets this CPU and this build of the library can run, best first."""
