@@ -41,8 +41,8 @@ def _median_ms(fn: Callable[[int], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _time_kernels(x: Any, q8: list[Any], sc8: list[Any], q4: list[Any], aten4: list[Any], dq4: list[Any], block: int,
-                  repeats: int, other_isa: str | None = None) -> dict[str, float]:
+def _time_kernels(x: Any, q8: list[Any], sc8: list[Any], sums8: list[Any], q4: list[Any], aten4: list[Any],
+                  dq4: list[Any], block: int, repeats: int, other_isa: str | None = None) -> dict[str, float]:
     """Median ms per call of each kernel on activations x [M, K], cycling through the weight copies;
     other_isa: ours on that instruction set too (dq_int8_ms_<isa>, dq_int4_ms_<isa>)."""
     import torch
@@ -58,14 +58,16 @@ def _time_kernels(x: Any, q8: list[Any], sc8: list[Any], q4: list[Any], aten4: l
     }
     if dq4:
         out["dq_int8_ms"] = _median_ms(
-            lambda i: ckernels.linear_w8(x, q8[i % copies][0], sc8[i % copies], None, block), repeats)
+            lambda i: ckernels.linear_w8(x, q8[i % copies][0], sc8[i % copies], None, block,
+                                         wsum=sums8[i % copies]), repeats)
         out["dq_int4_ms"] = _median_ms(
             lambda i: ckernels.linear_w4(x, dq4[i % copies], q4[i % copies][1], q4[i % copies][2], None, 128),
             repeats)
         if other_isa:
             with ckernels._load().using_isa(other_isa):
                 out[f"dq_int8_ms_{other_isa}"] = _median_ms(
-                    lambda i: ckernels.linear_w8(x, q8[i % copies][0], sc8[i % copies], None, block), repeats)
+                    lambda i: ckernels.linear_w8(x, q8[i % copies][0], sc8[i % copies], None, block,
+                                         wsum=sums8[i % copies]), repeats)
                 out[f"dq_int4_ms_{other_isa}"] = _median_ms(
                     lambda i: ckernels.linear_w4(x, dq4[i % copies], q4[i % copies][1], q4[i % copies][2], None,
                                                  128), repeats)
@@ -97,9 +99,11 @@ def kernel_table(threads: int = 2, rows: tuple[int, ...] = (1, 4, 8), repeats: i
             dq4 = [ckernels.pack_w4(c) for c, _, _ in q4] if have_dq else []
             sc8 = [s.float() for _, s in q8]
             block = ckernels.act_block(k)
+            sums8 = [ckernels.w8_block_sums(c, block) for c, _ in q8] if have_dq else []  # as Int8Linear holds
             for m in rows:
                 row: dict[str, Any] = {"model": model, "layer": name, "N": n, "K": k, "M": m}
-                row.update(_time_kernels(torch.randn(m, k), q8, sc8, q4, aten4, dq4, block, repeats, other_isa))
+                row.update(_time_kernels(torch.randn(m, k), q8, sc8, sums8, q4, aten4, dq4, block, repeats,
+                                         other_isa))
                 if "dq_int8_ms" in row:
                     row["int8_speedup"] = round(row["aten_int8_ms"] / row["dq_int8_ms"], 2)
                     row["int4_speedup"] = round(row["aten_int4_ms"] / row["dq_int4_ms"], 2)

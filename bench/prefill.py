@@ -114,9 +114,10 @@ def _shape_row(name: str, n: int, k: int, m: int, kernel: str, repeats: int) -> 
     packed, s4, z4 = lin4._packed, lin4._dq_scales, lin4._dq_zeros
     assert packed is not None
     block = ckernels.act_block(k)
+    sums = ckernels.w8_block_sums(codes, block)  # as Int8Linear holds them
     row: dict[str, Any] = {
         "layer": name, "N": n, "K": k, "M": m, "kernel": kernel,
-        "dq_int8_ms": _median_ms(lambda i: ckernels.linear_w8(x, codes, s32, None, block), repeats),
+        "dq_int8_ms": _median_ms(lambda i: ckernels.linear_w8(x, codes, s32, None, block, wsum=sums), repeats),
         "dq_int4_ms": _median_ms(lambda i: ckernels.linear_w4(x, packed, s4, z4, None, 128), repeats)}
     for kern in ("int8mm", "bf16"):
         row[f"{kern}_int8_ms"] = _median_ms(lambda i, kk=kern: prefill.linear_w8(kk, x, codes, s32, None), repeats)

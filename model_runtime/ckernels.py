@@ -46,7 +46,7 @@ from torch import Tensor
 log = logging.getLogger("model_runtime.ckernels")
 
 SOURCE = Path(__file__).parent / "csrc" / "dq_kernels.c"
-ABI_VERSION = 7
+ABI_VERSION = 8
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-D_POSIX_C_SOURCE=200809L"]
 BACKENDS = ("auto", "dq", "aten", "generic")
 ISAS = {"auto": 0, "avx2": 1, "avxvnni": 2, "avx512vnni": 3}  # DISTILLERY_CPU_ISA -> dq_set_isa's argument
@@ -122,7 +122,7 @@ class _Lib:
         if lib.dq_abi_version() != ABI_VERSION:
             raise KernelUnavailable(f"{path} has ABI {lib.dq_abi_version()}, expected {ABI_VERSION}")
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-        lib.dq_linear_w8.argtypes = [p, i64, i64, i64, p, p, p, i64, p, i32, p, f32, i32]
+        lib.dq_linear_w8.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, i32, p, f32, i32]
         lib.dq_linear_w8.restype = i32
         lib.dq_linear_w4.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, i32, p, f32, i32]
         lib.dq_linear_w4.restype = i32
@@ -132,6 +132,8 @@ class _Lib:
         lib.dq_decode_blocks.restype = i32
         lib.dq_silu_mul.argtypes = [p, i64, i64, p, i32]
         lib.dq_silu_mul.restype = None
+        lib.dq_w8_block_sums.argtypes = [p, i64, i64, i64, p]
+        lib.dq_w8_block_sums.restype = None
         lib.dq_pack_w4.argtypes = [p, i64, i64, p]
         lib.dq_pack_w4.restype = None
         lib.dq_set_isa.argtypes = [i32]
@@ -329,10 +331,23 @@ def _check(t: Tensor | None, dtype: torch.dtype, shape: tuple[int, ...], what: s
                          f"{t.dtype} {tuple(t.shape)}")
 
 
-def linear_w8(x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None, block: int, *,
+def w8_block_sums(w: Tensor, block: int) -> Tensor:
+    """int8 weights [N, K] -> int32 [N, K/block]: each activation block's weight sum, which the AVX-512 batch kernel
+    needs (its activation codes are unsigned, x + 128); prepared once with the weights."""
+    n, k = w.shape
+    if block <= 0 or k % block:
+        raise ValueError(f"block {block} does not divide in_features {k}")
+    _check(w, torch.int8, (n, k), "w")
+    out = torch.empty((n, k // block), dtype=torch.int32)
+    _load().lib.dq_w8_block_sums(w.data_ptr(), n, k, block, out.data_ptr())
+    return out
+
+
+def linear_w8(x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None, block: int, *, wsum: Tensor | None = None,
               norm: Tensor | None = None, eps: float = 0.0, out: Tensor | None = None) -> Tensor:
     """x [M, K] float32 contiguous; w [N, K] int8; scales [N] float32; bias [N] float32 -> [M, N] float32.
 
+    wsum: w8_block_sums(w, block), prepared with the weights (else a batch on AVX-512 takes them each call);
     norm: RMSNorm x with this weight first (fused); out: add the result into it (a residual)."""
     lib = _load().lib
     _check_x(x, norm)
@@ -341,8 +356,12 @@ def linear_w8(x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None, block: 
     _check(w, torch.int8, (n, k), "w")
     _check(scales, torch.float32, (n,), "scales")
     _check(bias, torch.float32, (n,), "bias")
+    if wsum is not None:  # (a bad block without them is the kernel's to refuse)
+        if block <= 0 or k % block:
+            raise ValueError(f"block {block} does not divide in_features {k}")
+        _check(wsum, torch.int32, (n, k // block), "wsum")
     y = _out(x, n, out)
-    rc = lib.dq_linear_w8(x.data_ptr(), m, k, block, w.data_ptr(), scales.data_ptr(), _ptr(bias), n,
+    rc = lib.dq_linear_w8(x.data_ptr(), m, k, block, w.data_ptr(), scales.data_ptr(), _ptr(wsum), _ptr(bias), n,
                           y.data_ptr(), torch.get_num_threads(), _ptr(norm), eps, int(out is not None))
     if rc != 0:
         raise RuntimeError(f"dq_linear_w8 failed (M={m}, K={k}, block={block})")

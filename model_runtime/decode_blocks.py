@@ -34,6 +34,7 @@ class LinearWeights:
     block: int              # int8: the activation block; int4: the group size
     n: int
     k: int
+    wsum: Tensor | None = None  # int8: int32 [N, K/block], the block sums (ckernels.w8_block_sums), or None
 
     def check(self, what: str) -> None:
         """What the C side trusts: dtypes, shapes and layouts (raises ValueError)."""
@@ -43,7 +44,10 @@ class LinearWeights:
             ckernels._check(self.scales, torch.float32, (self.n,), f"{what}.scales")
             if self.zeros is not None or self.block <= 0 or self.block % 32 or self.k % self.block:
                 raise ValueError(f"{what}: int8 takes no zeros and an activation block (a multiple of 32) dividing K")
+            ckernels._check(self.wsum, torch.int32, (self.n, self.k // self.block), f"{what}.wsum")
         elif self.bits == 4:
+            if self.wsum is not None:
+                raise ValueError(f"{what}: int4 takes no block sums")
             if self.zeros is None or not ckernels.w4_group_supported(self.block, self.k):
                 raise ValueError(f"{what}: int4 needs zeros and a group the kernel supports (32, or 64-multiples "
                                  "up to 256, dividing K, K a multiple of 64)")
@@ -70,7 +74,8 @@ class BlockWeights:
 
 
 class _Linear(ctypes.Structure):  # dq_linear_t
-    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("z", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("z", ctypes.c_void_p), ("wsum", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p),
                 ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("blk", ctypes.c_int64), ("bits", ctypes.c_int64)]
 
 
@@ -82,7 +87,8 @@ class _Block(ctypes.Structure):  # dq_block_t
 
 def _linear(lw: LinearWeights) -> _Linear:
     return _Linear(lw.w.data_ptr(), lw.scales.data_ptr(), None if lw.zeros is None else lw.zeros.data_ptr(),
-                   None if lw.bias is None else lw.bias.data_ptr(), lw.n, lw.k, lw.block, lw.bits)
+                   None if lw.wsum is None else lw.wsum.data_ptr(), None if lw.bias is None else lw.bias.data_ptr(),
+                   lw.n, lw.k, lw.block, lw.bits)
 
 
 class DecodeBlocks:
@@ -159,6 +165,7 @@ def _owning(b: BlockWeights) -> BlockWeights:
     def lin(lw: LinearWeights) -> LinearWeights:
         return replace(lw, w=lw.w.detach(), scales=lw.scales.detach(),
                        zeros=None if lw.zeros is None else lw.zeros.detach(),
-                       bias=None if lw.bias is None else lw.bias.detach())
+                       bias=None if lw.bias is None else lw.bias.detach(),
+                       wsum=None if lw.wsum is None else lw.wsum.detach())
     return replace(b, qkv=lin(b.qkv), o=lin(b.o), gate_up=lin(b.gate_up), down=lin(b.down),
                    attn_norm=b.attn_norm.detach(), mlp_norm=b.mlp_norm.detach())

@@ -198,6 +198,7 @@ class Int8Linear(nn.Module):
             self._dq_scales = scales.float().contiguous()
             self._dq_bias = None if self.bias is None else self.bias.float().contiguous()
             self._dq_block = ckernels.act_block(self.in_features)
+            self._dq_wsum = ckernels.w8_block_sums(self.codes, self._dq_block)  # +4 bytes per block of weights
         elif backend == "aten":
             self._mm_scales = scales.to(torch.bfloat16)  # the CPU kernel wants scales in the activation dtype
         elif backend == "cuda-int8" and int8_kernel == "int8pack_mm":
@@ -228,14 +229,14 @@ class Int8Linear(nn.Module):
         if self.prefill_kernel != "none" and x.shape[0] >= self.prefill_min_rows:
             return prefill.linear_w8(self.prefill_kernel, _prefill_input(x, norm), self.codes, self._dq_scales,
                                      self._dq_bias, out=out)
-        return ckernels.linear_w8(x, self.codes, self._dq_scales, self._dq_bias, self._dq_block,
+        return ckernels.linear_w8(x, self.codes, self._dq_scales, self._dq_bias, self._dq_block, wsum=self._dq_wsum,
                                   norm=None if norm is None else norm.weight,
                                   eps=0.0 if norm is None else norm.eps, out=out)
 
     def dq_weights(self) -> LinearWeights:
         """dq backend only: as FusedLinear.dq_weights."""
         return LinearWeights(8, self.codes, self._dq_scales, None, self._dq_bias, self._dq_block,
-                             self.out_features, self.in_features)
+                             self.out_features, self.in_features, self._dq_wsum)
 
     def extra_repr(self) -> str:
         pf = f", prefill {self.prefill_kernel} >= {self.prefill_min_rows} rows" if self.prefill_kernel != "none" else ""

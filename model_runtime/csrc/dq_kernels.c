@@ -25,7 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define DQ_ABI_VERSION 7
+#define DQ_ABI_VERSION 8
 
 int dq_abi_version(void) { return DQ_ABI_VERSION; }
 
@@ -48,6 +48,12 @@ static inline int32_t hsum_epi32(__m256i v) {
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
     return _mm_cvtsi128_si32(s);
 }
+
+/* The int8 kernels' float step, the same on every instruction set and for every batch size (so a row's result
+   never depends on the kernel or on the rows beside it): per activation block b, the exact integer dot product
+   isum_b of the block, then acc = fma(float(isum_b), xs_b, acc), blocks in order from acc = 0; the weight row's
+   scale (and bias) after. One rounding per block: the 8-row kernel (w8q_panel) runs it on 16 lanes at once. */
+#define W8_BLOCK_STEP(isum, xs, acc) fmaf((float)(isum), (xs), (acc))
 
 /* Row preprocessing before quantization: RMSNorm (x * rsqrt(mean(x^2) + eps) * norm_w), so a
    pre-norm block's normalised activations never round-trip through memory. K % 32 == 0. */
@@ -139,6 +145,19 @@ static inline int64_t prefetch_rows(int64_t row_bytes) {
     return r < 1 ? 1 : r;
 }
 
+/* int8 weights [N, K] -> out [N, K/B]: each block's weight sum (exact; what the AVX-512 batch kernel subtracts,
+   times 128, for its unsigned activation codes). Prepared once with the weights (ckernels.w8_block_sums). */
+void dq_w8_block_sums(const int8_t* w, int64_t N, int64_t K, int64_t B, int32_t* out) {
+    const int64_t nb = K / B;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t b = 0; b < nb; b++) {
+            int32_t s = 0;
+            for (int64_t i = b * B; i < (b + 1) * B; i++) s += w[n * K + i];
+            out[n * nb + b] = s;
+        }
+}
+
 #define DQ_KERNELS_DEFINED 1
 
 /* The linear kernels, once per instruction set: this file includes itself (the body after the #else at
@@ -167,8 +186,9 @@ static inline int64_t prefetch_rows(int64_t row_bytes) {
 /* AVX-512 (F/BW/VL/DQ + VNNI): 512-bit kernels for the shapes real models have (K a multiple of 128;
    int8 activation blocks of 64/128; int4 groups of 32, 64 or multiples of 128), the 256-bit kernels
    above, EVEX-encoded (AVX512-VNNI CPUs may lack AVX-VNNI), for the rest. Same results as AVX2, bit for
-   bit: each 512-bit int32 accumulator is folded (lane l + lane l+8) into exactly the 8 integer lanes the
-   256-bit kernels have, before the same float steps in the same order. GCC >= 9 (the target names). */
+   bit: int8 takes each block's exact integer sum into the one float step (W8_BLOCK_STEP); int4 folds each
+   512-bit int32 accumulator (lane l + lane l+8) into exactly the 8 integer lanes the 256-bit kernels have,
+   before the same float steps in the same order. GCC >= 9 (the target names). */
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 9
 #define DQ_HAVE_AVX512 1
 #pragma GCC push_options
@@ -184,33 +204,93 @@ static inline __m256i fold512(__m512i v) {
     return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
 }
 
-/* int8, blocks B % 64 == 0. vpdpbusd multiplies unsigned by signed bytes and AVX-512 has no vpsignb
-   (the 256-bit kernels' |w| . sign(x, w) trick), so the activations come as unsigned codes x + 128
-   (xu) and each block subtracts 128 * sum(w), the weight sum taken by one more vpdpbusd with ones
-   (shared by the mt rows): the same exact integer dot products. */
+/* int8 on AVX-512, blocks B % 64 == 0. vpdpbusd multiplies unsigned by signed bytes and AVX-512 has no vpsignb
+   (the 256-bit kernels' |w| . sign(x, w) trick), so the activations come as unsigned codes x + 128 (xu) and each
+   block subtracts 128 * sum(w): the same exact integer dot products. */
+
+/* 2+ activation rows (a batched decode step; a prompt chunk when no prompt GEMM is chosen): W8Q_NT weight rows per
+   pass (a panel) against 8 activation rows at a time, the activation rows transposed (xt) so that one 512-bit
+   register holds 8 rows x 8 consecutive codes (lane 2m + h: row m, codes 4h..4h+3 of the 8) and each weight row's
+   8 codes are one 64-bit broadcast: one vpdpbusd adds 8 rows' partial dot products, and a block's float step
+   (W8_BLOCK_STEP) runs for the 8 rows of an output in one instruction, where the per-row kernels paid a
+   horizontal sum per row and output. The block's weight sums come prepared with the weights (dq_w8_block_sums).
+   The next panels are prefetched into L2, not L1 (measured: the 0.5B's head at 8 rows 8.8 -> 4.1 ms; into L1
+   the eight row streams evicted the activations). */
+#define W8Q_NT 8
+#define W8Q_AHEAD 2
+typedef int64_t __attribute__((may_alias, aligned(1))) i64_unaligned;
+static inline __attribute__((always_inline)) void w8q_panel(const int8_t* wr, const int64_t* off, const uint32_t* xt,
+        const float* xst, const int32_t* const* wsum, int64_t B, int64_t nb, const int8_t* pf, float* out) {
+    __m512 facc[W8Q_NT];
+    for (int t = 0; t < W8Q_NT; t++) facc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i acc[W8Q_NT];
+        for (int t = 0; t < W8Q_NT; t++) acc[t] = _mm512_setzero_si512();
+        for (int64_t k = b * B; k < (b + 1) * B; k += 64) {
+            for (int t = 0; t < W8Q_NT; t++) _mm_prefetch((const char*)(pf + off[t] + k), _MM_HINT_T1);
+            for (int64_t k8 = k; k8 < k + 64; k8 += 8) {
+                const __m512i xv = _mm512_load_si512((const void*)(xt + k8 * 2));
+                for (int t = 0; t < W8Q_NT; t++)
+                    acc[t] = _mm512_dpbusd_epi32(acc[t], xv, _mm512_set1_epi64(*(const i64_unaligned*)(wr + off[t] + k8)));
+            }
+        }
+        const __m512 xsv = _mm512_load_ps(xst + b * 16);
+        for (int t = 0; t < W8Q_NT; t++) {
+            /* lanes 2m and 2m + 1 both hold row m's block sum, less 128 * the weight sum: exact */
+            const __m512i isum = _mm512_add_epi32(acc[t], _mm512_shuffle_epi32(acc[t], _MM_PERM_CDAB));
+            const __m512i d = _mm512_sub_epi32(isum, _mm512_set1_epi32(wsum[t][b] * 128));
+            facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), xsv, facc[t]);
+        }
+    }
+    for (int t = 0; t < W8Q_NT; t++) _mm512_storeu_ps(out + t * 16, facc[t]);
+}
+
+/* int8, 2..W8Q_MIN_ROWS - 1 activation rows (mt): one weight row per pass, its 64-byte vectors shared by the rows;
+   fewer rows than the 8 lanes of w8q_panel, whose cost does not shrink with them (measured, 0.5B int8 decode step:
+   2 rows 17.2 ms here vs 20.1 there, 3 rows 19.6 vs 21.6, 4 rows 20.4-21.0 vs 19.9-20.1) */
+#define W8Q_MIN_ROWS 4
 static inline __attribute__((always_inline)) void w8z_tile(const int8_t* wr, const uint8_t* xu, const float* xs,
-                                                      int64_t K, int64_t B, int64_t nb, int mt, float* r,
-                                                      const int8_t* pf) {
-    const __m512i ones = _mm512_set1_epi8(1);
-    __m256 accf[8];
-    for (int j = 0; j < mt; j++) accf[j] = _mm256_setzero_ps();
+        const int32_t* wsr, int64_t K, int64_t B, int64_t nb, int mt, float* r, const int8_t* pf) {
+    float acc[W8Q_MIN_ROWS - 1] = {0.f};
     for (int64_t b = 0; b < nb; b++) {
         for (int64_t o = b * B; o < (b + 1) * B; o += 64) _mm_prefetch((const char*)(pf + o), _MM_HINT_T0);
-        __m512i ai[8], wsum = _mm512_setzero_si512();
+        __m512i ai[W8Q_MIN_ROWS - 1];
         for (int j = 0; j < mt; j++) ai[j] = _mm512_setzero_si512();
         for (int64_t i = b * B; i < (b + 1) * B; i += 64) {
             const __m512i wv = _mm512_loadu_si512((const void*)(wr + i));
-            wsum = _mm512_dpbusd_epi32(wsum, ones, wv);
             for (int j = 0; j < mt; j++)
                 ai[j] = _mm512_dpbusd_epi32(ai[j], _mm512_loadu_si512((const void*)(xu + j * K + i)), wv);
         }
-        const __m256i w128 = _mm256_slli_epi32(fold512(wsum), 7);
-        for (int j = 0; j < mt; j++) {
-            const __m256i d = _mm256_sub_epi32(fold512(ai[j]), w128);
-            accf[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(xs[j * nb + b]), accf[j]);
-        }
+        for (int j = 0; j < mt; j++)
+            acc[j] = W8_BLOCK_STEP(hsum_epi32(fold512(ai[j])) - wsr[b] * 128, xs[j * nb + b], acc[j]);
     }
-    for (int j = 0; j < mt; j++) r[j] = hsum_ps(accf[j]);
+    for (int j = 0; j < mt; j++) r[j] = acc[j];
+}
+
+/* int8, one activation row, two weight rows at a time sharing the activation loads */
+static inline __attribute__((always_inline)) void w8z_rows2(const int8_t* w0, const int8_t* w1, const uint8_t* xu,
+        const float* xs, int64_t B, int64_t nb, const int8_t* pf, float* r) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    float acc0 = 0.f, acc1 = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+        __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+        for (int64_t i = b * B; i < (b + 1) * B; i += 64) {
+            _mm_prefetch((const char*)(pf + i), _MM_HINT_T0);
+            _mm_prefetch((const char*)(pf + (w1 - w0) + i), _MM_HINT_T0);
+            const __m512i x = _mm512_loadu_si512((const void*)(xu + i));
+            const __m512i b0 = _mm512_loadu_si512((const void*)(w0 + i));
+            const __m512i b1 = _mm512_loadu_si512((const void*)(w1 + i));
+            a0 = _mm512_dpbusd_epi32(a0, x, b0);
+            s0 = _mm512_dpbusd_epi32(s0, ones, b0);
+            a1 = _mm512_dpbusd_epi32(a1, x, b1);
+            s1 = _mm512_dpbusd_epi32(s1, ones, b1);
+        }
+        acc0 = W8_BLOCK_STEP(hsum_epi32(_mm256_sub_epi32(fold512(a0), _mm256_slli_epi32(fold512(s0), 7))), xs[b], acc0);
+        acc1 = W8_BLOCK_STEP(hsum_epi32(_mm256_sub_epi32(fold512(a1), _mm256_slli_epi32(fold512(s1), 7))), xs[b], acc1);
+    }
+    r[0] = acc0;
+    r[1] = acc1;
 }
 
 /* int4, K % 128 == 0, G = 32, 64 or a multiple of 128. One 64-byte load holds two 64-value blocks
@@ -357,33 +437,6 @@ static inline __attribute__((always_inline)) void w4z_tile128(const uint8_t* wr,
     for (int j = 0; j < mt; j++) r[j] = hsum_ps(accf[j]) + e[j];
 }
 
-/* int8, one activation row, two weight rows at a time (as w4z_rows2) */
-static inline __attribute__((always_inline)) void w8z_rows2(const int8_t* w0, const int8_t* w1, const uint8_t* xu,
-        const float* xs, int64_t B, int64_t nb, const int8_t* pf, float* r) {
-    const __m512i ones = _mm512_set1_epi8(1);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-        __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-        for (int64_t i = b * B; i < (b + 1) * B; i += 64) {
-            _mm_prefetch((const char*)(pf + i), _MM_HINT_T0);
-            _mm_prefetch((const char*)(pf + (w1 - w0) + i), _MM_HINT_T0);
-            const __m512i x = _mm512_loadu_si512((const void*)(xu + i));
-            const __m512i b0 = _mm512_loadu_si512((const void*)(w0 + i));
-            const __m512i b1 = _mm512_loadu_si512((const void*)(w1 + i));
-            a0 = _mm512_dpbusd_epi32(a0, x, b0);
-            s0 = _mm512_dpbusd_epi32(s0, ones, b0);
-            a1 = _mm512_dpbusd_epi32(a1, x, b1);
-            s1 = _mm512_dpbusd_epi32(s1, ones, b1);
-        }
-        const __m256 d = _mm256_set1_ps(xs[b]);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(fold512(a0), _mm256_slli_epi32(fold512(s0), 7))), d, acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(fold512(a1), _mm256_slli_epi32(fold512(s1), 7))), d, acc1);
-    }
-    r[0] = hsum_ps(acc0);
-    r[1] = hsum_ps(acc1);
-}
-
 /* Up to 8 activation rows per pass over a weight row (32 vector registers hold their accumulators) */
 #define ZTILE_SWITCH(call)                                                                                   \
     switch (mt) {                                                                                            \
@@ -398,8 +451,8 @@ static inline __attribute__((always_inline)) void w8z_rows2(const int8_t* w0, co
     }
 
 static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* w, const float* ws,
-                            const float* bias, int64_t N, float* y, int nthreads, const float* norm_w, float eps,
-                            int accumulate) {
+                            const int32_t* wsum, const float* bias, int64_t N, float* y, int nthreads,
+                            const float* norm_w, float eps, int accumulate) {
     if (K <= 0 || B <= 0 || B % 64 != 0 || K % B != 0)
         return linear_w8_avx512y(x, M, K, B, w, ws, bias, N, y, nthreads, norm_w, eps, accumulate);
     const int64_t nb = K / B;
@@ -428,24 +481,90 @@ static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, con
         free(sc.buf);
         return 0;
     }
+    int32_t* own_sums = NULL;
+    if (!wsum) {  /* not prepared with the weights: taken now (a pass over them) */
+        own_sums = (int32_t*)malloc(sizeof(int32_t) * (size_t)(N * nb));
+        if (!own_sums) {
+            free(sc.buf);
+            return -1;
+        }
+        dq_w8_block_sums(w, N, K, B, own_sums);
+        wsum = own_sums;
+    }
+    if (M < W8Q_MIN_ROWS) {
 #pragma omp parallel for schedule(guided) num_threads(nthreads)
-    for (int64_t n = 0; n < N; n++) {
-        const int8_t* wr = w + n * K;
-        const int8_t* pf = w + (n + ahead < N ? n + ahead : n) * K;
-        float r[8];
-        for (int64_t m0 = 0; m0 < M; m0 += 8) {
-            const int64_t mt = M - m0 < 8 ? M - m0 : 8;
-#define W8Z(T) w8z_tile(wr, xu + m0 * K, xs + m0 * nb, K, B, nb, T, r, pf)
-            ZTILE_SWITCH(W8Z)
-#undef W8Z
-            for (int64_t j = 0; j < mt; j++) {
+        for (int64_t n = 0; n < N; n++) {
+            const int8_t* pf = w + (n + ahead < N ? n + ahead : n) * K;
+            float r[W8Q_MIN_ROWS - 1];
+            switch (M) {  /* constant tile sizes: the accumulators stay in registers */
+                case 3: w8z_tile(w + n * K, xu, xs, wsum + n * nb, K, B, nb, 3, r, pf); break;
+                default: w8z_tile(w + n * K, xu, xs, wsum + n * nb, K, B, nb, 2, r, pf); break;
+            }
+            for (int64_t j = 0; j < M; j++) {
                 float v = r[j] * ws[n];
                 if (bias) v += bias[n];
-                float* out = y + (m0 + j) * N + n;
+                float* out = y + j * N + n;
                 *out = accumulate ? *out + v : v;
             }
         }
+        free(own_sums);
+        free(sc.buf);
+        return 0;
     }
+    /* W8Q_MIN_ROWS+ rows: w8q_panel over row tiles of 8 (xt: per tile [K/8][16] dwords; xst: per tile [nb][16]
+       scales) */
+    const int64_t tiles = (M + 7) / 8, np = (N + W8Q_NT - 1) / W8Q_NT;
+    uint32_t* xt = NULL;
+    float* xst = NULL;
+    if (posix_memalign((void**)&xt, 64, (size_t)(tiles * K * 8)) != 0) xt = NULL;
+    if (posix_memalign((void**)&xst, 64, sizeof(float) * (size_t)(tiles * nb * 16)) != 0) xst = NULL;
+    if (!xt || !xst) {
+        free(own_sums);
+        free(xt);
+        free(xst);
+        free(sc.buf);
+        return -1;
+    }
+    for (int64_t tile = 0; tile < tiles; tile++)
+        for (int64_t k8 = 0; k8 < K / 8; k8++)
+            for (int64_t l = 0; l < 16; l++) {
+                const int64_t m = tile * 8 + l / 2;
+                uint32_t v = 0x80808080u;  /* a row past M: x = 0 (its outputs are not written) */
+                if (m < M) memcpy(&v, xu + m * K + 8 * k8 + 4 * (l % 2), 4);
+                xt[(tile * (K / 8) + k8) * 16 + l] = v;
+            }
+    for (int64_t tile = 0; tile < tiles; tile++)
+        for (int64_t b = 0; b < nb; b++)
+            for (int64_t l = 0; l < 16; l++) {
+                const int64_t m = tile * 8 + l / 2;
+                xst[(tile * nb + b) * 16 + l] = m < M ? xs[m * nb + b] : 0.f;
+            }
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
+    for (int64_t p = 0; p < np; p++) {
+        const int64_t n0 = p * W8Q_NT, nt = N - n0 < W8Q_NT ? N - n0 : W8Q_NT;
+        const int64_t pn = p + W8Q_AHEAD < np - 1 ? (p + W8Q_AHEAD) * W8Q_NT : n0;  /* a whole panel ahead */
+        int64_t off[W8Q_NT];
+        const int32_t* wsr[W8Q_NT];
+        for (int64_t t = 0; t < W8Q_NT; t++) {  /* a last panel short of W8Q_NT rows repeats its last row */
+            off[t] = (t < nt ? t : nt - 1) * K;
+            wsr[t] = wsum + (n0 + (t < nt ? t : nt - 1)) * nb;
+        }
+        float out[W8Q_NT * 16];
+        for (int64_t tile = 0; tile < tiles; tile++) {
+            w8q_panel(w + n0 * K, off, xt + tile * (K / 8) * 16, xst + tile * nb * 16, wsr, B, nb, w + pn * K, out);
+            const int64_t mt = M - tile * 8 < 8 ? M - tile * 8 : 8;
+            for (int64_t t = 0; t < nt; t++)
+                for (int64_t j = 0; j < mt; j++) {
+                    float v = out[t * 16 + 2 * j] * ws[n0 + t];
+                    if (bias) v += bias[n0 + t];
+                    float* o = y + (tile * 8 + j) * N + n0 + t;
+                    *o = accumulate ? *o + v : v;
+                }
+        }
+    }
+    free(own_sums);
+    free(xt);
+    free(xst);
     free(sc.buf);
     return 0;
 }
@@ -645,15 +764,16 @@ int dq_call_isa(int bits, int64_t M) {
 }
 
 /* y = f(x) @ (w * ws[:, None])^T + bias, where f = RMSNorm(., norm_w, eps) when norm_w is given;
-   accumulate: y += (the residual add of a pre-norm block, in place). 0, or -1 (bad block size /
+   accumulate: y += (the residual add of a pre-norm block, in place). wsum: the weights' block sums
+   (dq_w8_block_sums), or NULL (a batch on AVX-512 then takes them itself). 0, or -1 (bad block size /
    out of memory). */
 int dq_linear_w8(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* w, const float* ws,
-                 const float* bias, int64_t N, float* y, int nthreads, const float* norm_w, float eps,
-                 int accumulate) {
+                 const int32_t* wsum, const float* bias, int64_t N, float* y, int nthreads, const float* norm_w,
+                 float eps, int accumulate) {
     const int isa = dq_call_isa(8, M);
 #if DQ_HAVE_AVX512
     if (isa == DQ_ISA_AVX512VNNI)
-        return linear_w8_avx512(x, M, K, B, w, ws, bias, N, y, nthreads, norm_w, eps, accumulate);
+        return linear_w8_avx512(x, M, K, B, w, ws, wsum, bias, N, y, nthreads, norm_w, eps, accumulate);
     if (isa == DQ_ISA_AVXVNNI && !dq_isa_supported(DQ_ISA_AVXVNNI))  /* the EVEX-encoded 256-bit VNNI kernels */
         return linear_w8_avx512y(x, M, K, B, w, ws, bias, N, y, nthreads, norm_w, eps, accumulate);
 #endif
@@ -813,6 +933,7 @@ typedef struct {
     const void* w;      /* int8 [N, K], or int4 [N, K/2] in the layout above */
     const void* s;      /* int8: float32 [N]; int4: bfloat16 [N, K/G] */
     const void* z;      /* int4: bfloat16 [N, K/G]; int8: NULL */
+    const int32_t* wsum; /* int8: the block sums [N, K/blk] (dq_w8_block_sums), or NULL; int4: NULL */
     const float* bias;  /* [N] float32, or NULL */
     int64_t N, K;
     int64_t blk;        /* int8: the activation block B; int4: the group G */
@@ -830,8 +951,8 @@ typedef struct {
 static int run_linear(const dq_linear_t* L, const float* x, int64_t M, float* y, int nthreads, const float* norm_w,
                       float eps, int accumulate) {
     if (L->bits == 8)
-        return dq_linear_w8(x, M, L->K, L->blk, (const int8_t*)L->w, (const float*)L->s, L->bias, L->N, y, nthreads,
-                            norm_w, eps, accumulate);
+        return dq_linear_w8(x, M, L->K, L->blk, (const int8_t*)L->w, (const float*)L->s, L->wsum, L->bias, L->N, y,
+                            nthreads, norm_w, eps, accumulate);
     if (L->bits == 4)
         return dq_linear_w4(x, M, L->K, L->blk, (const uint8_t*)L->w, (const uint16_t*)L->s, (const uint16_t*)L->z,
                             L->bias, L->N, y, nthreads, norm_w, eps, accumulate);
@@ -888,13 +1009,13 @@ int dq_decode_blocks(float* x, int64_t M, const dq_block_t* blocks, int64_t n_bl
 #define PAIR_WIDEN(acc) _mm256_madd_epi16((acc), _mm256_set1_epi16(1))
 #endif
 
-/* One weight row against mt (1..4) activation rows: r[j] = sum_b xs[j, b] * sum_{i in b} w[i] x[j, i].
-   The weight chunk and its absolute value are loaded once per chunk and reused for every row;
-   pf: the same offsets of a later weight row, prefetched into L1 block by block. */
+/* One weight row against mt (1..4) activation rows: r[j] = sum_b xs[j, b] * sum_{i in b} w[i] x[j, i], the
+   int8 kernels' one float order everywhere (W8_BLOCK_STEP). The weight chunk and its absolute value are loaded once
+   per chunk and reused for every row; pf: the same offsets of a later weight row, prefetched into L1 block by block. */
 static inline __attribute__((always_inline)) void SFX(w8_tile)(const int8_t* wr, const int8_t* xq, const float* xs,
                                                           int64_t K, int64_t B, int64_t nb, int mt, float* r,
                                                           const int8_t* pf) {
-    __m256 accf[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int64_t b = 0; b < nb; b++) {
         for (int64_t o = b * B; o < (b + 1) * B; o += 64) _mm_prefetch((const char*)(pf + o), _MM_HINT_T0);
         __m256i ai[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
@@ -907,10 +1028,9 @@ static inline __attribute__((always_inline)) void SFX(w8_tile)(const int8_t* wr,
                 ai[j] = DOT_ADD(ai[j], ua, _mm256_sign_epi8(xv, wv));  /* |w| . x * sign(w) */
             }
         }
-        for (int j = 0; j < mt; j++)
-            accf[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[j]), _mm256_set1_ps(xs[j * nb + b]), accf[j]);
+        for (int j = 0; j < mt; j++) acc[j] = W8_BLOCK_STEP(hsum_epi32(ai[j]), xs[j * nb + b], acc[j]);
     }
-    for (int j = 0; j < mt; j++) r[j] = hsum_ps(accf[j]);
+    for (int j = 0; j < mt; j++) r[j] = acc[j];
 }
 
 /* int4: r[j] = sum_g xs[j, g] (s_g sum_{i in g} c_i q[j, i] + (z_g - 8 s_g) qsum[j, g]).

@@ -234,6 +234,44 @@ def test_every_instruction_set_gives_the_avx2_results_bit_for_bit(n: int, k: int
         assert rel_err(outs[isas[0]][1] - residual, normed @ wd.T + bias) < 0.015
 
 
+@pytest.mark.parametrize("m", [9, 16, 17, 26])
+def test_int8_batches_past_one_row_tile_give_the_avx2_results_and_each_row_its_own(m: int) -> None:
+    """Batches of more than 8 rows (a prompt chunk on the dq kernels) take the AVX-512 batch kernel in tiles of 8
+    rows, a short last tile included: every set gives the AVX2 bytes, and every row its one-row result."""
+    loaded = ckernels._load()
+    run, wd, norm, bias = _isa_case(37, 896, None)
+    x, residual = torch.randn(m, 896) * 2, torch.randn(m, 37)
+    outs = {}
+    for isa in loaded.available_isas():
+        with loaded.using_isa(isa):
+            outs[isa] = (run(x), run(x, norm=norm, eps=1e-6, out=residual.clone()))
+    for isa, got in outs.items():
+        for a, b in zip(got, outs["avx2"], strict=True):
+            assert torch.equal(a, b), isa
+    assert rel_err(outs["avx2"][0], x @ wd.T + bias) < 0.015
+    for i in (0, 7, 8, m - 1):
+        assert torch.equal(outs["avx2"][0][i:i + 1], run(x[i:i + 1].contiguous()))
+
+
+def test_int8_block_sums_prepared_with_the_weights_are_what_the_batch_kernel_reads(lib) -> None:
+    """w8_block_sums is each activation block's weight sum; given or not, the kernels give the same bytes at
+    every batch size, and on AVX-512 a batch really reads the given sums (wrong ones change its result)."""
+    torch.manual_seed(3)
+    codes, scales = quantize_int8(torch.randn(37, 896) * 0.05 + 0.01)
+    sums = ckernels.w8_block_sums(codes, 128)
+    assert sums.dtype == torch.int32 and torch.equal(sums, codes.view(37, 7, 128).sum(-1, dtype=torch.int32))
+    for m in (1, 2, 3, 4, 8, 9):
+        x = torch.randn(m, 896)
+        want = ckernels.linear_w8(x, codes, scales.float(), None, 128)
+        assert torch.equal(ckernels.linear_w8(x, codes, scales.float(), None, 128, wsum=sums), want)
+        wrong = ckernels.linear_w8(x, codes, scales.float(), None, 128, wsum=sums + 1)
+        assert torch.equal(wrong, want) == (m == 1 or lib.isa != "avx512vnni"), m
+    with pytest.raises(ValueError, match="wsum must be"):
+        ckernels.linear_w8(torch.randn(2, 896), codes, scales.float(), None, 128, wsum=sums[:, :-1])
+    with pytest.raises(ValueError, match="does not divide"):
+        ckernels.w8_block_sums(codes, 96)
+
+
 @pytest.mark.parametrize(("n", "k", "group"), _ISA_SHAPES)
 def test_one_row_kernels_give_the_avx2_results_bit_for_bit(n: int, k: int, group: int | None) -> None:
     """One activation row may take other kernels than the chosen set's (the kernel plan's row_isas): every row

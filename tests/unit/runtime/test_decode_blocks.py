@@ -123,6 +123,15 @@ def test_weights_that_do_not_chain_are_refused(fused_model):
         _plan(fused_model, down=replace(w.down, w=w.down.w[:, :-1]))
     with pytest.raises(ValueError, match="no dq kernel"):
         _plan(fused_model, down=replace(w.down, bits=2))
+    if w.down.bits == 8:  # the block sums the batch kernel reads: int32, one per activation block
+        assert w.down.wsum is not None
+        with pytest.raises(ValueError, match="down.wsum"):
+            _plan(fused_model, down=replace(w.down, wsum=w.down.wsum[:, :-1]))
+        with pytest.raises(ValueError, match="down.wsum"):
+            _plan(fused_model, down=replace(w.down, wsum=w.down.wsum.long()))
+    else:
+        with pytest.raises(ValueError, match="int4 takes no block sums"):
+            _plan(fused_model, down=replace(w.down, wsum=torch.zeros(w.down.n, 1, dtype=torch.int32)))
     with pytest.raises(ValueError, match="no decoder blocks"):
         DecodeBlocks([], 4, 2, 16)
 
