@@ -61,7 +61,6 @@ class Machine:
     dq_isa: str = ""                              # the instruction set our CPU kernels run on (ckernels.ISAS)
     dq_isa_pinned: bool = False                   # every call on it (ckernels._Lib.pinned): no one-row rerouting
     cpu_flags: frozenset[str] = frozenset()     # /proc/cpuinfo flags (which matrix engine prefill uses)
-    cpu_family: tuple[str, int] = ("", 0)       # /proc/cpuinfo vendor_id and cpu family (row_isas)
     prefill_problem: str = ""                   # why the prefill kernels' C helpers cannot load ("" = they can)
 
     @property
@@ -87,22 +86,15 @@ class Machine:
             prefill_problem = ""
         except ckernels.KernelUnavailable as exc:
             prefill_problem = str(exc)
-        info = prefill.cpuinfo()  # one read of /proc/cpuinfo for both
-        flags, family = prefill.cpu_flags(info), prefill.cpu_family(info)
+        flags = prefill.cpu_flags()
         try:
             ckernels.load()
             return cls(device=str(device), dq_available=True, dq_isa=ckernels.isa(),
-                       dq_isa_pinned=ckernels.isa_pinned(), cpu_flags=flags, cpu_family=family,
+                       dq_isa_pinned=ckernels.isa_pinned(), cpu_flags=flags,
                        prefill_problem=prefill_problem)
         except ckernels.KernelUnavailable as exc:
             return cls(device=str(device), dq_available=False, dq_problem=str(exc), cpu_flags=flags,
-                       cpu_family=family, prefill_problem=prefill_problem)
-
-    @property
-    def avx512_halves(self) -> bool:
-        """AVX-512 executed as two 256-bit halves: AMD family 19h with AVX-512 (Zen 4; Zen 3, the same family, has
-        none; Zen 5 is family 1Ah, with full-width units)."""
-        return self.cpu_family == ("AuthenticAMD", 0x19) and "avx512f" in self.cpu_flags
+                       prefill_problem=prefill_problem)
 
 
 @dataclass(frozen=True)
@@ -313,13 +305,14 @@ def row_isas(machine: Machine) -> tuple[str, str]:
       19.0-19.4 vs 22.4-23.6 ms, Zen 5 12.4-15.3 vs 17.7-18.8, Zen 4 (no AVX-VNNI: the EVEX-encoded ones) 13.5
       vs 27.5;
     - int4: the 512-bit kernels win on full-width AVX-512 (Xeon 14.7-16.4 vs 17.5-21.2 ms for the 256-bit
-      sets; Zen 5 10.2 vs 12.5-17.5 in one run, 12.1 vs 11.6-13.1 in another) and lose where AVX-512 runs as
-      two halves (Zen 4: AVX2's 13.3 vs 18.4, the 256-bit VNNI 16.7).
+      sets; Zen 5 10.2 vs 12.5-17.5 in one run, 12.1 vs 11.6-13.1 in another), and on Zen 4 (AVX-512 as two
+      halves) since their weight prefetch goes to L2: 11.5-11.8 vs AVX2's 12.8-13.1 (prefetched into L1 they
+      lost there, 18.4 vs 13.3: the 0.5B's 96 int4 one-row calls streamed at 8.8 ms vs AVX2's 7.5; into L2 5.9).
     From two rows on the 512-bit kernels win or tie everywhere (Zen 4, int8 / int4 at 2 rows: 17.7 / 14.4 ms vs
     AVX2's 17.4 / 15.6)."""
     if machine.dq_isa != "avx512vnni" or machine.dq_isa_pinned:  # DISTILLERY_CPU_ISA / a comparison of sets
         return "", ""
-    return "vnni256", "avx2" if machine.avx512_halves else ""
+    return "vnni256", ""
 
 
 def _prefill_choice(backend: str, head: str, quantization: str, machine: Machine,

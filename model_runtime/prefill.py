@@ -94,13 +94,6 @@ def cpu_flags(info: dict[str, str] | None = None) -> frozenset[str]:
     return frozenset((cpuinfo() if info is None else info).get("flags", "").split())
 
 
-def cpu_family(info: dict[str, str] | None = None) -> tuple[str, int]:
-    """(vendor_id, cpu family) of /proc/cpuinfo, e.g. ("AuthenticAMD", 25); ("", 0) where it cannot say."""
-    info = cpuinfo() if info is None else info
-    family = info.get("cpu family", "")
-    return info.get("vendor_id", ""), int(family) if family.isdigit() else 0
-
-
 # ---- the C helpers --------------------------------------------------------------------------------
 def library_path() -> Path:
     h = hashlib.sha256(SOURCE.read_bytes())

@@ -387,8 +387,8 @@ static inline __attribute__((always_inline)) void w4z_rows2(const uint8_t* w0, c
     for (int64_t g = 0; g < ng; g++) {
         __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
         for (int64_t i = g * G; i < (g + 1) * G; i += 128) {
-            _mm_prefetch((const char*)(pf + i / 2), _MM_HINT_T0);
-            _mm_prefetch((const char*)(pf + (w1 - w0) + i / 2), _MM_HINT_T0);
+            _mm_prefetch((const char*)(pf + i / 2), _MM_HINT_T1);
+            _mm_prefetch((const char*)(pf + (w1 - w0) + i / 2), _MM_HINT_T1);
             const __m512i x0 = _mm512_loadu_si512((const void*)(xz + i));
             const __m512i x1 = _mm512_loadu_si512((const void*)(xz + i + 64));
             const __m512i b0 = _mm512_loadu_si512((const void*)(w0 + i / 2));
