@@ -132,7 +132,7 @@ class _Lib:
         lib.dq_decode_blocks.restype = i32
         lib.dq_silu_mul.argtypes = [p, i64, i64, p, i32]
         lib.dq_silu_mul.restype = None
-        lib.dq_w8_block_sums.argtypes = [p, i64, i64, i64, p]
+        lib.dq_w8_block_sums.argtypes = [p, i64, i64, i64, p, i32]
         lib.dq_w8_block_sums.restype = None
         lib.dq_pack_w4.argtypes = [p, i64, i64, p]
         lib.dq_pack_w4.restype = None
@@ -332,15 +332,21 @@ def _check(t: Tensor | None, dtype: torch.dtype, shape: tuple[int, ...], what: s
 
 
 def w8_block_sums(w: Tensor, block: int) -> Tensor:
-    """int8 weights [N, K] -> int32 [N, K/block]: each activation block's weight sum, which the AVX-512 batch kernel
-    needs (its activation codes are unsigned, x + 128); prepared once with the weights."""
+    """int8 weights [N, K] -> int32 [N, K/block]: each activation block's weight sum, which the AVX-512 batch kernels
+    read (their activation codes are unsigned, x + 128); prepared once with the weights."""
     n, k = w.shape
     if block <= 0 or k % block:
         raise ValueError(f"block {block} does not divide in_features {k}")
     _check(w, torch.int8, (n, k), "w")
     out = torch.empty((n, k // block), dtype=torch.int32)
-    _load().lib.dq_w8_block_sums(w.data_ptr(), n, k, block, out.data_ptr())
+    _load().lib.dq_w8_block_sums(w.data_ptr(), n, k, block, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def w8_block_sums_read() -> bool:
+    """Whether this CPU's kernels read w8_block_sums (the AVX-512 ones): elsewhere they are not kept (+3% of the
+    int8 weights' bytes for nothing)."""
+    return "avx512vnni" in _load().available_isas()
 
 
 def linear_w8(x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None, block: int, *, wsum: Tensor | None = None,

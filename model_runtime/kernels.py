@@ -198,7 +198,9 @@ class Int8Linear(nn.Module):
             self._dq_scales = scales.float().contiguous()
             self._dq_bias = None if self.bias is None else self.bias.float().contiguous()
             self._dq_block = ckernels.act_block(self.in_features)
-            self._dq_wsum = ckernels.w8_block_sums(self.codes, self._dq_block)  # +4 bytes per block of weights
+            # +4 bytes per activation block of weights, where the kernels read them
+            self._dq_wsum = ckernels.w8_block_sums(self.codes, self._dq_block) if ckernels.w8_block_sums_read() \
+                else None
         elif backend == "aten":
             self._mm_scales = scales.to(torch.bfloat16)  # the CPU kernel wants scales in the activation dtype
         elif backend == "cuda-int8" and int8_kernel == "int8pack_mm":

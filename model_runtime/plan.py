@@ -308,8 +308,9 @@ def row_isas(machine: Machine) -> tuple[str, str]:
       sets; Zen 5 10.2 vs 12.5-17.5 in one run, 12.1 vs 11.6-13.1 in another), and on Zen 4 (AVX-512 as two
       halves) since their weight prefetch goes to L2: 11.5-11.8 vs AVX2's 12.8-13.1 (prefetched into L1 they
       lost there, 18.4 vs 13.3: the 0.5B's 96 int4 one-row calls streamed at 8.8 ms vs AVX2's 7.5; into L2 5.9).
-    From two rows on the 512-bit kernels win or tie everywhere (Zen 4, int8 / int4 at 2 rows: 17.7 / 14.4 ms vs
-    AVX2's 17.4 / 15.6)."""
+    From two rows on the 512-bit kernels win or tie everywhere (Zen 4 in session 8, int8 / int4 at 2 rows: 17.7 /
+    14.4 ms vs AVX2's 17.4 / 15.6; int8 batches of 4+ rows now take the 8-row kernel, 8 rows 29.6-30.5 -> 19.2-20.0
+    ms)."""
     if machine.dq_isa != "avx512vnni" or machine.dq_isa_pinned:  # DISTILLERY_CPU_ISA / a comparison of sets
         return "", ""
     return "vnni256", ""

@@ -90,8 +90,8 @@ def cpuinfo() -> dict[str, str]:
     return fields
 
 
-def cpu_flags(info: dict[str, str] | None = None) -> frozenset[str]:
-    return frozenset((cpuinfo() if info is None else info).get("flags", "").split())
+def cpu_flags() -> frozenset[str]:
+    return frozenset(cpuinfo().get("flags", "").split())
 
 
 # ---- the C helpers --------------------------------------------------------------------------------

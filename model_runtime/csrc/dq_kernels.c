@@ -147,9 +147,9 @@ static inline int64_t prefetch_rows(int64_t row_bytes) {
 
 /* int8 weights [N, K] -> out [N, K/B]: each block's weight sum (exact; what the AVX-512 batch kernel subtracts,
    times 128, for its unsigned activation codes). Prepared once with the weights (ckernels.w8_block_sums). */
-void dq_w8_block_sums(const int8_t* w, int64_t N, int64_t K, int64_t B, int32_t* out) {
+void dq_w8_block_sums(const int8_t* w, int64_t N, int64_t K, int64_t B, int32_t* out, int nthreads) {
     const int64_t nb = K / B;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++)
         for (int64_t b = 0; b < nb; b++) {
             int32_t s = 0;
@@ -208,7 +208,7 @@ static inline __m256i fold512(__m512i v) {
    (the 256-bit kernels' |w| . sign(x, w) trick), so the activations come as unsigned codes x + 128 (xu) and each
    block subtracts 128 * sum(w): the same exact integer dot products. */
 
-/* 2+ activation rows (a batched decode step; a prompt chunk when no prompt GEMM is chosen): W8Q_NT weight rows per
+/* W8Q_MIN_ROWS+ activation rows (a batched decode step; a prompt chunk when no prompt GEMM is chosen): W8Q_NT weight rows per
    pass (a panel) against 8 activation rows at a time, the activation rows transposed (xt) so that one 512-bit
    register holds 8 rows x 8 consecutive codes (lane 2m + h: row m, codes 4h..4h+3 of the 8) and each weight row's
    8 codes are one 64-bit broadcast: one vpdpbusd adds 8 rows' partial dot products, and a block's float step
@@ -246,8 +246,8 @@ static inline __attribute__((always_inline)) void w8q_panel(const int8_t* wr, co
 }
 
 /* int8, 2..W8Q_MIN_ROWS - 1 activation rows (mt): one weight row per pass, its 64-byte vectors shared by the rows;
-   fewer rows than the 8 lanes of w8q_panel, whose cost does not shrink with them (measured, 0.5B int8 decode step:
-   2 rows 17.2 ms here vs 20.1 there, 3 rows 19.6 vs 21.6, 4 rows 20.4-21.0 vs 19.9-20.1) */
+   fewer rows than the 8 lanes of w8q_panel, whose cost does not shrink with them (0.5B int8 decode step, alternating
+   A/B: 2 rows 18.6 ms here vs 19.5 there, 3 rows 21.5 vs 22.4; 4 rows, separate runs: 20.4-21.0 vs 19.9-20.1) */
 #define W8Q_MIN_ROWS 4
 static inline __attribute__((always_inline)) void w8z_tile(const int8_t* wr, const uint8_t* xu, const float* xs,
         const int32_t* wsr, int64_t K, int64_t B, int64_t nb, int mt, float* r, const int8_t* pf) {
@@ -488,7 +488,7 @@ static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, con
             free(sc.buf);
             return -1;
         }
-        dq_w8_block_sums(w, N, K, B, own_sums);
+        dq_w8_block_sums(w, N, K, B, own_sums, nthreads);
         wsum = own_sums;
     }
     if (M < W8Q_MIN_ROWS) {
@@ -542,7 +542,7 @@ static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, con
 #pragma omp parallel for schedule(guided) num_threads(nthreads)
     for (int64_t p = 0; p < np; p++) {
         const int64_t n0 = p * W8Q_NT, nt = N - n0 < W8Q_NT ? N - n0 : W8Q_NT;
-        const int64_t pn = p + W8Q_AHEAD < np - 1 ? (p + W8Q_AHEAD) * W8Q_NT : n0;  /* a whole panel ahead */
+        const int64_t pn = p + W8Q_AHEAD < np - 1 ? (p + W8Q_AHEAD) * W8Q_NT : n0;  /* W8Q_AHEAD panels on: a full one */
         int64_t off[W8Q_NT];
         const int32_t* wsr[W8Q_NT];
         for (int64_t t = 0; t < W8Q_NT; t++) {  /* a last panel short of W8Q_NT rows repeats its last row */
@@ -770,6 +770,7 @@ int dq_call_isa(int bits, int64_t M) {
 int dq_linear_w8(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* w, const float* ws,
                  const int32_t* wsum, const float* bias, int64_t N, float* y, int nthreads, const float* norm_w,
                  float eps, int accumulate) {
+    if (M <= 0) return 0;  /* no rows: nothing to compute (the batch kernels assume one) */
     const int isa = dq_call_isa(8, M);
 #if DQ_HAVE_AVX512
     if (isa == DQ_ISA_AVX512VNNI)
@@ -788,6 +789,7 @@ int dq_linear_w8(const float* x, int64_t M, int64_t K, int64_t B, const int8_t* 
 int dq_linear_w4(const float* x, int64_t M, int64_t K, int64_t G, const uint8_t* w, const uint16_t* s,
                  const uint16_t* z, const float* bias, int64_t N, float* y, int nthreads, const float* norm_w,
                  float eps, int accumulate) {
+    if (M <= 0) return 0;
     const int isa = dq_call_isa(4, M);
 #if DQ_HAVE_AVX512
     if (isa == DQ_ISA_AVX512VNNI)

@@ -357,6 +357,16 @@ def test_bad_arguments_are_refused(lib, int8_weights):
         ckernels.linear_w4(torch.randn(1, 192), packed, s4, z4.float(), None, 64)
 
 
+def test_no_rows_give_an_empty_result(lib, int8_weights):
+    """Zero activation rows compute nothing (the batch kernels would otherwise read a row that is not there)."""
+    codes, scales, _ = int8_weights
+    y = ckernels.linear_w8(torch.empty(0, 256), codes, scales.float(), None, 128,
+                           wsum=ckernels.w8_block_sums(codes, 128))
+    assert y.shape == (0, 200)
+    c4, s4, z4 = quantize_int4(torch.randn(64, 256), 64)
+    assert ckernels.linear_w4(torch.empty(0, 256), ckernels.pack_w4(c4), s4, z4, None, 64).shape == (0, 64)
+
+
 def test_int4_groups_that_split_a_64_value_block_are_not_given_to_the_kernel(lib):
     """A group of 96 (possible in a foreign artifact) would straddle the kernel's 64-value blocks."""
     assert ckernels.w4_group_supported(32, 192) and ckernels.w4_group_supported(128, 256)

@@ -136,6 +136,28 @@ def test_weights_that_do_not_chain_are_refused(fused_model):
         DecodeBlocks([], 4, 2, 16)
 
 
+def test_the_int8_block_sums_reach_the_kernels(fused_model):
+    """The plan hands each int8 linear's prepared block sums to the C call: wrong ones change a 3-row step where the
+    kernels read them (AVX-512); elsewhere none are kept."""
+    w = fused_model.layers[-1].dq_weights()
+    if w.down.bits != 8:
+        pytest.skip("int4 linears carry no block sums")
+    if not ckernels.w8_block_sums_read():
+        assert w.down.wsum is None
+        return
+    wrong = {name: replace(lw, wsum=lw.wsum + 1) for name in ("qkv", "o", "gate_up", "down")
+             for lw in [getattr(w, name)] if lw.wsum is not None}
+    assert len(wrong) == 4
+    outs = []
+    for plan in (_plan(fused_model), _plan(fused_model, **wrong)):
+        cache = _prefilled_caches(fused_model, 1)[0]
+        x = torch.randn(3, plan.hidden, generator=torch.Generator().manual_seed(0))
+        plan.run(x, torch.tensor([0, 2, 3]), torch.tensor([5, 9, 2]), fused_model.rope_cos, fused_model.rope_sin,
+                 cache.k, cache.v)
+        outs.append(x)
+    assert not torch.equal(outs[0], outs[1])
+
+
 def test_bad_rows_and_caches_are_refused_before_the_c_call(fused_model):
     cfg = fused_model.config
     plan = fused_model.decode_blocks(1)
