@@ -245,6 +245,51 @@ static inline __attribute__((always_inline)) void w8q_panel(const int8_t* wr, co
     for (int t = 0; t < W8Q_NT; t++) _mm512_storeu_ps(out + t * 16, facc[t]);
 }
 
+/* Past 8 rows: W8Q_NT2 full weight rows (row n at w0 + n K) against two tiles of 8 activation rows, each weight
+   broadcast feeding both (the four 0.5B layer shapes at 64 rows 4.70 -> 3.43 ms, at 256 rows 17.5 -> 14.1; the
+   same sums and float steps as w8q_panel, so the same bytes). out: [2][W8Q_NT2][16]. */
+#define W8Q_NT2 4
+static inline __attribute__((always_inline)) void w8q2_panel(const int8_t* w0, int64_t K, const uint32_t* xt0,
+        const uint32_t* xt1, const float* xs0, const float* xs1, const int32_t* wsum0, int64_t B, int64_t nb,
+        const int8_t* pf, float* out) {
+    __m512 f0[W8Q_NT2], f1[W8Q_NT2];
+    for (int t = 0; t < W8Q_NT2; t++) {
+        f0[t] = _mm512_setzero_ps();
+        f1[t] = _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i a0[W8Q_NT2], a1[W8Q_NT2];
+        for (int t = 0; t < W8Q_NT2; t++) {
+            a0[t] = _mm512_setzero_si512();
+            a1[t] = _mm512_setzero_si512();
+        }
+        for (int64_t k = b * B; k < (b + 1) * B; k += 64) {
+            for (int t = 0; t < W8Q_NT2; t++) _mm_prefetch((const char*)(pf + t * K + k), _MM_HINT_T1);
+            for (int64_t k8 = k; k8 < k + 64; k8 += 8) {
+                const __m512i x0 = _mm512_load_si512((const void*)(xt0 + k8 * 2));
+                const __m512i x1 = _mm512_load_si512((const void*)(xt1 + k8 * 2));
+                for (int t = 0; t < W8Q_NT2; t++) {
+                    const __m512i wv = _mm512_set1_epi64(*(const i64_unaligned*)(w0 + t * K + k8));
+                    a0[t] = _mm512_dpbusd_epi32(a0[t], x0, wv);
+                    a1[t] = _mm512_dpbusd_epi32(a1[t], x1, wv);
+                }
+            }
+        }
+        const __m512 s0 = _mm512_load_ps(xs0 + b * 16), s1 = _mm512_load_ps(xs1 + b * 16);
+        for (int t = 0; t < W8Q_NT2; t++) {
+            const __m512i c = _mm512_set1_epi32(wsum0[t * nb + b] * 128);
+            const __m512i i0 = _mm512_add_epi32(a0[t], _mm512_shuffle_epi32(a0[t], _MM_PERM_CDAB));
+            const __m512i i1 = _mm512_add_epi32(a1[t], _mm512_shuffle_epi32(a1[t], _MM_PERM_CDAB));
+            f0[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i0, c)), s0, f0[t]);
+            f1[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i1, c)), s1, f1[t]);
+        }
+    }
+    for (int t = 0; t < W8Q_NT2; t++) {
+        _mm512_storeu_ps(out + t * 16, f0[t]);
+        _mm512_storeu_ps(out + (W8Q_NT2 + t) * 16, f1[t]);
+    }
+}
+
 /* int8, 2..W8Q_MIN_ROWS - 1 activation rows (mt): one weight row per pass, its 64-byte vectors shared by the rows;
    fewer rows than the 8 lanes of w8q_panel, whose cost does not shrink with them (0.5B int8 decode step, alternating
    A/B: 2 rows 18.6 ms here vs 19.5 there, 3 rows 21.5 vs 22.4; 4 rows, separate runs: 20.4-21.0 vs 19.9-20.1) */
@@ -514,10 +559,12 @@ static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, con
     /* W8Q_MIN_ROWS+ rows: w8q_panel over row tiles of 8 (xt: per tile [K/8][16] dwords; xst: per tile [nb][16]
        scales) */
     const int64_t tiles = (M + 7) / 8, np = (N + W8Q_NT - 1) / W8Q_NT;
+    const int pairs = tiles > 1;  /* past 8 rows: w8q2_panel, tiles in pairs (an odd last one with a padding tile) */
+    const int64_t alloc_tiles = pairs ? (tiles + 1) / 2 * 2 : tiles;
     uint32_t* xt = NULL;
     float* xst = NULL;
-    if (posix_memalign((void**)&xt, 64, (size_t)(tiles * K * 8)) != 0) xt = NULL;
-    if (posix_memalign((void**)&xst, 64, sizeof(float) * (size_t)(tiles * nb * 16)) != 0) xst = NULL;
+    if (posix_memalign((void**)&xt, 64, (size_t)(alloc_tiles * K * 8)) != 0) xt = NULL;
+    if (posix_memalign((void**)&xst, 64, sizeof(float) * (size_t)(alloc_tiles * nb * 16)) != 0) xst = NULL;
     if (!xt || !xst) {
         free(own_sums);
         free(xt);
@@ -525,7 +572,7 @@ static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, con
         free(sc.buf);
         return -1;
     }
-    for (int64_t tile = 0; tile < tiles; tile++)
+    for (int64_t tile = 0; tile < alloc_tiles; tile++)
         for (int64_t k8 = 0; k8 < K / 8; k8++)
             for (int64_t l = 0; l < 16; l++) {
                 const int64_t m = tile * 8 + l / 2;
@@ -533,15 +580,39 @@ static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, con
                 if (m < M) memcpy(&v, xu + m * K + 8 * k8 + 4 * (l % 2), 4);
                 xt[(tile * (K / 8) + k8) * 16 + l] = v;
             }
-    for (int64_t tile = 0; tile < tiles; tile++)
+    for (int64_t tile = 0; tile < alloc_tiles; tile++)
         for (int64_t b = 0; b < nb; b++)
             for (int64_t l = 0; l < 16; l++) {
                 const int64_t m = tile * 8 + l / 2;
                 xst[(tile * nb + b) * 16 + l] = m < M ? xs[m * nb + b] : 0.f;
             }
+    if (pairs) {
+        const int64_t np2 = N / W8Q_NT2;  /* full panels; the last N % W8Q_NT2 rows below */
 #pragma omp parallel for schedule(guided) num_threads(nthreads)
-    for (int64_t p = 0; p < np; p++) {
-        const int64_t n0 = p * W8Q_NT, nt = N - n0 < W8Q_NT ? N - n0 : W8Q_NT;
+        for (int64_t p = 0; p < np2; p++) {
+            const int64_t n0 = p * W8Q_NT2, pn = p + W8Q_AHEAD < np2 ? (p + W8Q_AHEAD) * W8Q_NT2 : n0;
+            float out[2 * W8Q_NT2 * 16];
+            for (int64_t tile = 0; tile < alloc_tiles; tile += 2) {
+                w8q2_panel(w + n0 * K, K, xt + tile * (K / 8) * 16, xt + (tile + 1) * (K / 8) * 16, xst + tile * nb * 16,
+                           xst + (tile + 1) * nb * 16, wsum + n0 * nb, B, nb, w + pn * K, out);
+                for (int64_t u = 0; u < 2; u++) {
+                    const int64_t m0 = (tile + u) * 8, mt = M - m0 < 8 ? M - m0 : 8;  /* <= 0: the padding tile */
+                    for (int64_t t = 0; t < W8Q_NT2; t++)
+                        for (int64_t j = 0; j < mt; j++) {
+                            float v = out[(u * W8Q_NT2 + t) * 16 + 2 * j] * ws[n0 + t];
+                            if (bias) v += bias[n0 + t];
+                            float* o = y + (m0 + j) * N + n0 + t;
+                            *o = accumulate ? *o + v : v;
+                        }
+                }
+            }
+        }
+    }
+    const int64_t nfirst = pairs ? N / W8Q_NT2 * W8Q_NT2 : 0;  /* the rows w8q_panel takes: all, or the last few */
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
+    for (int64_t p = nfirst / W8Q_NT; p < np; p++) {
+        const int64_t n0 = p * W8Q_NT < nfirst ? nfirst : p * W8Q_NT, nt = N - n0 < W8Q_NT ? N - n0 : W8Q_NT;
+        if (nt <= 0) continue;  /* (N a multiple of W8Q_NT2 past 8 rows: nothing left) */
         const int64_t pn = p + W8Q_AHEAD < np - 1 ? (p + W8Q_AHEAD) * W8Q_NT : n0;  /* W8Q_AHEAD panels on: a full one */
         int64_t off[W8Q_NT];
         const int32_t* wsr[W8Q_NT];

@@ -234,13 +234,15 @@ def test_every_instruction_set_gives_the_avx2_results_bit_for_bit(n: int, k: int
         assert rel_err(outs[isas[0]][1] - residual, normed @ wd.T + bias) < 0.015
 
 
+@pytest.mark.parametrize("n", [37, 40])
 @pytest.mark.parametrize("m", [9, 16, 17, 26])
-def test_int8_batches_past_one_row_tile_give_the_avx2_results_and_each_row_its_own(m: int) -> None:
-    """Batches of more than 8 rows (a prompt chunk on the dq kernels) take the AVX-512 batch kernel in tiles of 8
-    rows, a short last tile included: every set gives the AVX2 bytes, and every row its one-row result."""
+def test_int8_batches_past_one_row_tile_give_the_avx2_results_and_each_row_its_own(m: int, n: int) -> None:
+    """Batches of more than 8 rows (a prompt chunk on the dq kernels) take the AVX-512 batch kernel two tiles of 8
+    rows at a time (an odd last tile beside a padding one, a short last tile, weight rows past the last group of 4
+    included): every set gives the AVX2 bytes, and every row its one-row result."""
     loaded = ckernels._load()
-    run, wd, norm, bias = _isa_case(37, 896, None)
-    x, residual = torch.randn(m, 896) * 2, torch.randn(m, 37)
+    run, wd, norm, bias = _isa_case(n, 896, None)
+    x, residual = torch.randn(m, 896) * 2, torch.randn(m, n)
     outs = {}
     for isa in loaded.available_isas():
         with loaded.using_isa(isa):
