@@ -67,7 +67,7 @@ def _time_kernels(x: Any, q8: list[Any], sc8: list[Any], sums8: list[Any], q4: l
             with ckernels._load().using_isa(other_isa):
                 out[f"dq_int8_ms_{other_isa}"] = _median_ms(
                     lambda i: ckernels.linear_w8(x, q8[i % copies][0], sc8[i % copies], None, block,
-                                         wsum=sums8[i % copies]), repeats)
+                                                 wsum=sums8[i % copies]), repeats)
                 out[f"dq_int4_ms_{other_isa}"] = _median_ms(
                     lambda i: ckernels.linear_w4(x, dq4[i % copies], q4[i % copies][1], q4[i % copies][2], None,
                                                  128), repeats)

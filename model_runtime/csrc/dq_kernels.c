@@ -55,6 +55,13 @@ static inline int32_t hsum_epi32(__m256i v) {
    scale (and bias) after. One rounding per block: the 8-row kernel (w8q_panel) runs it on 16 lanes at once. */
 #define W8_BLOCK_STEP(isum, xs, acc) fmaf((float)(isum), (xs), (acc))
 
+/* An int8 kernel's output for weight row n: r times the row's scale, plus its bias, stored or added to *o */
+static inline void w8_out(float* o, float r, const float* ws, const float* bias, int64_t n, int accumulate) {
+    float v = r * ws[n];
+    if (bias) v += bias[n];
+    *o = accumulate ? *o + v : v;
+}
+
 /* Row preprocessing before quantization: RMSNorm (x * rsqrt(mean(x^2) + eps) * norm_w), so a
    pre-norm block's normalised activations never round-trip through memory. K % 32 == 0. */
 static void rms_norm_row(const float* x, int64_t K, const float* norm_w, float eps, float* out) {
@@ -517,11 +524,7 @@ static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, con
             const int64_t nf = n + ahead + 1 < N ? n + ahead : n;
             float r[2];
             w8z_rows2(w + n * K, w + n1 * K, xu, xs, B, nb, w + nf * K, r);
-            for (int64_t j = 0; j < 2 && n + j < N; j++) {
-                float v = r[j] * ws[n + j];
-                if (bias) v += bias[n + j];
-                y[n + j] = accumulate ? y[n + j] + v : v;
-            }
+            for (int64_t j = 0; j < 2 && n + j < N; j++) w8_out(y + n + j, r[j], ws, bias, n + j, accumulate);
         }
         free(sc.buf);
         return 0;
@@ -545,12 +548,7 @@ static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, con
                 case 3: w8z_tile(w + n * K, xu, xs, wsum + n * nb, K, B, nb, 3, r, pf); break;
                 default: w8z_tile(w + n * K, xu, xs, wsum + n * nb, K, B, nb, 2, r, pf); break;
             }
-            for (int64_t j = 0; j < M; j++) {
-                float v = r[j] * ws[n];
-                if (bias) v += bias[n];
-                float* out = y + j * N + n;
-                *out = accumulate ? *out + v : v;
-            }
+            for (int64_t j = 0; j < M; j++) w8_out(y + j * N + n, r[j], ws, bias, n, accumulate);
         }
         free(own_sums);
         free(sc.buf);
@@ -558,7 +556,7 @@ static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, con
     }
     /* W8Q_MIN_ROWS+ rows: w8q_panel over row tiles of 8 (xt: per tile [K/8][16] dwords; xst: per tile [nb][16]
        scales) */
-    const int64_t tiles = (M + 7) / 8, np = (N + W8Q_NT - 1) / W8Q_NT;
+    const int64_t tiles = (M + 7) / 8;
     const int pairs = tiles > 1;  /* past 8 rows: w8q2_panel, tiles in pairs (an odd last one with a padding tile) */
     const int64_t alloc_tiles = pairs ? (tiles + 1) / 2 * 2 : tiles;
     uint32_t* xt = NULL;
@@ -598,22 +596,19 @@ static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, con
                 for (int64_t u = 0; u < 2; u++) {
                     const int64_t m0 = (tile + u) * 8, mt = M - m0 < 8 ? M - m0 : 8;  /* <= 0: the padding tile */
                     for (int64_t t = 0; t < W8Q_NT2; t++)
-                        for (int64_t j = 0; j < mt; j++) {
-                            float v = out[(u * W8Q_NT2 + t) * 16 + 2 * j] * ws[n0 + t];
-                            if (bias) v += bias[n0 + t];
-                            float* o = y + (m0 + j) * N + n0 + t;
-                            *o = accumulate ? *o + v : v;
-                        }
+                        for (int64_t j = 0; j < mt; j++)
+                            w8_out(y + (m0 + j) * N + n0 + t, out[(u * W8Q_NT2 + t) * 16 + 2 * j], ws, bias, n0 + t,
+                                   accumulate);
                 }
             }
         }
     }
-    const int64_t nfirst = pairs ? N / W8Q_NT2 * W8Q_NT2 : 0;  /* the rows w8q_panel takes: all, or the last few */
+    /* w8q_panel takes the rows from nfirst on: all of them, or past 8 rows the last N % W8Q_NT2 */
+    const int64_t nfirst = pairs ? N / W8Q_NT2 * W8Q_NT2 : 0, np = (N - nfirst + W8Q_NT - 1) / W8Q_NT;
 #pragma omp parallel for schedule(guided) num_threads(nthreads)
-    for (int64_t p = nfirst / W8Q_NT; p < np; p++) {
-        const int64_t n0 = p * W8Q_NT < nfirst ? nfirst : p * W8Q_NT, nt = N - n0 < W8Q_NT ? N - n0 : W8Q_NT;
-        if (nt <= 0) continue;  /* (N a multiple of W8Q_NT2 past 8 rows: nothing left) */
-        const int64_t pn = p + W8Q_AHEAD < np - 1 ? (p + W8Q_AHEAD) * W8Q_NT : n0;  /* W8Q_AHEAD panels on: a full one */
+    for (int64_t p = 0; p < np; p++) {
+        const int64_t n0 = nfirst + p * W8Q_NT, nt = N - n0 < W8Q_NT ? N - n0 : W8Q_NT;
+        const int64_t pn = p + W8Q_AHEAD < np - 1 ? n0 + W8Q_AHEAD * W8Q_NT : n0;  /* W8Q_AHEAD panels on: a full one */
         int64_t off[W8Q_NT];
         const int32_t* wsr[W8Q_NT];
         for (int64_t t = 0; t < W8Q_NT; t++) {  /* a last panel short of W8Q_NT rows repeats its last row */
@@ -625,12 +620,8 @@ static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, con
             w8q_panel(w + n0 * K, off, xt + tile * (K / 8) * 16, xst + tile * nb * 16, wsr, B, nb, w + pn * K, out);
             const int64_t mt = M - tile * 8 < 8 ? M - tile * 8 : 8;
             for (int64_t t = 0; t < nt; t++)
-                for (int64_t j = 0; j < mt; j++) {
-                    float v = out[t * 16 + 2 * j] * ws[n0 + t];
-                    if (bias) v += bias[n0 + t];
-                    float* o = y + (tile * 8 + j) * N + n0 + t;
-                    *o = accumulate ? *o + v : v;
-                }
+                for (int64_t j = 0; j < mt; j++)
+                    w8_out(y + (tile * 8 + j) * N + n0 + t, out[t * 16 + 2 * j], ws, bias, n0 + t, accumulate);
         }
     }
     free(own_sums);
@@ -1177,12 +1168,7 @@ static int SFX(linear_w8)(const float* x, int64_t M, int64_t K, int64_t B, const
                 case 2: SFX(w8_tile)(wr, xr, sr, K, B, nb, 2, r, pf); break;
                 default: SFX(w8_tile)(wr, xr, sr, K, B, nb, 1, r, pf); break;
             }
-            for (int64_t j = 0; j < mt; j++) {
-                float v = r[j] * ws[n];
-                if (bias) v += bias[n];
-                float* out = y + (m0 + j) * N + n;
-                *out = accumulate ? *out + v : v;
-            }
+            for (int64_t j = 0; j < mt; j++) w8_out(y + (m0 + j) * N + n, r[j], ws, bias, n, accumulate);
         }
     }
     free(sc.buf);
