@@ -886,14 +886,6 @@ static inline float dot_f32(const float* a, const float* b, int64_t n) {
     return s;
 }
 
-static inline void axpy_f32(float alpha, const float* x, float* y, int64_t n) {
-    const __m256 va = _mm256_set1_ps(alpha);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += alpha * x[i];
-}
-
 /* rotate-half RoPE of one head: out[i] = x[i] c[i] - x[i+h] s[i], out[i+h] = x[i+h] c[i+h] + x[i] s[i+h] */
 static inline void rope_head(const float* x, const float* c, const float* s, int64_t hd, float* out) {
     const int64_t half = hd / 2;
@@ -904,11 +896,124 @@ static inline void rope_head(const float* x, const float* c, const float* s, int
     }
 }
 
+/* exp(x), 8 lanes, x clamped to [-87, 88]: 2^n p(r) with r = x - n ln2 (ln2 in two parts) and Cephes' expf
+   polynomial (about 1 ulp) */
+static inline __m256 exp_ps(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* Decode attention, one query head of one sequence: the keys/values of its kv head at positions 0..len-1
+   (kb/vb [len, hd]) -> o [hd]. Three passes, each shaped for the CPU rather than one position at a time:
+   - scores, 8 positions at a time with one accumulator each (a position's dot product is one chain of hd/8 FMAs;
+     8 independent chains keep both FMA units busy where one chain per position waited on each FMA's latency),
+     reduced to the 8 sums with one hadd tree; raw dot products (the 1/sqrt(hd) scale goes into the exponent);
+   - softmax weights exp((s - max) * scale), 8 at a time (exp_ps);
+   - o = sum_l w_l v_l with o's 64 columns held in 8 registers across all positions (no load/store of o per
+     position), then o * 1/sum.
+   One head's work does not depend on the batch: every batch size gives a row the same bytes. */
+static inline void attn_scores(const float* q, const float* kb, int64_t len, int64_t hd, float* sc) {
+    const int64_t hd8 = hd & ~(int64_t)7;
+    int64_t l = 0;
+    for (; l + 8 <= len; l += 8) {
+        const float* k = kb + l * hd;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int64_t i = 0; i < hd8; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + i);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + i), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + hd + i), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * hd + i), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * hd + i), a3);
+            a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 4 * hd + i), a4);
+            a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 5 * hd + i), a5);
+            a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 6 * hd + i), a6);
+            a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 7 * hd + i), a7);
+        }
+        /* hadd tree: lanes of s0123 are [a0..a3 low-half sums | a0..a3 high-half sums], likewise s4567 */
+        const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+        _mm256_storeu_ps(sc + l, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                               _mm256_permute2f128_ps(s0123, s4567, 0x31)));
+        for (int64_t i = hd8; i < hd; i++)
+            for (int j = 0; j < 8; j++) sc[l + j] += q[i] * k[j * hd + i];
+    }
+    for (; l < len; l++) sc[l] = dot_f32(q, kb + l * hd, hd);
+}
+
+/* sc[l] <- exp((sc[l] - max) * scale); returns their sum */
+static inline float attn_softmax_weights(float* sc, int64_t len, float scale) {
+    float mx = -INFINITY;
+    int64_t l = 0;
+    if (len >= 8) {
+        __m256 vm = _mm256_loadu_ps(sc);
+        for (l = 8; l + 8 <= len; l += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(sc + l));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        mx = _mm_cvtss_f32(m4);
+    }
+    for (; l < len; l++) mx = sc[l] > mx ? sc[l] : mx;
+    const __m256 vmx = _mm256_set1_ps(mx), vscale = _mm256_set1_ps(scale);
+    __m256 vsum = _mm256_setzero_ps();
+    for (l = 0; l + 8 <= len; l += 8) {
+        const __m256 e = exp_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(sc + l), vmx), vscale));
+        _mm256_storeu_ps(sc + l, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum_ps(vsum);
+    for (; l < len; l++) {
+        sc[l] = expf((sc[l] - mx) * scale);
+        sum += sc[l];
+    }
+    return sum;
+}
+
+/* o[c .. c + 8 NACC) = inv * sum_l w[l] vb[l, c ..]: NACC column registers held across the positions */
+static inline __attribute__((always_inline)) void attn_values_cols(const float* w, const float* vb, int64_t len,
+                                                                   int64_t hd, int64_t c, float inv, float* o,
+                                                                   const int nacc) {
+    __m256 acc[8];
+    for (int j = 0; j < nacc; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t l = 0; l < len; l++) {
+        const __m256 wl = _mm256_set1_ps(w[l]);
+        const float* v = vb + l * hd + c;
+        for (int j = 0; j < nacc; j++) acc[j] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(v + 8 * j), acc[j]);
+    }
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (int j = 0; j < nacc; j++) _mm256_storeu_ps(o + c + 8 * j, _mm256_mul_ps(acc[j], vinv));
+}
+
+static void attn_values(const float* w, const float* vb, int64_t len, int64_t hd, float inv, float* o) {
+    int64_t c = 0;
+    for (; c + 64 <= hd; c += 64) attn_values_cols(w, vb, len, hd, c, inv, o, 8);
+    for (; c + 32 <= hd; c += 32) attn_values_cols(w, vb, len, hd, c, inv, o, 4);
+    for (; c + 8 <= hd; c += 8) attn_values_cols(w, vb, len, hd, c, inv, o, 1);
+    for (; c < hd; c++) {
+        float a = 0.f;
+        for (int64_t l = 0; l < len; l++) a += w[l] * vb[l * hd + c];
+        o[c] = a * inv;
+    }
+}
+
 /* Decode attention for B sequences, one new token each:
    qkv [B, (nh + 2 nkv) hd] (biases added); RoPE at pos[b] on q and k (cos/sin tables [*, hd]);
    k and v written into kc/vc[slot[b], kv head, pos[b], :] (cache [max_batch, nkv, max_len, hd]
    float32); out[b, h] = softmax(q k^T / sqrt(hd)) v over cache positions 0..pos[b] (grouped-query:
-   query head h reads kv head h / (nh / nkv)). out [B, nh hd]. 0, or -1 (out of memory). */
+   query head h reads kv head h / (nh / nkv)). out [B, nh hd]. 0, or -1 (out of memory).
+   Threads take contiguous runs of (row, head) pairs (schedule(static)): a thread's heads share kv heads, whose
+   keys/values it then reads from its own cache, and even one row's heads spread over every thread. */
 int dq_attn_decode(const float* qkv, int64_t B, int64_t nh, int64_t nkv, int64_t hd, const int64_t* slot,
                    const int64_t* pos, const float* cos_t, const float* sin_t, float* kc, float* vc,
                    int64_t max_len, float* out, int nthreads) {
@@ -930,50 +1035,20 @@ int dq_attn_decode(const float* qkv, int64_t B, int64_t nh, int64_t nkv, int64_t
         }
     }
     const float scale = 1.f / sqrtf((float)hd);
-#pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads)
+#pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t t = 0; t < B * nh; t++) {
         const int64_t b = t / nh, h = t % nh, kvh = h / group, len = pos[b] + 1;
-        const float* q = qr + t * hd;
         const float* kb = kc + (slot[b] * nkv + kvh) * max_len * hd;
         const float* vb = vc + (slot[b] * nkv + kvh) * max_len * hd;
         float* sc = scores + t * lmax;
-        float mx = -INFINITY;
-        for (int64_t l = 0; l < len; l++) {
-            sc[l] = dot_f32(q, kb + l * hd, hd) * scale;
-            mx = sc[l] > mx ? sc[l] : mx;
-        }
-        float sum = 0.f;
-        for (int64_t l = 0; l < len; l++) {
-            sc[l] = expf(sc[l] - mx);
-            sum += sc[l];
-        }
-        float* o = out + t * hd;
-        memset(o, 0, sizeof(float) * (size_t)hd);
-        const float inv = 1.f / sum;
-        for (int64_t l = 0; l < len; l++) axpy_f32(sc[l] * inv, vb + l * hd, o, hd);
+        attn_scores(qr + t * hd, kb, len, hd, sc);
+        const float sum = attn_softmax_weights(sc, len, scale);
+        attn_values(sc, vb, len, hd, 1.f / sum, out + t * hd);
     }
     free(qr);
     return 0;
 }
 
-/* exp(x), 8 lanes, x clamped to [-87, 88]: 2^n p(r) with r = x - n ln2 (ln2 in two parts) and Cephes' expf
-   polynomial (about 1 ulp) */
-static inline __m256 exp_ps(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 
 /* h[m, i] = silu(gu[m, i]) * gu[m, I + i] (gu = [gate; up] per row), silu(g) = g / (1 + exp(-g)).
    I % 8 == 0 (checked by the caller). Block.decode_fused calls it too: both decode paths agree bit for bit. */

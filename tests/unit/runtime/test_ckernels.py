@@ -391,9 +391,12 @@ def _torch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return x * cos + rot * sin
 
 
-def test_attn_decode_matches_rope_cache_write_and_grouped_query_attention(lib):
+# head sizes that take each of the kernel's column paths (64, 32, 8 at a time, one at a time) and its scores' tail
+# past the last 8 columns: 32, 64, 100 = 64 + 32 + 4, 136 = 2 x 64 + 8
+@pytest.mark.parametrize("hd", [32, 64, 100, 136])
+def test_attn_decode_matches_rope_cache_write_and_grouped_query_attention(lib, hd):
     torch.manual_seed(1)
-    nh, nkv, hd, max_batch, max_len = 6, 2, 32, 4, 40
+    nh, nkv, max_batch, max_len = 6, 2, 4, 40
     kc = torch.randn(max_batch, nkv, max_len, hd)
     vc = torch.randn(max_batch, nkv, max_len, hd)
     t = torch.arange(max_len, dtype=torch.float32)
