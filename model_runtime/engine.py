@@ -7,7 +7,8 @@ Each step of the loop:
    prompt chunks of the prefilling requests, oldest first, so a long prompt never stalls the running
    batch for long; with nothing decoding, prompts go prefill_chunk tokens a step each (fast TTFT);
 4. run ONE decode forward for every sequence that was decoding at the step's start (each at its own
-   position) and sample each row with its own parameters and torch.Generator.
+   position), the step's prompt chunks in it (a chunk that ends its prompt gives that request's first token),
+   and sample each row with its own parameters and torch.Generator.
 Requests join and leave between steps. A request whose logits are NaN/inf, or whose step raised,
 fails alone with finish_reason "error"; the thread itself never dies of a step's exception.
 
@@ -503,11 +504,11 @@ class Engine:
         decoding = [r for r in self._running if not r.prefilling and not r.done]
         self._prefilling = [r for r in self._prefilling + admitted if r.prefilling and not r.done]
         plan = self._prefill_plan(len(decoding))
-        # chunks that neither end their prompt nor score it only write the cache: they ride in the decode rows'
-        # forward (model.forward_ragged), one read of the weights for both instead of a forward each, so a step
-        # with a chunk costs a decode step plus the chunk's own compute. Not with a compiled decode step.
-        riding = [(r, n) for r, n in plan if r.pos + n < len(r.prompt) and r.prompt_logprobs is None] \
-            if decoding and not self.compiled else []
+        # prompt chunks ride in the decode rows' forward (model.forward_ragged): one read of the weights for both
+        # instead of a forward each, so a step with a chunk costs a decode step plus the chunk's own compute; a
+        # chunk that ends its prompt gets its last row's logits there (its first token). Not a chunk that scores
+        # every prompt position (prompt logprobs: all its rows' logits), nor with a compiled decode step.
+        riding = [(r, n) for r, n in plan if r.prompt_logprobs is None] if decoding and not self.compiled else []
         for req, tokens in plan:
             if (req, tokens) not in riding:
                 self._guarded([req], self._prefill_chunk, req, tokens)
@@ -649,24 +650,33 @@ class Engine:
         return last_row
 
     def _decode_with_chunks(self, reqs: list[_Request], chunks: list[tuple[_Request, int]]) -> None:
-        """One decode step for reqs and, in the same forward, prompt chunks (request, tokens) that write the
-        cache only (none ends its prompt)."""
+        """One decode step for reqs and, in the same forward, prompt chunks (request, tokens): a chunk that ends
+        its prompt also gives the logits of its last row, its first token sampled from them with the decode rows'
+        tokens (its prefix kept first, as _prefill_chunk does); the others write the cache only."""
         assert self._cache is not None
         ids = [cast(int, r.next_token) for r in reqs]
         positions = [r.pos for r in reqs]
         seqs = [(cast(int, r.slot), 1) for r in reqs]
+        logit_rows = list(range(len(reqs)))
+        ending: list[_Request] = []
         for r, n in chunks:
             ids += r.prompt[r.pos:r.pos + n]
             positions += range(r.pos, r.pos + n)
             seqs.append((cast(int, r.slot), n))
+            if r.pos + n == len(r.prompt):
+                ending.append(r)
+                logit_rows.append(len(ids) - 1)
         device = self.model.device
         logits = self.model.forward_ragged(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
-                                           self._cache, seqs, logit_rows=list(range(len(reqs))))
+                                           self._cache, seqs, logit_rows=logit_rows)
+        assert logits is not None  # at least one decode row
         for r, n in chunks:
             r.pos += n
         for r in reqs:
             r.pos += 1
-        self._sample_and_emit(reqs, logits)
+        for r in ending:  # (max_tokens >= 1: only prompt-logprobs requests may ask for 0, and they do not ride)
+            self._store_prefix(r)  # before sampling: a request that finishes now wipes its slot
+        self._sample_and_emit(reqs + ending, logits)
 
     def _decode(self, reqs: list[_Request]) -> None:
         assert self._cache is not None

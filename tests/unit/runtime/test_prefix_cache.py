@@ -218,6 +218,35 @@ def test_shared_prefix_requests_in_a_mixed_batch_match_the_cache_off_output(load
     assert stats.prefix_cache_hit_tokens >= 2 * 64
 
 
+def test_a_prompt_prefilled_beside_a_decoding_request_is_kept_and_reused(loaded):
+    """Every chunk of these prompts rides in the decoding request's forward, the last one too (engine._step): its
+    prompt is kept from there."""
+    other = [151646, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
+
+    async def scenario(engine):
+        decoding = asyncio.Event()
+
+        async def background():
+            tokens = []
+            params = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
+            async for ev in engine.generate(other, params, "other"):
+                if ev.token_id is not None:
+                    tokens.append(ev.token_id)
+                    decoding.set()
+            return tokens
+
+        task = asyncio.create_task(background())
+        await decoding.wait()
+        first = await _generate(engine, SHARED + TAILS[0], "first")
+        second = await _generate(engine, SHARED + TAILS[1], "second")
+        assert not task.done()  # both prefilled beside it
+        return first, second, await task
+
+    on = _run(loaded, scenario)
+    stats = _same(on, _run(loaded, scenario, enable_prefix_caching=False))
+    assert stats.prefix_cache_hits == 1 and stats.prefix_cache_hit_tokens == 64
+
+
 def test_requests_sent_together_wait_for_the_shared_prefix_and_match_the_cache_off_output(loaded):
     """n choices of one prompt, or a question's options, arrive at once: the later ones are admitted once the
     first has prefilled their shared blocks, and copy them."""

@@ -48,7 +48,7 @@ class StepLog:
             self.steps[-1]["decode"].extend(r.id for r in reqs)
             decode(reqs)
 
-        def logged_mixed(reqs, chunks):  # one forward: decode rows and chunks that only write the cache
+        def logged_mixed(reqs, chunks):  # one forward: decode rows and prompt chunks
             before = [r.pos for r, _ in chunks]
             mixed(reqs, chunks)
             self.steps[-1]["decode"].extend(r.id for r in reqs)
@@ -101,8 +101,9 @@ def test_a_decoding_stream_gets_a_token_every_step_while_a_long_prompt_prefills(
         assert "stream" in s["decode"]  # the stream kept getting its token in every one of those steps
         assert len(s["decode"]) + sum(n for _, n in s["prefill"]) <= budget
     assert sum(n for s in long_steps for rid, n in s["prefill"] if rid == "long") == len(LONG)
-    # every chunk but the prompt's last rode in the stream's decode forward (one read of the weights)
-    assert [s.get("riding") for s in long_steps] == [["long"]] * (len(long_steps) - 1) + [None]
+    # every chunk rode in the stream's decode forward (one read of the weights), the prompt's last too: its first
+    # token came from that forward's logits, with no forward of its own
+    assert [s.get("riding") for s in long_steps] == [["long"]] * len(long_steps)
     for s in log.steps:
         assert len(s["decode"]) + sum(n for _, n in s["prefill"]) <= budget
 
