@@ -303,7 +303,8 @@ def row_isas(machine: Machine) -> tuple[str, str]:
     - int8: the 256-bit VNNI kernels (|w| . sign(x, w), one vpdpbusd per 32 weights) beat the 512-bit ones
       (x + 128 and a second vpdpbusd for the weight sum, AVX-512 lacking vpsignb) on every CPU measured: Xeon
       19.0-19.4 vs 22.4-23.6 ms, Zen 5 12.4-15.3 vs 17.7-18.8, Zen 4 (no AVX-VNNI: the EVEX-encoded ones) 13.5
-      vs 27.5;
+      vs 27.5, and still 16.8 vs 19.3 (alternating, one process) once the 512-bit one prefetched into L2 and read the
+      prepared block sums (one vpdpbusd per 64 weights);
     - int4: the 512-bit kernels win on full-width AVX-512 (Xeon 14.7-16.4 vs 17.5-21.2 ms for the 256-bit
       sets; Zen 5 10.2 vs 12.5-17.5 in one run, 12.1 vs 11.6-13.1 in another), and on Zen 4 (AVX-512 as two
       halves) since their weight prefetch goes to L2: 11.5-11.8 vs AVX2's 12.8-13.1 (prefetched into L1 they
