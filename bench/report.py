@@ -120,11 +120,13 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             bw = ((results.get("bandwidth") or {}).get("copy") or {}).get("best_gb_s")
             bound = _step_bound(row, bw)
             paired = " (median of rounds, each against its own moment's read)" if "paired_fraction" in row else ""
+            huge = (f"; against a read on 2 MiB pages ({row['read_gb_s_huge']} GB/s): "
+                    f"{row['paired_fraction_huge'] * 100:.0f}%") if row.get("paired_fraction_huge") is not None else ""
             out.append(_target(f"decode step {row['mode']}, batch 1 / bandwidth bound (runtime default kernels)",
                                _step_fraction(row, bound), ">=", 0.6,
                                f"best {row['tok_s']} tok/s ({row['step_ms']} ms) vs {bound and round(bound, 1)} tok/s "
                                f"at {row.get('read_gb_s') or bw} GB/s " + ("read" if row.get("read_gb_s") else "copy")
-                               + paired))
+                               + paired + huge))
     ppl = results.get("perplexity") or {}
     for mode, limit in (("int8", 0.01), ("int4", 0.10)):
         rise = (ppl.get(mode) or {}).get("rise_vs_bf16")
@@ -257,6 +259,8 @@ def decode_steps_table(steps: dict[str, Any], bandwidth_gb_s: float | None = Non
             one = per.get(1) or {}
             bound = _step_bound(one, bandwidth_gb_s)
             frac = _step_fraction(one, bound)
-            cells.append(f"{frac * 100:.0f}% of {bound:.1f}" if bound and frac is not None else "-")
+            huge = one.get("paired_fraction_huge")
+            cells.append((f"{frac * 100:.0f}% of {bound:.1f}" if bound and frac is not None else "-")
+                         + (f" ({huge * 100:.0f}% on 2 MiB pages)" if huge is not None else ""))
         lines.append(f"| {mode} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
