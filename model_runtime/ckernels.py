@@ -412,6 +412,8 @@ def check_attention_rows(rows: int, n_heads: int, n_kv: int, head_dim: int, slot
     for t in (cos, sin, kc, vc):
         if t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError("attn_decode takes contiguous float32 tensors")
+    if head_dim < 2 or head_dim % 2:
+        raise ValueError(f"attn_decode: head_dim {head_dim} must be even (rotate-half RoPE pairs its halves)")
     if (n_kv < 1 or n_heads % n_kv or kc.dim() != 4
             or kc.shape != vc.shape or tuple(kc.shape[1:2]) + tuple(kc.shape[3:]) != (n_kv, head_dim)
             or cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != head_dim):

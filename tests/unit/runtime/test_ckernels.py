@@ -409,6 +409,10 @@ def test_attn_decode_matches_rope_cache_write_and_grouped_query_attention(lib, h
     kc_ref, vc_ref = kc.clone(), vc.clone()
     out = ckernels.attn_decode(qkv, nh, nkv, hd, slots, positions, cos, sin, kc, vc)
     assert out.shape == (3, nh * hd)
+    for b in range(3):  # each row alone gives the bytes it got in the batch (rows of different lengths share threads)
+        alone = ckernels.attn_decode(qkv[b:b + 1].contiguous(), nh, nkv, hd, slots[b:b + 1], positions[b:b + 1], cos,
+                                     sin, kc_ref.clone(), vc_ref.clone())
+        assert torch.equal(alone[0], out[b]), b
     for b in range(3):
         s, p = int(slots[b]), int(positions[b])
         q = _torch_rope(qkv[b, : nh * hd].view(nh, hd), cos[p], sin[p])
@@ -428,6 +432,11 @@ def test_attn_decode_matches_rope_cache_write_and_grouped_query_attention(lib, h
         ckernels.attn_decode(qkv, nh, nkv, hd, torch.tensor([2, -1, 3]), positions, cos, sin, kc, vc)
     with pytest.raises(ValueError, match="shapes"):
         ckernels.attn_decode(qkv, nh, nkv + 1, hd, slots, positions, cos, sin, kc, vc)
+    odd = hd - 1  # RoPE rotates the two halves of a head: an odd size would leave one value unset
+    with pytest.raises(ValueError, match="must be even"):
+        ckernels.attn_decode(torch.randn(3, (nh + 2 * nkv) * odd), nh, nkv, odd, slots, positions,
+                             cos[:, :odd].contiguous(), sin[:, :odd].contiguous(), kc[..., :odd].contiguous(),
+                             vc[..., :odd].contiguous())
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
