@@ -140,7 +140,8 @@ class Bandwidth:
     threads: int
     # a read-only stream (torch sum): what a decode step does with its weights; context, not the bound
     torch_read_gb_s: float | None = None
-    # the same stream on 2 MiB pages (huge_page_stream), and how much of it the kernel gave as huge pages
+    # the same stream on 2 MiB pages (huge_page_stream; None where it did not get them), and how much of it the kernel
+    # gave as huge pages
     torch_read_huge_gb_s: float | None = None
     huge_page_kib: int | None = None
 
@@ -188,8 +189,17 @@ def huge_page_stream(mib: int) -> tuple[Tensor, int]:
     whole = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive
     start = -whole.data_ptr() % HUGE_PAGE
     arr = whole[start:start + size].view(torch.float64)
+    # the kernel merges neighbouring advised mappings (another such stream, PyTorch's own with THP_MEM_ALLOC_ENABLE):
+    # count what this array's first touch added, at most its size
+    before = _anon_huge_kib(arr.data_ptr(), size)
     arr.fill_(1.0)
-    return arr, _anon_huge_kib(arr.data_ptr(), size)
+    return arr, max(0, min(size >> 10, _anon_huge_kib(arr.data_ptr(), size) - before))
+
+
+def mostly_huge(kib: int | None, mib: int) -> bool:
+    """Whether a huge_page_stream of `mib` MiB got at least 90% of it on huge pages (else its read says nothing
+    about them: THP off, or memory too fragmented to give them)."""
+    return kib is not None and kib >= 0.9 * (mib << 10)
 
 
 def _anon_huge_kib(addr: int, size: int) -> int:
@@ -228,4 +238,4 @@ def measure_copy_bandwidth(array_mib: int = 512, repeats: int = 5, threads: int 
     read = read_gb_s(tsrc, repeats)
     huge, huge_kib = huge_page_stream(array_mib)
     return Bandwidth(round(numpy_gb_s, 3), round(torch_gb_s, 3), array_mib, threads, read,
-                     read_gb_s(huge, repeats), huge_kib)
+                     read_gb_s(huge, repeats) if mostly_huge(huge_kib, array_mib) else None, huge_kib)

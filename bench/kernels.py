@@ -149,7 +149,8 @@ def decode_steps(model_dir: str, modes: list[str], threads: int = 2, batches: tu
                     "step only reads its weights, and on a shared VM both figures drift by tens of percent within "
                     "minutes, so each step time is held to the bandwidth of its own moment. *_huge: the same with "
                     "the read on 2 MiB pages (bench.bandwidth.huge_page_stream; huge_page_kib: how much of it the "
-                    "kernel gave as such), a stricter bound than the 4 KiB pages the weights sit on"}
+                    "kernel gave as such; left out where that is under 90%), a stricter bound than the 4 KiB pages "
+                    "the weights sit on"}
 
 
 def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[int, ...],
@@ -160,7 +161,7 @@ def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[i
 
     import torch
 
-    from bench.bandwidth import ModelShape, huge_page_stream, read_gb_s, weight_bytes_per_token
+    from bench.bandwidth import ModelShape, huge_page_stream, mostly_huge, read_gb_s, weight_bytes_per_token
     from model_runtime.loader import load_model
 
     loaded = load_model(model_dir, quantization="none" if mode == "bf16" else mode, max_model_len=512)
@@ -171,6 +172,7 @@ def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[i
     stream = torch.ones(bandwidth_mib * (1 << 20) // 8, dtype=torch.float64)  # read_gb_s's array, allocated once
     # the same read on 2 MiB pages (the weights sit on 4 KiB ones, as PyTorch allocates them): a stricter bound
     huge, huge_kib = huge_page_stream(bandwidth_mib)
+    on_huge = mostly_huge(huge_kib, bandwidth_mib)  # else that read is not taken (THP off, fragmented memory)
     results: list[dict[str, Any]] = []
     with torch.inference_mode():
         for b in batches:
@@ -182,22 +184,25 @@ def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[i
             # taken against the higher of its two reads (the bandwidth of that moment, erring high)
             times, reads, fractions, huge_reads, huge_fractions = [], [], [], [], []
             for _ in range(3):
-                before, huge_before = read_gb_s(stream), read_gb_s(huge)
+                before = read_gb_s(stream)
+                huge_before = read_gb_s(huge) if on_huge else 0.0
                 t = time.perf_counter()
                 for i in range(steps):
                     model(ids, pos + i, cache, slice(0, b))
                 times.append((time.perf_counter() - t) / steps)
                 reads += [before, read_gb_s(stream)]
-                huge_reads += [huge_before, read_gb_s(huge)]
+                huge_reads += [huge_before, read_gb_s(huge) if on_huge else 0.0]
                 # a step reads the weights once whatever the batch: bytes per step / time against the bandwidth
                 fractions.append(per_token / times[-1] / (max(reads[-2:]) * 1e9))
-                huge_fractions.append(per_token / times[-1] / (max(huge_reads[-2:]) * 1e9))
+                if on_huge:
+                    huge_fractions.append(per_token / times[-1] / (max(huge_reads[-2:]) * 1e9))
             ms = min(times) * 1e3
+            huge_figures = {"read_gb_s_huge": max(huge_reads),
+                            "paired_fraction_huge": round(statistics.median(huge_fractions), 3)} if on_huge else {}
             results.append({"mode": mode, "backend": backend, "batch": b, "step_ms": round(ms, 2),
                             "tok_s": round(b * 1e3 / ms, 1), "fused_decode": bool(model.fused_decode),
                             "bytes_per_token": per_token, "read_gb_s": max(reads),
                             "paired_fraction": round(statistics.median(fractions), 3),
                             "step_ms_rounds": [round(x * 1e3, 2) for x in times], "read_gb_s_rounds": reads,
-                            "read_gb_s_huge": max(huge_reads), "huge_page_kib": huge_kib,
-                            "paired_fraction_huge": round(statistics.median(huge_fractions), 3)})
+                            "huge_page_kib": huge_kib, **huge_figures})
     return results

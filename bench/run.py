@@ -547,7 +547,8 @@ def print_report(results: dict[str, Any]) -> None:
     if bw:
         print(f"\nCopy bandwidth (read+write): numpy {bw.get('numpy_gb_s')} GB/s, torch {bw.get('torch_gb_s')} GB/s; "
               f"bound = {bw.get('best_gb_s')} GB/s / weight bytes read per token. Read-only stream (torch sum): "
-              f"{bw.get('torch_read_gb_s', '-')} GB/s; on 2 MiB pages {bw.get('torch_read_huge_gb_s', '-')} GB/s "
+              f"{bw.get('torch_read_gb_s', '-')} GB/s; on 2 MiB pages "
+              f"{bw.get('torch_read_huge_gb_s') or 'not measured (the kernel gave too few)'} GB/s "
               f"({bw.get('huge_page_kib', '-')} KiB of huge pages).")
     if results.get("perplexity"):
         print("\n## Perplexity on bench/ppl_text.py (real 0.5B, our loader)\n")

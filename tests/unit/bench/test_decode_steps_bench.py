@@ -26,8 +26,13 @@ def test_decode_step_rows_carry_their_own_bandwidth(tmp_path, r1_tokenizer_dir):
     assert all(len(r["step_ms_rounds"]) == 3 and len(r["read_gb_s_rounds"]) == 6 and r["paired_fraction"] > 0
                for r in rows)
     assert all(r["step_ms"] == min(r["step_ms_rounds"]) and r["read_gb_s"] == max(r["read_gb_s_rounds"]) for r in rows)
-    # and beside it the same read on 2 MiB pages (a stricter bound), with how much of that stream got them
-    assert all(r["read_gb_s_huge"] > 0 and r["paired_fraction_huge"] > 0 and r["huge_page_kib"] >= 0 for r in rows)
+    # and beside it the same read on 2 MiB pages (a stricter bound) where that stream got them
+    for r in rows:
+        assert 0 <= r["huge_page_kib"] <= 8 << 10
+        if r["huge_page_kib"] >= 0.9 * (8 << 10):
+            assert r["read_gb_s_huge"] > 0 and r["paired_fraction_huge"] > 0
+        else:
+            assert "read_gb_s_huge" not in r and "paired_fraction_huge" not in r
     for r in rows:  # the fraction is bytes a step reads / its time / that round's bandwidth, whatever the batch
         fractions = [r["bytes_per_token"] / (ms / 1e3) / (max(r["read_gb_s_rounds"][2 * i:2 * i + 2]) * 1e9)
                      for i, ms in enumerate(r["step_ms_rounds"])]

@@ -265,7 +265,7 @@ def test_decode_step_target_is_the_runtime_defaults_batch_1_against_its_own_band
 def test_a_huge_page_stream_is_aligned_whole_and_says_what_it_got() -> None:
     import torch
 
-    from bench.bandwidth import HUGE_PAGE, huge_page_stream
+    from bench.bandwidth import HUGE_PAGE, huge_page_stream, mostly_huge
 
     arr, kib = huge_page_stream(4)
     assert arr.dtype == torch.float64 and arr.numel() * 8 == 4 << 20 and arr.data_ptr() % HUGE_PAGE == 0
@@ -274,6 +274,11 @@ def test_a_huge_page_stream_is_aligned_whole_and_says_what_it_got() -> None:
     thp = enabled.read_text() if enabled.exists() else "[never]"
     # the kernel may refuse huge pages (THP off, memory too fragmented): 0 then, never more than the array
     assert 0 <= kib <= 4 << 10 and (kib == 0 or "[never]" not in thp)
+    # a second stream beside it (the kernel may merge the two advised mappings) counts only its own
+    other, other_kib = huge_page_stream(4)
+    assert 0 <= other_kib <= 4 << 10 and bool((arr == 1.0).all()) and bool((other == 1.0).all())
+    assert mostly_huge(4 << 10, 4) and mostly_huge(3687, 4) and not mostly_huge(3686, 4)  # 90% of 4,096 KiB
+    assert not mostly_huge(1 << 10, 4) and not mostly_huge(None, 4)
 
 
 def test_stored_decode_bytes_counts_the_head_once_and_the_embedding_table_apart() -> None:
