@@ -190,11 +190,11 @@ def _time_decode_steps(model_dir: str, mode: str, backend: str, batches: tuple[i
                 for i in range(steps):
                     model(ids, pos + i, cache, slice(0, b))
                 times.append((time.perf_counter() - t) / steps)
-                reads += [before, read_gb_s(stream)]
-                huge_reads += [huge_before, read_gb_s(huge) if on_huge else 0.0]
                 # a step reads the weights once whatever the batch: bytes per step / time against the bandwidth
+                reads += [before, read_gb_s(stream)]
                 fractions.append(per_token / times[-1] / (max(reads[-2:]) * 1e9))
                 if on_huge:
+                    huge_reads += [huge_before, read_gb_s(huge)]
                     huge_fractions.append(per_token / times[-1] / (max(huge_reads[-2:]) * 1e9))
             ms = min(times) * 1e3
             huge_figures = {"read_gb_s_huge": max(huge_reads),

@@ -353,7 +353,7 @@ def linear_w8(x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None, block: 
               norm: Tensor | None = None, eps: float = 0.0, out: Tensor | None = None) -> Tensor:
     """x [M, K] float32 contiguous; w [N, K] int8; scales [N] float32; bias [N] float32 -> [M, N] float32.
 
-    wsum: w8_block_sums(w, block), prepared with the weights (else a batch on AVX-512 takes them each call);
+    wsum: w8_block_sums(w, block), prepared with the weights (else the AVX-512 kernels take them each call);
     norm: RMSNorm x with this weight first (fused); out: add the result into it (a residual)."""
     lib = _load().lib
     _check_x(x, norm)

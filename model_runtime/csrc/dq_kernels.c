@@ -319,34 +319,24 @@ static inline __attribute__((always_inline)) void w8z_tile(const int8_t* wr, con
     for (int j = 0; j < mt; j++) r[j] = acc[j];
 }
 
-/* int8, one activation row, two weight rows at a time sharing the activation loads. The x + 128 correction reads
-   the rows' block sums (ws0/ws1: prepared with the weights, dq_w8_block_sums) where given, so a 64-byte weight
-   vector costs one load and one vpdpbusd; without them a second vpdpbusd (with ones) takes the sums on the way.
+/* int8, one activation row, two weight rows at a time sharing the activation loads; the x + 128 correction reads
+   the rows' block sums (ws0/ws1, as every batch kernel), so a 64-byte weight vector costs one load and one vpdpbusd.
    Weights prefetched into L2: into L1, two weight streams and the activations competed for it (the int4 one-row
    kernel's lesson, session 10). */
 static inline __attribute__((always_inline)) void w8z_rows2(const int8_t* w0, const int8_t* w1, const uint8_t* xu,
         const float* xs, const int32_t* ws0, const int32_t* ws1, int64_t B, int64_t nb, const int8_t* pf, float* r) {
-    const __m512i ones = _mm512_set1_epi8(1);
     float acc0 = 0.f, acc1 = 0.f;
     for (int64_t b = 0; b < nb; b++) {
         __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-        __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
         for (int64_t i = b * B; i < (b + 1) * B; i += 64) {
             _mm_prefetch((const char*)(pf + i), _MM_HINT_T1);
             _mm_prefetch((const char*)(pf + (w1 - w0) + i), _MM_HINT_T1);
             const __m512i x = _mm512_loadu_si512((const void*)(xu + i));
-            const __m512i b0 = _mm512_loadu_si512((const void*)(w0 + i));
-            const __m512i b1 = _mm512_loadu_si512((const void*)(w1 + i));
-            a0 = _mm512_dpbusd_epi32(a0, x, b0);
-            a1 = _mm512_dpbusd_epi32(a1, x, b1);
-            if (!ws0) {
-                s0 = _mm512_dpbusd_epi32(s0, ones, b0);
-                s1 = _mm512_dpbusd_epi32(s1, ones, b1);
-            }
+            a0 = _mm512_dpbusd_epi32(a0, x, _mm512_loadu_si512((const void*)(w0 + i)));
+            a1 = _mm512_dpbusd_epi32(a1, x, _mm512_loadu_si512((const void*)(w1 + i)));
         }
-        const int32_t c0 = ws0 ? ws0[b] : hsum_epi32(fold512(s0)), c1 = ws1 ? ws1[b] : hsum_epi32(fold512(s1));
-        acc0 = W8_BLOCK_STEP(hsum_epi32(fold512(a0)) - c0 * 128, xs[b], acc0);
-        acc1 = W8_BLOCK_STEP(hsum_epi32(fold512(a1)) - c1 * 128, xs[b], acc1);
+        acc0 = W8_BLOCK_STEP(hsum_epi32(fold512(a0)) - ws0[b] * 128, xs[b], acc0);
+        acc1 = W8_BLOCK_STEP(hsum_epi32(fold512(a1)) - ws1[b] * 128, xs[b], acc1);
     }
     r[0] = acc0;
     r[1] = acc1;
@@ -524,19 +514,6 @@ static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, con
         _mm512_storeu_si512((void*)(xu + i), _mm512_xor_si512(_mm512_loadu_si512((const void*)(xu + i)), bias128));
     const float* xs = sc.scale;
     const int64_t ahead = prefetch_rows(K);
-    if (M == 1) {
-#pragma omp parallel for schedule(guided) num_threads(nthreads)
-        for (int64_t p = 0; p < (N + 1) / 2; p++) {
-            const int64_t n = 2 * p, n1 = n + 1 < N ? n + 1 : n;
-            const int64_t nf = n + ahead + 1 < N ? n + ahead : n;
-            float r[2];
-            w8z_rows2(w + n * K, w + n1 * K, xu, xs, wsum ? wsum + n * nb : NULL, wsum ? wsum + n1 * nb : NULL, B, nb,
-                      w + nf * K, r);
-            for (int64_t j = 0; j < 2 && n + j < N; j++) w8_out(y + n + j, r[j], ws, bias, n + j, accumulate);
-        }
-        free(sc.buf);
-        return 0;
-    }
     int32_t* own_sums = NULL;
     if (!wsum) {  /* not prepared with the weights: taken now (a pass over them) */
         own_sums = (int32_t*)malloc(sizeof(int32_t) * (size_t)(N * nb));
@@ -546,6 +523,19 @@ static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, con
         }
         dq_w8_block_sums(w, N, K, B, own_sums, nthreads);
         wsum = own_sums;
+    }
+    if (M == 1) {
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
+        for (int64_t p = 0; p < (N + 1) / 2; p++) {
+            const int64_t n = 2 * p, n1 = n + 1 < N ? n + 1 : n;
+            const int64_t nf = n + ahead + 1 < N ? n + ahead : n;
+            float r[2];
+            w8z_rows2(w + n * K, w + n1 * K, xu, xs, wsum + n * nb, wsum + n1 * nb, B, nb, w + nf * K, r);
+            for (int64_t j = 0; j < 2 && n + j < N; j++) w8_out(y + n + j, r[j], ws, bias, n + j, accumulate);
+        }
+        free(own_sums);
+        free(sc.buf);
+        return 0;
     }
     if (M < W8Q_MIN_ROWS) {
 #pragma omp parallel for schedule(guided) num_threads(nthreads)
