@@ -19,7 +19,8 @@ Linear backends (one per quantization method, like gpt-fast's one handler per mo
              `_weight_int4pack_mm`), sm80+ with bf16 activations.
 Prefill (CPU, "dq" linears): a chunk of at least `prefill_min_rows` prompt rows runs on the CPU's
 matrix engine instead of the decode kernels, with the kernel `prefill_kernel` names (prefill.py:
-"int8mm" = torch._int_mm on AVX512-VNNI / AMX-INT8; "bf16" = weights dequantized to bf16 and oneDNN's
+"int8mm" = torch._int_mm on AMX-INT8; "int8vnni" = the same int8 GEMM on our AVX512-VNNI kernel (no AMX);
+"bf16" = weights dequantized to bf16 and oneDNN's
 bf16 GEMM; "none" = decode kernels for every row, as on AVX2-only CPUs). DISTILLERY_PREFILL overrides.
 Documented fallback: int4 on a GPU without tinygemm (T4, sm75: no bf16) or with shapes tinygemm cannot
 take runs the "generic" int4 path in fp16 (compiled when compilation is on); the plan's `notes` say why.
@@ -112,7 +113,7 @@ class KernelPlan:
     int8_kernel: str = ""           # cuda-int8 only: int8pack_mm | dequant
     fused_decode: bool = False      # decode steps through Block.decode_fused (dq everywhere)
     compile: bool = False           # torch.compile the decode step
-    prefill_kernel: str = "none"    # dq linears, >= prefill_min_rows rows: none | int8mm | bf16 (prefill.py)
+    prefill_kernel: str = "none"    # dq linears, >= prefill_min_rows rows: none | int8mm | int8vnni | bf16
     prefill_min_rows: int = 0
     dq_isa: str = ""                # dq linears: avx2 | avxvnni | avx512vnni (the decode kernels' instruction set)
     dq_row_isa: tuple[str, str] = ("", "")  # one activation row, int8 / int4 weights: row_isas ("" = dq_isa's)

@@ -21,7 +21,14 @@ So the kernel the plan picks (KernelPlan.prefill_kernel) is:
   activations are chunked) take W8_CHUNK_K = 1024: on a Zen 4 VM (session 9) 512 gave 24.436, 1024
   24.462 (+0.11%), 896 24.454, whole rows 24.502 (+0.27%), and a K = 896 row in one chunk saves an
   _int_mm call and a scaling pass: the 0.5B's linears over 285 prompt rows 334 -> 306 ms, 64 rows
-  83 -> 75 ms. CPUs with AVX512-VNNI or AMX-INT8.
+  83 -> 75 ms. CPUs with AMX-INT8 (where oneDNN multiplies on the tile engine).
+- "int8vnni": the same int8 codes, scales and float steps (the same bytes as "int8mm"), multiplied by our own
+  AVX512-VNNI GEMM (csrc/prefill_kernels.c, pf_w8_gemm) in one call per linear. oneDNN copies the [N, K]
+  weights into its own layout on every call and they arrive from memory (a forward reads each layer's once);
+  ours reads them in place, prefetching the next panel into L2. Measured on a Zen 4 VM (2 vCPUs, AVX-512 on
+  half-width units, no AMX) over 24 distinct copies of the 0.5B's four layer shapes, as a forward meets them
+  (median of 5): 16 rows 52.9 -> 31.9 ms, 64 rows 99.1 -> 78.7, 256 rows 292.9 -> 270.0 (without the
+  prefetch 39.9 / 89.6 / 281.1). CPUs with AVX512-VNNI and no AMX.
 - "bf16": weights dequantized to bfloat16 a layer at a time (int8: codes * scale; int4: pf_w4_to_bf16)
   and oneDNN's bf16 GEMM. Selectable (DISTILLERY_PREFILL=bf16) for CPUs where the bf16 engine
   (AMX-BF16) outruns the int8 one; not the default anywhere until measured on such a CPU.
@@ -35,6 +42,7 @@ system C compiler, into DISTILLERY_KERNEL_DIR; `python -m model_runtime.prefill 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import sys
 import threading
@@ -47,12 +55,16 @@ from torch import Tensor
 from model_runtime.ckernels import KernelUnavailable, compile_library, kernel_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "prefill_kernels.c"
-ABI_VERSION = 3
+ABI_VERSION = 4
 # AVX2 code (it also runs where the plan picks a prefill kernel: AVX-512 CPUs); no FMA contraction, so
 # dequantized values equal PyTorch's (c - 8) * s + z bit for bit
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared",
           "-std=c11"]
-PREFILL_KERNELS = ("none", "int8mm", "bf16")
+PREFILL_KERNELS = ("none", "int8mm", "int8vnni", "bf16")
+# the kernels that multiply int8 codes with int32 sums: the same bytes, different engines (int8mm: oneDNN's, for
+# AMX; int8vnni: pf_w8_gemm, for AVX512-VNNI without AMX)
+INT8_GEMMS = ("int8mm", "int8vnni")
+VNNI512_FLAGS = frozenset({"avx512_vnni", "avx512bw", "avx512vl", "avx512dq"})  # what pf_w8_gemm's code runs on
 # Fewer rows than this run on the decode kernels. Measured here (2 threads, VNNI): int8mm is ahead of
 # the dq kernels from 16 rows on for every 0.5B shape (1.6-2.5x at 16, 3-5x at 64 and 256) and behind
 # at 1-4 rows (where reading the weight once is all that matters); decode batches are <= 8-16 rows.
@@ -66,11 +78,13 @@ def choose_kernel(cpu_flags: frozenset[str] | set[str], override: str | None = N
     if override:
         if override not in PREFILL_KERNELS:
             raise ValueError(f"DISTILLERY_PREFILL={override!r}: expected one of {', '.join(PREFILL_KERNELS)}")
+        if override == "int8vnni" and not cpu_flags >= VNNI512_FLAGS:
+            raise ValueError("DISTILLERY_PREFILL=int8vnni: this CPU lacks " + ", ".join(sorted(VNNI512_FLAGS - cpu_flags)))
         return override, f"DISTILLERY_PREFILL={override}"
     if "amx_int8" in cpu_flags:
         return "int8mm", "AMX-INT8: torch._int_mm for prompt chunks"
-    if "avx512_vnni" in cpu_flags:
-        return "int8mm", "AVX512-VNNI: torch._int_mm for prompt chunks (bf16 GEMM without AMX measured slower)"
+    if cpu_flags >= VNNI512_FLAGS:
+        return "int8vnni", "AVX512-VNNI without AMX: pf_w8_gemm for prompt chunks (bf16 GEMM measured slower)"
     return "none", "no AVX512-VNNI/AMX: prompt chunks on the decode kernels"
 
 
@@ -131,6 +145,10 @@ def load() -> ctypes.CDLL:
         lib.pf_w4_to_bf16.restype = i32
         lib.pf_scale_rows.argtypes = [p, i64, i64, p, i64, p, p, p, i32, i32]
         lib.pf_scale_rows.restype = None
+        lib.pf_w8_gemm_scratch.argtypes = [i64, i64, i64]
+        lib.pf_w8_gemm_scratch.restype = i64
+        lib.pf_w8_gemm.argtypes = [p, p, i64, i64, i64, p, i64, p, i64, p, p, i32, p, i32]
+        lib.pf_w8_gemm.restype = i32
         _lib = lib
         return lib
 
@@ -170,6 +188,12 @@ def _check(t: Tensor, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> 
     if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
         raise ValueError(f"{what} must be a contiguous CPU {dtype} tensor of shape {shape}, got "
                          f"{t.dtype} {tuple(t.shape)}")
+
+
+@functools.cache
+def _runs_vnni512() -> bool:
+    """Whether this CPU runs pf_w8_gemm (elsewhere "int8vnni" multiplies on _int_mm: the same bytes)."""
+    return cpu_flags() >= VNNI512_FLAGS
 
 
 def _n_chunks(k: int, chunk: int) -> int:
@@ -235,9 +259,10 @@ def _scale_rows(acc: Tensor, xs: Tensor, c: int, ws: Tensor, bias: Tensor | None
                          torch.get_num_threads())
 
 
-def _int8mm(x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, out: Tensor | None, chunk: int) -> Tensor:
+def _int8mm(x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, out: Tensor | None, chunk: int,
+            gemm: str = "int8mm") -> Tensor:
     """ws: [N] (one scale per output channel for every chunk: int8 weights) or [chunks, N] (int4 requantized, with
-    the same `chunk`)."""
+    the same `chunk`). gemm: which engine multiplies the int8 codes (INT8_GEMMS; the same bytes either way)."""
     m, k = x.shape
     n = codes.shape[0]
     nc = _n_chunks(k, chunk)
@@ -245,8 +270,22 @@ def _int8mm(x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, out: Tens
         raise ValueError(f"{ws.shape[0]} weight-scale chunks for {nc} activation chunks of {chunk}")
     q, xs = quantize_rows(x, chunk, (_scratch.get("xq", (m, k), torch.int8),
                                      _scratch.get("xs", (m, nc), torch.float32)))
-    acc = _scratch.get("acc", (m, n), torch.int32)
     y = out if out is not None else torch.empty((m, n))
+    if gemm == "int8vnni" and k % 8 == 0 and chunk % 8 == 0 and _runs_vnni512():
+        _check(y, torch.float32, (m, n), "out")
+        _check(ws, torch.float32, tuple(ws.shape), "channel scales")
+        if ws.shape[-1] != n or (bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,))):
+            raise ValueError(f"channel scales {tuple(ws.shape)} / bias for {n} outputs")
+        lib = load()
+        need = lib.pf_w8_gemm_scratch(m, k, chunk)
+        buf = _scratch.get("pg", (need + 64,), torch.uint8)
+        at = buf.data_ptr() + (-buf.data_ptr()) % 64  # (the kernel's aligned loads)
+        if lib.pf_w8_gemm(q.data_ptr(), xs.data_ptr(), m, k, chunk, codes.data_ptr(), n, ws.data_ptr(),
+                          n if ws.dim() == 2 else 0, None if bias is None else bias.data_ptr(), y.data_ptr(),
+                          int(out is not None), at, torch.get_num_threads()) != 0:
+            raise RuntimeError(f"pf_w8_gemm failed (M={m}, N={n}, K={k}, chunk={chunk})")
+        return y
+    acc = _scratch.get("acc", (m, n), torch.int32)
     for c in range(nc):
         k0, k1 = c * chunk, min(k, (c + 1) * chunk)
         torch._int_mm(q[:, k0:k1], codes[:, k0:k1].t(), out=acc)
@@ -262,8 +301,8 @@ def linear_w8(kernel: str, x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | 
     n = codes.shape[0]
     _check(x, torch.float32, (m, k), "x")
     _check(codes, torch.int8, (n, k), "codes")
-    if kernel == "int8mm":
-        return _int8mm(x, codes, ws, bias, out, W8_CHUNK_K)
+    if kernel in INT8_GEMMS:
+        return _int8mm(x, codes, ws, bias, out, W8_CHUNK_K, kernel)
     if kernel != "bf16":
         raise ValueError(f"prefill kernel {kernel!r}")
     w = _scratch.get("wbf16", (n, k), torch.bfloat16)
@@ -277,10 +316,10 @@ def linear_w4(kernel: str, x: Tensor, w: Tensor, s: Tensor, z: Tensor, group: in
     m, k = x.shape
     n = w.shape[0]
     _check(x, torch.float32, (m, k), "x")
-    if kernel == "int8mm":
+    if kernel in INT8_GEMMS:
         codes, ws = w4_to_i8(w, s, z, group, CHUNK_K, (_scratch.get("w8", (n, k), torch.int8),
                                                        _scratch.get("ws", (_n_chunks(k, CHUNK_K), n), torch.float32)))
-        return _int8mm(x, codes, ws, bias, out, CHUNK_K)
+        return _int8mm(x, codes, ws, bias, out, CHUNK_K, kernel)
     if kernel != "bf16":
         raise ValueError(f"prefill kernel {kernel!r}")
     return _finish_bf16(x, w4_to_bf16(w, s, z, group, _scratch.get("wbf16", (n, k), torch.bfloat16)), bias, out)

@@ -1,7 +1,7 @@
 /*
- * The elementwise steps around the prefill GEMM (model_runtime/prefill.py): a chunk of prompt rows
- * multiplies on the CPU's int8 matrix engine (torch._int_mm: oneDNN on AVX512-VNNI / AMX-INT8), and
- * these kernels prepare its operands and finish its result in one pass each, instead of three or four
+ * The prefill GEMM's helpers (model_runtime/prefill.py): a chunk of prompt rows multiplies on the CPU's
+ * int8 matrix engine (torch._int_mm: oneDNN on AMX-INT8; pf_w8_gemm below on AVX512-VNNI), and these
+ * kernels prepare its operands and finish its result in one pass each, instead of three or four
  * PyTorch elementwise ops over [M, N] tensors:
  *   pf_quantize_rows: activations x [M, K] float32 -> int8 codes, one symmetric scale per row and chunk
  *                     of C values along K;
@@ -11,7 +11,9 @@
  *                     group size allows, else value by value (the same bytes either way);
  *   pf_w4_to_bf16:    the same int4 weights dequantized to bfloat16 (the bf16 GEMM variant);
  *   pf_scale_rows:    one chunk's int32 GEMM result -> float32 y = acc * xs[m] * ws[n] (+ bias) (+= the
- *                     earlier chunks, or a residual).
+ *                     earlier chunks, or a residual);
+ *   pf_w8_gemm:       the int8 GEMM itself where the CPU has AVX512-VNNI and no AMX, every chunk and its
+ *                     finish in one call (the same bytes as _int_mm + pf_scale_rows; see its comment).
  * Plain loops the compiler vectorises (the table look-up: AVX2 intrinsics); compiled with -ffp-contract=off so the dequantized values are
  * bit-identical to PyTorch's (c - 8) * s + z (tests compare them exactly).
  *
@@ -23,8 +25,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
-#define PF_ABI_VERSION 3
+#define PF_ABI_VERSION 4
 
 int pf_abi_version(void) { return PF_ABI_VERSION; }
 
@@ -218,4 +221,216 @@ void pf_scale_rows(const int32_t* acc, int64_t M, int64_t N, const float* xs, in
             for (int64_t n = 0; n < N; n++) yr[n] = (float)a[n] * d * ws[n];
         }
     }
+}
+
+/* ---- pf_w8_gemm: the int8 prompt GEMM on AVX512-VNNI without AMX ------------------------------------------------
+ * y (+)= sum over chunks c of (float)(xq . w over chunk c) * xs[m, c] * ws[c, n] (+ bias[n] with chunk 0): the
+ * product torch._int_mm gives chunk by chunk, finished as pf_scale_rows finishes it (the same exact integer sums,
+ * the same float steps in the same order: the same bytes), in one call that reads the weights where they lie.
+ * Why: oneDNN's _int_mm copies the [N, K] weights into its blocked layout on every call, so each prompt chunk
+ * paid a pass over all the weights before its multiplies (0.5B int8, 64 rows, Zen 4 2 vCPUs: ~40 ms of a ~140-ms
+ * forward), and a row count that is not a multiple of its tile wastes the rest.
+ * How: as the decode kernels' 8-row panels (csrc/dq_kernels.c, w8q_panel): activation rows transposed in tiles of
+ * 8 (one 512-bit register holds 8 rows x 8 consecutive codes, unsigned: code + 128), each weight row's 8 codes one
+ * 64-bit broadcast, one vpdpbusd adding 8 rows' partial sums; here PG_NT weight rows x PG_RT tiles (32 rows) per
+ * pass, the 128 x (weight sum of the chunk) that the unsigned codes add taken off at each chunk's end. Weight
+ * panels are split between the threads; the activation rows go PG_ROW_BYTES at a time so that they stay in L2.
+ * Needs K % 8 == 0 and C % 8 == 0 (the caller checks). */
+#define PG_NT 4
+#define PG_RT 4
+#define PG_ROW_BYTES (384 * 1024)
+#define PG_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
+typedef int64_t __attribute__((may_alias, aligned(1))) pg_i64u;
+
+/* PG_NT weight rows (w + off[t]) x RT tiles of xt (tile r at xt + r * tstride dwords), codes [k0, k1): out[t][r].
+   One function per RT (a macro): with the tile count a constant and the accumulators local, they stay in registers
+   (a shared function taking rt compiled to register copies and spills around every vpdpbusd). */
+#define PG_DOT(RT)                                                                                                    \
+PG_TARGET static void pg_dot##RT(const int8_t* w, const int64_t* off, const uint32_t* xt, int64_t tstride,         \
+                                 int64_t k0, int64_t k1, const int8_t* pf, int64_t K, __m512i out[PG_NT][PG_RT]) {   \
+    __m512i acc[PG_NT][RT];                                                                                           \
+    _Pragma("GCC unroll 4") for (int t = 0; t < PG_NT; t++)                                                            \
+        _Pragma("GCC unroll 4") for (int r = 0; r < RT; r++) acc[t][r] = _mm512_setzero_si512();                      \
+    const int8_t* w0 = w + off[0]; const int8_t* w1 = w + off[1];                                                     \
+    const int8_t* w2 = w + off[2]; const int8_t* w3 = w + off[3];                                                     \
+    for (int64_t k64 = k0; k64 < k1; k64 += 64) {                                                                    \
+      _Pragma("GCC unroll 4") for (int t = 0; t < PG_NT; t++) _mm_prefetch((const char*)(pf + t * K + k64), _MM_HINT_T1); \
+      for (int64_t k8 = k64; k8 < k1 && k8 < k64 + 64; k8 += 8) {                                                     \
+        __m512i xv[RT];                                                                                               \
+        _Pragma("GCC unroll 4") for (int r = 0; r < RT; r++)                                                           \
+            xv[r] = _mm512_load_si512((const void*)(xt + r * tstride + k8 * 2));                                      \
+        const __m512i v0 = _mm512_set1_epi64(*(const pg_i64u*)(w0 + k8));                                            \
+        const __m512i v1 = _mm512_set1_epi64(*(const pg_i64u*)(w1 + k8));                                            \
+        const __m512i v2 = _mm512_set1_epi64(*(const pg_i64u*)(w2 + k8));                                            \
+        const __m512i v3 = _mm512_set1_epi64(*(const pg_i64u*)(w3 + k8));                                            \
+        _Pragma("GCC unroll 4") for (int r = 0; r < RT; r++) {                                                         \
+            acc[0][r] = _mm512_dpbusd_epi32(acc[0][r], xv[r], v0);                                                    \
+            acc[1][r] = _mm512_dpbusd_epi32(acc[1][r], xv[r], v1);                                                    \
+            acc[2][r] = _mm512_dpbusd_epi32(acc[2][r], xv[r], v2);                                                    \
+            acc[3][r] = _mm512_dpbusd_epi32(acc[3][r], xv[r], v3);                                                    \
+        }                                                                                                             \
+      }                                                                                                               \
+    }                                                                                                                 \
+    _Pragma("GCC unroll 4") for (int t = 0; t < PG_NT; t++)                                                            \
+        _Pragma("GCC unroll 4") for (int r = 0; r < RT; r++) out[t][r] = acc[t][r];                                    \
+}
+PG_DOT(1)
+PG_DOT(2)
+PG_DOT(3)
+PG_DOT(4)
+
+/* the sum of a weight row's codes k0..k1 - 1 (the 128 x that the unsigned activation codes add) */
+PG_TARGET static inline int32_t pg_code_sum(const int8_t* wr, int64_t k0, int64_t k1) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t k = k0; k < k1; k += 64) {
+        const __mmask64 mask = k1 - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (k1 - k)) - 1);
+        acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(mask, wr + k));
+    }
+    return _mm512_reduce_add_epi32(acc);
+}
+
+/* chunk c's sums -> run[p][r] (lane 2m: row m x weight row 2p, lane 2m + 1: x weight row 2p + 1), as
+   pf_scale_rows: v = (float)isum * xs * ws; chunk 0: v (+ bias), added to y's value first when accumulating */
+PG_TARGET static inline __attribute__((always_inline)) void pg_finish(__m512i acc[PG_NT][PG_RT], int rt, int c,
+        const int32_t* wsum, const float* ws, const float* bias, const float* xst, int64_t xst_tile,
+        const float* yin, float run[PG_NT / 2][PG_RT][16]) {
+    for (int p = 0; p < PG_NT / 2; p++) {
+        const int t0 = 2 * p, t1 = 2 * p + 1;
+        const __m512i comp = _mm512_mask_blend_epi32(0xAAAA, _mm512_set1_epi32(128 * wsum[t0]),
+                                                     _mm512_set1_epi32(128 * wsum[t1]));
+        const __m512 wsv = _mm512_mask_blend_ps(0xAAAA, _mm512_set1_ps(ws[t0]), _mm512_set1_ps(ws[t1]));
+        for (int r = 0; r < rt; r++) {
+            const __m512i s0 = _mm512_add_epi32(acc[t0][r], _mm512_shuffle_epi32(acc[t0][r], _MM_PERM_CDAB));
+            const __m512i s1 = _mm512_add_epi32(acc[t1][r], _mm512_shuffle_epi32(acc[t1][r], _MM_PERM_CDAB));
+            const __m512i isum = _mm512_sub_epi32(_mm512_mask_blend_epi32(0xAAAA, s0, s1), comp);
+            __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_load_ps(xst + r * xst_tile)), wsv);
+            if (c == 0) {
+                if (bias) v = _mm512_add_ps(v, _mm512_mask_blend_ps(0xAAAA, _mm512_set1_ps(bias[t0]),
+                                                                    _mm512_set1_ps(bias[t1])));
+                if (yin) v = _mm512_add_ps(_mm512_loadu_ps(yin + (p * PG_RT + r) * 16), v);
+            } else {
+                v = _mm512_add_ps(_mm512_loadu_ps(run[p][r]), v);
+            }
+            _mm512_storeu_ps(run[p][r], v);
+        }
+    }
+}
+
+/* run[.][r] (a tile of 8 rows x PG_NT outputs) -> y: lanes 2m, 2m + 1 of run[p][r] are row m's outputs 2p, 2p + 1,
+   so the 64-bit halves of run[0] and run[1] interleaved give each row's PG_NT outputs side by side */
+PG_TARGET static void pg_store(const float run[PG_NT / 2][PG_RT][16], int r, int64_t m0, int64_t M, int64_t n0,
+                               int64_t N, float* y) {
+    if (m0 + 8 <= M && n0 + PG_NT <= N) {
+        const __m512d a = _mm512_castps_pd(_mm512_loadu_ps(run[0][r])), b = _mm512_castps_pd(_mm512_loadu_ps(run[1][r]));
+        const __m512 lo = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));  /* 128-bit lane j: row 2j */
+        const __m512 hi = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));  /* row 2j + 1 */
+        _mm_storeu_ps(y + (m0 + 0) * N + n0, _mm512_extractf32x4_ps(lo, 0));
+        _mm_storeu_ps(y + (m0 + 1) * N + n0, _mm512_extractf32x4_ps(hi, 0));
+        _mm_storeu_ps(y + (m0 + 2) * N + n0, _mm512_extractf32x4_ps(lo, 1));
+        _mm_storeu_ps(y + (m0 + 3) * N + n0, _mm512_extractf32x4_ps(hi, 1));
+        _mm_storeu_ps(y + (m0 + 4) * N + n0, _mm512_extractf32x4_ps(lo, 2));
+        _mm_storeu_ps(y + (m0 + 5) * N + n0, _mm512_extractf32x4_ps(hi, 2));
+        _mm_storeu_ps(y + (m0 + 6) * N + n0, _mm512_extractf32x4_ps(lo, 3));
+        _mm_storeu_ps(y + (m0 + 7) * N + n0, _mm512_extractf32x4_ps(hi, 3));
+        return;
+    }
+    for (int t = 0; t < PG_NT && n0 + t < N; t++)  /* the last rows or outputs */
+        for (int m = 0; m < 8 && m0 + m < M; m++) y[(m0 + m) * N + n0 + t] = run[t / 2][r][2 * m + t % 2];
+}
+
+/* one panel (weight rows n0.. n0 + PG_NT - 1, past N: row N - 1 again, not stored) x tiles [t0, t1), PG_RT at a
+   time; sums: [nc][PG_NT] scratch for the panel's code sums per chunk */
+PG_TARGET static void pg_panel(const int8_t* w, int64_t N, int64_t K, int64_t C, int64_t nc, int64_t n0,
+        const uint32_t* xt, const float* xst, int64_t t0, int64_t t1, int64_t M, const float* ws, int64_t ws_stride,
+        const float* bias, float* y, int accumulate, int32_t* sums) {
+    const int64_t tstride = K * 2, xst_tile = nc * 16;
+    int64_t off[PG_NT], n[PG_NT];
+    float b4[PG_NT];
+    for (int t = 0; t < PG_NT; t++) {
+        n[t] = n0 + t < N ? n0 + t : N - 1;
+        off[t] = n[t] * K;
+        b4[t] = bias ? bias[n[t]] : 0.f;
+    }
+    for (int64_t c = 0; c < nc; c++)
+        for (int t = 0; t < PG_NT; t++)
+            sums[c * PG_NT + t] = pg_code_sum(w + off[t], c * C, (c + 1) * C < K ? (c + 1) * C : K);
+    /* the next panel's rows, on their way into L2 while this one multiplies (its rows past N: the last one) */
+    const int8_t* pf = w + (n0 + 2 * PG_NT <= N ? n0 + PG_NT : (N > PG_NT ? N - PG_NT : 0)) * K;
+    for (int64_t tile = t0; tile < t1; tile += PG_RT) {
+        const int rt = (int)(t1 - tile < PG_RT ? t1 - tile : PG_RT);
+        float run[PG_NT / 2][PG_RT][16] __attribute__((aligned(64)));
+        float yin[PG_NT / 2 * PG_RT * 16] __attribute__((aligned(64)));
+        if (accumulate)
+            for (int p = 0; p < PG_NT / 2; p++)
+                for (int r = 0; r < rt; r++)
+                    for (int l = 0; l < 16; l++) {
+                        const int64_t m = (tile + r) * 8 + l / 2;
+                        yin[(p * PG_RT + r) * 16 + l] = m < M ? y[m * N + n[2 * p + l % 2]] : 0.f;
+                    }
+        for (int64_t c = 0; c < nc; c++) {
+            const int64_t k0 = c * C, k1 = k0 + C < K ? k0 + C : K;
+            __m512i acc[PG_NT][PG_RT];
+            const uint32_t* x0 = xt + tile * tstride;
+            switch (rt) {
+                case 1: pg_dot1(w, off, x0, tstride, k0, k1, pf, K, acc); break;
+                case 2: pg_dot2(w, off, x0, tstride, k0, k1, pf, K, acc); break;
+                case 3: pg_dot3(w, off, x0, tstride, k0, k1, pf, K, acc); break;
+                default: pg_dot4(w, off, x0, tstride, k0, k1, pf, K, acc); break;
+            }
+            float sc[PG_NT];
+            for (int t = 0; t < PG_NT; t++) sc[t] = ws[c * ws_stride + n[t]];
+            pg_finish(acc, rt, (int)c, sums + c * PG_NT, sc, bias ? b4 : NULL, xst + (tile * nc + c) * 16, xst_tile,
+                      accumulate ? yin : NULL, run);
+        }
+        for (int r = 0; r < rt; r++) pg_store(run, r, (tile + r) * 8, M, n0, N, y);
+    }
+}
+
+/* int8 codes xq [M, K] (pf_quantize_rows'), scales xs [M, nc]; weights w [N, K] int8, ws [nc, N] (ws_stride N) or
+   [N] (ws_stride 0); y [M, N]. scratch: at least pf_w8_gemm_scratch(M, K, C) bytes, 64-byte aligned. */
+int64_t pf_w8_gemm_scratch(int64_t M, int64_t K, int64_t C) {
+    const int64_t tiles = (M + 7) / 8, nc = (K + C - 1) / C;
+    return tiles * K * 8 + tiles * nc * 64;
+}
+
+PG_TARGET int pf_w8_gemm(const int8_t* xq, const float* xs, int64_t M, int64_t K, int64_t C, const int8_t* w,
+                         int64_t N, const float* ws, int64_t ws_stride, const float* bias, float* y, int accumulate,
+                         void* scratch, int nthreads) {
+    if (K % 8 || C % 8 || C <= 0 || M <= 0 || N <= 0 || ((uintptr_t)scratch & 63)) return -1;
+    const int64_t tiles = (M + 7) / 8, nc = (K + C - 1) / C;
+    uint32_t* xt = (uint32_t*)scratch;                          /* per tile [K/8][16] dwords */
+    float* xst = (float*)((char*)scratch + tiles * K * 8);      /* per tile [nc][16] */
+    const int64_t tiles_per_pass = PG_ROW_BYTES / (8 * K) / PG_RT * PG_RT > 0 ? PG_ROW_BYTES / (8 * K) / PG_RT * PG_RT
+                                                                             : PG_RT;
+    const int64_t panels = (N + PG_NT - 1) / PG_NT;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int32_t sums[nc * PG_NT];  /* this thread's panel: code sums per chunk (the caller's chunks: a few) */
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            for (int64_t k8 = 0; k8 < K / 8; k8++)
+                for (int l = 0; l < 16; l++) {
+                    const int64_t m = t * 8 + l / 2;
+                    uint32_t v = 0x80808080u;  /* a row past M: x = 0 (its outputs are not written) */
+                    if (m < M) {
+                        memcpy(&v, xq + m * K + 8 * k8 + 4 * (l % 2), 4);
+                        v ^= 0x80808080u;
+                    }
+                    xt[(t * (K / 8) + k8) * 16 + l] = v;
+                }
+            for (int64_t c = 0; c < nc; c++)
+                for (int l = 0; l < 16; l++) {
+                    const int64_t m = t * 8 + l / 2;
+                    xst[(t * nc + c) * 16 + l] = m < M ? xs[m * nc + c] : 0.f;
+                }
+        }
+        for (int64_t t0 = 0; t0 < tiles; t0 += tiles_per_pass) {
+            const int64_t t1 = t0 + tiles_per_pass < tiles ? t0 + tiles_per_pass : tiles;
+#pragma omp for schedule(dynamic, 4)
+            for (int64_t p = 0; p < panels; p++)
+                pg_panel(w, N, K, C, nc, p * PG_NT, xt, xst, t0, t1, M, ws, ws_stride, bias, y, accumulate, sums);
+        }
+    }
+    return 0;
 }

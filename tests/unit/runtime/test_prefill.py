@@ -1,6 +1,6 @@
 """prefill.py + csrc/prefill_kernels.c: prompt chunks of the quantized linears on the CPU's matrix engine
-(torch._int_mm / bf16 GEMM), chosen by the KernelPlan from the CPU's features; decode rows stay on the
-dq kernels."""
+(torch._int_mm / our AVX512-VNNI GEMM / bf16 GEMM), chosen by the KernelPlan from the CPU's features; decode rows
+stay on the dq kernels."""
 
 from __future__ import annotations
 
@@ -18,13 +18,16 @@ from tests.unit.runtime.test_quant import greedy
 CFG = ModelConfig(arch="qwen2", hidden_size=896, n_layers=2, n_heads=14, n_kv_heads=2, intermediate_size=4864,
                   vocab_size=1000, max_position=4096)  # the 0.5B's linear shapes
 AVX2_ONLY = frozenset({"avx2", "fma", "f16c", "avx_vnni"})
-AVX512_BF16 = frozenset({*AVX2_ONLY, "avx512f", "avx512_vnni", "avx512_bf16"})
+AVX512_BF16 = frozenset({*AVX2_ONLY, "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"})
 AMX = frozenset({*AVX512_BF16, "amx_tile", "amx_int8", "amx_bf16"})
 # a prompt longer than PREFILL_MIN_ROWS, so its chunk takes the prefill GEMM
 LONG_PROMPT = [151646, 151644, *range(1000, 1030), 151645]
 
 
 needs_kernels = needs_cpu_kernels
+# pf_w8_gemm's own code (elsewhere "int8vnni" multiplies on _int_mm, so a comparison of the two could not fail)
+needs_vnni512 = pytest.mark.skipif(not (prefill.cpu_flags() >= prefill.VNNI512_FLAGS),
+                                   reason="pf_w8_gemm needs AVX512-VNNI/BW/VL/DQ, which this CPU lacks")
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +36,8 @@ def _no_env(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-@pytest.mark.parametrize(("flags", "kernel"), [(AVX2_ONLY, "none"), (AVX512_BF16, "int8mm"), (AMX, "int8mm")])
+@pytest.mark.parametrize(("flags", "kernel"), [(AVX2_ONLY, "none"), (AVX512_BF16, "int8vnni"), (AMX, "int8mm"),
+                                               (AVX512_BF16 - {"avx512bw"}, "none")])
 def test_the_plan_picks_the_prefill_kernel_from_the_cpu_features(flags, kernel):
     plan = make_plan(CFG, Machine("cpu", dq_available=True, cpu_flags=flags), quantization="int8", lm_head="int8")
     assert plan.prefill_kernel == kernel
@@ -59,6 +63,10 @@ def test_no_prefill_kernel_off_the_dq_backend_or_without_its_helpers(monkeypatch
     monkeypatch.setenv("DISTILLERY_PREFILL", "fast")
     with pytest.raises(ValueError, match="DISTILLERY_PREFILL"):
         make_plan(CFG, machine, quantization="int8", lm_head="int8")
+    monkeypatch.setenv("DISTILLERY_PREFILL", "int8vnni")  # its code would not run there: refused, not a crash
+    assert make_plan(CFG, machine, quantization="int8", lm_head="int8").prefill_kernel == "int8vnni"
+    with pytest.raises(ValueError, match="int8vnni: this CPU lacks avx512_vnni"):
+        make_plan(CFG, Machine("cpu", dq_available=True, cpu_flags=AVX2_ONLY), quantization="int8", lm_head="int8")
 
 
 def _chunked(w: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +131,7 @@ def test_int4_requantization_by_table_matches_value_by_value_on_any_codes(group,
 
 
 @needs_kernels
-@pytest.mark.parametrize("kernel", ["int8mm", "bf16"])
+@pytest.mark.parametrize("kernel", ["int8mm", "int8vnni", "bf16"])
 def test_prefill_gemms_match_the_float_product_and_add_into_out(kernel):
     torch.manual_seed(0)
     x, bias = torch.randn(24, 2560), torch.randn(48)  # K of three chunks, the last one partial
@@ -152,19 +160,62 @@ def _chunked_product(x: torch.Tensor, codes: torch.Tensor, ws: torch.Tensor, chu
 
 
 @needs_kernels
-def test_int8_weights_share_one_activation_scale_per_w8_chunk():
+@pytest.mark.parametrize("kernel", ["int8mm", "int8vnni"])
+def test_int8_weights_share_one_activation_scale_per_w8_chunk(kernel):
     """int8 weights have no chunk of their own: their prompt rows take one activation scale per W8_CHUNK_K values
     (a K = 896 layer in one _int_mm and one scaling pass), not int4's CHUNK_K."""
     torch.manual_seed(3)
     k = 2 * prefill.W8_CHUNK_K + 384  # two whole chunks and a partial one
     x = torch.randn(20, k) * torch.linspace(0.1, 3, k)  # ramped: chunks of the same row get different scales
     codes, scales = kernels.quantize_int8(torch.randn(36, k) * 0.02)
-    y = prefill.linear_w8("int8mm", x, codes, scales.float(), None).double()
+    y = prefill.linear_w8(kernel, x, codes, scales.float(), None).double()
     ref = _chunked_product(x, codes, scales.float(), prefill.W8_CHUNK_K)
     other = _chunked_product(x, codes, scales.float(), prefill.CHUNK_K)
     err, err_other = ((y - ref).norm() / ref.norm()).item(), ((y - other).norm() / ref.norm()).item()
     assert err < 1e-6 < err_other  # float32 scaling of exact integer sums; another chunking is far off
     assert prefill.W8_CHUNK_K != prefill.CHUNK_K
+
+
+@needs_kernels
+@needs_vnni512
+@pytest.mark.parametrize(("m", "n", "k", "chunk"), [
+    (1, 4, 8, 8),          # the smallest: one row, one panel, one 8-code step
+    (5, 7, 24, 16),        # a partial row tile, a partial weight panel, a partial last chunk
+    (24, 31, 128, 128),    # whole row tiles beside a last panel of 3 outputs (its stores go one by one)
+    (16, 33, 896, 1024),   # a whole K in one chunk
+    (64, 64, 4864, 1024),  # the 0.5B's down projection at a mixed step's 64 rows: chunks of 1024 and 768
+    (70, 13, 200, 64),     # row tiles 4 + 4 + 1 (the last pass short), 64-code prefetch steps with a tail
+    (520, 12, 4864, 512),  # more rows than one pass keeps in L2 (two passes)
+])
+def test_vnni_gemm_gives_the_bytes_of_int_mm(m, n, k, chunk):
+    """pf_w8_gemm's exact integer sums, their weight-sum correction and its float finish (the order of
+    pf_scale_rows) give what _int_mm + pf_scale_rows give, bit for bit, with and without bias, into a residual or
+    not, with int8's one channel scale or int4's per chunk: the two engines are interchangeable."""
+    torch.manual_seed(m * 1000 + n)
+    nc = -(-k // chunk)
+    x = torch.randn(m, k) * torch.linspace(0.1, 4, k)
+    x[0, 0] = 60.0  # one outlier: its chunk's scale differs from the others'
+    if m > 3:
+        x[3] = 0.0  # an all-zero row: scale 0
+    codes = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    codes[0] = -128  # the extremes: the correction 128 * sum(w) at its largest
+    codes[-1] = 127
+    for ws in (torch.rand(n) + 0.1, torch.rand(nc, n) + 0.1):
+        for bias in (None, torch.randn(n)):
+            for resid in (None, torch.randn(m, n)):
+                ref = prefill._int8mm(x, codes, ws, bias, None if resid is None else resid.clone(), chunk, "int8mm")
+                got = prefill._int8mm(x, codes, ws, bias, None if resid is None else resid.clone(), chunk, "int8vnni")
+                assert torch.equal(got, ref), (tuple(ws.shape), bias is None, resid is None)
+
+
+@needs_kernels
+def test_vnni_gemm_falls_back_to_int_mm_where_its_code_cannot_run(monkeypatch):
+    torch.manual_seed(2)
+    x, codes, ws = torch.randn(20, 256), torch.randint(-127, 128, (12, 256), dtype=torch.int8), torch.rand(12)
+    monkeypatch.setattr(prefill, "_runs_vnni512", lambda: False)
+    monkeypatch.setattr(prefill.load(), "pf_w8_gemm", None)  # a call would fail
+    assert torch.equal(prefill._int8mm(x, codes, ws, None, None, 128, "int8vnni"),
+                       prefill._int8mm(x, codes, ws, None, None, 128, "int8mm"))
 
 
 @needs_kernels
@@ -205,7 +256,7 @@ def _greedy_with(model_dir, prefill_kernel: str, monkeypatch, **load) -> tuple[l
 
 
 @needs_kernels
-@pytest.mark.parametrize("kernel", ["int8mm", "bf16"])
+@pytest.mark.parametrize("kernel", ["int8mm", "int8vnni", "bf16"])
 def test_int8_prefill_gemm_gives_the_same_greedy_tokens_as_the_dq_kernels(tiny_qwen2_dir, kernel, monkeypatch):
     tokens, logits = _greedy_with(tiny_qwen2_dir, kernel, monkeypatch, quantization="int8")
     tokens_dq, logits_dq = _greedy_with(tiny_qwen2_dir, "none", monkeypatch, quantization="int8")
@@ -214,7 +265,7 @@ def test_int8_prefill_gemm_gives_the_same_greedy_tokens_as_the_dq_kernels(tiny_q
 
 
 @needs_kernels
-@pytest.mark.parametrize("kernel", ["int8mm"])  # (bf16's int4 GEMM: test_prefill_gemms_match_the_float_product)
+@pytest.mark.parametrize("kernel", ["int8mm", "int8vnni"])  # (bf16's int4 GEMM: test_prefill_gemms_match_the_float_product)
 def test_int4_prefill_gemm_follows_the_exact_int4_math(tiny_qwen2_dir, kernel, monkeypatch):
     """int4 on the random tiny model has a near-tie at the 6th token that the dq kernels' own rounding
     (activations quantized per group of 32) tips the other way: the prefill GEMM gives the tokens of
