@@ -119,7 +119,8 @@ def _shape_row(name: str, n: int, k: int, m: int, kernel: str, repeats: int) -> 
         "layer": name, "N": n, "K": k, "M": m, "kernel": kernel,
         "dq_int8_ms": _median_ms(lambda i: ckernels.linear_w8(x, codes, s32, None, block, wsum=sums), repeats),
         "dq_int4_ms": _median_ms(lambda i: ckernels.linear_w4(x, packed, s4, z4, None, 128), repeats)}
-    for kern in ("int8mm", "bf16"):
+    # int8vnni only where its own code runs (elsewhere it multiplies on _int_mm: the int8mm column again)
+    for kern in ("int8mm", "int8vnni", "bf16") if prefill.cpu_flags() >= prefill.VNNI512_FLAGS else ("int8mm", "bf16"):
         row[f"{kern}_int8_ms"] = _median_ms(lambda i, kk=kern: prefill.linear_w8(kk, x, codes, s32, None), repeats)
         row[f"{kern}_int4_ms"] = _median_ms(lambda i, kk=kern: prefill.linear_w4(kk, x, packed, s4, z4, 128, None),
                                             repeats)

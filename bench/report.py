@@ -210,13 +210,15 @@ def prefill_table(pf: dict[str, Any]) -> str:
         chosen = kt.get("chosen")
         lines += ["", f"Prefill kernel chosen for this CPU: {chosen} ({kt.get('why')}); ms per call at M rows "
                   "(GFLOP/s):", "",
-                  "| layer | N x K | M | dq int8 | int8mm int8 | bf16 int8 | dq int4 | int8mm int4 | bf16 int4 "
-                  "| chosen vs dq int8 / int4 |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| layer | N x K | M | dq int8 | int8mm int8 | int8vnni int8 | bf16 int8 | dq int4 | int8mm int4 "
+                  "| int8vnni int4 | bf16 int4 | chosen vs dq int8 / int4 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in kt["rows"]:
             def cell(key: str, row: dict[str, Any] = r) -> str:
                 return f"{_fmt(row.get(key + '_ms'), 2)} ({_fmt(row.get(key + '_gflop_s'), 0)})"
             lines.append(f"| {r['layer']} | {r['N']} x {r['K']} | {r['M']} | {cell('dq_int8')} | {cell('int8mm_int8')} "
-                         f"| {cell('bf16_int8')} | {cell('dq_int4')} | {cell('int8mm_int4')} | {cell('bf16_int4')} "
+                         f"| {cell('int8vnni_int8')} | {cell('bf16_int8')} | {cell('dq_int4')} | {cell('int8mm_int4')} "
+                         f"| {cell('int8vnni_int4')} | {cell('bf16_int4')} "
                          f"| {_fmt(r.get('int8_speedup'), 2)}x / {_fmt(r.get('int4_speedup'), 2)}x |")
     elif kt.get("error"):
         lines.append(f"\nprefill kernels: {kt['error']}")
