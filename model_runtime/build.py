@@ -72,8 +72,8 @@ def build_model(cfg: ModelConfig, src: TensorSource, plan: KernelPlan, *, max_le
     model.fused_decode = plan.fused_decode
     if plan.dq_isa:  # one-row calls' kernels (process-wide, as the instruction set: every model here has this plan's)
         ckernels.set_row_isas(*plan.dq_row_isa)
-    for block in cast("Iterable[Block]", model.layers):  # prompt chunks' SwiGLU in C too (MLP.c_swiglu)
-        block.mlp.c_swiglu = plan.fused_decode
+    for block in cast("Iterable[Block]", model.layers):  # prompt rows on the fused linears too (Block.fused_rows)
+        block.fused_rows = plan.fused_decode
     model = model.eval().requires_grad_(False)
     problems = placement_problems(model, plan)
     if problems:

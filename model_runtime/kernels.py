@@ -64,9 +64,9 @@ class FusedLinear(Protocol):
         ...
 
 
-def _prefill_input(x: Tensor, norm: RMSNormLike | None) -> Tensor:
-    """The rows a prefill GEMM multiplies: x RMSNorm'd by `norm` (the decode kernels fuse it)."""
-    return x if norm is None else F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+def _prefill_norm(norm: RMSNormLike | None) -> prefill.Norm | None:
+    """The RMSNorm a prefill GEMM applies to its rows first (in its quantization pass, as the decode kernels do)."""
+    return None if norm is None else (norm.weight, norm.eps)
 
 
 CHUNK_ELEMENTS = 1 << 21  # values quantized at a time: float32 temporaries stay ~8 MiB each
@@ -229,8 +229,8 @@ class Int8Linear(nn.Module):
         """dq backend only: x [M, K] float32 -> [M, N]; RMSNorm'd by `norm` first, added into `out`.
         A chunk of at least prefill_min_rows rows runs on the plan's prefill GEMM instead."""
         if self.prefill_kernel != "none" and x.shape[0] >= self.prefill_min_rows:
-            return prefill.linear_w8(self.prefill_kernel, _prefill_input(x, norm), self.codes, self._dq_scales,
-                                     self._dq_bias, out=out)
+            return prefill.linear_w8(self.prefill_kernel, x, self.codes, self._dq_scales, self._dq_bias, out=out,
+                                     norm=_prefill_norm(norm))
         return ckernels.linear_w8(x, self.codes, self._dq_scales, self._dq_bias, self._dq_block, wsum=self._dq_wsum,
                                   norm=None if norm is None else norm.weight,
                                   eps=0.0 if norm is None else norm.eps, out=out)
@@ -362,8 +362,8 @@ class Int4Linear(nn.Module):
         """dq backend only: as Int8Linear.fused."""
         # the dq backend always sets _packed (in __init__)
         if self.prefill_kernel != "none" and x.shape[0] >= self.prefill_min_rows:
-            return prefill.linear_w4(self.prefill_kernel, _prefill_input(x, norm), cast(Tensor, self._packed),
-                                     self._dq_scales, self._dq_zeros, self.group_size, self._dq_bias, out=out)
+            return prefill.linear_w4(self.prefill_kernel, x, cast(Tensor, self._packed), self._dq_scales,
+                                     self._dq_zeros, self.group_size, self._dq_bias, out=out, norm=_prefill_norm(norm))
         return ckernels.linear_w4(x, cast(Tensor, self._packed), self._dq_scales, self._dq_zeros, self._dq_bias,
                                   self.group_size, norm=None if norm is None else norm.weight,
                                   eps=0.0 if norm is None else norm.eps, out=out)

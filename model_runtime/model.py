@@ -104,9 +104,15 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kc: Tensor, vc: Tensor,
                 slots: Tensor | slice, slot_idx: Tensor, positions: Tensor, kv_len: int) -> Tensor:
         """mask [B, 1, T, L] (True: visible), or None: plain causal attention over this chunk alone."""
-        B, T, _ = x.shape
+        y = self.attend(self.qkv(x), cos, sin, mask, kc, vc, slots, slot_idx, positions, kv_len)
+        out: Tensor = self.o(y)
+        return out
+
+    def attend(self, qkv: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kc: Tensor, vc: Tensor,
+               slots: Tensor | slice, slot_idx: Tensor, positions: Tensor, kv_len: int) -> Tensor:
+        """forward() between the projections: qkv [B, T, (nh + 2 nkv) * hd] -> [B, T, nh * hd]."""
+        B, T, _ = qkv.shape
         nh, nkv, hd = self.n_heads, self.n_kv, self.hd
-        qkv = self.qkv(x)                                             # [B, T, (nh + 2 nkv) * hd]
         qk = qkv[..., : (nh + nkv) * hd].view(B, T, nh + nkv, hd)
         qk = qk * cos + rotate_half(qk) * sin                         # RoPE on q and k at once; cos [B, T, 1, hd]
         q = qk[:, :, :nh].transpose(1, 2)                             # [B, nh, T, hd]
@@ -120,17 +126,22 @@ class Attention(nn.Module):
         # SDPA's flash kernel (torch._fused_sdp_choice: FLASH_ATTENTION, bool mask and GQA included), but
         # only is_causal lets it skip the key blocks above the diagonal instead of computing and masking them
         y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=True).to(x.dtype)         # [B, nh, T, hd]
-        out: Tensor = self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
-        return out
+                                           enable_gqa=True).to(qkv.dtype)       # [B, nh, T, hd]
+        return y.transpose(1, 2).reshape(B, T, nh * hd)
 
     def forward_ragged(self, x: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, tok_slots: Tensor,
                        tok_pos: Tensor, groups: list[AttnGroup]) -> Tensor:
         """forward() for a ragged batch x [1, N, C] (see Transformer.forward_ragged): the projections and the cache
         write over all N tokens at once, attention per group."""
-        N = x.shape[1]
+        y = self.attend_ragged(self.qkv(x)[0], cos, sin, kc, vc, tok_slots, tok_pos, groups)
+        out: Tensor = self.o(y[None])
+        return out
+
+    def attend_ragged(self, qkv: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, tok_slots: Tensor,
+                      tok_pos: Tensor, groups: list[AttnGroup]) -> Tensor:
+        """forward_ragged() between the projections: qkv [N, (nh + 2 nkv) * hd] -> [N, nh * hd]."""
+        N = qkv.shape[0]
         nh, nkv, hd = self.n_heads, self.n_kv, self.hd
-        qkv = self.qkv(x)[0]                                          # [N, (nh + 2 nkv) * hd]
         qk = qkv[:, : (nh + nkv) * hd].view(N, nh + nkv, hd)
         qk = qk * cos + rotate_half(qk) * sin                         # cos [N, 1, hd]
         kc[tok_slots, :, tok_pos] = qk[:, nh:].to(kc.dtype)           # cache[slot, :, pos] is [nkv, hd]
@@ -140,15 +151,14 @@ class Attention(nn.Module):
             if g.fused is not None:  # decode rows: as decode_fused (its RoPE and cache write redo the rows' own)
                 pos, cos_t, sin_t = g.fused
                 ys.append(ckernels.attn_decode(qkv[g.rows], nh, nkv, hd, cast(Tensor, g.slots), pos, cos_t, sin_t,
-                                               kc, vc).to(x.dtype))            # [B, nh hd]
+                                               kc, vc).to(qkv.dtype))          # [B, nh hd]
                 continue
             q = qk[g.rows, :nh].view(g.B, g.T, nh, hd).transpose(1, 2)  # [B, nh, T, hd]
             keys, values = kc[g.slots, :, :g.kv_len], vc[g.slots, :, :g.kv_len]
             y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=g.mask,
                                                is_causal=g.mask is None, enable_gqa=True)
-            ys.append(y.transpose(1, 2).reshape(g.B * g.T, nh * hd).to(x.dtype))
-        out: Tensor = self.o(torch.cat(ys)[None])
-        return out
+            ys.append(y.transpose(1, 2).reshape(g.B * g.T, nh * hd).to(qkv.dtype))
+        return torch.cat(ys)
 
 
 class MLP(nn.Module):
@@ -157,19 +167,10 @@ class MLP(nn.Module):
         self.inter = cfg.intermediate_size
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # [gate; up]
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        # silu(gate) * up in one C pass (ckernels.silu_mul, as a decode step) rather than PyTorch's silu and mul:
-        # 256 prompt rows of the 0.5B 1.17 -> 0.51 ms a layer. Set by build.py where the plan runs the CPU integer
-        # kernels (float32 activations).
-        self.c_swiglu = False
 
     def forward(self, x: Tensor) -> Tensor:
-        gu = self.gate_up(x)                                             # [..., 2 I]
-        if self.c_swiglu and gu.dtype == torch.float32 and gu.is_contiguous():
-            h = ckernels.silu_mul(gu.reshape(-1, 2 * self.inter)).view(*gu.shape[:-1], self.inter)
-        else:
-            gate, up = gu.split(self.inter, dim=-1)
-            h = F.silu(gate) * up
-        out: Tensor = self.down(h)
+        gate, up = self.gate_up(x).split(self.inter, dim=-1)            # [..., I] each
+        out: Tensor = self.down(F.silu(gate) * up)
         return out
 
 
@@ -180,17 +181,43 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = MLP(cfg)
+        # prompt rows through the linears' fused forms, as a decode step (decode_fused): each norm in its linear's
+        # input pass, each residual added in its linear's output pass, SwiGLU in C. Set by build.py where the plan
+        # runs every linear on the CPU integer kernels (float32 activations). Why: there each small PyTorch op
+        # between the GEMMs cost ~50-150 us (the first after a GEMM the most), and a block had about twelve of them
+        # (norms, residual adds, silu and mul).
+        self.fused_rows = False
 
     def forward(self, x: Tensor, *attn_args: Tensor | slice | int | None) -> Tensor:
+        if self.fused_rows:
+            B, T, C = x.shape
+            x = x.contiguous()  # (the embedding's output: already), then updated in place by every block
+            x2 = x.view(B * T, C)
+            qkv = self.fused_linears()[0].fused(x2, norm=self.attn_norm).view(B, T, -1)
+            y = self.attn.attend(qkv, *attn_args)  # type: ignore[arg-type]
+            self._fused_tail(x2, y.view(B * T, -1))
+            return x
         x = x + self.attn(self.attn_norm(x), *attn_args)
         mlp_out: Tensor = self.mlp(self.mlp_norm(x))
         return x + mlp_out
 
     def forward_ragged(self, x: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, tok_slots: Tensor,
                        tok_pos: Tensor, groups: list[AttnGroup]) -> Tensor:
+        if self.fused_rows:
+            x2 = x[0]                                                           # [N, C]
+            qkv = self.fused_linears()[0].fused(x2, norm=self.attn_norm)
+            self._fused_tail(x2, self.attn.attend_ragged(qkv, cos, sin, kc, vc, tok_slots, tok_pos, groups))
+            return x
         x = x + self.attn.forward_ragged(self.attn_norm(x), cos, sin, kc, vc, tok_slots, tok_pos, groups)
         mlp_out: Tensor = self.mlp(self.mlp_norm(x))
         return x + mlp_out
+
+    def _fused_tail(self, x: Tensor, y: Tensor) -> None:
+        """x [N, C] float32 += o(y), then += the MLP of its norm: the block after attention, on fused linears."""
+        _, o_lin, gate_up_lin, down_lin = self.fused_linears()
+        o_lin.fused(y, out=x)                                                   # x += o(y)
+        gu = gate_up_lin.fused(x, norm=self.mlp_norm)                           # [N, 2 I]
+        down_lin.fused(ckernels.silu_mul(gu), out=x)                            # x += down(silu(gate) * up)
 
     def decode_fused(self, x: Tensor, kc: Tensor, vc: Tensor, slot_idx: Tensor, positions: Tensor,
                      cos: Tensor, sin: Tensor, validate: bool = True) -> None:
@@ -200,14 +227,10 @@ class Block(nn.Module):
         the residual adds into the linear's output, RoPE + cache write + attention into one call.
         Every linear here is a quantized one with a `fused` method (the loader replaced nn.Linear)."""
         a = self.attn
-        qkv_lin, o_lin, gate_up_lin, down_lin = self.fused_linears()
-        qkv = qkv_lin.fused(x, norm=self.attn_norm)                             # [B, (nh + 2 nkv) hd]
+        qkv = self.fused_linears()[0].fused(x, norm=self.attn_norm)             # [B, (nh + 2 nkv) hd]
         y = ckernels.attn_decode(qkv, a.n_heads, a.n_kv, a.hd, slot_idx, positions, cos, sin, kc, vc,
                                  validate=validate)                             # [B, nh hd]
-        o_lin.fused(y, out=x)                                                   # x += o(y)
-        gu = gate_up_lin.fused(x, norm=self.mlp_norm)                           # [B, 2 I]
-        h = ckernels.silu_mul(gu)                                               # [B, I] silu(gate) * up
-        down_lin.fused(h, out=x)                                                # x += down(h)
+        self._fused_tail(x, y)
 
     def fused_linears(self) -> tuple[FusedLinear, FusedLinear, FusedLinear, FusedLinear]:
         """qkv, o, gate_up, down: on the fused decode path every one is a quantized dq linear."""

@@ -55,7 +55,7 @@ from torch import Tensor
 from model_runtime.ckernels import KernelUnavailable, compile_library, kernel_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "prefill_kernels.c"
-ABI_VERSION = 4
+ABI_VERSION = 5
 # AVX2 code (it also runs where the plan picks a prefill kernel: AVX-512 CPUs); no FMA contraction, so
 # dequantized values equal PyTorch's (c - 8) * s + z bit for bit
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared",
@@ -64,6 +64,7 @@ PREFILL_KERNELS = ("none", "int8mm", "int8vnni", "bf16")
 # the kernels that multiply int8 codes with int32 sums: the same bytes, different engines (int8mm: oneDNN's, for
 # AMX; int8vnni: pf_w8_gemm, for AVX512-VNNI without AMX)
 INT8_GEMMS = ("int8mm", "int8vnni")
+Norm = tuple[Tensor, float]  # an RMSNorm to apply to a linear's input rows first: (weight [K] float32, eps)
 VNNI512_FLAGS = frozenset({"avx512_vnni", "avx512bw", "avx512vl", "avx512dq"})  # what pf_w8_gemm's code runs on
 # Fewer rows than this run on the decode kernels. Measured here (2 threads, VNNI): int8mm is ahead of
 # the dq kernels from 16 rows on for every 0.5B shape (1.6-2.5x at 16, 3-5x at 64 and 256) and behind
@@ -137,8 +138,8 @@ def load() -> ctypes.CDLL:
         if lib.pf_abi_version() != ABI_VERSION:
             raise KernelUnavailable(f"prefill kernels ABI {lib.pf_abi_version()}, expected {ABI_VERSION}")
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.pf_quantize_rows.argtypes = [p, i64, i64, i64, p, p, i32]
-        lib.pf_quantize_rows.restype = None
+        lib.pf_quantize_rows.argtypes = [p, i64, i64, i64, p, ctypes.c_float, p, p, i32]
+        lib.pf_quantize_rows.restype = i32
         lib.pf_w4_to_i8.argtypes = [p, p, p, i64, i64, i64, i64, p, p, i32]
         lib.pf_w4_to_i8.restype = i32
         lib.pf_w4_to_bf16.argtypes = [p, p, p, i64, i64, i64, p, i32]
@@ -200,16 +201,24 @@ def _n_chunks(k: int, chunk: int) -> int:
     return -(-k // chunk)
 
 
-def quantize_rows(x: Tensor, chunk: int = CHUNK_K,
-                  out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+def quantize_rows(x: Tensor, chunk: int = CHUNK_K, out: tuple[Tensor, Tensor] | None = None,
+                  norm: Norm | None = None) -> tuple[Tensor, Tensor]:
     """x [M, K] float32 -> (codes int8 [M, K], scales float32 [M, ceil(K / chunk)]): each chunk of
-    `chunk` values of a row ~ its codes * its scale."""
+    `chunk` values of a row ~ its codes * its scale. norm: (weight [K], eps): the rows RMSNorm'd first, in the
+    same pass (as the decode kernels normalise a row)."""
     m, k = x.shape
     _check(x, torch.float32, (m, k), "x")
     nc = _n_chunks(k, chunk)
+    if norm is not None and k % 8:  # (the C norm's 8 lanes; no model here has such a width)
+        x, norm = F.rms_norm(x, (k,), norm[0], norm[1]), None
+    if norm is not None:
+        _check(norm[0], torch.float32, (k,), "norm weight")
     q, xs = out if out is not None else (torch.empty((m, k), dtype=torch.int8), torch.empty((m, nc)))
     _check(xs, torch.float32, (m, nc), "row scales")
-    load().pf_quantize_rows(x.data_ptr(), m, k, chunk, q.data_ptr(), xs.data_ptr(), torch.get_num_threads())
+    if load().pf_quantize_rows(x.data_ptr(), m, k, chunk, None if norm is None else norm[0].data_ptr(),
+                               0.0 if norm is None else norm[1], q.data_ptr(), xs.data_ptr(),
+                               torch.get_num_threads()) != 0:
+        raise MemoryError(f"pf_quantize_rows: no memory for a row of {k} values")
     return q, xs
 
 
@@ -260,16 +269,17 @@ def _scale_rows(acc: Tensor, xs: Tensor, c: int, ws: Tensor, bias: Tensor | None
 
 
 def _int8mm(x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, out: Tensor | None, chunk: int,
-            gemm: str = "int8mm") -> Tensor:
+            gemm: str = "int8mm", norm: Norm | None = None) -> Tensor:
     """ws: [N] (one scale per output channel for every chunk: int8 weights) or [chunks, N] (int4 requantized, with
-    the same `chunk`). gemm: which engine multiplies the int8 codes (INT8_GEMMS; the same bytes either way)."""
+    the same `chunk`). gemm: which engine multiplies the int8 codes (INT8_GEMMS; the same bytes either way).
+    norm: x RMSNorm'd first (quantize_rows)."""
     m, k = x.shape
     n = codes.shape[0]
     nc = _n_chunks(k, chunk)
     if ws.dim() == 2 and ws.shape[0] != nc:
         raise ValueError(f"{ws.shape[0]} weight-scale chunks for {nc} activation chunks of {chunk}")
     q, xs = quantize_rows(x, chunk, (_scratch.get("xq", (m, k), torch.int8),
-                                     _scratch.get("xs", (m, nc), torch.float32)))
+                                     _scratch.get("xs", (m, nc), torch.float32)), norm)
     y = out if out is not None else torch.empty((m, n))
     if gemm == "int8vnni" and k % 8 == 0 and chunk % 8 == 0 and _runs_vnni512():
         _check(y, torch.float32, (m, n), "out")
@@ -295,34 +305,40 @@ def _int8mm(x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, out: Tens
 
 
 def linear_w8(kernel: str, x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None,
-              out: Tensor | None = None) -> Tensor:
-    """x [M, K] float32 @ (codes int8 [N, K] * ws float32 [N])^T + bias -> [M, N] float32 (added into out)."""
+              out: Tensor | None = None, norm: Norm | None = None) -> Tensor:
+    """x [M, K] float32 @ (codes int8 [N, K] * ws float32 [N])^T + bias -> [M, N] float32 (added into out);
+    norm (weight, eps): x RMSNorm'd first."""
     m, k = x.shape
     n = codes.shape[0]
     _check(x, torch.float32, (m, k), "x")
     _check(codes, torch.int8, (n, k), "codes")
     if kernel in INT8_GEMMS:
-        return _int8mm(x, codes, ws, bias, out, W8_CHUNK_K, kernel)
+        return _int8mm(x, codes, ws, bias, out, W8_CHUNK_K, kernel, norm)
     if kernel != "bf16":
         raise ValueError(f"prefill kernel {kernel!r}")
     w = _scratch.get("wbf16", (n, k), torch.bfloat16)
     torch.mul(codes, ws[:, None], out=w)
-    return _finish_bf16(x, w, bias, out)
+    return _finish_bf16(_normed(x, norm), w, bias, out)
 
 
 def linear_w4(kernel: str, x: Tensor, w: Tensor, s: Tensor, z: Tensor, group: int, bias: Tensor | None,
-              out: Tensor | None = None) -> Tensor:
-    """x [M, K] float32 @ dequant(int4 dq layout)^T + bias -> [M, N] float32 (added into out)."""
+              out: Tensor | None = None, norm: Norm | None = None) -> Tensor:
+    """x [M, K] float32 @ dequant(int4 dq layout)^T + bias -> [M, N] float32 (added into out); norm as linear_w8."""
     m, k = x.shape
     n = w.shape[0]
     _check(x, torch.float32, (m, k), "x")
     if kernel in INT8_GEMMS:
         codes, ws = w4_to_i8(w, s, z, group, CHUNK_K, (_scratch.get("w8", (n, k), torch.int8),
                                                        _scratch.get("ws", (_n_chunks(k, CHUNK_K), n), torch.float32)))
-        return _int8mm(x, codes, ws, bias, out, CHUNK_K, kernel)
+        return _int8mm(x, codes, ws, bias, out, CHUNK_K, kernel, norm)
     if kernel != "bf16":
         raise ValueError(f"prefill kernel {kernel!r}")
-    return _finish_bf16(x, w4_to_bf16(w, s, z, group, _scratch.get("wbf16", (n, k), torch.bfloat16)), bias, out)
+    return _finish_bf16(_normed(x, norm), w4_to_bf16(w, s, z, group, _scratch.get("wbf16", (n, k), torch.bfloat16)),
+                        bias, out)
+
+
+def _normed(x: Tensor, norm: Norm | None) -> Tensor:
+    return x if norm is None else F.rms_norm(x, (x.shape[-1],), norm[0], norm[1])
 
 
 def _finish_bf16(x: Tensor, w: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:

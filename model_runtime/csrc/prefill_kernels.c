@@ -3,8 +3,8 @@
  * int8 matrix engine (torch._int_mm: oneDNN on AMX-INT8; pf_w8_gemm below on AVX512-VNNI), and these
  * kernels prepare its operands and finish its result in one pass each, instead of three or four
  * PyTorch elementwise ops over [M, N] tensors:
- *   pf_quantize_rows: activations x [M, K] float32 -> int8 codes, one symmetric scale per row and chunk
- *                     of C values along K;
+ *   pf_quantize_rows: activations x [M, K] float32 (RMSNorm'd first if asked) -> int8 codes, one
+ *                     symmetric scale per row and chunk of C values along K;
  *   pf_w4_to_i8:      our int4 weights (the dq kernel layout, group scales/zeros) -> int8 codes with one
  *                     scale per output channel and chunk of C values, into a reused scratch buffer (no
  *                     cached int8 copy); by a 16-entry table per group (w4_row_to_i8_lut) where the
@@ -27,7 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define PF_ABI_VERSION 4
+#define PF_ABI_VERSION 5
 
 int pf_abi_version(void) { return PF_ABI_VERSION; }
 
@@ -61,15 +61,57 @@ static float quantize_row(const float* x, int64_t K, int8_t* q) {
     return d;
 }
 
-/* x [M, K] float32 -> q [M, K] int8, xs [M, ceil(K / C)] float32: one scale per row and chunk of C values */
-void pf_quantize_rows(const float* x, int64_t M, int64_t K, int64_t C, int8_t* q, float* xs, int nthreads) {
+static inline float hsum_ps(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+/* RMSNorm of one row, x * rsqrt(mean(x^2) + eps) * w, by the instructions of the decode kernels' rms_norm_row
+   (csrc/dq_kernels.c): a row is normalised to the same values whichever kernel multiplies it. K % 8 == 0. */
+static void rms_norm_row(const float* x, int64_t K, const float* w, float eps, float* out) {
+    __m256 ss = _mm256_setzero_ps();
+    for (int64_t i = 0; i < K; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        ss = _mm256_fmadd_ps(v, v, ss);
+    }
+    const __m256 r = _mm256_set1_ps(1.f / sqrtf(hsum_ps(ss) / (float)K + eps));
+    for (int64_t i = 0; i < K; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), r), _mm256_loadu_ps(w + i)));
+}
+
+/* x [M, K] float32 -> q [M, K] int8, xs [M, ceil(K / C)] float32: one scale per row and chunk of C values; with
+   norm_w, each row RMSNorm'd first (K % 8 == 0: the caller checks), so a pre-norm block's linear takes its input
+   in one pass instead of a PyTorch norm before it. -1: out of memory. */
+int pf_quantize_rows(const float* x, int64_t M, int64_t K, int64_t C, const float* norm_w, float eps, int8_t* q,
+                     float* xs, int nthreads) {
     const int64_t nc = (K + C - 1) / C;
-#pragma omp parallel for schedule(static) num_threads(M >= 8 ? nthreads : 1)
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t c = 0; c < nc; c++) {
-            const int64_t k0 = c * C, len = K - k0 < C ? K - k0 : C;
-            xs[m * nc + c] = quantize_row(x + m * K + k0, len, q + m * K + k0);
+    int failed = 0;
+#pragma omp parallel num_threads(M >= 8 ? nthreads : 1)
+    {
+        float* tmp = norm_w ? (float*)malloc(sizeof(float) * (size_t)K) : NULL;
+        if (norm_w && !tmp) {
+#pragma omp atomic write
+            failed = 1;
         }
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            const float* row = x + m * K;
+            if (norm_w) {
+                if (!tmp) continue;
+                rms_norm_row(row, K, norm_w, eps, tmp);
+                row = tmp;
+            }
+            for (int64_t c = 0; c < nc; c++) {
+                const int64_t k0 = c * C, len = K - k0 < C ? K - k0 : C;
+                xs[m * nc + c] = quantize_row(row + k0, len, q + m * K + k0);
+            }
+        }
+        free(tmp);
+    }
+    return failed ? -1 : 0;
 }
 
 /* one int4 row -> float32 values [K] */

@@ -184,19 +184,48 @@ def test_bad_rows_and_caches_are_refused_before_the_c_call(fused_model):
     assert all(t.abs().sum() == 0 for t in cache.k + cache.v)  # nothing was written
 
 
-def test_prompt_chunks_take_the_c_swiglu_within_rounding_of_pytorchs(fused_model, monkeypatch):
-    mlp = fused_model.layers[0].mlp
-    assert all(b.mlp.c_swiglu for b in fused_model.layers)  # build.py sets it with the plan's fused decode
-    x = torch.randn(1, 9, fused_model.config.hidden_size)
-    calls = []
-    silu_mul = ckernels.silu_mul
-    monkeypatch.setattr(ckernels, "silu_mul", lambda gu: calls.append(gu.shape) or silu_mul(gu))
-    with torch.inference_mode():
-        c = mlp(x)
-        monkeypatch.setattr(mlp, "c_swiglu", False)
-        plain = mlp(x)
-    assert calls == [(9, 2 * mlp.inter)]
-    assert c.shape == plain.shape and torch.allclose(c, plain, rtol=1e-5, atol=1e-5)
+def test_prompt_rows_take_the_fused_linears_within_rounding_of_the_pytorch_block(fused_model, monkeypatch):
+    """With the plan's fused decode, a block's prompt rows (a plain chunk and a ragged batch) go through the linears'
+    fused forms, as a decode step does: the norms in the linears' input pass, the residuals in their output pass,
+    SwiGLU in C, no PyTorch norm, add or silu in between; the block's PyTorch form gives the same within rounding."""
+    import torch.nn.functional as F
+
+    from model_runtime.model import AttnGroup
+
+    assert all(b.fused_rows for b in fused_model.layers)  # build.py sets it with the plan's fused decode
+    block = fused_model.layers[0]
+    cfg = fused_model.config
+    torch.manual_seed(5)
+    x = torch.randn(1, 20, cfg.hidden_size)
+    pos = torch.arange(20)
+    cos, sin = fused_model.rope_cos[pos][None, :, None], fused_model.rope_sin[pos][None, :, None]
+    calls: list[str] = []
+    silu_mul, rms_norm, silu = ckernels.silu_mul, F.rms_norm, F.silu
+    monkeypatch.setattr(ckernels, "silu_mul", lambda gu: calls.append("silu_mul") or silu_mul(gu))
+    monkeypatch.setattr(F, "rms_norm", lambda *a, **kw: calls.append("rms_norm") or rms_norm(*a, **kw))
+    monkeypatch.setattr(F, "silu", lambda *a, **kw: calls.append("silu") or silu(*a, **kw))
+
+    def run(fused: bool, ragged: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(block, "fused_rows", fused)
+        cache = fused_model.new_cache(1, 32)
+        with torch.inference_mode():
+            if ragged:
+                groups = [AttnGroup(slice(0, 20), 1, 20, slice(0, 1), 20, None)]
+                y = block.forward_ragged(x.clone(), cos[0], sin[0], cache.k[0], cache.v[0], torch.zeros(20, dtype=torch.long),
+                                         pos, groups)
+            else:
+                y = block(x.clone(), cos, sin, None, cache.k[0], cache.v[0], slice(0, 1), torch.tensor([0]), pos[None], 20)
+        return y, cache.k[0][0, :, :20]
+
+    for ragged in (False, True):
+        calls.clear()
+        fused, k_fused = run(True, ragged)
+        assert calls == ["silu_mul"], calls
+        plain, k_plain = run(False, ragged)
+        assert "rms_norm" in calls and "silu" in calls  # the PyTorch form, for comparison
+        assert torch.allclose(fused, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max()))
+        assert torch.allclose(k_fused, k_plain, rtol=1e-4, atol=1e-4)
+        assert not torch.equal(fused, x)  # (the block did something)
 
 
 def test_a_replaced_cache_layer_is_written_not_the_old_one(fused_model):
