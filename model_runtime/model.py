@@ -88,9 +88,9 @@ class AttnGroup:
     slots: Tensor | slice
     kv_len: int
     mask: Tensor | None
-    # decode rows (T == 1) on the CPU integer kernels' fused attention (ckernels.attn_decode: RoPE, cache write and
-    # attention over each row's own slot in one call, as a decode step runs them): the rows' int64 positions and
-    # the model's RoPE tables; None: PyTorch's SDPA over the gathered slots under `mask`
+    # every row of the batch as a decode row (T == 1, each at its own slot and position) on the CPU integer kernels'
+    # fused attention (ckernels.attn_decode: RoPE, cache write and attention in one call, as a decode step runs
+    # them): the rows' int64 positions and the model's RoPE tables; None: PyTorch's SDPA under `mask`
     fused: tuple[Tensor, Tensor, Tensor] | None = None
 
 
@@ -142,17 +142,16 @@ class Attention(nn.Module):
         """forward_ragged() between the projections: qkv [N, (nh + 2 nkv) * hd] -> [N, nh * hd]."""
         N = qkv.shape[0]
         nh, nkv, hd = self.n_heads, self.n_kv, self.hd
+        if len(groups) == 1 and groups[0].fused is not None:  # every row on the fused C attention (it writes the cache)
+            g = groups[0]
+            pos, cos_t, sin_t = cast("tuple[Tensor, Tensor, Tensor]", g.fused)
+            return ckernels.attn_decode(qkv, nh, nkv, hd, cast(Tensor, g.slots), pos, cos_t, sin_t, kc, vc).to(qkv.dtype)
         qk = qkv[:, : (nh + nkv) * hd].view(N, nh + nkv, hd)
         qk = qk * cos + rotate_half(qk) * sin                         # cos [N, 1, hd]
         kc[tok_slots, :, tok_pos] = qk[:, nh:].to(kc.dtype)           # cache[slot, :, pos] is [nkv, hd]
         vc[tok_slots, :, tok_pos] = qkv[:, (nh + nkv) * hd:].view(N, nkv, hd).to(vc.dtype)
         ys = []
         for g in groups:
-            if g.fused is not None:  # decode rows: as decode_fused (its RoPE and cache write redo the rows' own)
-                pos, cos_t, sin_t = g.fused
-                ys.append(ckernels.attn_decode(qkv[g.rows], nh, nkv, hd, cast(Tensor, g.slots), pos, cos_t, sin_t,
-                                               kc, vc).to(qkv.dtype))          # [B, nh hd]
-                continue
             q = qk[g.rows, :nh].view(g.B, g.T, nh, hd).transpose(1, 2)  # [B, nh, T, hd]
             keys, values = kc[g.slots, :, :g.kv_len], vc[g.slots, :, :g.kv_len]
             y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=g.mask,
@@ -380,47 +379,54 @@ class Transformer(nn.Module):
         Returns the float32 logits [len(logit_rows), vocab] of those token rows, or None when there are none."""
         device = input_ids.device
         pos = positions.tolist()
-        # runs of decode rows take the fused C attention where a decode step does (a gather of their slots for SDPA
-        # cost more than the rest of a 15-row step: 0.5B int8, 8 decode rows + 7 prompt rows, 70 -> 37 ms)
-        fused_attn = (self.fused_decode and cache.k[0].dtype == torch.float32 and device.type == "cpu"
-                      and (self.act_dtype or torch.float32) == torch.float32)
-        groups: list[AttnGroup] = []
-        tok_slots: list[int] = []
-        row = 0
-        i = 0
-        while i < len(seqs):
-            slot, n = seqs[i]
-            if n == 1:  # a run of decode rows: one [B, 1] group, each row at its own position
-                j = i
-                while j < len(seqs) and seqs[j][1] == 1:
-                    j += 1
-                slots = [s for s, _ in seqs[i:j]]
-                kv_len = max(pos[row:row + j - i]) + 1
-                slot_ids = torch.tensor(slots, device=device)
-                if fused_attn:
-                    fused = (positions[row:row + j - i].to(torch.int64).contiguous(), self.rope_cos, self.rope_sin)
-                    groups.append(AttnGroup(slice(row, row + j - i), j - i, 1, slot_ids, kv_len, None, fused))
-                else:
-                    ar = torch.arange(kv_len, device=device)
-                    rows_mask = ar[None, None, None, :] <= positions[row:row + j - i, None, None, None]  # [B,1,1,L]
-                    groups.append(AttnGroup(slice(row, row + j - i), j - i, 1, slot_ids, kv_len, rows_mask))
-                tok_slots += slots
-                row, i = row + j - i, j
-                continue
-            start = pos[row]
-            mask: Tensor | None = None
-            if start > 0:  # earlier positions of this slot are all visible, the chunk itself causally
-                ar = torch.arange(start + n, device=device)
-                mask = (ar[None, None, None, :] <= positions[None, None, row:row + n, None])
-            groups.append(AttnGroup(slice(row, row + n), 1, n, slice(slot, slot + 1), start + n, mask))
-            tok_slots += [slot] * n
-            row, i = row + n, i + 1
-        slot_t = torch.tensor(tok_slots, device=device)
         x: Tensor = self.embed(input_ids[None])                          # [1, N, C]
         if self.act_dtype is not None:
             x = x.to(self.act_dtype)
-        cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)          # [N, 1, hd]
-        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
+        groups: list[AttnGroup] = []
+        tok_slots: list[int] = []
+        cos = sin = positions  # (unused by the fused C attention)
+        if (self.fused_decode and cache.k[0].dtype == torch.float32 and device.type == "cpu"
+                and (self.act_dtype or torch.float32) == torch.float32):
+            # every row, decode rows and prompt chunks alike, through the fused C attention of a decode step (RoPE,
+            # cache write and attention in one call a layer): it writes every row's key/value before any row attends,
+            # so a chunk's rows see the chunk's earlier rows, as causal attention. PyTorch's form (RoPE, two cache
+            # index_puts, SDPA under a mask, a cat: ops of ~50-150 us each between the GEMMs here) cost more:
+            # 0.5B int8, 7 decode rows + a 57-row chunk at 128 / 600, A/B median of 5: 113.6 -> 109.6 / 135.5 ->
+            # 132.1 ms a step; and a gather of the decode rows' slots for SDPA cost more than the rest of a 15-row
+            # step (8 decode rows + 7 prompt rows, 70 -> 37 ms)
+            tok_slots = [slot for slot, n in seqs for _ in range(n)]
+            fused = (positions.to(torch.int64).contiguous(), self.rope_cos, self.rope_sin)
+            groups.append(AttnGroup(slice(0, len(pos)), len(pos), 1, torch.tensor(tok_slots, device=device),
+                                    max(pos) + 1, None, fused))
+        else:
+            cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)      # [N, 1, hd]
+            sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
+            row = 0
+            i = 0
+            while i < len(seqs):
+                slot, n = seqs[i]
+                if n == 1:  # a run of decode rows: one [B, 1] group, each row at its own position
+                    j = i
+                    while j < len(seqs) and seqs[j][1] == 1:
+                        j += 1
+                    slots = [s for s, _ in seqs[i:j]]
+                    kv_len = max(pos[row:row + j - i]) + 1
+                    ar = torch.arange(kv_len, device=device)
+                    rows_mask = ar[None, None, None, :] <= positions[row:row + j - i, None, None, None]  # [B,1,1,L]
+                    groups.append(AttnGroup(slice(row, row + j - i), j - i, 1, torch.tensor(slots, device=device),
+                                            kv_len, rows_mask))
+                    tok_slots += slots
+                    row, i = row + j - i, j
+                    continue
+                start = pos[row]
+                mask: Tensor | None = None
+                if start > 0:  # earlier positions of this slot are all visible, the chunk itself causally
+                    ar = torch.arange(start + n, device=device)
+                    mask = (ar[None, None, None, :] <= positions[None, None, row:row + n, None])
+                groups.append(AttnGroup(slice(row, row + n), 1, n, slice(slot, slot + 1), start + n, mask))
+                tok_slots += [slot] * n
+                row, i = row + n, i + 1
+        slot_t = torch.tensor(tok_slots, device=device)
         for i, layer in enumerate(cast("Iterable[Block]", self.layers)):
             x = layer.forward_ragged(x, cos, sin, cache.k[i], cache.v[i], slot_t, positions, groups)
         if not logit_rows:

@@ -149,10 +149,11 @@ def test_ragged_forward_equals_separate_decode_and_prefill_forwards(ours):
 
 
 @needs_cpu_kernels
-def test_ragged_decode_rows_take_the_fused_attention_of_a_decode_step(tiny_qwen2_dir, monkeypatch):
-    """On the CPU integer kernels (int8, fused decode), a ragged forward's decode rows attend through
-    ckernels.attn_decode, as a decode step does (no gather of their slots for SDPA), and the logits and cache
-    equal a fused decode step plus a forward for the chunk."""
+def test_ragged_rows_take_the_fused_attention_of_a_decode_step(tiny_qwen2_dir, monkeypatch):
+    """On the CPU integer kernels (int8, fused decode), every row of a ragged forward, the decode rows and a chunk
+    continuing its slot alike, attends through ckernels.attn_decode in one call a layer (RoPE, cache write, each
+    row over its own slot up to its own position: the chunk's rows see its earlier rows), and the logits and cache
+    equal a fused decode step plus a forward (PyTorch's causal SDPA) for the chunk."""
     from model_runtime import ckernels
 
     loaded = load_model(tiny_qwen2_dir, quantization="int8", device="cpu")
@@ -178,7 +179,7 @@ def test_ragged_decode_rows_take_the_fused_attention_of_a_decode_step(tiny_qwen2
         ids = torch.tensor([prompts[0][-1], prompts[1][-1], *prompts[2][10:22]])
         pos = torch.tensor([5, 8, *range(10, 22)])
         got = model.forward_ragged(ids, pos, b, [(0, 1), (1, 1), (2, 12)], logit_rows=[0, 1, 13])
-    assert calls == [2] * model.config.n_layers  # one call per layer for the two decode rows
+    assert calls == [14] * model.config.n_layers  # one call a layer for the two decode rows and the 12-row chunk
     torch.testing.assert_close(got, torch.cat([dec, more]), atol=2e-3, rtol=2e-3)
     for ka, kb in zip(a.k + a.v, b.k + b.v, strict=True):
         torch.testing.assert_close(ka, kb, atol=1e-4, rtol=1e-4)
