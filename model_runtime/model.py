@@ -145,7 +145,8 @@ class Attention(nn.Module):
         if len(groups) == 1 and groups[0].fused is not None:  # every row on the fused C attention (it writes the cache)
             g = groups[0]
             pos, cos_t, sin_t = cast("tuple[Tensor, Tensor, Tensor]", g.fused)
-            return ckernels.attn_decode(qkv, nh, nkv, hd, cast(Tensor, g.slots), pos, cos_t, sin_t, kc, vc).to(qkv.dtype)
+            return ckernels.attn_decode(qkv, nh, nkv, hd, cast(Tensor, g.slots), pos, cos_t, sin_t, kc, vc,
+                                        validate=False).to(qkv.dtype)  # (Transformer.forward_ragged checked them)
         qk = qkv[:, : (nh + nkv) * hd].view(N, nh + nkv, hd)
         qk = qk * cos + rotate_half(qk) * sin                         # cos [N, 1, hd]
         kc[tok_slots, :, tok_pos] = qk[:, nh:].to(kc.dtype)           # cache[slot, :, pos] is [nkv, hd]
@@ -395,9 +396,12 @@ class Transformer(nn.Module):
             # 132.1 ms a step; and a gather of the decode rows' slots for SDPA cost more than the rest of a 15-row
             # step (8 decode rows + 7 prompt rows, 70 -> 37 ms)
             tok_slots = [slot for slot, n in seqs for _ in range(n)]
-            fused = (positions.to(torch.int64).contiguous(), self.rope_cos, self.rope_sin)
-            groups.append(AttnGroup(slice(0, len(pos)), len(pos), 1, torch.tensor(tok_slots, device=device),
-                                    max(pos) + 1, None, fused))
+            slot_ids, pos64 = torch.tensor(tok_slots, device=device), positions.to(torch.int64).contiguous()
+            cfg = self.config  # (checked here once for every layer, as a decode step does: their caches share a shape)
+            ckernels.check_attention_rows(len(pos), cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, slot_ids, pos64,
+                                          self.rope_cos, self.rope_sin, cache.k[0], cache.v[0])
+            groups.append(AttnGroup(slice(0, len(pos)), len(pos), 1, slot_ids, max(pos) + 1, None,
+                                    (pos64, self.rope_cos, self.rope_sin)))
         else:
             cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)      # [N, 1, hd]
             sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
