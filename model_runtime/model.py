@@ -77,6 +77,22 @@ class KVCache:
         self.max_batch, self.max_len = max_batch, max_len
 
 
+# A prompt chunk of n rows from position p joins the decode rows on the fused C attention while n (p + n) is at most
+# this (about 57 rows at 600); bigger ones take SDPA's flash kernel, which outruns the per-row C kernel there (per
+# 0.5B layer, alone: 57 rows at 128 0.6 vs 0.4 ms, at 600 2.3 vs 1.5 (the PyTorch ops around SDPA tip those two to
+# the C kernel in a whole step), 256 at 2,000 37.7 vs 18.3 ms).
+FUSED_CHUNK_WORK = 40_000
+
+
+def _seq_starts(seqs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(first row, rows) of each sequence of a ragged batch's (slot, rows) list."""
+    out, row = [], 0
+    for _, n in seqs:
+        out.append((row, n))
+        row += n
+    return out
+
+
 @dataclass
 class AttnGroup:
     """Rows of a ragged batch's tokens seen as [B, T] (B sequences of T tokens, consecutive), in cache slots
@@ -142,10 +158,11 @@ class Attention(nn.Module):
         """forward_ragged() between the projections: qkv [N, (nh + 2 nkv) * hd] -> [N, nh * hd]."""
         N = qkv.shape[0]
         nh, nkv, hd = self.n_heads, self.n_kv, self.hd
-        if len(groups) == 1 and groups[0].fused is not None:  # every row on the fused C attention (it writes the cache)
-            g = groups[0]
-            pos, cos_t, sin_t = cast("tuple[Tensor, Tensor, Tensor]", g.fused)
-            return ckernels.attn_decode(qkv, nh, nkv, hd, cast(Tensor, g.slots), pos, cos_t, sin_t, kc, vc,
+        fused = groups[0].fused if len(groups) == 1 and groups[0].rows == slice(0, N) else None
+        if fused is not None:  # every row on the fused C attention, which writes the cache: nothing else to do
+            # (only forward_ragged's all-rows group covers every row, and it checked their indices once)
+            pos, cos_t, sin_t = fused
+            return ckernels.attn_decode(qkv, nh, nkv, hd, cast(Tensor, groups[0].slots), pos, cos_t, sin_t, kc, vc,
                                         validate=False).to(qkv.dtype)  # (Transformer.forward_ragged checked them)
         qk = qkv[:, : (nh + nkv) * hd].view(N, nh + nkv, hd)
         qk = qk * cos + rotate_half(qk) * sin                         # cos [N, 1, hd]
@@ -153,6 +170,11 @@ class Attention(nn.Module):
         vc[tok_slots, :, tok_pos] = qkv[:, (nh + nkv) * hd:].view(N, nkv, hd).to(vc.dtype)
         ys = []
         for g in groups:
+            if g.fused is not None:  # decode rows: as decode_fused (its RoPE and cache write redo the rows' own)
+                pos, cos_t, sin_t = g.fused
+                ys.append(ckernels.attn_decode(qkv[g.rows], nh, nkv, hd, cast(Tensor, g.slots), pos, cos_t, sin_t,
+                                               kc, vc).to(qkv.dtype))          # [B, nh hd]
+                continue
             q = qk[g.rows, :nh].view(g.B, g.T, nh, hd).transpose(1, 2)  # [B, nh, T, hd]
             keys, values = kc[g.slots, :, :g.kv_len], vc[g.slots, :, :g.kv_len]
             y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=g.mask,
@@ -204,6 +226,7 @@ class Block(nn.Module):
     def forward_ragged(self, x: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, tok_slots: Tensor,
                        tok_pos: Tensor, groups: list[AttnGroup]) -> Tensor:
         if self.fused_rows:
+            x = x.contiguous()  # (already), then updated in place as in forward()
             x2 = x[0]                                                           # [N, C]
             qkv = self.fused_linears()[0].fused(x2, norm=self.attn_norm)
             self._fused_tail(x2, self.attn.attend_ragged(qkv, cos, sin, kc, vc, tok_slots, tok_pos, groups))
@@ -385,16 +408,16 @@ class Transformer(nn.Module):
             x = x.to(self.act_dtype)
         groups: list[AttnGroup] = []
         tok_slots: list[int] = []
-        cos = sin = positions  # (unused by the fused C attention)
-        if (self.fused_decode and cache.k[0].dtype == torch.float32 and device.type == "cpu"
-                and (self.act_dtype or torch.float32) == torch.float32):
-            # every row, decode rows and prompt chunks alike, through the fused C attention of a decode step (RoPE,
-            # cache write and attention in one call a layer): it writes every row's key/value before any row attends,
-            # so a chunk's rows see the chunk's earlier rows, as causal attention. PyTorch's form (RoPE, two cache
-            # index_puts, SDPA under a mask, a cat: ops of ~50-150 us each between the GEMMs here) cost more:
-            # 0.5B int8, 7 decode rows + a 57-row chunk at 128 / 600, A/B median of 5: 113.6 -> 109.6 / 135.5 ->
-            # 132.1 ms a step; and a gather of the decode rows' slots for SDPA cost more than the rest of a 15-row
-            # step (8 decode rows + 7 prompt rows, 70 -> 37 ms)
+        cos = sin = positions  # (the PyTorch RoPE's tables: only where a group runs on SDPA, below)
+        fused_attn = (self.fused_decode and cache.k[0].dtype == torch.float32 and device.type == "cpu"
+                      and (self.act_dtype or torch.float32) == torch.float32)
+        if fused_attn and all(n == 1 or n * (pos[r] + n) <= FUSED_CHUNK_WORK for r, n in _seq_starts(seqs)):
+            # every row, decode rows and small prompt chunks alike, through the fused C attention of a decode step
+            # (RoPE, cache write and attention in one call a layer): it writes every row's key/value before any row
+            # attends, so a chunk's rows see the chunk's earlier rows, as causal attention. PyTorch's form (RoPE,
+            # two cache index_puts, SDPA under a mask, a cat: ops of ~50-150 us each between the GEMMs here) cost
+            # more: 0.5B int8, 7 decode rows + a 57-row chunk at 128 / 600, A/B median of 5: 113.6 -> 109.6 /
+            # 135.5 -> 132.1 ms a step. A big chunk stays on SDPA (FUSED_CHUNK_WORK).
             tok_slots = [slot for slot, n in seqs for _ in range(n)]
             slot_ids, pos64 = torch.tensor(tok_slots, device=device), positions.to(torch.int64).contiguous()
             cfg = self.config  # (checked here once for every layer, as a decode step does: their caches share a shape)
@@ -415,10 +438,16 @@ class Transformer(nn.Module):
                         j += 1
                     slots = [s for s, _ in seqs[i:j]]
                     kv_len = max(pos[row:row + j - i]) + 1
-                    ar = torch.arange(kv_len, device=device)
-                    rows_mask = ar[None, None, None, :] <= positions[row:row + j - i, None, None, None]  # [B,1,1,L]
-                    groups.append(AttnGroup(slice(row, row + j - i), j - i, 1, torch.tensor(slots, device=device),
-                                            kv_len, rows_mask))
+                    slot_ids = torch.tensor(slots, device=device)
+                    if fused_attn:  # the fused C attention (a gather of their slots for SDPA cost more than the
+                        # rest of a 15-row step: 8 decode rows + 7 prompt rows, 70 -> 37 ms)
+                        fused = (positions[row:row + j - i].to(torch.int64).contiguous(), self.rope_cos,
+                                 self.rope_sin)
+                        groups.append(AttnGroup(slice(row, row + j - i), j - i, 1, slot_ids, kv_len, None, fused))
+                    else:
+                        ar = torch.arange(kv_len, device=device)
+                        rows_mask = ar[None, None, None, :] <= positions[row:row + j - i, None, None, None]
+                        groups.append(AttnGroup(slice(row, row + j - i), j - i, 1, slot_ids, kv_len, rows_mask))
                     tok_slots += slots
                     row, i = row + j - i, j
                     continue

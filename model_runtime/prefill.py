@@ -66,6 +66,7 @@ PREFILL_KERNELS = ("none", "int8mm", "int8vnni", "bf16")
 INT8_GEMMS = ("int8mm", "int8vnni")
 Norm = tuple[Tensor, float]  # an RMSNorm to apply to a linear's input rows first: (weight [K] float32, eps)
 VNNI512_FLAGS = frozenset({"avx512_vnni", "avx512bw", "avx512vl", "avx512dq"})  # what pf_w8_gemm's code runs on
+MAX_VNNI_CHUNK = 1 << 17  # pf_w8_gemm's chunks: 128 x a chunk's weight sum stays within int32
 # Fewer rows than this run on the decode kernels. Measured here (2 threads, VNNI): int8mm is ahead of
 # the dq kernels from 16 rows on for every 0.5B shape (1.6-2.5x at 16, 3-5x at 64 and 256) and behind
 # at 1-4 rows (where reading the weight once is all that matters); decode batches are <= 8-16 rows.
@@ -86,6 +87,8 @@ def choose_kernel(cpu_flags: frozenset[str] | set[str], override: str | None = N
         return "int8mm", "AMX-INT8: torch._int_mm for prompt chunks"
     if cpu_flags >= VNNI512_FLAGS:
         return "int8vnni", "AVX512-VNNI without AMX: pf_w8_gemm for prompt chunks (bf16 GEMM measured slower)"
+    if "avx512_vnni" in cpu_flags:  # (a VM hiding AVX512-BW/VL/DQ: oneDNN picks its own code)
+        return "int8mm", "AVX512-VNNI without BW/VL/DQ: torch._int_mm for prompt chunks"
     return "none", "no AVX512-VNNI/AMX: prompt chunks on the decode kernels"
 
 
@@ -281,11 +284,11 @@ def _int8mm(x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, out: Tens
     q, xs = quantize_rows(x, chunk, (_scratch.get("xq", (m, k), torch.int8),
                                      _scratch.get("xs", (m, nc), torch.float32)), norm)
     y = out if out is not None else torch.empty((m, n))
-    if gemm == "int8vnni" and k % 8 == 0 and chunk % 8 == 0 and _runs_vnni512():
+    if gemm == "int8vnni" and k % 8 == 0 and chunk % 8 == 0 and chunk <= MAX_VNNI_CHUNK and _runs_vnni512():
         _check(y, torch.float32, (m, n), "out")
-        _check(ws, torch.float32, tuple(ws.shape), "channel scales")
-        if ws.shape[-1] != n or (bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,))):
-            raise ValueError(f"channel scales {tuple(ws.shape)} / bias for {n} outputs")
+        _check(ws, torch.float32, (n,) if ws.dim() == 1 else (nc, n), "channel scales")
+        if bias is not None:
+            _check(bias, torch.float32, (n,), "bias")
         lib = load()
         need = lib.pf_w8_gemm_scratch(m, k, chunk)
         buf = _scratch.get("pg", (need + 64,), torch.uint8)

@@ -1020,9 +1020,8 @@ int dq_attn_decode(const float* qkv, int64_t B, int64_t nh, int64_t nkv, int64_t
     const int64_t stride = (nh + 2 * nkv) * hd, group = nh / nkv;
     int64_t lmax = 0;
     for (int64_t b = 0; b < B; b++) lmax = pos[b] + 1 > lmax ? pos[b] + 1 : lmax;
-    float* qr = (float*)malloc(sizeof(float) * (size_t)(B * nh * hd + B * nh * lmax));
+    float* qr = (float*)malloc(sizeof(float) * (size_t)(B * nh * hd));
     if (!qr) return -1;
-    float* scores = qr + B * nh * hd;
     for (int64_t b = 0; b < B; b++) {
         const float* row = qkv + b * stride;
         const float* c = cos_t + pos[b] * hd;
@@ -1039,18 +1038,30 @@ int dq_attn_decode(const float* qkv, int64_t B, int64_t nh, int64_t nkv, int64_t
        too few pairs for two grabs per thread */
     int64_t grab = B * nh / (2 * (int64_t)(nthreads > 0 ? nthreads : 1));
     grab = grab < 1 ? 1 : grab > group ? group : grab;
-#pragma omp parallel for schedule(dynamic, grab) num_threads(nthreads)
-    for (int64_t t = 0; t < B * nh; t++) {
-        const int64_t b = t / nh, h = t % nh, kvh = h / group, len = pos[b] + 1;
-        const float* kb = kc + (slot[b] * nkv + kvh) * max_len * hd;
-        const float* vb = vc + (slot[b] * nkv + kvh) * max_len * hd;
-        float* sc = scores + t * lmax;
-        attn_scores(qr + t * hd, kb, len, hd, sc);
-        const float sum = attn_softmax_weights(sc, len, scale);
-        attn_values(sc, vb, len, hd, 1.f / sum, out + t * hd);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        /* one (row, head)'s scores at a time per thread: memory independent of the batch (a prompt chunk's rows
+           ride here too: 512 rows x 14 heads x 4,000 positions would be 115 MB at once) */
+        float* sc = (float*)malloc(sizeof(float) * (size_t)lmax);
+        if (!sc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, grab)
+        for (int64_t t = 0; t < B * nh; t++) {
+            if (!sc) continue;
+            const int64_t b = t / nh, h = t % nh, kvh = h / group, len = pos[b] + 1;
+            const float* kb = kc + (slot[b] * nkv + kvh) * max_len * hd;
+            const float* vb = vc + (slot[b] * nkv + kvh) * max_len * hd;
+            attn_scores(qr + t * hd, kb, len, hd, sc);
+            const float sum = attn_softmax_weights(sc, len, scale);
+            attn_values(sc, vb, len, hd, 1.f / sum, out + t * hd);
+        }
+        free(sc);
     }
     free(qr);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 

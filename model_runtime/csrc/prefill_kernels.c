@@ -289,14 +289,14 @@ typedef int64_t __attribute__((may_alias, aligned(1))) pg_i64u;
    (a shared function taking rt compiled to register copies and spills around every vpdpbusd). */
 #define PG_DOT(RT)                                                                                                    \
 PG_TARGET static void pg_dot##RT(const int8_t* w, const int64_t* off, const uint32_t* xt, int64_t tstride,         \
-                                 int64_t k0, int64_t k1, const int8_t* pf, int64_t K, __m512i out[PG_NT][PG_RT]) {   \
+                                 int64_t k0, int64_t k1, const int64_t* pfo, __m512i out[PG_NT][PG_RT]) {            \
     __m512i acc[PG_NT][RT];                                                                                           \
     _Pragma("GCC unroll 4") for (int t = 0; t < PG_NT; t++)                                                            \
         _Pragma("GCC unroll 4") for (int r = 0; r < RT; r++) acc[t][r] = _mm512_setzero_si512();                      \
     const int8_t* w0 = w + off[0]; const int8_t* w1 = w + off[1];                                                     \
     const int8_t* w2 = w + off[2]; const int8_t* w3 = w + off[3];                                                     \
     for (int64_t k64 = k0; k64 < k1; k64 += 64) {                                                                    \
-      _Pragma("GCC unroll 4") for (int t = 0; t < PG_NT; t++) _mm_prefetch((const char*)(pf + t * K + k64), _MM_HINT_T1); \
+      _Pragma("GCC unroll 4") for (int t = 0; t < PG_NT; t++) _mm_prefetch((const char*)(w + pfo[t] + k64), _MM_HINT_T1); \
       for (int64_t k8 = k64; k8 < k1 && k8 < k64 + 64; k8 += 8) {                                                     \
         __m512i xv[RT];                                                                                               \
         _Pragma("GCC unroll 4") for (int r = 0; r < RT; r++)                                                           \
@@ -397,8 +397,9 @@ PG_TARGET static void pg_panel(const int8_t* w, int64_t N, int64_t K, int64_t C,
     for (int64_t c = 0; c < nc; c++)
         for (int t = 0; t < PG_NT; t++)
             sums[c * PG_NT + t] = pg_code_sum(w + off[t], c * C, (c + 1) * C < K ? (c + 1) * C : K);
-    /* the next panel's rows, on their way into L2 while this one multiplies (its rows past N: the last one) */
-    const int8_t* pf = w + (n0 + 2 * PG_NT <= N ? n0 + PG_NT : (N > PG_NT ? N - PG_NT : 0)) * K;
+    /* the next panel's rows (its rows past N: row N - 1 again), on their way into L2 while this one multiplies */
+    int64_t pfo[PG_NT];
+    for (int t = 0; t < PG_NT; t++) pfo[t] = (n0 + PG_NT + t < N ? n0 + PG_NT + t : N - 1) * K;
     for (int64_t tile = t0; tile < t1; tile += PG_RT) {
         const int rt = (int)(t1 - tile < PG_RT ? t1 - tile : PG_RT);
         float run[PG_NT / 2][PG_RT][16] __attribute__((aligned(64)));
@@ -415,10 +416,10 @@ PG_TARGET static void pg_panel(const int8_t* w, int64_t N, int64_t K, int64_t C,
             __m512i acc[PG_NT][PG_RT];
             const uint32_t* x0 = xt + tile * tstride;
             switch (rt) {
-                case 1: pg_dot1(w, off, x0, tstride, k0, k1, pf, K, acc); break;
-                case 2: pg_dot2(w, off, x0, tstride, k0, k1, pf, K, acc); break;
-                case 3: pg_dot3(w, off, x0, tstride, k0, k1, pf, K, acc); break;
-                default: pg_dot4(w, off, x0, tstride, k0, k1, pf, K, acc); break;
+                case 1: pg_dot1(w, off, x0, tstride, k0, k1, pfo, acc); break;
+                case 2: pg_dot2(w, off, x0, tstride, k0, k1, pfo, acc); break;
+                case 3: pg_dot3(w, off, x0, tstride, k0, k1, pfo, acc); break;
+                default: pg_dot4(w, off, x0, tstride, k0, k1, pfo, acc); break;
             }
             float sc[PG_NT];
             for (int t = 0; t < PG_NT; t++) sc[t] = ws[c * ws_stride + n[t]];
@@ -439,7 +440,8 @@ int64_t pf_w8_gemm_scratch(int64_t M, int64_t K, int64_t C) {
 PG_TARGET int pf_w8_gemm(const int8_t* xq, const float* xs, int64_t M, int64_t K, int64_t C, const int8_t* w,
                          int64_t N, const float* ws, int64_t ws_stride, const float* bias, float* y, int accumulate,
                          void* scratch, int nthreads) {
-    if (K % 8 || C % 8 || C <= 0 || M <= 0 || N <= 0 || ((uintptr_t)scratch & 63)) return -1;
+    /* C <= 2^17: 128 x a chunk's weight sum (|w| <= 128) fits in int32 */
+    if (K <= 0 || K % 8 || C % 8 || C <= 0 || C > (1 << 17) || M <= 0 || N <= 0 || ((uintptr_t)scratch & 63)) return -1;
     const int64_t tiles = (M + 7) / 8, nc = (K + C - 1) / C;
     uint32_t* xt = (uint32_t*)scratch;                          /* per tile [K/8][16] dwords */
     float* xst = (float*)((char*)scratch + tiles * K * 8);      /* per tile [nc][16] */

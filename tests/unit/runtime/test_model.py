@@ -149,37 +149,44 @@ def test_ragged_forward_equals_separate_decode_and_prefill_forwards(ours):
 
 
 @needs_cpu_kernels
-def test_ragged_rows_take_the_fused_attention_of_a_decode_step(tiny_qwen2_dir, monkeypatch):
-    """On the CPU integer kernels (int8, fused decode), every row of a ragged forward, the decode rows and a chunk
-    continuing its slot alike, attends through ckernels.attn_decode in one call a layer (RoPE, cache write, each
-    row over its own slot up to its own position: the chunk's rows see its earlier rows), and the logits and cache
-    equal a fused decode step plus a forward (PyTorch's causal SDPA) for the chunk."""
+@pytest.mark.parametrize(("work", "fused_rows"), [(None, 2 + 12 + 7), (0, 2)])
+def test_ragged_rows_take_the_fused_attention_of_a_decode_step(tiny_qwen2_dir, monkeypatch, work, fused_rows):
+    """On the CPU integer kernels (int8, fused decode), every row of a ragged forward, the decode rows, a chunk
+    continuing its slot and a chunk starting one alike, attends through ckernels.attn_decode in one call a layer
+    (RoPE, cache write, each row over its own slot up to its own position: a chunk's rows see its earlier rows);
+    chunks bigger than FUSED_CHUNK_WORK (here every one: work 0) take SDPA and only the decode rows the C kernel.
+    Either way the logits and cache equal a fused decode step plus a forward (PyTorch's causal SDPA) per chunk."""
     from model_runtime import ckernels
+    from model_runtime import model as model_module
 
+    if work is not None:
+        monkeypatch.setattr(model_module, "FUSED_CHUNK_WORK", work)
     loaded = load_model(tiny_qwen2_dir, quantization="int8", device="cpu")
     model = loaded.model
     assert model.fused_decode
     gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 152064, (n,), generator=gen).tolist() for n in (6, 9, 40)]
-    caches = [model.new_cache(3, 128), model.new_cache(3, 128)]
+    prompts = [torch.randint(0, 152064, (n,), generator=gen).tolist() for n in (6, 9, 40, 7)]
+    caches = [model.new_cache(4, 128), model.new_cache(4, 128)]
     with torch.no_grad():
         for cache in caches:
             for slot, p in ((0, prompts[0]), (1, prompts[1])):
                 model(torch.tensor([p[:-1]]), torch.arange(len(p) - 1)[None], cache, slice(slot, slot + 1),
                       logits="none")
             model(torch.tensor([prompts[2][:10]]), torch.arange(10)[None], cache, slice(2, 3), logits="none")
+            cache.k[0][3].fill_(3.0)  # slot 3 starts its prompt over stale keys: none may be attended
         a, b = caches
         dec = model(torch.tensor([[prompts[0][-1]], [prompts[1][-1]]]), torch.tensor([[5], [8]]), a,
                     torch.tensor([0, 1]), logits="last")
         more = model(torch.tensor([prompts[2][10:22]]), torch.arange(10, 22)[None], a, slice(2, 3), logits="last")
+        fresh = model(torch.tensor([prompts[3]]), torch.arange(7)[None], a, slice(3, 4), logits="last")
         calls: list[int] = []
         real = ckernels.attn_decode
         monkeypatch.setattr(ckernels, "attn_decode", lambda qkv, *args, **kw: calls.append(qkv.shape[0]) or
                             real(qkv, *args, **kw))
-        ids = torch.tensor([prompts[0][-1], prompts[1][-1], *prompts[2][10:22]])
-        pos = torch.tensor([5, 8, *range(10, 22)])
-        got = model.forward_ragged(ids, pos, b, [(0, 1), (1, 1), (2, 12)], logit_rows=[0, 1, 13])
-    assert calls == [14] * model.config.n_layers  # one call a layer for the two decode rows and the 12-row chunk
-    torch.testing.assert_close(got, torch.cat([dec, more]), atol=2e-3, rtol=2e-3)
+        ids = torch.tensor([prompts[0][-1], prompts[1][-1], *prompts[2][10:22], *prompts[3]])
+        pos = torch.tensor([5, 8, *range(10, 22), *range(7)])
+        got = model.forward_ragged(ids, pos, b, [(0, 1), (1, 1), (2, 12), (3, 7)], logit_rows=[0, 1, 13, 20])
+    assert calls == [fused_rows] * model.config.n_layers  # one call a layer
+    torch.testing.assert_close(got, torch.cat([dec, more, fresh]), atol=2e-3, rtol=2e-3)
     for ka, kb in zip(a.k + a.v, b.k + b.v, strict=True):
-        torch.testing.assert_close(ka, kb, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ka[:, :, :22], kb[:, :, :22], atol=1e-4, rtol=1e-4)

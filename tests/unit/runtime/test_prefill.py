@@ -37,7 +37,7 @@ def _no_env(monkeypatch):
 
 
 @pytest.mark.parametrize(("flags", "kernel"), [(AVX2_ONLY, "none"), (AVX512_BF16, "int8vnni"), (AMX, "int8mm"),
-                                               (AVX512_BF16 - {"avx512bw"}, "none")])
+                                               (AVX512_BF16 - {"avx512bw"}, "int8mm")])
 def test_the_plan_picks_the_prefill_kernel_from_the_cpu_features(flags, kernel):
     plan = make_plan(CFG, Machine("cpu", dq_available=True, cpu_flags=flags), quantization="int8", lm_head="int8")
     assert plan.prefill_kernel == kernel
