@@ -46,6 +46,7 @@ from torch import Tensor
 log = logging.getLogger("model_runtime.ckernels")
 
 SOURCE = Path(__file__).parent / "csrc" / "dq_kernels.c"
+HEADER = SOURCE.parent / "row_norm.h"  # shared with prefill.py's library
 ABI_VERSION = 8
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-D_POSIX_C_SOURCE=200809L"]
 BACKENDS = ("auto", "dq", "aten", "generic")
@@ -75,6 +76,7 @@ def cpu_supported() -> bool:
 
 def _source_hash() -> str:
     h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(HEADER.read_bytes())  # (its #include: a change there is a change of the library)
     h.update(" ".join(CFLAGS).encode())
     return h.hexdigest()[:16]
 

@@ -25,17 +25,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "row_norm.h"  /* hsum_ps, rms_norm_row (a row's RMSNorm before quantization; shared with prefill_kernels.c) */
+
 #define DQ_ABI_VERSION 8
 
 int dq_abi_version(void) { return DQ_ABI_VERSION; }
 
-static inline float hsum_ps(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
 
 static inline float bf16_to_f32(uint16_t h) {
     union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
@@ -60,19 +55,6 @@ static inline void w8_out(float* o, float r, const float* ws, const float* bias,
     float v = r * ws[n];
     if (bias) v += bias[n];
     *o = accumulate ? *o + v : v;
-}
-
-/* Row preprocessing before quantization: RMSNorm (x * rsqrt(mean(x^2) + eps) * norm_w), so a
-   pre-norm block's normalised activations never round-trip through memory. K % 32 == 0. */
-static void rms_norm_row(const float* x, int64_t K, const float* norm_w, float eps, float* out) {
-    __m256 ss = _mm256_setzero_ps();
-    for (int64_t i = 0; i < K; i += 8) {
-        const __m256 v = _mm256_loadu_ps(x + i);
-        ss = _mm256_fmadd_ps(v, v, ss);
-    }
-    const __m256 r = _mm256_set1_ps(1.f / sqrtf(hsum_ps(ss) / (float)K + eps));
-    for (int64_t i = 0; i < K; i += 8)
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), r), _mm256_loadu_ps(norm_w + i)));
 }
 
 /* One row: x [K] -> q [K] int8 with one scale (amax / 127) per block of B values, and the code sum

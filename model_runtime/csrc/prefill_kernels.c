@@ -27,6 +27,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "row_norm.h"  /* rms_norm_row: the decode kernels' instructions (a row normalised the same either way) */
+
 #define PF_ABI_VERSION 5
 
 int pf_abi_version(void) { return PF_ABI_VERSION; }
@@ -59,27 +61,6 @@ static float quantize_row(const float* x, int64_t K, int8_t* q) {
 #pragma omp simd
     for (int64_t k = 0; k < K; k++) q[k] = (int8_t)(int32_t)rintf(x[k] * id);
     return d;
-}
-
-static inline float hsum_ps(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
-
-/* RMSNorm of one row, x * rsqrt(mean(x^2) + eps) * w, by the instructions of the decode kernels' rms_norm_row
-   (csrc/dq_kernels.c): a row is normalised to the same values whichever kernel multiplies it. K % 8 == 0. */
-static void rms_norm_row(const float* x, int64_t K, const float* w, float eps, float* out) {
-    __m256 ss = _mm256_setzero_ps();
-    for (int64_t i = 0; i < K; i += 8) {
-        const __m256 v = _mm256_loadu_ps(x + i);
-        ss = _mm256_fmadd_ps(v, v, ss);
-    }
-    const __m256 r = _mm256_set1_ps(1.f / sqrtf(hsum_ps(ss) / (float)K + eps));
-    for (int64_t i = 0; i < K; i += 8)
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), r), _mm256_loadu_ps(w + i)));
 }
 
 /* x [M, K] float32 -> q [M, K] int8, xs [M, ceil(K / C)] float32: one scale per row and chunk of C values; with
