@@ -104,9 +104,10 @@ class AttnGroup:
     slots: Tensor | slice
     kv_len: int
     mask: Tensor | None
-    # every row of the batch as a decode row (T == 1, each at its own slot and position) on the CPU integer kernels'
-    # fused attention (ckernels.attn_decode: RoPE, cache write and attention in one call, as a decode step runs
-    # them): the rows' int64 positions and the model's RoPE tables; None: PyTorch's SDPA under `mask`
+    # rows taken as decode rows (T == 1, each at its own slot and position: a run of decode rows, or every row of a
+    # batch whose prompt chunks are small) on the CPU integer kernels' fused attention (ckernels.attn_decode: RoPE,
+    # cache write and attention in one call, as a decode step runs them): the rows' int64 positions and the model's
+    # RoPE tables; None: PyTorch's SDPA under `mask`
     fused: tuple[Tensor, Tensor, Tensor] | None = None
 
 
@@ -399,13 +400,28 @@ class Transformer(nn.Module):
         sequence's tokens consecutive at consecutive positions; seqs: (cache slot, tokens) per sequence, in order.
         The linears see all N rows at once, so decode rows and prompt chunks share one read of the weights (a
         separate prompt-chunk forward would read them again: about one more decode step). Attention runs per
-        group: runs of one-token sequences together (a decode step), every longer sequence alone (a prompt chunk).
+        group: runs of one-token sequences together (a decode step), every longer sequence alone (a prompt chunk);
+        on the CPU integer kernels every row in one group while the chunks are small (_ragged_groups).
         Returns the float32 logits [len(logit_rows), vocab] of those token rows, or None when there are none."""
         device = input_ids.device
         pos = positions.tolist()
         x: Tensor = self.embed(input_ids[None])                          # [1, N, C]
         if self.act_dtype is not None:
             x = x.to(self.act_dtype)
+        groups, tok_slots, cos, sin = self._ragged_groups(positions, pos, cache, seqs, x.dtype)
+        slot_t = torch.tensor(tok_slots, device=device)
+        for i, layer in enumerate(cast("Iterable[Block]", self.layers)):
+            x = layer.forward_ragged(x, cos, sin, cache.k[i], cache.v[i], slot_t, positions, groups)
+        if not logit_rows:
+            return None
+        head: Tensor = self.lm_head(self.norm(x[0, logit_rows]))
+        return head.float()
+
+    def _ragged_groups(self, positions: Tensor, pos: list[int], cache: KVCache, seqs: list[tuple[int, int]],
+                       dtype: torch.dtype) -> tuple[list[AttnGroup], list[int], Tensor, Tensor]:
+        """forward_ragged's attention groups, each row's cache slot, and the PyTorch RoPE tables [N, 1, hd] for the
+        groups on SDPA (`positions` in their place where every row takes the fused C attention: unused)."""
+        device = positions.device
         groups: list[AttnGroup] = []
         tok_slots: list[int] = []
         cos = sin = positions  # (the PyTorch RoPE's tables: only where a group runs on SDPA, below)
@@ -426,8 +442,8 @@ class Transformer(nn.Module):
             groups.append(AttnGroup(slice(0, len(pos)), len(pos), 1, slot_ids, max(pos) + 1, None,
                                     (pos64, self.rope_cos, self.rope_sin)))
         else:
-            cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)      # [N, 1, hd]
-            sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
+            cos = self.rope_cos[positions].to(dtype).unsqueeze(1)      # [N, 1, hd]
+            sin = self.rope_sin[positions].to(dtype).unsqueeze(1)
             row = 0
             i = 0
             while i < len(seqs):
@@ -459,10 +475,4 @@ class Transformer(nn.Module):
                 groups.append(AttnGroup(slice(row, row + n), 1, n, slice(slot, slot + 1), start + n, mask))
                 tok_slots += [slot] * n
                 row, i = row + n, i + 1
-        slot_t = torch.tensor(tok_slots, device=device)
-        for i, layer in enumerate(cast("Iterable[Block]", self.layers)):
-            x = layer.forward_ragged(x, cos, sin, cache.k[i], cache.v[i], slot_t, positions, groups)
-        if not logit_rows:
-            return None
-        head: Tensor = self.lm_head(self.norm(x[0, logit_rows]))
-        return head.float()
+        return groups, tok_slots, cos, sin
