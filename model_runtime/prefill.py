@@ -214,7 +214,7 @@ def quantize_rows(x: Tensor, chunk: int = CHUNK_K, out: tuple[Tensor, Tensor] | 
     _check(x, torch.float32, (m, k), "x")
     nc = _n_chunks(k, chunk)
     if norm is not None and k % 8:  # (the C norm's 8 lanes; no model here has such a width)
-        x, norm = F.rms_norm(x, (k,), norm[0], norm[1]), None
+        x, norm = _normed(x, norm), None
     if norm is not None:
         _check(norm[0], torch.float32, (k,), "norm weight")
     q, xs = out if out is not None else (torch.empty((m, k), dtype=torch.int8), torch.empty((m, nc)))
@@ -286,26 +286,40 @@ def _int8mm(x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, out: Tens
                                      _scratch.get("xs", (m, nc), torch.float32)), norm)
     y = out if out is not None else torch.empty((m, n))
     if gemm == "int8vnni" and k % 8 == 0 and chunk % 8 == 0 and chunk <= MAX_VNNI_CHUNK and _runs_vnni512():
-        _check(y, torch.float32, (m, n), "out")
-        _check(ws, torch.float32, (n,) if ws.dim() == 1 else (nc, n), "channel scales")
-        if bias is not None:
-            _check(bias, torch.float32, (n,), "bias")
-        lib = load()
-        need = lib.pf_w8_gemm_scratch(m, k, chunk)
-        buf = _scratch.get("pg", (need + 64,), torch.uint8)
-        at = buf.data_ptr() + (-buf.data_ptr()) % 64  # (the kernel's aligned loads)
-        if lib.pf_w8_gemm(q.data_ptr(), xs.data_ptr(), m, k, chunk, codes.data_ptr(), n, ws.data_ptr(),
-                          n if ws.dim() == 2 else 0, None if bias is None else bias.data_ptr(), y.data_ptr(),
-                          int(out is not None), at, torch.get_num_threads()) != 0:
-            raise RuntimeError(f"pf_w8_gemm failed (M={m}, N={n}, K={k}, chunk={chunk})")
-        return y
-    acc = _scratch.get("acc", (m, n), torch.int32)
-    for c in range(nc):
+        _vnni_gemm(q, xs, codes, ws, bias, y, out is not None, chunk)
+    else:
+        _int_mm_chunks(q, xs, codes, ws, bias, y, out is not None, chunk)
+    return y
+
+
+def _vnni_gemm(q: Tensor, xs: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, y: Tensor, accumulate: bool,
+               chunk: int) -> None:
+    """y (+)= the int8 product of every chunk, scaled, in one pf_w8_gemm call."""
+    m, k = q.shape
+    n = codes.shape[0]
+    _check(y, torch.float32, (m, n), "out")
+    _check(ws, torch.float32, (n,) if ws.dim() == 1 else (_n_chunks(k, chunk), n), "channel scales")
+    if bias is not None:
+        _check(bias, torch.float32, (n,), "bias")
+    lib = load()
+    buf = _scratch.get("pg", (lib.pf_w8_gemm_scratch(m, k, chunk) + 64,), torch.uint8)
+    at = buf.data_ptr() + (-buf.data_ptr()) % 64  # (the kernel's aligned loads)
+    if lib.pf_w8_gemm(q.data_ptr(), xs.data_ptr(), m, k, chunk, codes.data_ptr(), n, ws.data_ptr(),
+                      n if ws.dim() == 2 else 0, None if bias is None else bias.data_ptr(), y.data_ptr(),
+                      int(accumulate), at, torch.get_num_threads()) != 0:
+        raise RuntimeError(f"pf_w8_gemm failed (M={m}, N={n}, K={k}, chunk={chunk})")
+
+
+def _int_mm_chunks(q: Tensor, xs: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, y: Tensor,
+                   accumulate: bool, chunk: int) -> None:
+    """y (+)= the int8 product chunk by chunk: one torch._int_mm and one scaling pass (pf_scale_rows) each."""
+    m, k = q.shape
+    acc = _scratch.get("acc", (m, codes.shape[0]), torch.int32)
+    for c in range(_n_chunks(k, chunk)):
         k0, k1 = c * chunk, min(k, (c + 1) * chunk)
         torch._int_mm(q[:, k0:k1], codes[:, k0:k1].t(), out=acc)
         _scale_rows(acc, xs, c, ws if ws.dim() == 1 else ws[c], bias if c == 0 else None, y,
-                    accumulate=out is not None or c > 0)
-    return y
+                    accumulate=accumulate or c > 0)
 
 
 def linear_w8(kernel: str, x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None,

@@ -426,8 +426,8 @@ PG_TARGET int pf_w8_gemm(const int8_t* xq, const float* xs, int64_t M, int64_t K
     const int64_t tiles = (M + 7) / 8, nc = (K + C - 1) / C;
     uint32_t* xt = (uint32_t*)scratch;                          /* per tile [K/8][16] dwords */
     float* xst = (float*)((char*)scratch + tiles * K * 8);      /* per tile [nc][16] */
-    const int64_t tiles_per_pass = PG_ROW_BYTES / (8 * K) / PG_RT * PG_RT > 0 ? PG_ROW_BYTES / (8 * K) / PG_RT * PG_RT
-                                                                             : PG_RT;
+    const int64_t fit = PG_ROW_BYTES / (8 * K) / PG_RT * PG_RT;  /* whole PG_RT groups of tiles within the bytes */
+    const int64_t tiles_per_pass = fit > 0 ? fit : PG_RT;
     const int64_t panels = (N + PG_NT - 1) / PG_NT;
 #pragma omp parallel num_threads(nthreads)
     {
