@@ -23,9 +23,10 @@ So the kernel the plan picks (KernelPlan.prefill_kernel) is:
   _int_mm call and a scaling pass: the 0.5B's linears over 285 prompt rows 334 -> 306 ms, 64 rows
   83 -> 75 ms. CPUs with AMX-INT8 (where oneDNN multiplies on the tile engine).
 - "int8vnni": the same int8 codes, scales and float steps (the same bytes as "int8mm"), multiplied by our own
-  AVX512-VNNI GEMM (csrc/prefill_kernels.c, pf_w8_gemm) in one call per linear. oneDNN copies the [N, K]
-  weights into its own layout on every call and they arrive from memory (a forward reads each layer's once);
-  ours reads them in place, prefetching the next panel into L2. Measured on a Zen 4 VM (2 vCPUs, AVX-512 on
+  AVX512-VNNI GEMM (csrc/prefill_kernels.c, pf_w8_gemm) in one call per linear. `_int_mm` takes the weights in
+  PyTorch's layout, so oneDNN reorders them into its own on every call (inferred from its timings: at 8 rows it
+  reads the gate_up weights at 9-20 GB/s, our kernels at 30+; not traced inside oneDNN), and in a forward they
+  arrive from memory (each layer's read once); ours reads them in place, prefetching the next panel into L2. Measured on a Zen 4 VM (2 vCPUs, AVX-512 on
   half-width units, no AMX) over 24 distinct copies of the 0.5B's four layer shapes, as a forward meets them
   (median of 5): 16 rows 52.9 -> 31.9 ms, 64 rows 99.1 -> 78.7, 256 rows 292.9 -> 270.0 (without the
   prefetch 39.9 / 89.6 / 281.1). CPUs with AVX512-VNNI and no AMX.
