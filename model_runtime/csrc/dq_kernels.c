@@ -901,13 +901,15 @@ static inline __m256 exp_ps(__m256 x) {
      8 independent chains keep both FMA units busy where one chain per position waited on each FMA's latency),
      reduced to the 8 sums with one hadd tree; raw dot products (the 1/sqrt(hd) scale goes into the exponent);
    - softmax weights exp((s - max) * scale), 8 at a time (exp_ps);
-   - o = sum_l w_l v_l with o's 64 columns held in 8 registers across all positions (no load/store of o per
-     position), then o * 1/sum.
-   One head's work does not depend on the batch: every batch size gives a row the same bytes. */
-static inline void attn_scores(const float* q, const float* kb, int64_t len, int64_t hd, float* sc) {
+   - o = sum_l w_l v_l with o's columns in registers across a block of positions (8 registers: 64 columns), then
+     o * 1/sum.
+   The scores and values passes take a range of positions [l0, l1): attn_tile runs them a block at a time over
+   several query heads that read the same keys/values. A query's result does not depend on the others it runs with
+   (each score and each column sums in the same order, blocks or not): every batch gives a row the same bytes. */
+static inline void attn_scores(const float* q, const float* kb, int64_t l0, int64_t l1, int64_t hd, float* sc) {
     const int64_t hd8 = hd & ~(int64_t)7;
-    int64_t l = 0;
-    for (; l + 8 <= len; l += 8) {
+    int64_t l = l0;
+    for (; l + 8 <= l1; l += 8) {
         const float* k = kb + l * hd;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
         for (int64_t i = 0; i < hd8; i += 8) {
@@ -929,7 +931,7 @@ static inline void attn_scores(const float* q, const float* kb, int64_t len, int
         for (int64_t i = hd8; i < hd; i++)
             for (int j = 0; j < 8; j++) sc[l + j] += q[i] * k[j * hd + i];
     }
-    for (; l < len; l++) sc[l] = dot_f32(q, kb + l * hd, hd);
+    for (; l < l1; l++) sc[l] = dot_f32(q, kb + l * hd, hd);
 }
 
 /* sc[l] <- exp((sc[l] - max) * scale); returns their sum */
@@ -960,31 +962,79 @@ static inline float attn_softmax_weights(float* sc, int64_t len, float scale) {
     return sum;
 }
 
-/* o[c .. c + 8 NACC) = inv * sum_l w[l] vb[l, c ..]: NACC column registers held across the positions */
-static inline __attribute__((always_inline)) void attn_values_cols(const float* w, const float* vb, int64_t len,
-                                                                   int64_t hd, int64_t c, float inv, float* o,
-                                                                   const int nacc) {
+/* o[c .. c + 8 NACC) (+)= sum over l in [l0, l1) of w[l] vb[l, c ..] (first: o's earlier value not read), times inv
+   when last: NACC column registers held across the positions */
+static inline __attribute__((always_inline)) void attn_values_cols(const float* w, const float* vb, int64_t l0,
+                                                                   int64_t l1, int64_t hd, int64_t c, float* o,
+                                                                   int first, int last, float inv, const int nacc) {
     __m256 acc[8];
-    for (int j = 0; j < nacc; j++) acc[j] = _mm256_setzero_ps();
-    for (int64_t l = 0; l < len; l++) {
+    for (int j = 0; j < nacc; j++) acc[j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(o + c + 8 * j);
+    for (int64_t l = l0; l < l1; l++) {
         const __m256 wl = _mm256_set1_ps(w[l]);
         const float* v = vb + l * hd + c;
         for (int j = 0; j < nacc; j++) acc[j] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(v + 8 * j), acc[j]);
     }
     const __m256 vinv = _mm256_set1_ps(inv);
-    for (int j = 0; j < nacc; j++) _mm256_storeu_ps(o + c + 8 * j, _mm256_mul_ps(acc[j], vinv));
+    for (int j = 0; j < nacc; j++) _mm256_storeu_ps(o + c + 8 * j, last ? _mm256_mul_ps(acc[j], vinv) : acc[j]);
 }
 
-static void attn_values(const float* w, const float* vb, int64_t len, int64_t hd, float inv, float* o) {
+static void attn_values(const float* w, const float* vb, int64_t l0, int64_t l1, int64_t hd, int first, int last,
+                        float inv, float* o) {
     int64_t c = 0;
-    for (; c + 64 <= hd; c += 64) attn_values_cols(w, vb, len, hd, c, inv, o, 8);
-    for (; c + 32 <= hd; c += 32) attn_values_cols(w, vb, len, hd, c, inv, o, 4);
-    for (; c + 8 <= hd; c += 8) attn_values_cols(w, vb, len, hd, c, inv, o, 1);
+    for (; c + 64 <= hd; c += 64) attn_values_cols(w, vb, l0, l1, hd, c, o, first, last, inv, 8);
+    for (; c + 32 <= hd; c += 32) attn_values_cols(w, vb, l0, l1, hd, c, o, first, last, inv, 4);
+    for (; c + 8 <= hd; c += 8) attn_values_cols(w, vb, l0, l1, hd, c, o, first, last, inv, 1);
     for (; c < hd; c++) {
-        float a = 0.f;
-        for (int64_t l = 0; l < len; l++) a += w[l] * vb[l * hd + c];
-        o[c] = a * inv;
+        float a = first ? 0.f : o[c];
+        for (int64_t l = l0; l < l1; l++) a += w[l] * vb[l * hd + c];
+        o[c] = last ? a * inv : a;
     }
+}
+
+/* Query heads that read one kv head's keys/values: rows b0.. of one cache slot (a decode row alone; a prompt chunk's
+   rows, which share their slot), queries q0..q1 - 1 of them in order (query q: row b0 + q / group, head
+   kvh * group + q % group) */
+typedef struct {
+    int64_t b0, q0, q1, kvh;
+} attn_tile_t;
+
+/* at most this many query heads a tile (their scores: ATT_TILE x the longest length, per thread) */
+#define ATT_TILE 16
+/* positions a block: one block of a kv head's keys (then values) stays in L1 while each query of a tile reads it,
+   where one query at a time read a whole row's keys and values from L2 per query head (a kv head serves 7 query
+   heads on the 0.5B, a prompt chunk's rows all read one slot) */
+#define ATT_BLOCK_BYTES 16384
+
+/* one tile: scores, softmax weights and values, the keys and values read a block of positions at a time for every
+   query of the tile; sc: (q1 - q0) x lstride floats */
+static void attn_tile(const attn_tile_t* tl, const float* qr, const int64_t* pos, int64_t nh, int64_t group,
+                      int64_t hd, const float* kb, const float* vb, float scale, int64_t blk, float* sc,
+                      int64_t lstride, float* out) {
+    const int64_t nq = tl->q1 - tl->q0;
+    int64_t lmax = 0;
+    for (int64_t q = tl->q0; q < tl->q1; q++) {
+        const int64_t len = pos[tl->b0 + q / group] + 1;
+        lmax = len > lmax ? len : lmax;
+    }
+#define ATT_T(q) ((tl->b0 + (q) / group) * nh + tl->kvh * group + (q) % group) /* query q's (row, head) index */
+#define ATT_LEN(q) (pos[tl->b0 + (q) / group] + 1)
+    for (int64_t l0 = 0; l0 < lmax; l0 += blk)
+        for (int64_t q = tl->q0; q < tl->q1; q++) {
+            const int64_t len = ATT_LEN(q), l1 = l0 + blk < len ? l0 + blk : len;
+            if (l1 > l0) attn_scores(qr + ATT_T(q) * hd, kb, l0, l1, hd, sc + (q - tl->q0) * lstride);
+        }
+    float inv[ATT_TILE];
+    for (int64_t i = 0; i < nq; i++)
+        inv[i] = 1.f / attn_softmax_weights(sc + i * lstride, ATT_LEN(tl->q0 + i), scale);
+    for (int64_t l0 = 0; l0 < lmax; l0 += blk)
+        for (int64_t q = tl->q0; q < tl->q1; q++) {
+            const int64_t len = ATT_LEN(q), l1 = l0 + blk < len ? l0 + blk : len;
+            if (l1 > l0)
+                attn_values(sc + (q - tl->q0) * lstride, vb, l0, l1, hd, l0 == 0, l1 == len, inv[q - tl->q0],
+                            out + ATT_T(q) * hd);
+        }
+#undef ATT_T
+#undef ATT_LEN
 }
 
 /* Decode attention for B sequences, one new token each:
@@ -992,10 +1042,14 @@ static void attn_values(const float* w, const float* vb, int64_t len, int64_t hd
    k and v written into kc/vc[slot[b], kv head, pos[b], :] (cache [max_batch, nkv, max_len, hd]
    float32); out[b, h] = softmax(q k^T / sqrt(hd)) v over cache positions 0..pos[b] (grouped-query:
    query head h reads kv head h / (nh / nkv)). out [B, nh hd]. 0, or -1 (out of memory).
-   (Row, head) pairs are handed out dynamically, a kv head's group at a time: rows of very different lengths (one
-   long context beside short ones) would leave a static split's other threads idle (2 threads, rows of 4,000 and 7 x
-   50 positions: 0.38 ms static, 0.22 dynamic; 8 rows of 350: 0.15 / 0.17), and one row's heads still spread over
-   the threads (the old dynamic chunks of 32 put them all on one). */
+   Every row's key/value is written before any row attends: consecutive rows of one slot (a prompt chunk riding a
+   decode step) see the earlier ones, as causal attention.
+   The work goes in tiles (attn_tile_t), handed out dynamically: the query heads of a kv head, of one row or of
+   consecutive rows of one slot, read its keys and values a block at a time (once a block for the tile, where each
+   query head read them all from L2 itself; 0.5B heads, one layer, A/B: 7 decode rows at 330 + a 57-row chunk at 128
+   0.49 -> 0.36 ms, 8 rows at 700 0.25 -> 0.19, a 64-row chunk at 1,500 4.1 -> 2.6); rows of very different lengths
+   (one long context beside short ones) still spread over the threads, and tiles shrink when there are too few of
+   them for every thread. */
 int dq_attn_decode(const float* qkv, int64_t B, int64_t nh, int64_t nkv, int64_t hd, const int64_t* slot,
                    const int64_t* pos, const float* cos_t, const float* sin_t, float* kc, float* vc,
                    int64_t max_len, float* out, int nthreads) {
@@ -1015,33 +1069,51 @@ int dq_attn_decode(const float* qkv, int64_t B, int64_t nh, int64_t nkv, int64_t
             memcpy(vc + at, row + (nh + nkv + h) * hd, sizeof(float) * (size_t)hd);
         }
     }
+    /* query heads a tile: whole rows' groups up to ATT_TILE; fewer where the tiles would not reach every thread */
+    const int nt = nthreads > 0 ? nthreads : 1;
+    int64_t tq = group <= ATT_TILE ? ATT_TILE / group * group : ATT_TILE;
+    if (B * nh / tq < nt) tq = B * nh / nt > 0 ? B * nh / nt : 1;
+    int64_t ntiles = 0;
+    for (int64_t b0 = 0, b1; b0 < B; b0 = b1) {
+        for (b1 = b0 + 1; b1 < B && slot[b1] == slot[b0]; b1++) {}
+        ntiles += nkv * (((b1 - b0) * group + tq - 1) / tq);
+    }
+    attn_tile_t* tiles = (attn_tile_t*)malloc(sizeof(attn_tile_t) * (size_t)ntiles);
+    if (!tiles) {
+        free(qr);
+        return -1;
+    }
+    ntiles = 0;
+    for (int64_t b0 = 0, b1; b0 < B; b0 = b1) {
+        for (b1 = b0 + 1; b1 < B && slot[b1] == slot[b0]; b1++) {}
+        const int64_t nq = (b1 - b0) * group;
+        for (int64_t kvh = 0; kvh < nkv; kvh++)
+            for (int64_t q0 = 0; q0 < nq; q0 += tq)
+                tiles[ntiles++] = (attn_tile_t){b0, q0, q0 + tq < nq ? q0 + tq : nq, kvh};
+    }
     const float scale = 1.f / sqrtf((float)hd);
-    /* threads grab a kv head's group of query heads at a time (they share its keys/values); fewer where there are
-       too few pairs for two grabs per thread */
-    int64_t grab = B * nh / (2 * (int64_t)(nthreads > 0 ? nthreads : 1));
-    grab = grab < 1 ? 1 : grab > group ? group : grab;
+    int64_t blk = (ATT_BLOCK_BYTES / (int64_t)sizeof(float) / hd) & ~(int64_t)7;
+    blk = blk < 8 ? 8 : blk;
+    const int64_t lstride = (lmax + 15) & ~(int64_t)15;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        /* one (row, head)'s scores at a time per thread: memory independent of the batch (a prompt chunk's rows
-           ride here too: 512 rows x 14 heads x 4,000 positions would be 115 MB at once) */
-        float* sc = (float*)malloc(sizeof(float) * (size_t)lmax);
+        /* a tile's scores per thread: memory independent of the batch (a prompt chunk's rows ride here too) */
+        float* sc = (float*)malloc(sizeof(float) * (size_t)(tq * lstride));
         if (!sc) {
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(dynamic, grab)
-        for (int64_t t = 0; t < B * nh; t++) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < ntiles; i++) {
             if (!sc) continue;
-            const int64_t b = t / nh, h = t % nh, kvh = h / group, len = pos[b] + 1;
-            const float* kb = kc + (slot[b] * nkv + kvh) * max_len * hd;
-            const float* vb = vc + (slot[b] * nkv + kvh) * max_len * hd;
-            attn_scores(qr + t * hd, kb, len, hd, sc);
-            const float sum = attn_softmax_weights(sc, len, scale);
-            attn_values(sc, vb, len, hd, 1.f / sum, out + t * hd);
+            const attn_tile_t* tl = tiles + i;
+            const int64_t base = (slot[tl->b0] * nkv + tl->kvh) * max_len * hd;
+            attn_tile(tl, qr, pos, nh, group, hd, kc + base, vc + base, scale, blk, sc, lstride, out);
         }
         free(sc);
     }
+    free(tiles);
     free(qr);
     return failed ? -1 : 0;
 }

@@ -439,6 +439,49 @@ def test_attn_decode_matches_rope_cache_write_and_grouped_query_attention(lib, h
                              vc[..., :odd].contiguous())
 
 
+# 14/2 heads: a tile holds two rows' 7 query heads; 32/1: one row's heads take two tiles (16 a tile)
+@pytest.mark.parametrize(("nh", "nkv"), [(14, 2), (32, 1)])
+def test_attn_decode_rows_sharing_a_slot_attend_causally(lib, nh, nkv):
+    """A prompt chunk's rows ride a decode step as rows of one slot (consecutive positions): the kernel runs them in
+    tiles that read the slot's keys/values once a block. Each row attends only up to its own position (the chunk's
+    later rows, and stale NaN keys past the chunk, never reach it), and each row alone gives the bytes it got in the
+    batch (the tiles it shared do not change it)."""
+    torch.manual_seed(2)
+    hd, max_batch, max_len = 64, 3, 200
+    kc = torch.randn(max_batch, nkv, max_len, hd)
+    vc = torch.randn(max_batch, nkv, max_len, hd)
+    kc[1, :, 150:] = float("nan")  # stale keys/values past the chunk
+    vc[1, :, 150:] = float("nan")
+    t = torch.arange(max_len, dtype=torch.float32)
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+    emb = torch.cat([torch.outer(t, inv)] * 2, dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    # a decode row of slot 0, a 9-row chunk of slot 1 at 141..149 (blocks of 64 positions: its rows span three), a
+    # decode row of slot 2
+    slots = torch.tensor([0, *[1] * 9, 2])
+    positions = torch.tensor([70, *range(141, 150), 3])
+    n = len(slots)
+    qkv = torch.randn(n, (nh + 2 * nkv) * hd)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    out = ckernels.attn_decode(qkv, nh, nkv, hd, slots, positions, cos, sin, kc, vc)
+    assert not out.isnan().any()
+    for b in range(n):
+        s, p = int(slots[b]), int(positions[b])
+        k = _torch_rope(qkv[b, nh * hd:(nh + nkv) * hd].view(nkv, hd), cos[p], sin[p])
+        kc_ref[s, :, p], vc_ref[s, :, p] = k, qkv[b, (nh + nkv) * hd:].view(nkv, hd)
+    for b in range(n):
+        s, p = int(slots[b]), int(positions[b])
+        q = _torch_rope(qkv[b, : nh * hd].view(nh, hd), cos[p], sin[p])
+        keys = kc_ref[s, :, : p + 1].repeat_interleave(nh // nkv, dim=0)       # [nh, L, hd]
+        vals = vc_ref[s, :, : p + 1].repeat_interleave(nh // nkv, dim=0)
+        att = torch.softmax(q[:, None, :] @ keys.transpose(1, 2) / math.sqrt(hd), dim=-1)
+        assert torch.allclose(out[b].view(nh, hd), (att @ vals)[:, 0], atol=1e-5), b
+        # alone, over the cache the batch left (the chunk's earlier rows written): the same bytes
+        alone = ckernels.attn_decode(qkv[b:b + 1].contiguous(), nh, nkv, hd, slots[b:b + 1], positions[b:b + 1], cos,
+                                     sin, kc.clone(), vc.clone())
+        assert torch.equal(alone[0], out[b]), b
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_fused_decode_matches_the_pytorch_path(tiny_qwen2_dir, method):
     """The whole model: a decode step through Block.decode_fused equals the unfused forward."""
