@@ -309,13 +309,19 @@ def test_tokens_in_flight_cap_holds_requests_back(make_engine):
     assert ra == rb == "length" and a == b and peak["running"] == 1
 
 
+# ratio 1: only the most likely token passes _likely's test (too little mass), so the nucleus is looked for by top-k:
 # 4: the nucleus (3 tokens) found among fewer candidates than the vocabulary (6): the top-k path;
-# 2: the nucleus is wider than the candidates: the full-sort fallback; 1024: more candidates than tokens
-@pytest.mark.parametrize("candidates", [4, 2, 1024])
-def test_sampling_draws_from_the_exact_nucleus_distribution(monkeypatch, candidates):
+# 2: the nucleus is wider than the candidates: the full-sort fallback; 1024: more candidates than tokens;
+# ratio 1e-6: every token is likely enough, and (candidates 1024) few enough: _likely's path; (candidates 2) too many.
+# Draw block 1: a draw over the 6 tokens goes block by block (_draw's two steps); 128: one cumulative sum
+@pytest.mark.parametrize(("candidates", "ratio", "block"), [(4, 1.0, 128), (2, 1.0, 128), (1024, 1.0, 128),
+                                                           (1024, 1e-6, 128), (2, 1e-6, 128), (1024, 1e-6, 1)])
+def test_sampling_draws_from_the_exact_nucleus_distribution(monkeypatch, candidates, ratio, block):
     """Temperature + top_p: tokens outside the nucleus never come up, the others at their renormalised
-    probabilities (20,000 draws, 4 sigma), whichever way the nucleus is found."""
+    probabilities (20,000 draws, 4 sigma), whichever way the nucleus is found and the number drawn against."""
     monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
+    monkeypatch.setattr(sampling, "NUCLEUS_RATIO", ratio)
+    monkeypatch.setattr(sampling, "DRAW_BLOCK", block)
     logits = torch.tensor([2.0, 0.5, 3.0, -1.0, 1.0, 0.0])
     temperature, top_p = 0.8, 0.9
     probs = torch.softmax(logits / temperature, dim=-1)

@@ -121,6 +121,24 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_most_likely():
         assert set(freq.nonzero().flatten().tolist()) == set(kept)
 
 
+def test_a_draw_over_a_long_row_by_blocks_is_the_flat_draw_and_never_a_dropped_token(monkeypatch):
+    """_draw over more than 4 blocks (the block's sum, then the value within it) picks what one cumulative sum over
+    the row picks for the same number (seeded alike), and never a token of probability 0 (min_p's drops)."""
+    torch.manual_seed(4)
+    p = torch.softmax(torch.randn(1000) * 3, dim=-1)
+    p[::7] = 0.0  # dropped tokens, some at a block's end
+    monkeypatch.setattr(sampling, "DRAW_BLOCK", 16)  # 1000 values: 62 whole blocks and a short one
+    blocked = [sampling._draw(p, torch.Generator().manual_seed(s)) for s in range(300)]
+    monkeypatch.setattr(sampling, "DRAW_BLOCK", 1000)  # one cumulative sum
+    flat = [sampling._draw(p, torch.Generator().manual_seed(s)) for s in range(300)]
+    assert blocked == flat
+    assert all(float(p[i]) > 0 for i in blocked)
+    edge = torch.zeros(100)
+    edge[3] = 1.0  # all the mass on one token: every number lands on it
+    monkeypatch.setattr(sampling, "DRAW_BLOCK", 8)
+    assert {sampling._draw(edge, torch.Generator().manual_seed(s)) for s in range(50)} == {3}
+
+
 def test_the_draw_uses_only_the_requests_generator():
     logits = torch.tensor([2.0, 0.5, 3.0, -1.0, 1.0, 0.0, 1.5, -0.5])
     runs = []
