@@ -57,6 +57,8 @@ def test_guidellm_command_passes_the_seed_and_the_warmup(tmp_path: Path) -> None
                                         prompt_tokens=256, output_tokens=128, seed=1008)
     assert cmd[cmd.index("--seed") + 1] == "kind=static,value=1008"
     assert cmd[cmd.index("--profile") + 1] == "kind=concurrent,streams=8,warmup=0.1"
+    # a few prompts ready per stream, not guidellm's 4,096 tokenized through the run on the server's CPUs
+    assert cmd[cmd.index("--data-loader") + 1] == "kind=pytorch,prefetch_factor=32"
 
 
 def test_guidellm_summary_counts_every_requests_tokens_and_the_completed_ones_apart() -> None:
