@@ -1011,30 +1011,26 @@ static void attn_tile(const attn_tile_t* tl, const float* qr, const int64_t* pos
                       int64_t hd, const float* kb, const float* vb, float scale, int64_t blk, float* sc,
                       int64_t lstride, float* out) {
     const int64_t nq = tl->q1 - tl->q0;
-    int64_t lmax = 0;
-    for (int64_t q = tl->q0; q < tl->q1; q++) {
-        const int64_t len = pos[tl->b0 + q / group] + 1;
-        lmax = len > lmax ? len : lmax;
+    int64_t at[ATT_TILE], len[ATT_TILE], lmax = 0;  /* each query's (row, head) index and its row's length */
+    for (int64_t i = 0; i < nq; i++) {
+        const int64_t q = tl->q0 + i, b = tl->b0 + q / group;
+        at[i] = b * nh + tl->kvh * group + q % group;
+        len[i] = pos[b] + 1;
+        lmax = len[i] > lmax ? len[i] : lmax;
     }
-#define ATT_T(q) ((tl->b0 + (q) / group) * nh + tl->kvh * group + (q) % group) /* query q's (row, head) index */
-#define ATT_LEN(q) (pos[tl->b0 + (q) / group] + 1)
     for (int64_t l0 = 0; l0 < lmax; l0 += blk)
-        for (int64_t q = tl->q0; q < tl->q1; q++) {
-            const int64_t len = ATT_LEN(q), l1 = l0 + blk < len ? l0 + blk : len;
-            if (l1 > l0) attn_scores(qr + ATT_T(q) * hd, kb, l0, l1, hd, sc + (q - tl->q0) * lstride);
+        for (int64_t i = 0; i < nq; i++) {
+            const int64_t l1 = l0 + blk < len[i] ? l0 + blk : len[i];
+            if (l1 > l0) attn_scores(qr + at[i] * hd, kb, l0, l1, hd, sc + i * lstride);
         }
     float inv[ATT_TILE];
-    for (int64_t i = 0; i < nq; i++)
-        inv[i] = 1.f / attn_softmax_weights(sc + i * lstride, ATT_LEN(tl->q0 + i), scale);
+    for (int64_t i = 0; i < nq; i++) inv[i] = 1.f / attn_softmax_weights(sc + i * lstride, len[i], scale);
     for (int64_t l0 = 0; l0 < lmax; l0 += blk)
-        for (int64_t q = tl->q0; q < tl->q1; q++) {
-            const int64_t len = ATT_LEN(q), l1 = l0 + blk < len ? l0 + blk : len;
+        for (int64_t i = 0; i < nq; i++) {
+            const int64_t l1 = l0 + blk < len[i] ? l0 + blk : len[i];
             if (l1 > l0)
-                attn_values(sc + (q - tl->q0) * lstride, vb, l0, l1, hd, l0 == 0, l1 == len, inv[q - tl->q0],
-                            out + ATT_T(q) * hd);
+                attn_values(sc + i * lstride, vb, l0, l1, hd, l0 == 0, l1 == len[i], inv[i], out + at[i] * hd);
         }
-#undef ATT_T
-#undef ATT_LEN
 }
 
 /* Decode attention for B sequences, one new token each:
@@ -1073,17 +1069,13 @@ int dq_attn_decode(const float* qkv, int64_t B, int64_t nh, int64_t nkv, int64_t
     const int nt = nthreads > 0 ? nthreads : 1;
     int64_t tq = group <= ATT_TILE ? ATT_TILE / group * group : ATT_TILE;
     if (B * nh / tq < nt) tq = B * nh / nt > 0 ? B * nh / nt : 1;
-    int64_t ntiles = 0;
-    for (int64_t b0 = 0, b1; b0 < B; b0 = b1) {
-        for (b1 = b0 + 1; b1 < B && slot[b1] == slot[b0]; b1++) {}
-        ntiles += nkv * (((b1 - b0) * group + tq - 1) / tq);
-    }
-    attn_tile_t* tiles = (attn_tile_t*)malloc(sizeof(attn_tile_t) * (size_t)ntiles);
+    /* (at most one tile per query head: B nh) */
+    attn_tile_t* tiles = (attn_tile_t*)malloc(sizeof(attn_tile_t) * (size_t)(B * nh));
     if (!tiles) {
         free(qr);
         return -1;
     }
-    ntiles = 0;
+    int64_t ntiles = 0;
     for (int64_t b0 = 0, b1; b0 < B; b0 = b1) {
         for (b1 = b0 + 1; b1 < B && slot[b1] == slot[b0]; b1++) {}
         const int64_t nq = (b1 - b0) * group;

@@ -392,6 +392,24 @@ def _torch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return x * cos + rot * sin
 
 
+def _reference_attention(qkv, nh, nkv, hd, slots, positions, cos, sin, kc_ref, vc_ref) -> list[torch.Tensor]:
+    """What attn_decode should give, in PyTorch: every row's RoPE'd key and value written into kc_ref / vc_ref first
+    (rows of one slot see the earlier ones), then each row's [nh, hd] grouped-query attention up to its position."""
+    for b in range(len(slots)):
+        s, p = int(slots[b]), int(positions[b])
+        kc_ref[s, :, p] = _torch_rope(qkv[b, nh * hd:(nh + nkv) * hd].view(nkv, hd), cos[p], sin[p])
+        vc_ref[s, :, p] = qkv[b, (nh + nkv) * hd:].view(nkv, hd)
+    outs = []
+    for b in range(len(slots)):
+        s, p = int(slots[b]), int(positions[b])
+        q = _torch_rope(qkv[b, : nh * hd].view(nh, hd), cos[p], sin[p])
+        keys = kc_ref[s, :, : p + 1].repeat_interleave(nh // nkv, dim=0)       # [nh, L, hd]
+        vals = vc_ref[s, :, : p + 1].repeat_interleave(nh // nkv, dim=0)
+        att = torch.softmax(q[:, None, :] @ keys.transpose(1, 2) / math.sqrt(hd), dim=-1)  # [nh, 1, L]
+        outs.append((att @ vals)[:, 0])
+    return outs
+
+
 # head sizes that take each of the kernel's column paths (64, 32, 8 at a time, one at a time) and its scores' tail
 # past the last 8 columns: 32, 64, 100 = 64 + 32 + 4, 136 = 2 x 64 + 8
 @pytest.mark.parametrize("hd", [32, 64, 100, 136])
@@ -413,16 +431,9 @@ def test_attn_decode_matches_rope_cache_write_and_grouped_query_attention(lib, h
         alone = ckernels.attn_decode(qkv[b:b + 1].contiguous(), nh, nkv, hd, slots[b:b + 1], positions[b:b + 1], cos,
                                      sin, kc_ref.clone(), vc_ref.clone())
         assert torch.equal(alone[0], out[b]), b
+    ref = _reference_attention(qkv, nh, nkv, hd, slots, positions, cos, sin, kc_ref, vc_ref)
     for b in range(3):
-        s, p = int(slots[b]), int(positions[b])
-        q = _torch_rope(qkv[b, : nh * hd].view(nh, hd), cos[p], sin[p])
-        k = _torch_rope(qkv[b, nh * hd:(nh + nkv) * hd].view(nkv, hd), cos[p], sin[p])
-        v = qkv[b, (nh + nkv) * hd:].view(nkv, hd)
-        kc_ref[s, :, p], vc_ref[s, :, p] = k, v
-        keys = kc_ref[s, :, : p + 1].repeat_interleave(nh // nkv, dim=0)       # [nh, L, hd]
-        vals = vc_ref[s, :, : p + 1].repeat_interleave(nh // nkv, dim=0)
-        att = torch.softmax(q[:, None, :] @ keys.transpose(1, 2) / math.sqrt(hd), dim=-1)  # [nh, 1, L]
-        assert torch.allclose(out[b].view(nh, hd), (att @ vals)[:, 0], atol=1e-5), b
+        assert torch.allclose(out[b].view(nh, hd), ref[b], atol=1e-5), b
     assert torch.allclose(kc, kc_ref, atol=1e-6) and torch.equal(vc, vc_ref)  # written where expected, nothing else
     with pytest.raises(ValueError, match="outside"):
         ckernels.attn_decode(qkv, nh, nkv, hd, slots, torch.tensor([5, 17, max_len]), cos, sin, kc, vc)
@@ -465,17 +476,9 @@ def test_attn_decode_rows_sharing_a_slot_attend_causally(lib, nh, nkv):
     kc_ref, vc_ref = kc.clone(), vc.clone()
     out = ckernels.attn_decode(qkv, nh, nkv, hd, slots, positions, cos, sin, kc, vc)
     assert not out.isnan().any()
+    ref = _reference_attention(qkv, nh, nkv, hd, slots, positions, cos, sin, kc_ref, vc_ref)
     for b in range(n):
-        s, p = int(slots[b]), int(positions[b])
-        k = _torch_rope(qkv[b, nh * hd:(nh + nkv) * hd].view(nkv, hd), cos[p], sin[p])
-        kc_ref[s, :, p], vc_ref[s, :, p] = k, qkv[b, (nh + nkv) * hd:].view(nkv, hd)
-    for b in range(n):
-        s, p = int(slots[b]), int(positions[b])
-        q = _torch_rope(qkv[b, : nh * hd].view(nh, hd), cos[p], sin[p])
-        keys = kc_ref[s, :, : p + 1].repeat_interleave(nh // nkv, dim=0)       # [nh, L, hd]
-        vals = vc_ref[s, :, : p + 1].repeat_interleave(nh // nkv, dim=0)
-        att = torch.softmax(q[:, None, :] @ keys.transpose(1, 2) / math.sqrt(hd), dim=-1)
-        assert torch.allclose(out[b].view(nh, hd), (att @ vals)[:, 0], atol=1e-5), b
+        assert torch.allclose(out[b].view(nh, hd), ref[b], atol=1e-5), b
         # alone, over the cache the batch left (the chunk's earlier rows written): the same bytes
         alone = ckernels.attn_decode(qkv[b:b + 1].contiguous(), nh, nkv, hd, slots[b:b + 1], positions[b:b + 1], cos,
                                      sin, kc.clone(), vc.clone())
