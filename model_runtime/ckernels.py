@@ -47,7 +47,8 @@ log = logging.getLogger("model_runtime.ckernels")
 
 SOURCE = Path(__file__).parent / "csrc" / "dq_kernels.c"
 HEADER = SOURCE.parent / "row_norm.h"  # shared with prefill.py's library
-ABI_VERSION = 8
+SAMPLER = SOURCE.parent / "sample_rows.h"  # (included by the source)
+ABI_VERSION = 9
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-D_POSIX_C_SOURCE=200809L"]
 BACKENDS = ("auto", "dq", "aten", "generic")
 ISAS = {"auto": 0, "avx2": 1, "avxvnni": 2, "avx512vnni": 3}  # DISTILLERY_CPU_ISA -> dq_set_isa's argument
@@ -76,7 +77,8 @@ def cpu_supported() -> bool:
 
 def _source_hash() -> str:
     h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(HEADER.read_bytes())  # (its #include: a change there is a change of the library)
+    h.update(HEADER.read_bytes())  # (its #includes: a change there is a change of the library)
+    h.update(SAMPLER.read_bytes())
     h.update(" ".join(CFLAGS).encode())
     return h.hexdigest()[:16]
 
@@ -134,6 +136,8 @@ class _Lib:
         lib.dq_decode_blocks.restype = i32
         lib.dq_silu_mul.argtypes = [p, i64, i64, p, i32]
         lib.dq_silu_mul.restype = None
+        lib.dq_sample_rows.argtypes = [p, i64, i64, p, p, p, p, p, i32]
+        lib.dq_sample_rows.restype = i32
         lib.dq_w8_block_sums.argtypes = [p, i64, i64, i64, p, i32]
         lib.dq_w8_block_sums.restype = None
         lib.dq_pack_w4.argtypes = [p, i64, i64, p]
@@ -463,6 +467,26 @@ def silu_mul(gu: Tensor) -> Tensor:
     h = torch.empty((m, i), dtype=torch.float32)
     lib.dq_silu_mul(gu.data_ptr(), m, i, h.data_ptr(), torch.get_num_threads())
     return h
+
+
+def sample_rows(logits: Tensor, temperatures: Tensor, uniforms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """logits [B, V] float32 contiguous -> (max [B] float32, NaN for a row holding a NaN; argmax [B] int64, the first
+    index of the max; choice [B] int64): for each row with temperatures[b] > 0 (float32 [B]) and a finite max, a
+    token drawn at uniforms[b] (float64 [B], in [0, 1)) from softmax(row / temperature), else -1 (csrc/sample_rows.h:
+    sampling._draw's two-step draw, every row in parallel)."""
+    lib = _load().lib
+    if logits.dtype != torch.float32 or not logits.is_contiguous() or logits.dim() != 2 or logits.device.type != "cpu":
+        raise ValueError("sample_rows takes a contiguous float32 [B, V] CPU tensor")
+    b, v = logits.shape
+    _check(temperatures, torch.float32, (b,), "temperatures")
+    _check(uniforms, torch.float64, (b,), "uniforms")
+    maxv = torch.empty(b, dtype=torch.float32)
+    argmax = torch.empty(b, dtype=torch.int64)
+    choice = torch.empty(b, dtype=torch.int64)
+    if lib.dq_sample_rows(logits.data_ptr(), b, v, temperatures.data_ptr(), uniforms.data_ptr(), maxv.data_ptr(),
+                          argmax.data_ptr(), choice.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError("dq_sample_rows: out of memory")
+    return maxv, argmax, choice
 
 
 def pack_w4(codes: Tensor) -> Tensor:

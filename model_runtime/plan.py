@@ -117,6 +117,8 @@ class KernelPlan:
     prefill_min_rows: int = 0
     dq_isa: str = ""                # dq linears: avx2 | avxvnni | avx512vnni (the decode kernels' instruction set)
     dq_row_isa: tuple[str, str] = ("", "")  # one activation row, int8 / int4 weights: row_isas ("" = dq_isa's)
+    sampler: str = "torch"          # a step's rows of logits: torch (max, then each row's _sample) | dq (one C call,
+                                    # sampling.scan_rows) where the dq kernels are loaded
     source_format: str = "hf"
     prequantized: bool = False
     machine: str = ""
@@ -292,6 +294,7 @@ def make_plan(cfg: ModelConfig, machine: Machine, *, quantization: str = "none",
         prefill_kernel=prefill_kernel, prefill_min_rows=prefill_rows,
         dq_isa=machine.dq_isa if "dq" in (backend, head) else "",
         dq_row_isa=row_isas(machine) if "dq" in (backend, head) else ("", ""),
+        sampler="dq" if "dq" in (backend, head) else "torch",
         source_format=source_format, prequantized=prequantized,
         machine=machine.cuda_name or machine.device, notes=tuple(notes))
 

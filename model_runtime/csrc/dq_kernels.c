@@ -27,7 +27,7 @@
 
 #include "row_norm.h"  /* hsum_ps, rms_norm_row (a row's RMSNorm before quantization; shared with prefill_kernels.c) */
 
-#define DQ_ABI_VERSION 8
+#define DQ_ABI_VERSION 9
 
 int dq_abi_version(void) { return DQ_ABI_VERSION; }
 
@@ -1127,6 +1127,8 @@ void dq_silu_mul(const float* gu, int64_t M, int64_t I, float* h, int nthreads) 
         }
     }
 }
+
+#include "sample_rows.h"  /* dq_sample_rows: a step's rows of logits -> max, argmax, plain-temperature draws */
 
 /* One quantized linear of a decode block, as the model holds it (decode_blocks._Linear mirrors this). */
 typedef struct {

@@ -524,3 +524,55 @@ def test_build_command_prints_the_library(lib, capsys):
     assert ckernels.main(["build"]) == 0
     assert capsys.readouterr().out.strip().endswith(".so")
     assert ckernels.main(["nonsense"]) == 2
+
+
+# ---------------------------------------------------------------- a step's rows of logits (dq_sample_rows)
+@needs_cpu_kernels
+@pytest.mark.parametrize("vocab", [5, 37, 1003, 4096 + 131])
+def test_sample_rows_max_and_argmax_are_torchs_first_index_and_poison_shows(vocab):
+    torch.manual_seed(vocab)
+    rows = torch.randn(6, vocab) * 3
+    rows[1, vocab // 3] = rows[1, vocab - 1] = rows[1].max() + 1  # a tie: the first index, as torch.argmax
+    rows[2, vocab // 2] = float("nan")                              # NaN anywhere: the max is NaN
+    rows[3, -1] = float("inf")
+    rows[4, : vocab - 1] = float("-inf")                           # only the last value can be the max
+    rows[5] = float("-inf")
+    maxv, argmax, choice = ckernels.sample_rows(rows, torch.zeros(6), torch.zeros(6, dtype=torch.float64))
+    assert torch.equal(argmax[[0, 1, 3, 4]], rows[[0, 1, 3, 4]].argmax(dim=-1))
+    assert torch.equal(maxv[[0, 1, 3, 4, 5]], rows[[0, 1, 3, 4, 5]].amax(dim=-1))
+    assert maxv[2].isnan() and torch.isfinite(maxv).tolist() == [True, True, False, False, True, False]
+    assert choice.tolist() == [-1] * 6  # temperature 0: nothing drawn
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1e-5])
+@pytest.mark.parametrize("vocab", [37, 1003, 20000])
+def test_sample_rows_draws_what_sample_draws_from_the_same_number(temperature, vocab):
+    """_sample's draw (softmax, then _draw) at the uniform number its generator gives, for 200 seeds: the C draw's
+    probabilities are its own (exp_ps), so only a number within rounding of a boundary could choose differently."""
+    from model_runtime.sampling import _sample
+
+    torch.manual_seed(vocab)
+    row = torch.randn(vocab) * 1.5
+    row[::7] = float("-inf")  # masked tokens: probability 0, never drawn
+    seeds = range(200)
+    us = torch.tensor([float(torch.rand((), generator=torch.Generator().manual_seed(s), dtype=torch.float64))
+                       for s in seeds], dtype=torch.float64)
+    rows = row.expand(len(seeds), vocab).contiguous()
+    _, _, choice = ckernels.sample_rows(rows, torch.full((len(seeds),), temperature), us)
+    expected = [_sample(row, temperature, 1.0, torch.Generator().manual_seed(s)) for s in seeds]
+    assert choice.tolist() == expected
+    assert all(c % 7 for c in choice.tolist())
+    assert len(set(expected)) >= (1 if temperature < 0.01 else 4)  # (the seeds do spread the draws)
+
+
+@needs_cpu_kernels
+def test_sample_rows_never_draws_a_token_of_probability_zero_at_the_edges():
+    """u at 0 and just below 1 over a row whose first and last blocks are masked: the draw lands on a possible token
+    (the nearest one before a masked tail, after a masked head)."""
+    row = torch.full((1000,), float("-inf"))
+    row[300:700] = torch.linspace(-3, 3, 400)
+    us = torch.tensor([0.0, 1e-300, 0.5, 1 - 2**-53], dtype=torch.float64)
+    _, argmax, choice = ckernels.sample_rows(row.expand(4, 1000).contiguous(), torch.ones(4), us)
+    assert all(300 <= c < 700 for c in choice.tolist()) and choice[0] == 300 and choice[3] == 699
+    assert argmax.tolist() == [699] * 4

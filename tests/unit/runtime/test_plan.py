@@ -59,6 +59,7 @@ def test_cpu_plans():
     p = make_plan(CFG, CPU_DQ, quantization="int8", lm_head="int8", embedding="shared")
     assert (p.backend, p.fused_decode, p.act_dtype, p.kv_dtype, p.compile) == ("dq", True, torch.float32,
                                                                               torch.float32, False)
+    assert p.sampler == "dq"  # the step's rows of logits in one C call where the dq kernels are loaded
     p = make_plan(CFG, CPU_DQ, quantization="int8", lm_head="none")  # float head: no fused step
     assert p.backend == "dq" and p.lm_head_backend == "dense" and not p.fused_decode and p.act_dtype == torch.bfloat16
     p = make_plan(CFG, CPU_NO_DQ, quantization="int4", lm_head="int8")
@@ -67,9 +68,11 @@ def test_cpu_plans():
         make_plan(CFG, CPU_NO_DQ, quantization="int8", kernels="dq")
     p = make_plan(CFG, CPU_DQ, quantization="int4", lm_head="int8", kernels="generic")
     assert (p.backend, p.lm_head_backend, p.fused_decode, p.act_dtype) == ("generic", "generic", False, torch.bfloat16)
+    assert p.sampler == "torch"
     with pytest.raises(PlanError, match="bogus"):
         make_plan(CFG, CPU_DQ, kernels="bogus")
     assert make_plan(CFG, CPU_DQ).backend == "dense"
+    assert make_plan(CFG, CPU_DQ).sampler == make_plan(CFG, A100, quantization="int8").sampler == "torch"
 
 
 def test_the_plan_is_logged_and_described_as_json(tiny_qwen2_dir, caplog):

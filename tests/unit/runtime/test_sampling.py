@@ -19,6 +19,7 @@ from model_runtime import sampling
 from model_runtime.engine import Engine, EngineConfig, GenerationError, SamplingParams
 from model_runtime.loader import load_model
 from model_runtime.sampling import RequestSampler, token_logprobs
+from tests.cpu_kernels import needs_cpu_kernels
 
 PROMPT = [151646, 100, 200, 300, 400, 500, 600, 700]
 EOS = 151643
@@ -147,6 +148,38 @@ def test_the_draw_uses_only_the_requests_generator():
         s = sampler(temperature=1.0, top_p=0.9, top_k=5, min_p=0.05, seed=11)
         runs.append([s.choose(logits, 0, 0) for _ in range(50)])
     assert runs[0] == runs[1]
+
+
+@needs_cpu_kernels
+def test_scan_rows_in_c_picks_what_the_torch_scan_and_choose_pick():
+    """A step's rows through scan_rows fused (one C call: max, argmax, the plain rows' draws) and not (torch's max,
+    every row through choose): the same poison flags, argmaxes (of the rows not poisoned: those fail) and tokens,
+    16 steps of 6 requests whose generators start alike; only the plain-temperature rows are drawn in C."""
+    def samplers() -> list[RequestSampler]:
+        return [sampler(), sampler(temperature=1.0, top_p=1.0, seed=3), sampler(temperature=0.6, seed=4),
+                sampler(temperature=0.7, top_p=1.0, top_k=0, seed=5), sampler(temperature=1.0, top_p=1.0, top_k=3,
+                                                                                 seed=6),
+                sampler(temperature=1.0, top_p=1.0, presence_penalty=0.5, seed=7)]
+
+    fused, plain = samplers(), samplers()
+    assert [s.plain_temperature(1000) for s in fused] == [None, 1.0, None, 0.7, None, None]
+    torch.manual_seed(0)
+    for step in range(16):  # (the samplers' max_tokens)
+        logits = torch.randn(len(fused), 1000) * 2
+        if step == 5:
+            logits[2, 10] = float("nan")
+        a = sampling.scan_rows(logits, fused, fused=True)
+        b = sampling.scan_rows(logits, plain, fused=False)
+        assert a[0] == b[0] and b[2] == [None] * len(plain)
+        assert [m for m, ok in zip(a[1], a[0], strict=True) if ok] == [m for m, ok in zip(b[1], b[0], strict=True) if ok]
+        assert [d is not None for d in a[2]] == [False, True, False, True, False, False]
+        for i, (f, p) in enumerate(zip(fused, plain, strict=True)):
+            if not a[0][i]:
+                continue
+            mine = a[2][i] if a[2][i] is not None else f.choose(logits[i], a[1][i], step)
+            assert mine == p.choose(logits[i], b[1][i], step)
+            f.observe(mine)
+            p.observe(mine)
 
 
 def test_token_logprobs_are_the_log_softmax_and_its_top_k():
@@ -348,6 +381,23 @@ def test_top_k_and_min_p_reach_the_sampler(engine, control):
     free, _ = run(engine, PROMPT, SamplingParams(8, temperature=1.0, top_p=1.0, seed=1), "tk-free")
     narrowed, _ = run(engine, PROMPT, SamplingParams(8, temperature=1.0, top_p=1.0, seed=1, **control), "tk-on")
     assert free != plain and narrowed == plain
+
+
+def test_plain_temperature_requests_draw_alike_in_c_and_in_torch(engine, monkeypatch):
+    """Seeded requests at temperature 1 (no other control: the C scan draws them) and one with top-k (torch's path),
+    batched: the same tokens with the engine's fused scan on and off."""
+    params = [SamplingParams(12, temperature=1.0, top_p=1.0, seed=40 + i, ignore_eos=True) for i in range(3)]
+    params.append(SamplingParams(12, temperature=1.0, top_p=1.0, top_k=50, seed=50, ignore_eos=True))
+
+    async def batch(tag: str):
+        jobs = [collect(engine, PROMPT, p, f"{tag}{i}") for i, p in enumerate(params)]
+        return [tokens for tokens, _ in await asyncio.gather(*jobs)]
+
+    outs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(engine, "_fused_sampler", fused)
+        outs[fused] = asyncio.run(batch(f"fs{fused}-"))
+    assert outs[True] == outs[False] and len({tuple(t) for t in outs[True]}) == 4
 
 
 def test_seeded_choices_are_reproducible_alone_in_a_batch_and_across_runs(engine):
