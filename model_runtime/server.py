@@ -15,6 +15,7 @@ Templating and tokenization run in a worker pool, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -142,6 +143,11 @@ class DistilleryModel(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
             loop.run_until_complete(self._warmup())
         finally:
             loop.close()
+        # what load and warm-up left (model modules, tokenizer, the app: ~330,000 tracked objects once the 0.5B is
+        # loaded) out of the cyclic collector's full passes, which otherwise traverse them all every ~70,000
+        # allocations, on the engine thread mid-step (a prompt chunk's forward allocates hundreds of tensors): 0.5B
+        # int8, a 7 + 57-row step alternating frozen / not in one process, mean 122.6 -> 120.8 ms
+        gc.freeze()
         log.info("model loaded", extra={"model_name": self.name, "quantization": loaded.quantization,
                                         "device": str(loaded.device), "max_model_len": loaded.max_model_len,
                                         "load_s": round(time.monotonic() - started, 2)})

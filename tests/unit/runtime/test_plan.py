@@ -292,3 +292,22 @@ def test_the_served_model_loads_with_the_requested_backend(tiny_qwen2_dir):
         assert plan is not None and plan["backend"] == "generic" and plan["source_format"] == "hf"
     finally:
         served.stop()
+
+
+def test_loading_the_server_freezes_what_load_left_out_of_the_cyclic_collector(tiny_qwen2_dir, monkeypatch):
+    """gc.freeze once the engine runs and has warmed up: the full collections mid-step then skip the model's,
+    tokenizer's and app's objects."""
+    from prometheus_client import CollectorRegistry
+
+    from model_runtime import server
+    from model_runtime.metrics import RuntimeMetrics
+
+    served = server.DistilleryModel(server.RuntimeOptions(model_name="m", model_dir=str(tiny_qwen2_dir)),
+                                    metrics=RuntimeMetrics("m", CollectorRegistry()))
+    frozen: list[bool] = []
+    monkeypatch.setattr(server.gc, "freeze", lambda: frozen.append(served.generator is not None))
+    try:
+        assert served.load()
+        assert frozen == [True]
+    finally:
+        served.stop()
