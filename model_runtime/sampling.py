@@ -216,8 +216,8 @@ class RequestSampler:
         return max(p.temperature, 1e-5)  # (as _sample divides)
 
     def uniform(self) -> float:
-        """The one number a draw takes from this request's generator (as _draw takes it)."""
-        return float(torch.rand((), generator=self.generator, dtype=torch.float64))
+        """The one number a draw takes from this request's generator (_uniform, as _draw takes it)."""
+        return _uniform(self.generator)
 
     def choose(self, raw: Tensor, argmax: int, generated: int) -> int:
         """The next token from this request's raw row [V]; argmax: the raw row's (the batch computed it)."""
@@ -304,17 +304,17 @@ def _draw(p: Tensor, generator: torch.Generator | None) -> int:
     of a draw at temperature 1 without top-p / top-k (the API's defaults: what a client such as guidellm sends),
     and a decode step of 8 sampled rows draws 8 times on one thread (8 rows, A/B alternating: 3.27 -> 2.69 ms)."""
     n = p.numel()
-    u = torch.rand((), generator=generator, dtype=torch.float64)
+    u = _uniform(generator)
     if n <= 4 * DRAW_BLOCK:
         cdf = torch.cumsum(p, dim=0, dtype=torch.float64)
-        choice = min(int(torch.searchsorted(cdf, (u * cdf[-1]).to(cdf.device), right=True)), n - 1)
+        choice = min(int(torch.searchsorted(cdf, u * cdf[-1], right=True)), n - 1)
     else:
         whole = n // DRAW_BLOCK * DRAW_BLOCK
         sums = p[:whole].view(-1, DRAW_BLOCK).sum(dim=1, dtype=torch.float64)
         if whole < n:
             sums = torch.cat((sums, p[whole:].sum(dtype=torch.float64)[None]))
         cdf = torch.cumsum(sums, dim=0)
-        target = u.to(cdf.device) * cdf[-1]
+        target = u * cdf[-1]
         block = min(int(torch.searchsorted(cdf, target, right=True)), sums.numel() - 1)
         start = block * DRAW_BLOCK
         seg = p[start:start + DRAW_BLOCK]
@@ -328,6 +328,11 @@ def _draw(p: Tensor, generator: torch.Generator | None) -> int:
     possible = (p > 0).nonzero()[:, 0]
     before = possible[possible < choice]
     return int(before[-1]) if before.numel() else int(possible[0])
+
+
+def _uniform(generator: torch.Generator | None) -> float:
+    """A draw's one number in [0, 1) (float64) from the request's generator: its only randomness."""
+    return float(torch.rand((), generator=generator, dtype=torch.float64))
 
 
 def _likely(probs: Tensor, top_p: float) -> Tensor | None:
