@@ -1005,6 +1005,13 @@ typedef struct {
    heads on the 0.5B, a prompt chunk's rows all read one slot) */
 #define ATT_BLOCK_BYTES 16384
 
+/* rows [l0, min(l0 + blk, lmax)) of b ([*, hd] floats) asked into L2 */
+static inline void attn_prefetch_block(const float* b, int64_t l0, int64_t blk, int64_t lmax, int64_t hd) {
+    const int64_t l1 = l0 + blk < lmax ? l0 + blk : lmax;
+    const char* p = (const char*)(b + l0 * hd);
+    for (int64_t o = 0; o < (l1 - l0) * hd * (int64_t)sizeof(float); o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
+}
+
 /* one tile: scores, softmax weights and values, the keys and values read a block of positions at a time for every
    query of the tile; sc: (q1 - q0) x lstride floats */
 static void attn_tile(const attn_tile_t* tl, const float* qr, const int64_t* pos, int64_t nh, int64_t group,
@@ -1018,19 +1025,29 @@ static void attn_tile(const attn_tile_t* tl, const float* qr, const int64_t* pos
         len[i] = pos[b] + 1;
         lmax = len[i] > lmax ? len[i] : lmax;
     }
-    for (int64_t l0 = 0; l0 < lmax; l0 += blk)
+    /* a tile of one row (a decode row) streams its keys and values from memory once, block by block, and waited on
+       each block: the next one is asked into L2 while this one is used (8 decode rows, 24 layers of 0.5B heads, A/B:
+       330 positions 5.61-5.76 -> 5.21-5.25 ms, 700 9.87 -> 9.33). A prompt chunk's tiles share their slot's keys and
+       values, which stay in L2 after the first tile: no prefetch there (it cost them 1-5%). */
+    const int stream = nq <= group;
+    for (int64_t l0 = 0; l0 < lmax; l0 += blk) {
+        if (stream) attn_prefetch_block(kb, l0 + blk, blk, lmax, hd);
         for (int64_t i = 0; i < nq; i++) {
             const int64_t l1 = l0 + blk < len[i] ? l0 + blk : len[i];
             if (l1 > l0) attn_scores(qr + at[i] * hd, kb, l0, l1, hd, sc + i * lstride);
         }
+    }
+    if (stream) attn_prefetch_block(vb, 0, blk, lmax, hd);
     float inv[ATT_TILE];
     for (int64_t i = 0; i < nq; i++) inv[i] = 1.f / attn_softmax_weights(sc + i * lstride, len[i], scale);
-    for (int64_t l0 = 0; l0 < lmax; l0 += blk)
+    for (int64_t l0 = 0; l0 < lmax; l0 += blk) {
+        if (stream) attn_prefetch_block(vb, l0 + blk, blk, lmax, hd);
         for (int64_t i = 0; i < nq; i++) {
             const int64_t l1 = l0 + blk < len[i] ? l0 + blk : len[i];
             if (l1 > l0)
                 attn_values(sc + i * lstride, vb, l0, l1, hd, l0 == 0, l1 == len[i], inv[i], out + at[i] * hd);
         }
+    }
 }
 
 /* Decode attention for B sequences, one new token each:
