@@ -1033,7 +1033,7 @@ static void attn_tile(const attn_tile_t* tl, const float* qr, const int64_t* pos
        each block: the next one (after the last block of keys, the first of values) is asked into L2 while this one
        is used. 8 decode rows, 24 layers of 0.5B heads, A/B: 330 positions 5.61-5.76 -> 5.21-5.25 ms with the next
        block asked for all at once before the block's first query, 700 9.87 -> 9.33; spread over the queries: 330
-       4.94-5.43 -> 3.89-4.23 ms, 700 9.07-10.89 -> 6.51-7.57. A prompt chunk's tiles share their slot's keys and
+       4.94-5.65 -> 3.89-4.71 ms, 700 9.07-10.89 -> 6.51-7.57. A prompt chunk's tiles share their slot's keys and
        values, which stay in L2 after the first tile: no prefetch there (it cost them 1-5%). */
     const int stream = nq <= group;
     for (int64_t l0 = 0; l0 < lmax; l0 += blk) {
