@@ -75,12 +75,17 @@ def cpu_supported() -> bool:
     return sys.platform.startswith("linux") and {"avx2", "fma", "f16c"} <= _cpu_flags()
 
 
-def _source_hash() -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(HEADER.read_bytes())  # (its #includes: a change there is a change of the library)
-    h.update(SAMPLER.read_bytes())
-    h.update(" ".join(CFLAGS).encode())
+def source_digest(source: Path, headers: tuple[Path, ...], cflags: list[str]) -> str:
+    """A C library's build key: its source, the headers it #includes, its flags (a change to any is a new library)."""
+    h = hashlib.sha256(source.read_bytes())
+    for header in headers:
+        h.update(header.read_bytes())
+    h.update(" ".join(cflags).encode())
     return h.hexdigest()[:16]
+
+
+def _source_hash() -> str:
+    return source_digest(SOURCE, (HEADER, SAMPLER), CFLAGS)
 
 
 def kernel_dir() -> Path:

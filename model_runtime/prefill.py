@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import sys
 import threading
 from pathlib import Path
@@ -53,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model_runtime.ckernels import HEADER, KernelUnavailable, compile_library, kernel_dir
+from model_runtime.ckernels import HEADER, KernelUnavailable, compile_library, kernel_dir, source_digest
 
 SOURCE = Path(__file__).parent / "csrc" / "prefill_kernels.c"
 ABI_VERSION = 5
@@ -115,10 +114,7 @@ def cpu_flags() -> frozenset[str]:
 
 # ---- the C helpers --------------------------------------------------------------------------------
 def library_path() -> Path:
-    h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(HEADER.read_bytes())  # (its #include: a change there is a change of the library)
-    h.update(" ".join(CFLAGS).encode())
-    return kernel_dir() / f"prefill_kernels-{h.hexdigest()[:16]}.so"
+    return kernel_dir() / f"prefill_kernels-{source_digest(SOURCE, (HEADER,), CFLAGS)}.so"
 
 
 def build(dest: Path | None = None) -> Path:
