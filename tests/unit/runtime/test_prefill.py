@@ -286,3 +286,24 @@ def test_build_command_prints_the_library(capsys):
     assert prefill.main(["build"]) == 0
     assert capsys.readouterr().out.strip().endswith(".so")
     assert prefill.main(["nonsense"]) == 2
+
+
+def test_scratch_views_are_reused_per_shape_and_dropped_when_their_buffer_grows(monkeypatch) -> None:
+    """_Scratch hands out the same view for the same (name, shape, dtype) (a forward asks for a few shapes layer
+    after layer); a request that outgrows a buffer gets a new one, and no later request of a smaller shape gets a view
+    of the old (freed) buffer; the kept views stay few."""
+    scratch = prefill._Scratch()
+    a = scratch.get("xq", (4, 8), torch.int8)
+    assert scratch.get("xq", (4, 8), torch.int8) is a
+    b = scratch.get("xq", (2, 8), torch.int8)
+    assert b.data_ptr() == a.data_ptr() and b.shape == (2, 8)
+    big = scratch.get("xq", (64, 64), torch.int8)  # outgrows the 32-byte buffer
+    assert big.shape == (64, 64) and big.dtype == torch.int8
+    again = scratch.get("xq", (4, 8), torch.int8)
+    assert again is not a and again.data_ptr() == big.data_ptr()
+    f = scratch.get("xs", (4, 2), torch.float32)
+    assert f.dtype == torch.float32 and f.shape == (4, 2) and f.data_ptr() != big.data_ptr()
+    monkeypatch.setattr(prefill, "SCRATCH_VIEWS", 3)
+    for m in range(1, 10):
+        assert scratch.get("xq", (m, 8), torch.int8).shape == (m, 8)
+        assert len(scratch.views) <= 3
