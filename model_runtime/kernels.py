@@ -230,7 +230,8 @@ class Int8Linear(nn.Module):
         A chunk of at least prefill_min_rows rows runs on the plan's prefill GEMM instead."""
         if self.prefill_kernel != "none" and x.shape[0] >= self.prefill_min_rows:
             return prefill.linear_w8(self.prefill_kernel, x, self.codes, self._dq_scales, self._dq_bias, out=out,
-                                     norm=_prefill_norm(norm))
+                                     norm=_prefill_norm(norm),
+                                     code_sums=None if self._dq_wsum is None else (self._dq_wsum, self._dq_block))
         return ckernels.linear_w8(x, self.codes, self._dq_scales, self._dq_bias, self._dq_block, wsum=self._dq_wsum,
                                   norm=None if norm is None else norm.weight,
                                   eps=0.0 if norm is None else norm.eps, out=out)

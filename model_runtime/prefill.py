@@ -55,7 +55,7 @@ from torch import Tensor
 from model_runtime.ckernels import HEADER, KernelUnavailable, compile_library, kernel_dir, source_digest
 
 SOURCE = Path(__file__).parent / "csrc" / "prefill_kernels.c"
-ABI_VERSION = 5
+ABI_VERSION = 6
 # AVX2 code (it also runs where the plan picks a prefill kernel: AVX-512 CPUs); no FMA contraction, so
 # dequantized values equal PyTorch's (c - 8) * s + z bit for bit
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared",
@@ -65,6 +65,9 @@ PREFILL_KERNELS = ("none", "int8mm", "int8vnni", "bf16")
 # AMX; int8vnni: pf_w8_gemm, for AVX512-VNNI without AMX)
 INT8_GEMMS = ("int8mm", "int8vnni")
 Norm = tuple[Tensor, float]  # an RMSNorm to apply to a linear's input rows first: (weight [K] float32, eps)
+# int8 weights' code sums per block of input features, as the decode kernels keep them (ckernels.w8_block_sums:
+# int32 [N, K / block]) with that block
+CodeSums = tuple[Tensor, int]
 VNNI512_FLAGS = frozenset({"avx512_vnni", "avx512bw", "avx512vl", "avx512dq"})  # what pf_w8_gemm's code runs on
 MAX_VNNI_CHUNK = 1 << 17  # pf_w8_gemm's chunks: 128 x a chunk's weight sum stays within int32
 # Fewer rows than this run on the decode kernels. Measured here (2 threads, VNNI): int8mm is ahead of
@@ -149,7 +152,7 @@ def load() -> ctypes.CDLL:
         lib.pf_scale_rows.restype = None
         lib.pf_w8_gemm_scratch.argtypes = [i64, i64, i64]
         lib.pf_w8_gemm_scratch.restype = i64
-        lib.pf_w8_gemm.argtypes = [p, p, i64, i64, i64, p, i64, p, i64, p, p, i32, p, i32]
+        lib.pf_w8_gemm.argtypes = [p, p, i64, i64, i64, p, i64, p, i64, p, p, i32, p, i64, p, i32]
         lib.pf_w8_gemm.restype = i32
         _lib = lib
         return lib
@@ -284,10 +287,11 @@ def _scale_rows(acc: Tensor, xs: Tensor, c: int, ws: Tensor, bias: Tensor | None
 
 
 def _int8mm(x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, out: Tensor | None, chunk: int,
-            gemm: str = "int8mm", norm: Norm | None = None) -> Tensor:
+            gemm: str = "int8mm", norm: Norm | None = None, code_sums: CodeSums | None = None) -> Tensor:
     """ws: [N] (one scale per output channel for every chunk: int8 weights) or [chunks, N] (int4 requantized, with
     the same `chunk`). gemm: which engine multiplies the int8 codes (INT8_GEMMS; the same bytes either way).
-    norm: x RMSNorm'd first (quantize_rows)."""
+    norm: x RMSNorm'd first (quantize_rows). code_sums: the codes' sums per block (see CodeSums), which our VNNI
+    GEMM reads instead of summing the codes again; unused elsewhere."""
     m, k = x.shape
     n = codes.shape[0]
     nc = _n_chunks(k, chunk)
@@ -297,14 +301,14 @@ def _int8mm(x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, out: Tens
                                      _scratch.get("xs", (m, nc), torch.float32)), norm)
     y = out if out is not None else torch.empty((m, n))
     if gemm == "int8vnni" and k % 8 == 0 and chunk % 8 == 0 and chunk <= MAX_VNNI_CHUNK and _runs_vnni512():
-        _vnni_gemm(q, xs, codes, ws, bias, y, out is not None, chunk)
+        _vnni_gemm(q, xs, codes, ws, bias, y, out is not None, chunk, code_sums)
     else:
         _int_mm_chunks(q, xs, codes, ws, bias, y, out is not None, chunk)
     return y
 
 
 def _vnni_gemm(q: Tensor, xs: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, y: Tensor, accumulate: bool,
-               chunk: int) -> None:
+               chunk: int, code_sums: CodeSums | None = None) -> None:
     """y (+)= the int8 product of every chunk, scaled, in one pf_w8_gemm call."""
     m, k = q.shape
     n = codes.shape[0]
@@ -312,12 +316,20 @@ def _vnni_gemm(q: Tensor, xs: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | 
     _check(ws, torch.float32, (n,) if ws.dim() == 1 else (_n_chunks(k, chunk), n), "channel scales")
     if bias is not None:
         _check(bias, torch.float32, (n,), "bias")
+    sums, block = code_sums if code_sums is not None else (None, 0)
+    if sums is not None:
+        if block <= 0 or k % block:
+            raise ValueError(f"code sums per block of {block} for {k} input features")
+        _check(sums, torch.int32, (n, k // block), "code sums")
+        if chunk % block:  # (a chunk's sum would split a block: the kernel sums the codes itself)
+            sums, block = None, 0
     lib = load()
     buf = _scratch.get("pg", (lib.pf_w8_gemm_scratch(m, k, chunk) + 64,), torch.uint8)
     at = buf.data_ptr() + (-buf.data_ptr()) % 64  # (the kernel's aligned loads)
     if lib.pf_w8_gemm(q.data_ptr(), xs.data_ptr(), m, k, chunk, codes.data_ptr(), n, ws.data_ptr(),
                       n if ws.dim() == 2 else 0, None if bias is None else bias.data_ptr(), y.data_ptr(),
-                      int(accumulate), at, torch.get_num_threads()) != 0:
+                      int(accumulate), None if sums is None else sums.data_ptr(), block, at,
+                      torch.get_num_threads()) != 0:
         raise RuntimeError(f"pf_w8_gemm failed (M={m}, N={n}, K={k}, chunk={chunk})")
 
 
@@ -334,15 +346,15 @@ def _int_mm_chunks(q: Tensor, xs: Tensor, codes: Tensor, ws: Tensor, bias: Tenso
 
 
 def linear_w8(kernel: str, x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None,
-              out: Tensor | None = None, norm: Norm | None = None) -> Tensor:
+              out: Tensor | None = None, norm: Norm | None = None, code_sums: CodeSums | None = None) -> Tensor:
     """x [M, K] float32 @ (codes int8 [N, K] * ws float32 [N])^T + bias -> [M, N] float32 (added into out);
-    norm (weight, eps): x RMSNorm'd first."""
+    norm (weight, eps): x RMSNorm'd first; code_sums: the codes' block sums, kept with the weights (CodeSums)."""
     m, k = x.shape
     n = codes.shape[0]
     _check(x, torch.float32, (m, k), "x")
     _check(codes, torch.int8, (n, k), "codes")
     if kernel in INT8_GEMMS:
-        return _int8mm(x, codes, ws, bias, out, W8_CHUNK_K, kernel, norm)
+        return _int8mm(x, codes, ws, bias, out, W8_CHUNK_K, kernel, norm, code_sums)
     if kernel != "bf16":
         raise ValueError(f"prefill kernel {kernel!r}")
     w = _scratch.get("wbf16", (n, k), torch.bfloat16)

@@ -209,6 +209,35 @@ def test_vnni_gemm_gives_the_bytes_of_int_mm(m, n, k, chunk):
 
 
 @needs_kernels
+@needs_vnni512
+@pytest.mark.parametrize(("m", "n", "k", "chunk", "block"), [
+    (64, 37, 896, 1024, 128),   # the 0.5B's K = 896 in one chunk (7 blocks), a last panel of 1 output
+    (20, 8, 4864, 1024, 128),   # down: chunks of 8 blocks and a last one of 6
+    (9, 5, 160, 64, 32),        # blocks of 32 (a K the 128-blocks do not divide), a partial last chunk
+])
+def test_vnni_gemm_takes_the_code_sums_kept_with_the_weights(m, n, k, chunk, block):
+    """Given the decode kernels' block sums of the weight codes (ckernels.w8_block_sums), pf_w8_gemm adds up each
+    chunk's from them instead of summing the codes: the same bytes, and they are read (wrong sums give other
+    outputs); sums of the wrong shape are refused, and a block that does not divide the chunk is left unused."""
+    from model_runtime import ckernels
+
+    torch.manual_seed(m + n + k)
+    x = torch.randn(m, k)
+    codes = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    ws, bias = torch.rand(n) + 0.1, torch.randn(n)
+    sums = ckernels.w8_block_sums(codes, block)
+    want = prefill._int8mm(x, codes, ws, bias, None, chunk, "int8vnni")
+    assert torch.equal(prefill._int8mm(x, codes, ws, bias, None, chunk, "int8vnni", code_sums=(sums, block)), want)
+    wrong = prefill._int8mm(x, codes, ws, bias, None, chunk, "int8vnni", code_sums=(sums + 1, block))
+    assert not torch.equal(wrong, want)
+    with pytest.raises(ValueError, match="code sums"):
+        prefill._int8mm(x, codes, ws, bias, None, chunk, "int8vnni", code_sums=(sums[:, 1:], block))
+    assert chunk % k  # (every case:) one block of the whole row does not divide the chunk: summed by the kernel
+    assert torch.equal(prefill._int8mm(x, codes, ws, bias, None, chunk, "int8vnni",
+                                       code_sums=(ckernels.w8_block_sums(codes, k), k)), want)
+
+
+@needs_kernels
 def test_vnni_gemm_falls_back_to_int_mm_where_its_code_cannot_run(monkeypatch):
     torch.manual_seed(2)
     x, codes, ws = torch.randn(20, 256), torch.randint(-127, 128, (12, 256), dtype=torch.int8), torch.rand(12)
