@@ -129,10 +129,11 @@ static int scratch_init(scratch_t* s, int64_t M, int64_t K, int64_t nb) {
 #define PF_BYTES 4096
 #endif
 /* The AVX-512 one-row kernels (int8 and int4, a single-stream decode step) prefetch further: on the Zen 4 VM, the
-   0.5B int8's linears + head at one row, alternating per round (25 rounds, medians): 4096 -> 8192 bytes 17.93 ->
-   16.92, 16.58 -> 14.52, 16.43 -> 16.17, 17.23 -> 14.87, 16.94 -> 16.78 ms (6144: 15.22, 12288: 15.06, 2048: 19.07);
-   int4's linears 7.50 -> 6.99 ms; 2 and 3 rows no better (15.64 vs 15.76, 19.17 vs 19.45): they keep PF_BYTES.
-   The gain is most in the down projection, whose 4,864-byte rows PF_BYTES put one row ahead. */
+   0.5B int8's linears + head at one row, alternating per round (medians of 15-25 rounds): 4096 -> 8192 bytes 17.93 ->
+   16.92, 16.58 -> 14.52, 16.43 -> 16.17, 17.23 -> 14.87, 16.94 -> 16.78, 21.09 -> 19.67 ms (6144: 15.22, 12288:
+   15.06, 2048: 19.07); int4's linears 7.50 -> 6.99, 10.39 -> 10.06 ms; 2 and 3 rows no better (15.64 vs 15.76, 19.17
+   vs 19.45): they keep PF_BYTES. The gain is most in the down projection, whose 4,864-byte rows PF_BYTES put one row
+   ahead. */
 #ifndef PF_BYTES_ONE_ROW
 #define PF_BYTES_ONE_ROW 8192
 #endif
