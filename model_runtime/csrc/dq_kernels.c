@@ -546,7 +546,7 @@ static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, con
     for (int64_t i = 0; i < M * K; i += 64)  /* x + 128 (M K is a multiple of 64) */
         _mm512_storeu_si512((void*)(xu + i), _mm512_xor_si512(_mm512_loadu_si512((const void*)(xu + i)), bias128));
     const float* xs = sc.scale;
-    const int64_t ahead = prefetch_rows(K);
+    const int64_t ahead = prefetch_rows_at(K, M == 1 ? PF_BYTES_ONE_ROW : PF_BYTES);
     int32_t* own_sums = NULL;
     if (!wsum) {  /* not prepared with the weights: taken now (a pass over them) */
         own_sums = (int32_t*)malloc(sizeof(int32_t) * (size_t)(N * nb));
@@ -558,11 +558,10 @@ static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, con
         wsum = own_sums;
     }
     if (M == 1) {
-        const int64_t ahead1 = prefetch_rows_at(K, PF_BYTES_ONE_ROW);
 #pragma omp parallel for schedule(guided) num_threads(nthreads)
         for (int64_t p = 0; p < (N + 1) / 2; p++) {
             const int64_t n = 2 * p, n1 = n + 1 < N ? n + 1 : n;
-            const int64_t nf = n + ahead1 + 1 < N ? n + ahead1 : n;
+            const int64_t nf = n + ahead + 1 < N ? n + ahead : n;
             float r[2];
             w8z_rows2(w + n * K, w + n1 * K, xu, xs, wsum + n * nb, wsum + n1 * nb, B, nb, w + nf * K, r);
             for (int64_t j = 0; j < 2 && n + j < N; j++) w8_out(y + n + j, r[j], ws, bias, n + j, accumulate);
@@ -687,15 +686,15 @@ static int linear_w4_avx512(const float* x, int64_t M, int64_t K, int64_t G, con
     const int8_t* xz = sc.q;
     const float* xs = sc.scale;
     const int32_t* xsum = sc.qsum;
-    const int64_t ahead = prefetch_rows(K / 2);
+    const int64_t ahead = prefetch_rows_at(K / 2, M == 1 && G % 128 == 0 ? PF_BYTES_ONE_ROW : PF_BYTES);
     if (M == 1 && G % 128 == 0) {
         float dx[ng];
         for (int64_t g = 0; g < ng; g++) dx[g] = xs[g] * (float)xsum[g];
-        const int64_t N2 = (N + 1) / 2, ahead1 = prefetch_rows_at(K / 2, PF_BYTES_ONE_ROW);
+        const int64_t N2 = (N + 1) / 2;
 #pragma omp parallel for schedule(guided) num_threads(nthreads)
         for (int64_t p = 0; p < N2; p++) {
             const int64_t n = 2 * p, n1 = n + 1 < N ? n + 1 : n;
-            const int64_t nf = n + ahead1 + 1 < N ? n + ahead1 : n;
+            const int64_t nf = n + ahead + 1 < N ? n + ahead : n;
             /* every cache line of that pair's group scales and zeros: a 4864-wide row has 76 B of each, over two
                lines, and prefetching only the first left the rest to demand misses (down projection of the 0.5B:
                +5-10% GB/s, three A/B runs); rows nf and nf + 1, the last one only at the end */
