@@ -99,7 +99,8 @@ def llamacpp_ttft(gguf: str, *, prompt_tokens: int = PROMPT_TOKENS, repeats: int
             "n_batch": llm.n_batch}
 
 
-def _shape_row(name: str, n: int, k: int, m: int, kernel: str, repeats: int) -> dict[str, Any]:
+def _shape_row(name: str, n: int, k: int, m: int, kernel: str, kernel4: str, repeats: int) -> dict[str, Any]:
+    """kernel / kernel4: the plan's choice for int8 / int4 weights on this CPU"""
     import torch
 
     from bench.kernels import _median_ms
@@ -116,11 +117,15 @@ def _shape_row(name: str, n: int, k: int, m: int, kernel: str, repeats: int) -> 
     block = ckernels.act_block(k)
     sums = ckernels.w8_block_sums(codes, block)  # as Int8Linear holds them
     row: dict[str, Any] = {
-        "layer": name, "N": n, "K": k, "M": m, "kernel": kernel,
+        "layer": name, "N": n, "K": k, "M": m, "kernel": kernel, "kernel_int4": kernel4,
         "dq_int8_ms": _median_ms(lambda i: ckernels.linear_w8(x, codes, s32, None, block, wsum=sums), repeats),
         "dq_int4_ms": _median_ms(lambda i: ckernels.linear_w4(x, packed, s4, z4, None, 128), repeats)}
-    # int8vnni only where its own code runs (elsewhere it multiplies on _int_mm: the int8mm column again)
-    for kern in ("int8mm", "int8vnni", "bf16") if prefill.cpu_flags() >= prefill.VNNI512_FLAGS else ("int8mm", "bf16"):
+    # our GEMMs only where their own code runs (elsewhere they multiply on _int_mm: the int8mm column again); int8mm
+    # only with VNNI (on AVX2 alone oneDNN's _int_mm ran at 1-2 GOP/s: seconds a call)
+    flags = prefill.cpu_flags()
+    vnni = "avx512_vnni" in flags or "amx_int8" in flags
+    for kern in [k for k in ("int8mm", "int8vnni", "int8avx2", "bf16")
+                 if (k != "int8mm" or vnni) and flags >= prefill.OWN_GEMM_FLAGS.get(k, frozenset())]:
         row[f"{kern}_int8_ms"] = _median_ms(lambda i, kk=kern: prefill.linear_w8(kk, x, codes, s32, None), repeats)
         row[f"{kern}_int4_ms"] = _median_ms(lambda i, kk=kern: prefill.linear_w4(kk, x, packed, s4, z4, 128, None),
                                             repeats)
@@ -130,7 +135,8 @@ def _shape_row(name: str, n: int, k: int, m: int, kernel: str, repeats: int) -> 
         row[key.replace("_ms", "_gflop_s")] = round(flop / row[key] / 1e6, 1)
     if kernel != "none":
         row["int8_speedup"] = round(row["dq_int8_ms"] / row[f"{kernel}_int8_ms"], 2)
-        row["int4_speedup"] = round(row["dq_int4_ms"] / row[f"{kernel}_int4_ms"], 2)
+    if kernel4 != "none":
+        row["int4_speedup"] = round(row["dq_int4_ms"] / row[f"{kernel4}_int4_ms"], 2)
     return row
 
 
@@ -147,8 +153,11 @@ def prefill_kernel_rows(threads: int = 2, m: int = 256, repeats: int = 10) -> di
     torch.manual_seed(0)
     flags = prefill.cpu_flags()
     kernel, why = prefill.choose_kernel(flags)
+    kernel4, why4 = prefill.choose_kernel(flags, quantization="int4")
     ckernels.load()
     # a prompt chunk needs the head for its last row only: no lm_head row
-    rows = [_shape_row(name, n, k, m, kernel, repeats) for name, n, k in SHAPES["qwen2.5-0.5b"] if name != "lm_head"]
+    rows = [_shape_row(name, n, k, m, kernel, kernel4, repeats)
+            for name, n, k in SHAPES["qwen2.5-0.5b"] if name != "lm_head"]
     isa = sorted(flags & {"avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"})
-    return {"rows": rows, "threads": threads, "chosen": kernel, "why": why, "cpu_isa": isa}
+    return {"rows": rows, "threads": threads, "chosen": kernel, "why": why, "chosen_int4": kernel4, "why_int4": why4,
+            "cpu_isa": isa}

@@ -20,8 +20,9 @@ Linear backends (one per quantization method, like gpt-fast's one handler per mo
 Prefill (CPU, "dq" linears): a chunk of at least `prefill_min_rows` prompt rows runs on the CPU's
 matrix engine instead of the decode kernels, with the kernel `prefill_kernel` names (prefill.py:
 "int8mm" = torch._int_mm on AMX-INT8; "int8vnni" = the same int8 GEMM on our AVX512-VNNI kernel (no AMX);
-"bf16" = weights dequantized to bf16 and oneDNN's
-bf16 GEMM; "none" = decode kernels for every row, as on AVX2-only CPUs). DISTILLERY_PREFILL overrides.
+"int8avx2" = the same on our AVX2 kernel (int8 weights on CPUs with neither); "bf16" = weights dequantized to bf16
+and oneDNN's bf16 GEMM; "none" = decode kernels for every row, as for int4 weights on AVX2-only CPUs).
+DISTILLERY_PREFILL overrides.
 Documented fallback: int4 on a GPU without tinygemm (T4, sm75: no bf16) or with shapes tinygemm cannot
 take runs the "generic" int4 path in fp16 (compiled when compilation is on); the plan's `notes` say why.
 """
@@ -113,7 +114,7 @@ class KernelPlan:
     int8_kernel: str = ""           # cuda-int8 only: int8pack_mm | dequant
     fused_decode: bool = False      # decode steps through Block.decode_fused (dq everywhere)
     compile: bool = False           # torch.compile the decode step
-    prefill_kernel: str = "none"    # dq linears, >= prefill_min_rows rows: none | int8mm | int8vnni | bf16
+    prefill_kernel: str = "none"    # dq linears, >= prefill_min_rows rows: none | int8mm | int8vnni | int8avx2 | bf16
     prefill_min_rows: int = 0
     dq_isa: str = ""                # dq linears: avx2 | avxvnni | avx512vnni (the decode kernels' instruction set)
     dq_row_isa: tuple[str, str] = ("", "")  # one activation row, int8 / int4 weights: row_isas ("" = dq_isa's)
@@ -324,16 +325,16 @@ def row_isas(machine: Machine) -> tuple[str, str]:
 def _prefill_choice(backend: str, head: str, quantization: str, machine: Machine,
                     notes: list[str]) -> tuple[str, int]:
     """The prompt-chunk GEMM of the dq linears, from the CPU's matrix engines (prefill.choose_kernel), for int8
-    and int4 alike: measured per 0.5B layer shape at 256 rows on an AVX512-VNNI Xeon (bench `prefill`'s kernel
-    table), torch._int_mm beats the dq kernels for int4 too (1.07-1.65x, its per-call int4->int8 requantization
-    included) and end to end (TTFT on 1,000 tokens 6.5 s vs 10.4 s). DISTILLERY_PREFILL=none keeps prompt
-    chunks on the decode kernels."""
+    and, with a matrix engine, int4 alike: measured per 0.5B layer shape at 256 rows on an AVX512-VNNI Xeon (bench
+    `prefill`'s kernel table), torch._int_mm beats the dq kernels for int4 too (1.07-1.65x, its per-call int4->int8
+    requantization included) and end to end (TTFT on 1,000 tokens 6.5 s vs 10.4 s); on AVX2 alone int4 keeps the
+    decode kernels (as fast there). DISTILLERY_PREFILL=none keeps prompt chunks on the decode kernels."""
     if "dq" not in (backend, head):
         return "none", 0
     from model_runtime import prefill
 
     override = os.environ.get("DISTILLERY_PREFILL", "").lower() or None
-    kernel, why = prefill.choose_kernel(machine.cpu_flags, override)
+    kernel, why = prefill.choose_kernel(machine.cpu_flags, override, quantization)
     if kernel != "none" and machine.prefill_problem:
         notes.append(f"prefill: {why}, but its helpers are unavailable ({machine.prefill_problem}): decode kernels")
         return "none", 0

@@ -30,10 +30,18 @@ So the kernel the plan picks (KernelPlan.prefill_kernel) is:
   half-width units, no AMX) over 24 distinct copies of the 0.5B's four layer shapes, as a forward meets them
   (median of 5): 16 rows 52.9 -> 31.9 ms, 64 rows 99.1 -> 78.7, 256 rows 292.9 -> 270.0 (without the
   prefetch 39.9 / 89.6 / 281.1). CPUs with AVX512-VNNI and no AMX.
+- "int8avx2": the same int8 codes, scales and float steps again (the same bytes), multiplied by our AVX2 GEMM
+  (pf_w8_gemm_avx2: |w| . sign(x, w) by vpmaddubsw, widened by vpmaddwd, rows in lanes) on CPUs with AVX2 and
+  neither AVX512-VNNI nor AMX, where prompt rows ran on the decode kernels (one weight row against 4 activation
+  rows, every row's codes read from L2 once per weight row and each block's lanes summed horizontally). Measured
+  on a 2-vCPU AMD EPYC Zen 1 VM (AVX2 only; 256-bit multiplies as two halves on one unit), the 0.5B's four
+  int8 layer shapes, median of 7 alternating: 16 / 64 / 256 rows 12.36 / 42.42 / 156.87 -> 9.32 / 29.66 / 112.91
+  ms (68 GOP/s at 256 rows, about what that CPU's two multiplies per 32 products allow). int8 weights only: int4
+  weights keep the decode kernels there (requantized to int8 they measured no faster: choose_kernel).
 - "bf16": weights dequantized to bfloat16 a layer at a time (int8: codes * scale; int4: pf_w4_to_bf16)
   and oneDNN's bf16 GEMM. Selectable (DISTILLERY_PREFILL=bf16) for CPUs where the bf16 engine
   (AMX-BF16) outruns the int8 one; not the default anywhere until measured on such a CPU.
-- "none": every row through the decode kernels (AVX2-only CPUs: the path of before).
+- "none": every row through the decode kernels (the path of before; CPUs without AVX2).
 Rows fewer than KernelPlan.prefill_min_rows (decode batches) stay on the decode kernels.
 
 The C helpers (csrc/prefill_kernels.c) build like ckernels' library: once per source hash, with the
@@ -55,21 +63,23 @@ from torch import Tensor
 from model_runtime.ckernels import HEADER, KernelUnavailable, compile_library, kernel_dir, source_digest
 
 SOURCE = Path(__file__).parent / "csrc" / "prefill_kernels.c"
-ABI_VERSION = 6
+ABI_VERSION = 7
 # AVX2 code (it also runs where the plan picks a prefill kernel: AVX-512 CPUs); no FMA contraction, so
 # dequantized values equal PyTorch's (c - 8) * s + z bit for bit
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared",
           "-std=c11"]
-PREFILL_KERNELS = ("none", "int8mm", "int8vnni", "bf16")
+PREFILL_KERNELS = ("none", "int8mm", "int8vnni", "int8avx2", "bf16")
 # the kernels that multiply int8 codes with int32 sums: the same bytes, different engines (int8mm: oneDNN's, for
-# AMX; int8vnni: pf_w8_gemm, for AVX512-VNNI without AMX)
-INT8_GEMMS = ("int8mm", "int8vnni")
+# AMX; int8vnni: pf_w8_gemm, for AVX512-VNNI without AMX; int8avx2: pf_w8_gemm_avx2, for AVX2 alone)
+INT8_GEMMS = ("int8mm", "int8vnni", "int8avx2")
 Norm = tuple[Tensor, float]  # an RMSNorm to apply to a linear's input rows first: (weight [K] float32, eps)
 # int8 weights' code sums per block of input features, as the decode kernels keep them (ckernels.w8_block_sums:
 # int32 [N, K / block]) with that block
 CodeSums = tuple[Tensor, int]
 VNNI512_FLAGS = frozenset({"avx512_vnni", "avx512bw", "avx512vl", "avx512dq"})  # what pf_w8_gemm's code runs on
-MAX_VNNI_CHUNK = 1 << 17  # pf_w8_gemm's chunks: 128 x a chunk's weight sum stays within int32
+AVX2_FLAGS = frozenset({"avx2", "fma"})  # what pf_w8_gemm_avx2's code runs on (the library's -mavx2 -mfma)
+OWN_GEMM_FLAGS = {"int8vnni": VNNI512_FLAGS, "int8avx2": AVX2_FLAGS}
+MAX_VNNI_CHUNK = 1 << 17  # our GEMMs' chunks: a chunk's integer sum (and 128 x its weight sum) stays within int32
 # Fewer rows than this run on the decode kernels. Measured here (2 threads, VNNI): int8mm is ahead of
 # the dq kernels from 16 rows on for every 0.5B shape (1.6-2.5x at 16, 3-5x at 64 and 256) and behind
 # at 1-4 rows (where reading the weight once is all that matters); decode batches are <= 8-16 rows.
@@ -78,13 +88,16 @@ CHUNK_K = 512  # int4: values along K sharing one activation / requantized-weigh
 W8_CHUNK_K = 1024  # int8 weights (one scale per output channel): values along K sharing one activation scale
 
 
-def choose_kernel(cpu_flags: frozenset[str] | set[str], override: str | None = None) -> tuple[str, str]:
-    """(prefill kernel, why) for a CPU with these /proc/cpuinfo flags; override: DISTILLERY_PREFILL."""
+def choose_kernel(cpu_flags: frozenset[str] | set[str], override: str | None = None,
+                  quantization: str = "int8") -> tuple[str, str]:
+    """(prefill kernel, why) for a CPU with these /proc/cpuinfo flags and weights of this quantization; override:
+    DISTILLERY_PREFILL."""
     if override:
         if override not in PREFILL_KERNELS:
             raise ValueError(f"DISTILLERY_PREFILL={override!r}: expected one of {', '.join(PREFILL_KERNELS)}")
-        if override == "int8vnni" and not cpu_flags >= VNNI512_FLAGS:
-            raise ValueError("DISTILLERY_PREFILL=int8vnni: this CPU lacks " + ", ".join(sorted(VNNI512_FLAGS - cpu_flags)))
+        needs = OWN_GEMM_FLAGS.get(override, frozenset())
+        if not cpu_flags >= needs:
+            raise ValueError(f"DISTILLERY_PREFILL={override}: this CPU lacks " + ", ".join(sorted(needs - cpu_flags)))
         return override, f"DISTILLERY_PREFILL={override}"
     if "amx_int8" in cpu_flags:
         return "int8mm", "AMX-INT8: torch._int_mm for prompt chunks"
@@ -92,7 +105,14 @@ def choose_kernel(cpu_flags: frozenset[str] | set[str], override: str | None = N
         return "int8vnni", "AVX512-VNNI without AMX: pf_w8_gemm for prompt chunks (bf16 GEMM measured slower)"
     if "avx512_vnni" in cpu_flags:  # (a VM hiding AVX512-BW/VL/DQ: oneDNN picks its own code)
         return "int8mm", "AVX512-VNNI without BW/VL/DQ: torch._int_mm for prompt chunks"
-    return "none", "no AVX512-VNNI/AMX: prompt chunks on the decode kernels"
+    if cpu_flags >= AVX2_FLAGS and quantization == "int4":
+        # int4 weights requantized to int8 a layer at a time, then two multiplies per 32 products on AVX2, against the
+        # int4 decode kernels' one (their codes 0..15 sum in int16): the 0.5B's four shapes at 16 / 64 / 256 rows
+        # 26.37 / 51.42 / 145.72 ms vs 26.73 / 41.94 / 149.70 on the decode kernels (Zen 1, median of 7): no gain
+        return "none", "AVX2 without AVX512-VNNI/AMX, int4 weights: prompt chunks on the decode kernels (as fast)"
+    if cpu_flags >= AVX2_FLAGS:
+        return "int8avx2", "AVX2 without AVX512-VNNI/AMX: pf_w8_gemm_avx2 for prompt chunks"
+    return "none", "no AVX2: prompt chunks on the decode kernels"
 
 
 def cpuinfo() -> dict[str, str]:
@@ -154,6 +174,8 @@ def load() -> ctypes.CDLL:
         lib.pf_w8_gemm_scratch.restype = i64
         lib.pf_w8_gemm.argtypes = [p, p, i64, i64, i64, p, i64, p, i64, p, p, i32, p, i64, p, i32]
         lib.pf_w8_gemm.restype = i32
+        lib.pf_w8_gemm_avx2.argtypes = [p, p, i64, i64, i64, p, i64, p, i64, p, p, i32, p, i32]
+        lib.pf_w8_gemm_avx2.restype = i32
         _lib = lib
         return lib
 
@@ -210,9 +232,9 @@ def _check(t: Tensor, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> 
 
 
 @functools.cache
-def _runs_vnni512() -> bool:
-    """Whether this CPU runs pf_w8_gemm (elsewhere "int8vnni" multiplies on _int_mm: the same bytes)."""
-    return cpu_flags() >= VNNI512_FLAGS
+def _runs_own(gemm: str) -> bool:
+    """Whether this CPU runs our GEMM `gemm` (OWN_GEMM_FLAGS; elsewhere it multiplies on _int_mm: the same bytes)."""
+    return gemm in OWN_GEMM_FLAGS and cpu_flags() >= OWN_GEMM_FLAGS[gemm]
 
 
 def _n_chunks(k: int, chunk: int) -> int:
@@ -291,7 +313,7 @@ def _int8mm(x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, out: Tens
     """ws: [N] (one scale per output channel for every chunk: int8 weights) or [chunks, N] (int4 requantized, with
     the same `chunk`). gemm: which engine multiplies the int8 codes (INT8_GEMMS; the same bytes either way).
     norm: x RMSNorm'd first (quantize_rows). code_sums: the codes' sums per block (see CodeSums), which our VNNI
-    GEMM reads instead of summing the codes again; unused elsewhere."""
+    GEMM reads instead of summing the codes again; unused elsewhere (the AVX2 GEMM's codes need no correction)."""
     m, k = x.shape
     n = codes.shape[0]
     nc = _n_chunks(k, chunk)
@@ -300,16 +322,17 @@ def _int8mm(x: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, out: Tens
     q, xs = quantize_rows(x, chunk, (_scratch.get("xq", (m, k), torch.int8),
                                      _scratch.get("xs", (m, nc), torch.float32)), norm)
     y = out if out is not None else torch.empty((m, n))
-    if gemm == "int8vnni" and k % 8 == 0 and chunk % 8 == 0 and chunk <= MAX_VNNI_CHUNK and _runs_vnni512():
-        _vnni_gemm(q, xs, codes, ws, bias, y, out is not None, chunk, code_sums)
+    if k % 8 == 0 and chunk % 8 == 0 and chunk <= MAX_VNNI_CHUNK and _runs_own(gemm):
+        _own_gemm(gemm, q, xs, codes, ws, bias, y, out is not None, chunk, code_sums)
     else:
         _int_mm_chunks(q, xs, codes, ws, bias, y, out is not None, chunk)
     return y
 
 
-def _vnni_gemm(q: Tensor, xs: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, y: Tensor, accumulate: bool,
-               chunk: int, code_sums: CodeSums | None = None) -> None:
-    """y (+)= the int8 product of every chunk, scaled, in one pf_w8_gemm call."""
+def _own_gemm(gemm: str, q: Tensor, xs: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, y: Tensor,
+              accumulate: bool, chunk: int, code_sums: CodeSums | None = None) -> None:
+    """y (+)= the int8 product of every chunk, scaled, in one call of our GEMM: pf_w8_gemm (int8vnni) or
+    pf_w8_gemm_avx2 (int8avx2)."""
     m, k = q.shape
     n = codes.shape[0]
     _check(y, torch.float32, (m, n), "out")
@@ -326,11 +349,14 @@ def _vnni_gemm(q: Tensor, xs: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | 
     lib = load()
     buf = _scratch.get("pg", (lib.pf_w8_gemm_scratch(m, k, chunk) + 64,), torch.uint8)
     at = buf.data_ptr() + (-buf.data_ptr()) % 64  # (the kernel's aligned loads)
-    if lib.pf_w8_gemm(q.data_ptr(), xs.data_ptr(), m, k, chunk, codes.data_ptr(), n, ws.data_ptr(),
-                      n if ws.dim() == 2 else 0, None if bias is None else bias.data_ptr(), y.data_ptr(),
-                      int(accumulate), None if sums is None else sums.data_ptr(), block, at,
-                      torch.get_num_threads()) != 0:
-        raise RuntimeError(f"pf_w8_gemm failed (M={m}, N={n}, K={k}, chunk={chunk})")
+    args = (q.data_ptr(), xs.data_ptr(), m, k, chunk, codes.data_ptr(), n, ws.data_ptr(), n if ws.dim() == 2 else 0,
+            None if bias is None else bias.data_ptr(), y.data_ptr(), int(accumulate))
+    if gemm == "int8avx2":
+        rc = lib.pf_w8_gemm_avx2(*args, at, torch.get_num_threads())
+    else:
+        rc = lib.pf_w8_gemm(*args, None if sums is None else sums.data_ptr(), block, at, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"{gemm} GEMM failed (M={m}, N={n}, K={k}, chunk={chunk})")
 
 
 def _int_mm_chunks(q: Tensor, xs: Tensor, codes: Tensor, ws: Tensor, bias: Tensor | None, y: Tensor,

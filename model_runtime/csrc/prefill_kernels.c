@@ -1,6 +1,7 @@
 /*
  * The prefill GEMM's helpers (model_runtime/prefill.py): a chunk of prompt rows multiplies on the CPU's
- * int8 matrix engine (torch._int_mm: oneDNN on AMX-INT8; pf_w8_gemm below on AVX512-VNNI), and these
+ * int8 matrix engine (torch._int_mm: oneDNN on AMX-INT8; pf_w8_gemm below on AVX512-VNNI, pf_w8_gemm_avx2 on
+ * AVX2 alone), and these
  * kernels prepare its operands and finish its result in one pass each, instead of three or four
  * PyTorch elementwise ops over [M, N] tensors:
  *   pf_quantize_rows: activations x [M, K] float32 (RMSNorm'd first if asked) -> int8 codes, one
@@ -13,7 +14,8 @@
  *   pf_scale_rows:    one chunk's int32 GEMM result -> float32 y = acc * xs[m] * ws[n] (+ bias) (+= the
  *                     earlier chunks, or a residual);
  *   pf_w8_gemm:       the int8 GEMM itself where the CPU has AVX512-VNNI and no AMX, every chunk and its
- *                     finish in one call (the same bytes as _int_mm + pf_scale_rows; see its comment).
+ *                     finish in one call (the same bytes as _int_mm + pf_scale_rows; see its comment);
+ *   pf_w8_gemm_avx2:  the same on AVX2 without VNNI (the same bytes again).
  * Plain loops the compiler vectorises (the table look-up: AVX2 intrinsics); compiled with -ffp-contract=off so the dequantized values are
  * bit-identical to PyTorch's (c - 8) * s + z (tests compare them exactly).
  *
@@ -29,7 +31,7 @@
 
 #include "row_norm.h"  /* rms_norm_row: the decode kernels' instructions (a row normalised the same either way) */
 
-#define PF_ABI_VERSION 6
+#define PF_ABI_VERSION 7
 
 int pf_abi_version(void) { return PF_ABI_VERSION; }
 
@@ -486,6 +488,149 @@ PG_TARGET int pf_w8_gemm(const int8_t* xq, const float* xs, int64_t M, int64_t K
             for (int64_t p = 0; p < panels; p++)
                 pg_panel(w, N, K, C, nc, p * PG_NT, xt, xst, t0, t1, M, ws, ws_stride, bias, y, accumulate, wsum,
                          wsum_block, sums);
+        }
+    }
+    return 0;
+}
+
+/* ---- pf_w8_gemm_avx2: the same product on AVX2 (no VNNI) -------------------------------------------------------
+ * The same exact integer sums and float steps as pf_w8_gemm (the same bytes as _int_mm + pf_scale_rows), for CPUs
+ * without AVX512-VNNI, where prompt rows ran on the decode kernels: those take one weight row against 4 activation
+ * rows, reading every row's codes from L2 once per weight row and summing each block's lanes horizontally. Here
+ * the activation rows are transposed in tiles of 8 (one 256-bit register: 8 rows x 4 consecutive codes), each
+ * weight row's 4 codes one 32-bit broadcast, and |w| . sign(x, w) (vpmaddubsw: no int16 overflow, |w| <= 128 and
+ * |x| <= 127) widened by vpmaddwd adds 8 rows' partial sums; PA_NT weight rows x PA_RT tiles per pass, the rows in
+ * lanes, so a chunk's float step runs on 8 rows at once and no horizontal sum is left.
+ * Needs K % 4 == 0 and C % 4 == 0 (the caller checks). */
+#define PA_NT 4
+#define PA_RT 2
+typedef int32_t __attribute__((may_alias, aligned(1))) pa_i32u;
+
+static inline __attribute__((always_inline)) void pa_dot(const int8_t* w, const int64_t* off, const int32_t* xt,
+        int64_t tstride, int64_t k0, int64_t k1, const int64_t* pfo, int rt, __m256i out[PA_NT][PA_RT]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[PA_NT][PA_RT];
+    for (int t = 0; t < PA_NT; t++)
+        for (int r = 0; r < PA_RT; r++) acc[t][r] = _mm256_setzero_si256();
+    for (int64_t k64 = k0; k64 < k1; k64 += 64) {
+        for (int t = 0; t < PA_NT; t++) _mm_prefetch((const char*)(w + pfo[t] + k64), _MM_HINT_T1);
+        for (int64_t k4 = k64; k4 < k1 && k4 < k64 + 64; k4 += 4) {
+            __m256i xv[PA_RT];
+            for (int r = 0; r < rt; r++) xv[r] = _mm256_load_si256((const __m256i*)(xt + r * tstride + k4 * 2));
+            for (int t = 0; t < PA_NT; t++) {
+                const __m256i wb = _mm256_set1_epi32(*(const pa_i32u*)(w + off[t] + k4));
+                const __m256i wa = _mm256_sign_epi8(wb, wb);
+                for (int r = 0; r < rt; r++)
+                    acc[t][r] = _mm256_add_epi32(acc[t][r],
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv[r], wb)), ones));
+            }
+        }
+    }
+    for (int t = 0; t < PA_NT; t++)
+        for (int r = 0; r < PA_RT; r++) out[t][r] = acc[t][r];
+}
+
+/* run[0..3][r] (4 outputs x 8 rows) -> y rows m0..m0 + 7, outputs n0..n0 + 3 */
+static void pa_store(const __m256 run[PA_NT][PA_RT], int r, int64_t m0, int64_t M, int64_t n0, int64_t N, float* y) {
+    if (m0 + 8 <= M && n0 + PA_NT <= N) {
+        const __m256 t0 = _mm256_unpacklo_ps(run[0][r], run[1][r]), t1 = _mm256_unpackhi_ps(run[0][r], run[1][r]);
+        const __m256 t2 = _mm256_unpacklo_ps(run[2][r], run[3][r]), t3 = _mm256_unpackhi_ps(run[2][r], run[3][r]);
+        const __m256 r0 = _mm256_shuffle_ps(t0, t2, 0x44), r1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+        const __m256 r2 = _mm256_shuffle_ps(t1, t3, 0x44), r3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+        _mm_storeu_ps(y + (m0 + 0) * N + n0, _mm256_castps256_ps128(r0));
+        _mm_storeu_ps(y + (m0 + 1) * N + n0, _mm256_castps256_ps128(r1));
+        _mm_storeu_ps(y + (m0 + 2) * N + n0, _mm256_castps256_ps128(r2));
+        _mm_storeu_ps(y + (m0 + 3) * N + n0, _mm256_castps256_ps128(r3));
+        _mm_storeu_ps(y + (m0 + 4) * N + n0, _mm256_extractf128_ps(r0, 1));
+        _mm_storeu_ps(y + (m0 + 5) * N + n0, _mm256_extractf128_ps(r1, 1));
+        _mm_storeu_ps(y + (m0 + 6) * N + n0, _mm256_extractf128_ps(r2, 1));
+        _mm_storeu_ps(y + (m0 + 7) * N + n0, _mm256_extractf128_ps(r3, 1));
+        return;
+    }
+    float lanes[8];
+    for (int t = 0; t < PA_NT && n0 + t < N; t++) {
+        _mm256_storeu_ps(lanes, run[t][r]);
+        for (int m = 0; m < 8 && m0 + m < M; m++) y[(m0 + m) * N + n0 + t] = lanes[m];
+    }
+}
+
+static void pa_panel(const int8_t* w, int64_t N, int64_t K, int64_t C, int64_t nc, int64_t n0, const int32_t* xt,
+        const float* xst, int64_t t0, int64_t t1, int64_t M, const float* ws, int64_t ws_stride, const float* bias,
+        float* y, int accumulate) {
+    const int64_t tstride = K * 2;
+    int64_t off[PA_NT], n[PA_NT], pfo[PA_NT];
+    for (int t = 0; t < PA_NT; t++) {
+        n[t] = n0 + t < N ? n0 + t : N - 1;
+        off[t] = n[t] * K;
+        const int64_t ahead = n0 + PG_PREFETCH * PA_NT + t;
+        pfo[t] = (ahead < N ? ahead : N - 1) * K;
+    }
+    for (int64_t tile = t0; tile < t1; tile += PA_RT) {
+        const int rt = (int)(t1 - tile < PA_RT ? t1 - tile : PA_RT);
+        __m256 run[PA_NT][PA_RT];
+        for (int64_t c = 0; c < nc; c++) {
+            const int64_t k0 = c * C, k1 = k0 + C < K ? k0 + C : K;
+            __m256i acc[PA_NT][PA_RT];
+            const int32_t* x0 = xt + tile * tstride;
+            if (rt == PA_RT) pa_dot(w, off, x0, tstride, k0, k1, pfo, PA_RT, acc);
+            else pa_dot(w, off, x0, tstride, k0, k1, pfo, 1, acc);
+            for (int t = 0; t < PA_NT; t++) {
+                const __m256 wsv = _mm256_set1_ps(ws[c * ws_stride + n[t]]);
+                for (int r = 0; r < rt; r++) {
+                    __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[t][r]),
+                                                           _mm256_load_ps(xst + ((tile + r) * nc + c) * 8)), wsv);
+                    if (c == 0) {
+                        if (bias) v = _mm256_add_ps(v, _mm256_set1_ps(bias[n[t]]));
+                        if (accumulate) {
+                            float yin[8];
+                            for (int m = 0; m < 8; m++) {
+                                const int64_t row = (tile + r) * 8 + m;
+                                yin[m] = row < M ? y[row * N + n[t]] : 0.f;
+                            }
+                            v = _mm256_add_ps(_mm256_loadu_ps(yin), v);
+                        }
+                    } else {
+                        v = _mm256_add_ps(run[t][r], v);
+                    }
+                    run[t][r] = v;
+                }
+            }
+        }
+        for (int r = 0; r < rt; r++) pa_store(run, r, (tile + r) * 8, M, n0, N, y);
+    }
+}
+
+/* pf_w8_gemm's arguments (wsum unused: no unsigned offset to take off); scratch as pf_w8_gemm_scratch */
+int pf_w8_gemm_avx2(const int8_t* xq, const float* xs, int64_t M, int64_t K, int64_t C, const int8_t* w, int64_t N,
+                    const float* ws, int64_t ws_stride, const float* bias, float* y, int accumulate, void* scratch,
+                    int nthreads) {
+    /* C <= 2^17: a chunk's sum (|w| <= 128, |x| <= 127) fits in int32 */
+    if (K <= 0 || K % 4 || C % 4 || C <= 0 || C > (1 << 17) || M <= 0 || N <= 0 || ((uintptr_t)scratch & 63))
+        return -1;
+    const int64_t tiles = (M + 7) / 8, nc = (K + C - 1) / C;
+    int32_t* xt = (int32_t*)scratch;                            /* per tile [K/4][8] dwords */
+    float* xst = (float*)((char*)scratch + tiles * K * 8);      /* per tile [nc][8] */
+    const int64_t fit = PG_ROW_BYTES / (8 * K) / PA_RT * PA_RT;
+    const int64_t tiles_per_pass = fit > 0 ? fit : PA_RT;
+    const int64_t panels = (N + PA_NT - 1) / PA_NT;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            int32_t* xtt = xt + t * (K / 4) * 8;
+            const int rows = M - t * 8 < 8 ? (int)(M - t * 8) : 8;
+            for (int64_t k4 = 0; k4 < K / 4; k4++) {
+                for (int m = 0; m < rows; m++) memcpy(xtt + k4 * 8 + m, xq + (t * 8 + m) * K + 4 * k4, 4);
+                for (int m = rows; m < 8; m++) xtt[k4 * 8 + m] = 0;
+            }
+            for (int64_t c = 0; c < nc; c++)
+                for (int m = 0; m < 8; m++) xst[(t * nc + c) * 8 + m] = m < rows ? xs[(t * 8 + m) * nc + c] : 0.f;
+        }
+        for (int64_t t0 = 0; t0 < tiles; t0 += tiles_per_pass) {
+            const int64_t t1 = t0 + tiles_per_pass < tiles ? t0 + tiles_per_pass : tiles;
+#pragma omp for schedule(guided, 8)
+            for (int64_t p = 0; p < panels; p++)
+                pa_panel(w, N, K, C, nc, p * PA_NT, xt, xst, t0, t1, M, ws, ws_stride, bias, y, accumulate);
         }
     }
     return 0;

@@ -1,6 +1,6 @@
 """prefill.py + csrc/prefill_kernels.c: prompt chunks of the quantized linears on the CPU's matrix engine
-(torch._int_mm / our AVX512-VNNI GEMM / bf16 GEMM), chosen by the KernelPlan from the CPU's features; decode rows
-stay on the dq kernels."""
+(torch._int_mm / our AVX512-VNNI or AVX2 GEMM / bf16 GEMM), chosen by the KernelPlan from the CPU's features; decode
+rows stay on the dq kernels."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tests.unit.runtime.test_quant import greedy
 CFG = ModelConfig(arch="qwen2", hidden_size=896, n_layers=2, n_heads=14, n_kv_heads=2, intermediate_size=4864,
                   vocab_size=1000, max_position=4096)  # the 0.5B's linear shapes
 AVX2_ONLY = frozenset({"avx2", "fma", "f16c", "avx_vnni"})
+NO_AVX2 = frozenset({"sse4_2", "avx"})
 AVX512_BF16 = frozenset({*AVX2_ONLY, "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"})
 AMX = frozenset({*AVX512_BF16, "amx_tile", "amx_int8", "amx_bf16"})
 # a prompt longer than PREFILL_MIN_ROWS, so its chunk takes the prefill GEMM
@@ -30,14 +31,25 @@ needs_vnni512 = pytest.mark.skipif(not (prefill.cpu_flags() >= prefill.VNNI512_F
                                    reason="pf_w8_gemm needs AVX512-VNNI/BW/VL/DQ, which this CPU lacks")
 
 
+def _where_it_runs(kernel: str):
+    """kernel as a test parameter, skipped on a CPU lacking what our GEMM of that name needs (a load refuses
+    DISTILLERY_PREFILL=int8vnni there; a direct call would compare _int_mm with itself)."""
+    flags = prefill.OWN_GEMM_FLAGS.get(kernel, frozenset())
+    return pytest.param(kernel, marks=pytest.mark.skipif(not prefill.cpu_flags() >= flags,
+                                                         reason=f"{kernel}'s code needs {', '.join(sorted(flags))}"))
+
+
+OWN_GEMMS = [_where_it_runs(g) for g in prefill.OWN_GEMM_FLAGS]
+
+
 @pytest.fixture(autouse=True)
 def _no_env(monkeypatch):
     for var in ("DISTILLERY_CPU_KERNELS", "DISTILLERY_PREFILL", "DISTILLERY_COMPILE"):
         monkeypatch.delenv(var, raising=False)
 
 
-@pytest.mark.parametrize(("flags", "kernel"), [(AVX2_ONLY, "none"), (AVX512_BF16, "int8vnni"), (AMX, "int8mm"),
-                                               (AVX512_BF16 - {"avx512bw"}, "int8mm")])
+@pytest.mark.parametrize(("flags", "kernel"), [(NO_AVX2, "none"), (AVX2_ONLY, "int8avx2"), (AVX512_BF16, "int8vnni"),
+                                               (AMX, "int8mm"), (AVX512_BF16 - {"avx512bw"}, "int8mm")])
 def test_the_plan_picks_the_prefill_kernel_from_the_cpu_features(flags, kernel):
     plan = make_plan(CFG, Machine("cpu", dq_available=True, cpu_flags=flags), quantization="int8", lm_head="int8")
     assert plan.prefill_kernel == kernel
@@ -50,6 +62,10 @@ def test_no_prefill_kernel_off_the_dq_backend_or_without_its_helpers(monkeypatch
     machine = Machine("cpu", dq_available=True, cpu_flags=AMX)
     # int4 takes the matrix engine as int8 does (measured faster per shape, requantization included)
     assert make_plan(CFG, machine, quantization="int4", lm_head="int8").prefill_kernel == "int8mm"
+    # but not AVX2's int8 GEMM (requantized int4 measured no faster than the int4 decode kernels)
+    avx2 = Machine("cpu", dq_available=True, cpu_flags=AVX2_ONLY)
+    assert make_plan(CFG, avx2, quantization="int4", lm_head="int8").prefill_kernel == "none"
+    assert make_plan(CFG, avx2, quantization="int8", lm_head="int8").prefill_kernel == "int8avx2"
     assert make_plan(CFG, machine, quantization="int8", kernels="aten").prefill_kernel == "none"
     assert make_plan(CFG, machine, quantization="none").prefill_kernel == "none"
     assert make_plan(CFG, Machine("cuda:0", cuda_capability=(8, 0)), quantization="int8").prefill_kernel == "none"
@@ -67,6 +83,10 @@ def test_no_prefill_kernel_off_the_dq_backend_or_without_its_helpers(monkeypatch
     assert make_plan(CFG, machine, quantization="int8", lm_head="int8").prefill_kernel == "int8vnni"
     with pytest.raises(ValueError, match="int8vnni: this CPU lacks avx512_vnni"):
         make_plan(CFG, Machine("cpu", dq_available=True, cpu_flags=AVX2_ONLY), quantization="int8", lm_head="int8")
+    monkeypatch.setenv("DISTILLERY_PREFILL", "int8avx2")
+    assert make_plan(CFG, machine, quantization="int8", lm_head="int8").prefill_kernel == "int8avx2"
+    with pytest.raises(ValueError, match="int8avx2: this CPU lacks avx2, fma"):
+        make_plan(CFG, Machine("cpu", dq_available=True, cpu_flags=NO_AVX2), quantization="int8", lm_head="int8")
 
 
 def _chunked(w: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +151,7 @@ def test_int4_requantization_by_table_matches_value_by_value_on_any_codes(group,
 
 
 @needs_kernels
-@pytest.mark.parametrize("kernel", ["int8mm", "int8vnni", "bf16"])
+@pytest.mark.parametrize("kernel", ["int8mm", "int8vnni", "int8avx2", "bf16"])
 def test_prefill_gemms_match_the_float_product_and_add_into_out(kernel):
     torch.manual_seed(0)
     x, bias = torch.randn(24, 2560), torch.randn(48)  # K of three chunks, the last one partial
@@ -160,7 +180,7 @@ def _chunked_product(x: torch.Tensor, codes: torch.Tensor, ws: torch.Tensor, chu
 
 
 @needs_kernels
-@pytest.mark.parametrize("kernel", ["int8mm", "int8vnni"])
+@pytest.mark.parametrize("kernel", prefill.INT8_GEMMS)
 def test_int8_weights_share_one_activation_scale_per_w8_chunk(kernel):
     """int8 weights have no chunk of their own: their prompt rows take one activation scale per W8_CHUNK_K values
     (a K = 896 layer in one _int_mm and one scaling pass), not int4's CHUNK_K."""
@@ -177,7 +197,7 @@ def test_int8_weights_share_one_activation_scale_per_w8_chunk(kernel):
 
 
 @needs_kernels
-@needs_vnni512
+@pytest.mark.parametrize("gemm", OWN_GEMMS)
 @pytest.mark.parametrize(("m", "n", "k", "chunk"), [
     (1, 4, 8, 8),          # the smallest: one row, one panel, one 8-code step
     (5, 7, 24, 16),        # a partial row tile, a partial weight panel, a partial last chunk
@@ -187,10 +207,11 @@ def test_int8_weights_share_one_activation_scale_per_w8_chunk(kernel):
     (70, 13, 200, 64),     # row tiles 4 + 4 + 1 (the last pass short), 64-code prefetch steps with a tail
     (520, 12, 4864, 512),  # more rows than one pass keeps in L2 (two passes)
 ])
-def test_vnni_gemm_gives_the_bytes_of_int_mm(m, n, k, chunk):
+def test_own_gemms_give_the_bytes_of_int_mm(gemm, m, n, k, chunk):
     """pf_w8_gemm's exact integer sums, their weight-sum correction and its float finish (the order of
     pf_scale_rows) give what _int_mm + pf_scale_rows give, bit for bit, with and without bias, into a residual or
-    not, with int8's one channel scale or int4's per chunk: the two engines are interchangeable."""
+    not, with int8's one channel scale or int4's per chunk: the engines are interchangeable. So do pf_w8_gemm_avx2's
+    (|w| . sign(x, w): a code of -128 is |w| = 128, still within vpmaddubsw's int16 pairs)."""
     torch.manual_seed(m * 1000 + n)
     nc = -(-k // chunk)
     x = torch.randn(m, k) * torch.linspace(0.1, 4, k)
@@ -204,7 +225,7 @@ def test_vnni_gemm_gives_the_bytes_of_int_mm(m, n, k, chunk):
         for bias in (None, torch.randn(n)):
             for resid in (None, torch.randn(m, n)):
                 ref = prefill._int8mm(x, codes, ws, bias, None if resid is None else resid.clone(), chunk, "int8mm")
-                got = prefill._int8mm(x, codes, ws, bias, None if resid is None else resid.clone(), chunk, "int8vnni")
+                got = prefill._int8mm(x, codes, ws, bias, None if resid is None else resid.clone(), chunk, gemm)
                 assert torch.equal(got, ref), (tuple(ws.shape), bias is None, resid is None)
 
 
@@ -238,12 +259,14 @@ def test_vnni_gemm_takes_the_code_sums_kept_with_the_weights(m, n, k, chunk, blo
 
 
 @needs_kernels
-def test_vnni_gemm_falls_back_to_int_mm_where_its_code_cannot_run(monkeypatch):
+@pytest.mark.parametrize("gemm", ["int8vnni", "int8avx2"])
+def test_own_gemms_fall_back_to_int_mm_where_their_code_cannot_run(gemm, monkeypatch):
     torch.manual_seed(2)
     x, codes, ws = torch.randn(20, 256), torch.randint(-127, 128, (12, 256), dtype=torch.int8), torch.rand(12)
-    monkeypatch.setattr(prefill, "_runs_vnni512", lambda: False)
+    monkeypatch.setattr(prefill, "_runs_own", lambda g: False)
     monkeypatch.setattr(prefill.load(), "pf_w8_gemm", None)  # a call would fail
-    assert torch.equal(prefill._int8mm(x, codes, ws, None, None, 128, "int8vnni"),
+    monkeypatch.setattr(prefill.load(), "pf_w8_gemm_avx2", None)
+    assert torch.equal(prefill._int8mm(x, codes, ws, None, None, 128, gemm),
                        prefill._int8mm(x, codes, ws, None, None, 128, "int8mm"))
 
 
@@ -285,7 +308,7 @@ def _greedy_with(model_dir, prefill_kernel: str, monkeypatch, **load) -> tuple[l
 
 
 @needs_kernels
-@pytest.mark.parametrize("kernel", ["int8mm", "int8vnni", "bf16"])
+@pytest.mark.parametrize("kernel", [_where_it_runs(k) for k in ("int8mm", "int8vnni", "int8avx2", "bf16")])
 def test_int8_prefill_gemm_gives_the_same_greedy_tokens_as_the_dq_kernels(tiny_qwen2_dir, kernel, monkeypatch):
     tokens, logits = _greedy_with(tiny_qwen2_dir, kernel, monkeypatch, quantization="int8")
     tokens_dq, logits_dq = _greedy_with(tiny_qwen2_dir, "none", monkeypatch, quantization="int8")
@@ -294,7 +317,7 @@ def test_int8_prefill_gemm_gives_the_same_greedy_tokens_as_the_dq_kernels(tiny_q
 
 
 @needs_kernels
-@pytest.mark.parametrize("kernel", ["int8mm", "int8vnni"])  # (bf16's int4 GEMM: test_prefill_gemms_match_the_float_product)
+@pytest.mark.parametrize("kernel", [_where_it_runs(k) for k in prefill.INT8_GEMMS])  # (bf16: test_prefill_gemms_match_...)
 def test_int4_prefill_gemm_follows_the_exact_int4_math(tiny_qwen2_dir, kernel, monkeypatch):
     """int4 on the random tiny model has a near-tie at the 6th token that the dq kernels' own rounding
     (activations quantized per group of 32) tips the other way: the prefill GEMM gives the tokens of
