@@ -78,3 +78,22 @@ def test_guidellm_summary_counts_every_requests_tokens_and_the_completed_ones_ap
     assert (out["output_tokens_per_s"], out["output_tokens_per_s_completed"]) == (75.2, 68.18)
     assert (out["requests_completed"], out["requests_incomplete"]) == (29, 7)
     assert (out["ttft_ms_median"], out["ttft_ms_p95"], out["itl_ms_median"]) == (800.0, 1800.0, 55.0)
+
+
+def test_guidellm_seconds_flag_sets_each_levels_window(monkeypatch, tmp_path: Path) -> None:
+    """--guidellm-seconds replaces both the default and the 60-s floor (a slow CPU needs longer, a quick check
+    less); a window of 0 or less is refused before anything runs."""
+    from bench import run
+
+    seen: list[float] = []
+    monkeypatch.setattr(run.Bench, "guidellm", lambda self: seen.append(
+        max(self.s.guidellm_seconds, self.s.guidellm_min_seconds)))
+    monkeypatch.setattr(run, "print_report", lambda results: None)
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / ".complete").touch()
+    monkeypatch.setattr(run, "ST_0P5B", tmp_path / "st")
+    for argv, want in ((["--guidellm-seconds", "240"], 240.0), (["--guidellm-seconds", "20"], 20.0), ([], 60.0)):
+        run.main(["--only", "guidellm", "--out", str(tmp_path / "r.json"), *argv])
+        assert seen.pop() == want
+    with pytest.raises(SystemExit, match="guidellm-seconds"):
+        run.main(["--only", "guidellm", "--out", str(tmp_path / "r.json"), "--guidellm-seconds", "0"])
