@@ -36,12 +36,13 @@ So the kernel the plan picks (KernelPlan.prefill_kernel) is:
   rows, every row's codes read from L2 once per weight row and each block's lanes summed horizontally). Measured
   on a 2-vCPU AMD EPYC Zen 1 VM (AVX2 only; 256-bit multiplies as two halves on one unit), the 0.5B's four
   int8 layer shapes, median of 7 alternating: 16 / 64 / 256 rows 12.36 / 42.42 / 156.87 -> 9.32 / 29.66 / 112.91
-  ms (68 GOP/s at 256 rows, about what that CPU's two multiplies per 32 products allow). int8 weights only: int4
+  ms (68 GOP/s at 256 rows, about what that CPU's two multiplies per 32 products allow; ahead from
+  PREFILL_MIN_ROWS on; at 8 rows no faster, one tile a pass). int8 weights only: int4
   weights keep the decode kernels there (requantized to int8 they measured no faster: choose_kernel).
 - "bf16": weights dequantized to bfloat16 a layer at a time (int8: codes * scale; int4: pf_w4_to_bf16)
   and oneDNN's bf16 GEMM. Selectable (DISTILLERY_PREFILL=bf16) for CPUs where the bf16 engine
   (AMX-BF16) outruns the int8 one; not the default anywhere until measured on such a CPU.
-- "none": every row through the decode kernels (the path of before; CPUs without AVX2).
+- "none": every row through the decode kernels (the path of before: CPUs without AVX2, int4 weights on AVX2 alone).
 Rows fewer than KernelPlan.prefill_min_rows (decode batches) stay on the decode kernels.
 
 The C helpers (csrc/prefill_kernels.c) build like ckernels' library: once per source hash, with the
