@@ -266,6 +266,13 @@ void pf_scale_rows(const int32_t* acc, int64_t M, int64_t N, const float* xs, in
 #define PG_ROW_BYTES (384 * 1024)
 #define PG_PREFETCH 2  /* panels ahead */
 #define PG_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
+
+/* tiles of 8 activation rows (8 K bytes each, transposed) one pass over the weights takes: whole groups of rt (a
+   register pass's tiles) within PG_ROW_BYTES, so they stay in L2; at least one group. Both GEMMs' passes. */
+static inline int64_t pg_tiles_per_pass(int64_t K, int64_t rt) {
+    const int64_t fit = PG_ROW_BYTES / (8 * K) / rt * rt;
+    return fit > 0 ? fit : rt;
+}
 typedef int64_t __attribute__((may_alias, aligned(1))) pg_i64u;
 
 /* PG_NT weight rows (w + off[t]) x RT tiles of xt (tile r at xt + r * tstride dwords), codes [k0, k1): out[t][r].
@@ -451,8 +458,7 @@ PG_TARGET int pf_w8_gemm(const int8_t* xq, const float* xs, int64_t M, int64_t K
     const int64_t tiles = (M + 7) / 8, nc = (K + C - 1) / C;
     uint32_t* xt = (uint32_t*)scratch;                          /* per tile [K/8][16] dwords */
     float* xst = (float*)((char*)scratch + tiles * K * 8);      /* per tile [nc][16] */
-    const int64_t fit = PG_ROW_BYTES / (8 * K) / PG_RT * PG_RT;  /* whole PG_RT groups of tiles within the bytes */
-    const int64_t tiles_per_pass = fit > 0 ? fit : PG_RT;
+    const int64_t tiles_per_pass = pg_tiles_per_pass(K, PG_RT);
     const int64_t panels = (N + PG_NT - 1) / PG_NT;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -610,8 +616,7 @@ int pf_w8_gemm_avx2(const int8_t* xq, const float* xs, int64_t M, int64_t K, int
     const int64_t tiles = (M + 7) / 8, nc = (K + C - 1) / C;
     int32_t* xt = (int32_t*)scratch;                            /* per tile [K/4][8] dwords */
     float* xst = (float*)((char*)scratch + tiles * K * 8);      /* per tile [nc][8] */
-    const int64_t fit = PG_ROW_BYTES / (8 * K) / PA_RT * PA_RT;
-    const int64_t tiles_per_pass = fit > 0 ? fit : PA_RT;
+    const int64_t tiles_per_pass = pg_tiles_per_pass(K, PA_RT);
     const int64_t panels = (N + PA_NT - 1) / PA_NT;
 #pragma omp parallel num_threads(nthreads)
     {
