@@ -71,10 +71,12 @@ def time_decode(model_dir: str, quantization: str, batch: int, *, device: str, s
     """Our decode step as the engine runs it (the plan's compile setting, CUDA graphs per KV bucket):
     `batch` sequences after a PROMPT_LEN prefill, `steps` timed greedy steps; tokens/s over all rows."""
     import torch
+    from torch._dynamo.utils import counters
 
     from model_runtime.engine import kv_bucket
     from model_runtime.loader import load_model
 
+    counters.clear()
     if int8_kernel:
         os.environ["DISTILLERY_CUDA_INT8"] = int8_kernel
     try:
@@ -119,7 +121,8 @@ def time_decode(model_dir: str, quantization: str, batch: int, *, device: str, s
         _sync(str(dev))
         elapsed = time.perf_counter() - t0
     return {"tok_s": batch * steps / elapsed, "ms_per_step": 1e3 * elapsed / steps, "load_s": round(load_s, 1),
-            "warmup_s": round(compile_s, 1), "plan": plan.describe()}
+            "warmup_s": round(compile_s, 1), "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+            "plan": plan.describe()}
 
 
 def time_hf_generate(model_dir: str, batch: int, *, device: str, new_tokens: int = 32) -> dict[str, Any]:

@@ -87,6 +87,9 @@ def test_the_compiled_decode_step_gives_the_eager_tokens(tiny_qwen2_dir):
     loaded = load_model(tiny_qwen2_dir, quantization="int8", device="cuda", max_model_len=256)
     assert loaded.plan is not None and loaded.plan.compile
     eager, _ = _greedy(loaded.model, 8)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     engine = Engine(loaded, EngineConfig(max_batch_size=2, max_model_len=256))
     assert engine.compiled
     engine.start()
@@ -104,6 +107,9 @@ def test_the_compiled_decode_step_gives_the_eager_tokens(tiny_qwen2_dir):
     finally:
         engine.stop()
     assert tokens == eager
+    # the steps replayed CUDA graphs: inductor counts each graph it declined to record (mutated inputs, CPU
+    # tensors, ...), and a declined graph runs op by op, several times slower at batch 1
+    assert counters["inductor"]["cudagraph_skips"] == 0
 
 
 def test_a_cache_that_does_not_fit_fails_at_start_up(tiny_qwen2_dir):
