@@ -73,6 +73,7 @@ def time_decode(model_dir: str, quantization: str, batch: int, *, device: str, s
     import torch
     from torch._dynamo.utils import counters
 
+    from model_runtime.compiled_step import compile_decode_step
     from model_runtime.engine import kv_bucket
     from model_runtime.loader import load_model
 
@@ -93,8 +94,7 @@ def time_decode(model_dir: str, quantization: str, batch: int, *, device: str, s
     graphs = plan.compile and dev.type == "cuda"
     fn = model.forward
     if plan.compile:
-        fn = torch.compile(model.forward, mode="reduce-overhead", dynamic=False) if graphs \
-            else torch.compile(model.forward, dynamic=True)
+        fn = compile_decode_step(model.forward, dev, batch)
     slots = torch.arange(batch, device=dev)
     with torch.inference_mode():
         gen = torch.Generator().manual_seed(0)

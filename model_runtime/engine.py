@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model_runtime.compiled_step import compile_decode_step
 from model_runtime.device import configure_threads
 from model_runtime.gpu_memory import kv_slot_bytes, size_kv_cache
 from model_runtime.model import KVCache
@@ -267,17 +268,10 @@ class Engine:
         self.compiled = bool(use_compile)
         # a step's rows of logits scanned (max, argmax, plain-temperature draws) in one C call: the plan's choice
         self._fused_sampler = getattr(plan, "sampler", "torch") == "dq"
-        # CUDA: static shapes per (batch, KV-length bucket), each captured as a CUDA graph
-        # (reduce-overhead); the decode step then has no per-op launch overhead
+        # CUDA: static shapes per (batch, KV-length bucket), each captured as a CUDA graph (compiled_step.py)
         self.cuda_graphs = self.compiled and self.device.type == "cuda"
-        if self.cuda_graphs:
-            import torch._dynamo as dynamo
-
-            # one graph per (batch size, kv bucket): allow them all
-            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 4 * config.max_batch_size * 16)
-            self._decode_fn = torch.compile(self.model.forward, mode="reduce-overhead", dynamic=False)
-        elif self.compiled:
-            self._decode_fn = torch.compile(self.model.forward, dynamic=True)
+        if self.compiled:
+            self._decode_fn = compile_decode_step(self.model.forward, self.device, config.max_batch_size)
 
     def _make_prefix_cache(self, config: EngineConfig, spare_bytes: int | None) -> PrefixCache | None:
         """The block pool of automatic prefix caching, or None when it is off or not one block fits."""

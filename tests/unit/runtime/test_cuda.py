@@ -70,6 +70,24 @@ def test_tinygemm_matches_the_generic_int4_math():
     assert lin.qweight is None and (got - ref).norm() / ref.norm() < 0.02
 
 
+def test_the_compiled_one_row_int8_matmul_reads_the_int8_codes_in_one_fused_kernel():
+    # the decode step's compile settings (compiled_step.py): the int8 -> bf16 conversion and the output scale
+    # fused into the one-row product, not a bf16 copy of the weight written and handed to cuBLAS
+    from torch._inductor.utils import run_and_get_code
+
+    from model_runtime.compiled_step import compile_decode_step
+
+    torch.manual_seed(0)
+    w, x = torch.randn(1024, 512, device="cuda"), torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    codes, scales = kernels.quantize_int8(w)
+    lin = kernels.Int8Linear(codes, scales, None, torch.bfloat16, backend="cuda-int8", int8_kernel="dequant")
+    torch._dynamo.reset()
+    got, code = run_and_get_code(compile_decode_step(lin.forward, torch.device("cuda"), 1), x)
+    ref = kernels.int8_matmul_generic(x.float(), codes, scales)
+    assert (got.float() - ref).norm() / ref.norm() < 0.02
+    assert "extern_kernels.mm" not in "\n".join(code)
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_cuda_greedy_tokens_agree_with_the_generic_path(tiny_qwen2_dir, method):
     fast = load_model(tiny_qwen2_dir, quantization=method, group_size=32, device="cuda", compile=False)
