@@ -66,10 +66,26 @@ def bound_row(shape: ModelShape, mode: str, bandwidth: float, group_size: int = 
     return {"bytes_per_token": per_token, "bound_tok_s": bound_tok_s(bandwidth, per_token)}
 
 
+def kernel_table(averages: Any, steps: int, top: int = 12) -> dict[str, Any]:
+    """torch.profiler's key averages (GPU activity only) -> the kernels' time per step, the largest first:
+    their sum against a step's wall time says how much of a step is kernels and how much gaps."""
+    rows = []
+    for a in averages:
+        us = getattr(a, "device_time_total", None)
+        us = getattr(a, "cuda_time_total", 0.0) if us is None else us
+        if us > 0:
+            rows.append({"kernel": str(a.key)[:160], "us_per_step": us / steps, "calls_per_step": a.count / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return {"kernel_us_per_step": sum(r["us_per_step"] for r in rows), "kernels_per_step":
+            sum(r["calls_per_step"] for r in rows), "top_kernels": rows[:top]}
+
+
 def time_decode(model_dir: str, quantization: str, batch: int, *, device: str, steps: int = 32,
-                compile: bool | None = None, int8_kernel: str | None = None) -> dict[str, Any]:
+                compile: bool | None = None, int8_kernel: str | None = None,
+                profile: bool = False) -> dict[str, Any]:
     """Our decode step as the engine runs it (the plan's compile setting, CUDA graphs per KV bucket):
-    `batch` sequences after a PROMPT_LEN prefill, `steps` timed greedy steps; tokens/s over all rows."""
+    `batch` sequences after a PROMPT_LEN prefill, `steps` timed greedy steps; tokens/s over all rows.
+    `profile` (CUDA): then 4 more steps under torch.profiler, their kernels in the row (kernel_table)."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -120,9 +136,19 @@ def time_decode(model_dir: str, quantization: str, batch: int, *, device: str, s
             tok = step(PROMPT_LEN + 3 + i)
         _sync(str(dev))
         elapsed = time.perf_counter() - t0
+        kernels: dict[str, Any] = {}
+        if profile and dev.type == "cuda":
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as profiler
+
+            with profiler(activities=[ProfilerActivity.CUDA]) as prof:
+                for i in range(4):  # within the cache: max_len leaves 8 positions past the timed steps
+                    tok = step(PROMPT_LEN + 3 + steps + i)
+                _sync(str(dev))
+            kernels = kernel_table(prof.key_averages(), 4)
     return {"tok_s": batch * steps / elapsed, "ms_per_step": 1e3 * elapsed / steps, "load_s": round(load_s, 1),
             "warmup_s": round(compile_s, 1), "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
-            "plan": plan.describe()}
+            **kernels, "plan": plan.describe()}
 
 
 def time_hf_generate(model_dir: str, batch: int, *, device: str, new_tokens: int = 32) -> dict[str, Any]:
@@ -160,7 +186,7 @@ class Results:
     def add(self, row: dict[str, Any]) -> None:
         self.data["rows"].append(row)
         self.save()
-        print(json.dumps({k: v for k, v in row.items() if k != "plan"}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("plan", "top_kernels")}), flush=True)
 
     def error(self, what: str, exc: BaseException) -> None:
         self.data["errors"].append({"what": what, "error": f"{type(exc).__name__}: {exc}"[:2000]})
@@ -191,7 +217,7 @@ def run(out: Path, models: dict[str, Path], *, device: str = "cuda", budget_s: f
                     label, engine = "bf16", "transformers-generate"
                 else:
                     row = time_decode(str(path), quantization, batch, device=device, steps=steps,
-                                      int8_kernel=kernel)
+                                      int8_kernel=kernel, profile=batch == 1)
                     engine = "ours"
             except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
                 res.error(what, exc)

@@ -48,3 +48,13 @@ def test_the_run_writes_rows_and_errors_to_json_on_the_cpu(tiny_dir, tmp_path):
 def test_a_run_over_its_budget_records_what_it_skipped(tiny_dir, tmp_path):
     data = gpu.run(tmp_path / "gpu.json", {"tiny": tiny_dir}, device="cpu", steps=1, batches=(1,), budget_s=0)
     assert data["rows"] == [] and all("budget" in e["error"] for e in data["errors"])
+
+
+def test_the_kernel_table_sums_per_step_and_lists_the_largest_first():
+    from types import SimpleNamespace as Avg
+
+    averages = [Avg(key="gemv", device_time_total=800.0, count=8), Avg(key="cpu_op", device_time_total=0.0, count=4),
+                Avg(key="tinygemm", cuda_time_total=1200.0, device_time_total=None, count=112)]
+    t = gpu.kernel_table(averages, steps=4, top=1)
+    assert t["kernel_us_per_step"] == 500.0 and t["kernels_per_step"] == 30.0
+    assert t["top_kernels"] == [{"kernel": "tinygemm", "us_per_step": 300.0, "calls_per_step": 28.0}]
