@@ -85,7 +85,7 @@ def test_the_compiled_one_row_int8_matmul_reads_the_int8_codes_in_one_fused_kern
     got, code = run_and_get_code(compile_decode_step(lin.forward, torch.device("cuda"), 1), x)
     ref = kernels.int8_matmul_generic(x.float(), codes, scales)
     assert (got.float() - ref).norm() / ref.norm() < 0.02
-    assert "extern_kernels.mm" not in "\n".join(code)
+    assert code and "extern_kernels.mm" not in "\n".join(code)  # inductor's code, without a cuBLAS matmul
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
