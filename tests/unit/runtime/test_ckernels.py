@@ -87,7 +87,7 @@ def test_int8_linear_matches_the_dequantized_weights_and_is_batch_invariant(lib,
         assert torch.equal(y[i:i + 1], ckernels.linear_w8(x[i:i + 1].contiguous(), codes, scales.float(), bias, 128))
 
 
-@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
 @pytest.mark.parametrize("m", [1, 4, 6])
 def test_int4_linear_matches_the_dequantized_weights_and_is_batch_invariant(lib, group, m):
     torch.manual_seed(group + m)
