@@ -1313,6 +1313,41 @@ static inline __attribute__((always_inline)) void SFX(w8_tile)(const int8_t* wr,
     for (int j = 0; j < mt; j++) r[j] = acc[j];
 }
 
+/* One weight row against one activation row (a single-stream decode step): w8_tile's blocks eight at a time, their
+   exact integer sums gathered into one register by a tree of horizontal adds where w8_tile reduces each block
+   alone, then the same float steps (W8_BLOCK_STEP) in the same order (on a Zen 1: the 0.5B's int8 lm_head at one
+   row 3-9% faster, the same bits) */
+static inline __attribute__((always_inline)) float SFX(w8_row)(const int8_t* wr, const int8_t* xq, const float* xs,
+                                                          int64_t B, int64_t nb, const int8_t* pf) {
+    float acc = 0.f;
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+        const int64_t bn = nb - b0 < 8 ? nb - b0 : 8;
+        __m256i v[8];
+        for (int64_t t = 0; t < 8; t++) {
+            __m256i ai = _mm256_setzero_si256();
+            if (t < bn) {
+                const int64_t b = b0 + t;
+                for (int64_t o = b * B; o < (b + 1) * B; o += 64) _mm_prefetch((const char*)(pf + o), _MM_HINT_T0);
+                for (int64_t i = b * B; i < (b + 1) * B; i += 32) {
+                    const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr + i));
+                    const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + i));
+                    ai = DOT_ADD(ai, _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+                }
+            }
+            v[t] = ai;
+        }
+        /* lanes 0..3 of q4: blocks 0..3's sums over their 8 lanes' low halves, lanes 4..7 the high halves */
+        const __m256i q4 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+        const __m256i q8 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+        const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(q4, q8, 0x20),
+                                              _mm256_permute2x128_si256(q4, q8, 0x31));
+        int32_t si[8];
+        _mm256_storeu_si256((__m256i*)si, sums);
+        for (int64_t t = 0; t < bn; t++) acc = W8_BLOCK_STEP(si[t], xs[b0 + t], acc);
+    }
+    return acc;
+}
+
 /* int4: r[j] = sum_g xs[j, g] (s_g sum_{i in g} c_i q[j, i] + (z_g - 8 s_g) qsum[j, g]).
    AVX2: codes are 0..15, so a maddubs pair sum is at most 2 * 15 * 127 = 3810 and up to 8 of them
    add up in int16 without overflow: one widening madd per group instead of one per 32 values. */
@@ -1427,6 +1462,10 @@ static int SFX(linear_w8)(const float* x, int64_t M, int64_t K, int64_t B, const
     for (int64_t n = 0; n < N; n++) {
         const int8_t* wr = w + n * K;
         const int8_t* pf = w + (n + ahead < N ? n + ahead : n) * K;
+        if (M == 1) {
+            w8_out(y + n, SFX(w8_row)(wr, xq, xs, B, nb, pf), ws, bias, n, accumulate);
+            continue;
+        }
         float r[4];
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             const int64_t mt = M - m0 < 4 ? M - m0 : 4;
