@@ -1512,7 +1512,9 @@ static int SFX(linear_w4)(const float* x, int64_t M, int64_t K, int64_t G, const
         if (dx) {
             float rsc[ng], rex[ng];
             SFX(w4_row_scales)(s + n * ng, z + n * ng, xs, dx, ng, rsc, rex);
-            float v = SFX(w4_row)(wr, xq, rsc, rex, G, ng, pf);
+            /* the usual group of 128 as a constant: its inlined group loop without index arithmetic (3-6% less
+               time at one row on a Zen 1) */
+            float v = G == 128 ? SFX(w4_row)(wr, xq, rsc, rex, 128, ng, pf) : SFX(w4_row)(wr, xq, rsc, rex, G, ng, pf);
             if (bias) v += bias[n];
             y[n] = accumulate ? y[n] + v : v;
             continue;
