@@ -50,11 +50,21 @@ static inline int32_t hsum_epi32(__m256i v) {
    scale (and bias) after. One rounding per block: the 8-row kernel (w8q_panel) runs it on 16 lanes at once. */
 #define W8_BLOCK_STEP(isum, xs, acc) fmaf((float)(isum), (xs), (acc))
 
-/* An int8 kernel's output for weight row n: r times the row's scale, plus its bias, stored or added to *o */
-static inline void w8_out(float* o, float r, const float* ws, const float* bias, int64_t n, int accumulate) {
-    float v = r * ws[n];
+/* A kernel's output for weight row n: v plus the row's bias, stored or added to *o (a residual) */
+static inline void out_store(float* o, float v, const float* bias, int64_t n, int accumulate) {
     if (bias) v += bias[n];
     *o = accumulate ? *o + v : v;
+}
+
+/* An int8 kernel's output for weight row n: r times the row's scale, then as out_store */
+static inline void w8_out(float* o, float r, const float* ws, const float* bias, int64_t n, int accumulate) {
+    out_store(o, r * ws[n], bias, n, accumulate);
+}
+
+/* An int4 kernel's prefetch of group g's bytes [g0, g0 + gb) of a later weight row pf: the 64-byte lines that
+   start inside the group (a group of 32 or 64 values shares its line with the next ones) */
+static inline void w4_prefetch_group(const uint8_t* pf, uint64_t g0, uint64_t gb) {
+    for (uint64_t o = (g0 + 63) & ~(uint64_t)63; o < g0 + gb; o += 64) _mm_prefetch((const char*)(pf + o), _MM_HINT_T0);
 }
 
 /* One row: x [K] -> q [K] int8 with one scale (amax / 127) per block of B values, and the code sum
@@ -742,12 +752,7 @@ static int linear_w4_avx512(const float* x, int64_t M, int64_t K, int64_t G, con
                     default: W4T(1); break;
                 }
 #undef W4T
-                for (int64_t j = 0; j < mt; j++) {
-                    float v = r[j];
-                    if (bias) v += bias[n];
-                    float* out = y + (m0 + j) * N + n;
-                    *out = accumulate ? *out + v : v;
-                }
+                for (int64_t j = 0; j < mt; j++) out_store(y + (m0 + j) * N + n, r[j], bias, n, accumulate);
             }
         }
         free(dx);
@@ -772,12 +777,7 @@ static int linear_w4_avx512(const float* x, int64_t M, int64_t K, int64_t G, con
 #define W4Z(T) w4z_tile(wr, xz + m0 * K, xs + m0 * ng, xsum + m0 * ng, sg, cg, K, G, ng, T, r, pf)
             ZTILE_SWITCH(W4Z)
 #undef W4Z
-            for (int64_t j = 0; j < mt; j++) {
-                float v = r[j];
-                if (bias) v += bias[n];
-                float* out = y + (m0 + j) * N + n;
-                *out = accumulate ? *out + v : v;
-            }
+            for (int64_t j = 0; j < mt; j++) out_store(y + (m0 + j) * N + n, r[j], bias, n, accumulate);
         }
     }
     free(sc.buf);
@@ -1361,8 +1361,7 @@ static inline __attribute__((always_inline)) void SFX(w4_tile)(const uint8_t* wr
     const uint64_t gb = (uint64_t)G / 2;  /* a group's bytes */
     for (int64_t g = 0; g < ng; g++) {
         const uint64_t g0 = (uint64_t)g * gb;
-        for (uint64_t o = (g0 + 63) & ~(uint64_t)63; o < g0 + gb; o += 64)
-            _mm_prefetch((const char*)(pf + o), _MM_HINT_T0);
+        w4_prefetch_group(pf, g0, gb);
         __m256i a16[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                           _mm256_setzero_si256()};
         if (G >= 64) {
@@ -1428,8 +1427,7 @@ static inline __attribute__((always_inline)) float SFX(w4_row)(const uint8_t* wr
     const uint64_t gb = (uint64_t)G / 2;
     for (int64_t g = 0; g < ng; g++) {
         const uint64_t g0 = (uint64_t)g * gb;
-        for (uint64_t o = (g0 + 63) & ~(uint64_t)63; o < g0 + gb; o += 64)
-            _mm_prefetch((const char*)(pf + o), _MM_HINT_T0);
+        w4_prefetch_group(pf, g0, gb);
         const uint8_t* wb = wr + g0;
         const int8_t* xg = xq + g * G;
         __m256i a16 = _mm256_setzero_si256();
@@ -1498,10 +1496,10 @@ static int SFX(linear_w4)(const float* x, int64_t M, int64_t K, int64_t G, const
     int32_t* xsum = sc.qsum;
     quantize_rows(x, M, K, G, norm_w, eps, sc.tmp, xq, xs, xsum, nthreads);
     const int64_t ahead = prefetch_rows(K / 2);
-    /* one row, G % 64 == 0: dx[g] = xs[g] * (code sum of group g), once per call, for SFX(w4_row) (without the
-       memory for it, the tile below computes the same) */
-    float* dx = M == 1 && G % 64 == 0 ? (float*)malloc(sizeof(float) * (size_t)ng) : NULL;
-    if (dx)
+    /* one row, G % 64 == 0: dx[g] = xs[g] * (code sum of group g), once per call, for SFX(w4_row) */
+    const int one_row = M == 1 && G % 64 == 0;
+    float dx[one_row ? ng : 1];
+    if (one_row)
         for (int64_t g = 0; g < ng; g++) dx[g] = xs[g] * (float)xsum[g];
 #pragma omp parallel for schedule(guided) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++) {
@@ -1509,14 +1507,13 @@ static int SFX(linear_w4)(const float* x, int64_t M, int64_t K, int64_t G, const
         const uint8_t* pf = w + (n + ahead < N ? n + ahead : n) * (K / 2);
         _mm_prefetch((const char*)(s + (n + ahead < N ? n + ahead : n) * ng), _MM_HINT_T0);
         _mm_prefetch((const char*)(z + (n + ahead < N ? n + ahead : n) * ng), _MM_HINT_T0);
-        if (dx) {
+        if (one_row) {
             float rsc[ng], rex[ng];
             SFX(w4_row_scales)(s + n * ng, z + n * ng, xs, dx, ng, rsc, rex);
             /* the usual group of 128 as a constant: its inlined group loop without index arithmetic (3-6% less
                time at one row on a Zen 1) */
-            float v = G == 128 ? SFX(w4_row)(wr, xq, rsc, rex, 128, ng, pf) : SFX(w4_row)(wr, xq, rsc, rex, G, ng, pf);
-            if (bias) v += bias[n];
-            y[n] = accumulate ? y[n] + v : v;
+            out_store(y + n, G == 128 ? SFX(w4_row)(wr, xq, rsc, rex, 128, ng, pf)
+                                      : SFX(w4_row)(wr, xq, rsc, rex, G, ng, pf), bias, n, accumulate);
             continue;
         }
         float sg[ng > 0 ? ng : 1], cg[ng > 0 ? ng : 1];
@@ -1536,15 +1533,9 @@ static int SFX(linear_w4)(const float* x, int64_t M, int64_t K, int64_t G, const
                 case 2: SFX(w4_tile)(wr, xr, xsr, xqs, sg, cg, K, G, ng, 2, r, pf); break;
                 default: SFX(w4_tile)(wr, xr, xsr, xqs, sg, cg, K, G, ng, 1, r, pf); break;
             }
-            for (int64_t j = 0; j < mt; j++) {
-                float v = r[j];
-                if (bias) v += bias[n];
-                float* out = y + (m0 + j) * N + n;
-                *out = accumulate ? *out + v : v;
-            }
+            for (int64_t j = 0; j < mt; j++) out_store(y + (m0 + j) * N + n, r[j], bias, n, accumulate);
         }
     }
-    free(dx);
     free(sc.buf);
     return 0;
 }
