@@ -37,8 +37,11 @@ So the kernel the plan picks (KernelPlan.prefill_kernel) is:
   on a 2-vCPU AMD EPYC Zen 1 VM (AVX2 only; 256-bit multiplies as two halves on one unit), the 0.5B's four
   int8 layer shapes, median of 7 alternating: 16 / 64 / 256 rows 12.36 / 42.42 / 156.87 -> 9.32 / 29.66 / 112.91
   ms (68 GOP/s at 256 rows, about what that CPU's two multiplies per 32 products allow; ahead from
-  PREFILL_MIN_ROWS on; at 8 rows no faster, one tile a pass). int8 weights only: int4
-  weights keep the decode kernels there (requantized to int8 they measured no faster: choose_kernel).
+  PREFILL_MIN_ROWS on; at 8 rows no faster, one tile a pass). int4 weights under "int8avx2" are not requantized
+  (that measured no faster than the decode kernels: choose_kernel): pf_w4_gemm_avx2 multiplies their own codes
+  (0..15, so 8 vpmaddubsw pair sums add up in int16 before one vpmaddwd: ~1.1 multiplies per 32 products against
+  int8's 2), the activations quantized per row and group as the decode kernels quantize them (the same codes, the
+  same integer sum per group; only the float steps' order differs).
 - "bf16": weights dequantized to bfloat16 a layer at a time (int8: codes * scale; int4: pf_w4_to_bf16)
   and oneDNN's bf16 GEMM. Selectable (DISTILLERY_PREFILL=bf16) for CPUs where the bf16 engine
   (AMX-BF16) outruns the int8 one; not the default anywhere until measured on such a CPU.
@@ -64,7 +67,7 @@ from torch import Tensor
 from model_runtime.ckernels import HEADER, KernelUnavailable, compile_library, kernel_dir, source_digest
 
 SOURCE = Path(__file__).parent / "csrc" / "prefill_kernels.c"
-ABI_VERSION = 7
+ABI_VERSION = 8
 # AVX2 code (it also runs where the plan picks a prefill kernel: AVX-512 CPUs); no FMA contraction, so
 # dequantized values equal PyTorch's (c - 8) * s + z bit for bit
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared",
@@ -107,10 +110,10 @@ def choose_kernel(cpu_flags: frozenset[str] | set[str], override: str | None = N
     if "avx512_vnni" in cpu_flags:  # (a VM hiding AVX512-BW/VL/DQ: oneDNN picks its own code)
         return "int8mm", "AVX512-VNNI without BW/VL/DQ: torch._int_mm for prompt chunks"
     if cpu_flags >= AVX2_FLAGS and quantization == "int4":
-        # int4 weights requantized to int8 a layer at a time, then two multiplies per 32 products on AVX2, against the
-        # int4 decode kernels' one (their codes 0..15 sum in int16): the 0.5B's four shapes at 16 / 64 / 256 rows
-        # 26.37 / 51.42 / 145.72 ms vs 26.73 / 41.94 / 149.70 on the decode kernels (Zen 1, median of 7): no gain
-        return "none", "AVX2 without AVX512-VNNI/AMX, int4 weights: prompt chunks on the decode kernels (as fast)"
+        # requantized to int8, int4 weights took two multiplies per 32 products here, no faster than the decode
+        # kernels (Zen 1, the 0.5B's four shapes at 16 / 64 / 256 rows: 26.37 / 51.42 / 145.72 vs 26.73 / 41.94 /
+        # 149.70 ms); their own codes (pf_w4_gemm_avx2, int16 sums) take ~1.1 (the module's note)
+        return "int8avx2", "AVX2 without AVX512-VNNI/AMX, int4 weights: pf_w4_gemm_avx2 on their own codes"
     if cpu_flags >= AVX2_FLAGS:
         return "int8avx2", "AVX2 without AVX512-VNNI/AMX: pf_w8_gemm_avx2 for prompt chunks"
     return "none", "no AVX2: prompt chunks on the decode kernels"
@@ -177,6 +180,10 @@ def load() -> ctypes.CDLL:
         lib.pf_w8_gemm.restype = i32
         lib.pf_w8_gemm_avx2.argtypes = [p, p, i64, i64, i64, p, i64, p, i64, p, p, i32, p, i32]
         lib.pf_w8_gemm_avx2.restype = i32
+        lib.pf_w4_gemm_scratch.argtypes = [i64, i64, i64, i32]
+        lib.pf_w4_gemm_scratch.restype = i64
+        lib.pf_w4_gemm_avx2.argtypes = [p, p, i64, i64, i64, p, p, p, i64, p, p, i32, p, i32]
+        lib.pf_w4_gemm_avx2.restype = i32
         _lib = lib
         return lib
 
@@ -395,6 +402,8 @@ def linear_w4(kernel: str, x: Tensor, w: Tensor, s: Tensor, z: Tensor, group: in
     m, k = x.shape
     n = w.shape[0]
     _check(x, torch.float32, (m, k), "x")
+    if kernel == "int8avx2" and group % 32 == 0 and _runs_own(kernel):
+        return _w4_gemm(x, w, s, z, group, bias, out, norm)
     if kernel in INT8_GEMMS:
         codes, ws = w4_to_i8(w, s, z, group, CHUNK_K, (_scratch.get("w8", (n, k), torch.int8),
                                                        _scratch.get("ws", (_n_chunks(k, CHUNK_K), n), torch.float32)))
@@ -403,6 +412,31 @@ def linear_w4(kernel: str, x: Tensor, w: Tensor, s: Tensor, z: Tensor, group: in
         raise ValueError(f"prefill kernel {kernel!r}")
     return _finish_bf16(_normed(x, norm), w4_to_bf16(w, s, z, group, _scratch.get("wbf16", (n, k), torch.bfloat16)),
                         bias, out)
+
+
+def _w4_gemm(x: Tensor, w: Tensor, s: Tensor, z: Tensor, group: int, bias: Tensor | None, out: Tensor | None,
+             norm: Norm | None) -> Tensor:
+    """int4 weights' own codes on AVX2 (pf_w4_gemm_avx2): x quantized per row and group as the decode kernels
+    quantize it (the same codes and scales), each group's integer sum theirs too; y (+)= the product (+ bias)."""
+    m, k = x.shape
+    n = w.shape[0]
+    _check(w, torch.uint8, (n, k // 2), "w")
+    _check(s, torch.bfloat16, (n, k // group), "scales")
+    _check(z, torch.bfloat16, (n, k // group), "zeros")
+    if bias is not None:
+        _check(bias, torch.float32, (n,), "bias")
+    q, xs = quantize_rows(x, group, (_scratch.get("xq", (m, k), torch.int8),
+                                     _scratch.get("xs", (m, k // group), torch.float32)), norm)
+    y = out if out is not None else torch.empty((m, n))
+    _check(y, torch.float32, (m, n), "out")
+    lib, threads = load(), torch.get_num_threads()
+    buf = _scratch.get("pw", (lib.pf_w4_gemm_scratch(m, k, group, threads) + 64,), torch.uint8)
+    at = buf.data_ptr() + (-buf.data_ptr()) % 64  # (the kernel's aligned loads)
+    if lib.pf_w4_gemm_avx2(q.data_ptr(), xs.data_ptr(), m, k, group, w.data_ptr(), s.data_ptr(), z.data_ptr(), n,
+                           None if bias is None else bias.data_ptr(), y.data_ptr(), int(out is not None), at,
+                           threads) != 0:
+        raise RuntimeError(f"pf_w4_gemm_avx2 failed (M={m}, N={n}, K={k}, group={group})")
+    return y
 
 
 def _normed(x: Tensor, norm: Norm | None) -> Tensor:

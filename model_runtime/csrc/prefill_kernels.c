@@ -15,7 +15,8 @@
  *                     earlier chunks, or a residual);
  *   pf_w8_gemm:       the int8 GEMM itself where the CPU has AVX512-VNNI and no AMX, every chunk and its
  *                     finish in one call (the same bytes as _int_mm + pf_scale_rows; see its comment);
- *   pf_w8_gemm_avx2:  the same on AVX2 without VNNI (the same bytes again).
+ *   pf_w8_gemm_avx2:  the same on AVX2 without VNNI (the same bytes again);
+ *   pf_w4_gemm_avx2:  int4 weights' own codes on AVX2 (no requantization; int16 sums of 32 values).
  * Plain loops the compiler vectorises (the table look-up: AVX2 intrinsics); compiled with -ffp-contract=off so the dequantized values are
  * bit-identical to PyTorch's (c - 8) * s + z (tests compare them exactly).
  *
@@ -25,13 +26,14 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "row_norm.h"  /* rms_norm_row: the decode kernels' instructions (a row normalised the same either way) */
 
-#define PF_ABI_VERSION 7
+#define PF_ABI_VERSION 8
 
 int pf_abi_version(void) { return PF_ABI_VERSION; }
 
@@ -636,6 +638,163 @@ int pf_w8_gemm_avx2(const int8_t* xq, const float* xs, int64_t M, int64_t K, int
 #pragma omp for schedule(guided, 8)
             for (int64_t p = 0; p < panels; p++)
                 pa_panel(w, N, K, C, nc, p * PA_NT, xt, xst, t0, t1, M, ws, ws_stride, bias, y, accumulate);
+        }
+    }
+    return 0;
+}
+
+/* ---- pf_w4_gemm_avx2: int4 weights' codes, as stored, on AVX2 -------------------------------------------------
+ * On AVX2 alone int4 weights requantized to int8 (pf_w4_to_i8) cost pf_w8_gemm_avx2's two multiplies per 32 products
+ * (vpmaddubsw, then vpmaddwd to widen), no faster than the decode kernels. Here the codes stay 0..15 (unsigned:
+ * no vpsignb), and a vpmaddubsw pair sum is at most 2 x 15 x 127 = 3810, so 8 of them (32 values) add up in int16
+ * before one vpmaddwd widens them: ~1.1 multiplies per 32 products. The activations take the decode kernels'
+ * quantization (one scale per row and group of G values, pf_quantize_rows with C = G: the same codes and scales),
+ * so each group's integer sum is the one the decode kernels form; only the float steps' order differs:
+ *   y[m, n] = sum_g xs[m, g] (s[n, g] * isum[m, n, g] + (z[n, g] - 8 s[n, g]) * qsum[m, g]) (+ bias) (+ y).
+ * Layout as pf_w8_gemm_avx2: activation rows transposed in tiles of 8 (one register: 8 rows x 4 codes), each
+ * weight row's 4 codes one 32-bit broadcast, PA_NT weight rows x PA_RT tiles per register pass; a panel's PA_NT
+ * weight rows are unpacked to one code a byte first (once per pass over the tiles, into the calling thread's part of
+ * the scratch). Needs G % 32 == 0, K % G == 0, K % 64 == 0 (the int4 layout's blocks); the caller checks. */
+int64_t pf_w4_gemm_scratch(int64_t M, int64_t K, int64_t G, int nthreads) {
+    const int64_t tiles = (M + 7) / 8, ng = G > 0 ? K / G : 0;
+    /* transposed codes, then per tile and group 8 row scales and 8 code sums (scaled), then each thread's codes */
+    return tiles * K * 8 + tiles * ng * 64 + (int64_t)(nthreads > 0 ? nthreads : 1) * PA_NT * K;
+}
+
+/* the int32 sums of group [k0, k0 + G) for PA_NT unpacked weight rows (cw[t]) x rt tiles (tile r at xt + r * tstride
+   dwords): int16 sums of 32 values at a time, widened */
+static inline __attribute__((always_inline)) void pw_group(const uint8_t* const cw[PA_NT], const int32_t* xt,
+        int64_t tstride, int64_t k0, int64_t G, int rt, __m256i out[PA_NT][PA_RT]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[PA_NT][PA_RT];
+    for (int t = 0; t < PA_NT; t++)
+        for (int r = 0; r < PA_RT; r++) acc[t][r] = _mm256_setzero_si256();
+    for (int64_t kb = k0; kb < k0 + G; kb += 32) {
+        __m256i a16[PA_NT][PA_RT];
+        for (int t = 0; t < PA_NT; t++)
+            for (int r = 0; r < PA_RT; r++) a16[t][r] = _mm256_setzero_si256();
+        /* unrolled twice, not 8 times: fully unrolled, GCC formed all the products first and spilled them */
+#pragma GCC unroll 2
+        for (int64_t k4 = kb; k4 < kb + 32; k4 += 4) {
+            __m256i xv[PA_RT];
+            for (int r = 0; r < rt; r++) xv[r] = _mm256_load_si256((const __m256i*)(xt + r * tstride + k4 * 2));
+            for (int t = 0; t < PA_NT; t++) {
+                const __m256i wb = _mm256_set1_epi32(*(const pa_i32u*)(cw[t] + k4));
+                for (int r = 0; r < rt; r++) a16[t][r] = _mm256_add_epi16(a16[t][r], _mm256_maddubs_epi16(wb, xv[r]));
+            }
+        }
+        for (int t = 0; t < PA_NT; t++)
+            for (int r = 0; r < rt; r++) acc[t][r] = _mm256_add_epi32(acc[t][r], _mm256_madd_epi16(a16[t][r], ones));
+    }
+    for (int t = 0; t < PA_NT; t++)
+        for (int r = 0; r < PA_RT; r++) out[t][r] = acc[t][r];
+}
+
+static void pw_panel(const uint8_t* w, const uint16_t* s, const uint16_t* z, int64_t N, int64_t K, int64_t G,
+        int64_t n0, const int32_t* xt, const float* xst, const float* dxt, int64_t t0, int64_t t1, int64_t M,
+        const float* bias, float* y, int accumulate, uint8_t* cw) {
+    const int64_t ng = K / G, tstride = K * 2;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    int64_t n[PA_NT];
+    const uint8_t* cwp[PA_NT];
+    for (int t = 0; t < PA_NT; t++) {  /* the panel's rows to one code a byte; the rows PG_PREFETCH panels on to L2 */
+        n[t] = n0 + t < N ? n0 + t : N - 1;
+        const uint8_t* wr = w + n[t] * (K / 2);
+        const int64_t ahead = n0 + PG_PREFETCH * PA_NT + t;
+        const uint8_t* pf = w + (ahead < N ? ahead : N - 1) * (K / 2);
+        uint8_t* c = cw + t * K;
+        for (int64_t k = 0; k < K; k += 64) {  /* byte j of a 64-value block: value j | value j + 32 << 4 */
+            _mm_prefetch((const char*)(pf + k / 2), _MM_HINT_T1);
+            const __m256i b = _mm256_loadu_si256((const __m256i*)(wr + k / 2));
+            _mm256_storeu_si256((__m256i*)(c + k), _mm256_and_si256(b, low4));
+            _mm256_storeu_si256((__m256i*)(c + k + 32), _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
+        }
+        cwp[t] = c;
+    }
+    for (int64_t tile = t0; tile < t1; tile += PA_RT) {
+        const int rt = (int)(t1 - tile < PA_RT ? t1 - tile : PA_RT);
+        const int32_t* x0 = xt + tile * tstride;
+        __m256 run[PA_NT][PA_RT];
+        for (int64_t g = 0; g < ng; g++) {
+            __m256i acc[PA_NT][PA_RT];
+            if (rt == PA_RT) pw_group(cwp, x0, tstride, g * G, G, PA_RT, acc);
+            else pw_group(cwp, x0, tstride, g * G, G, 1, acc);
+            for (int t = 0; t < PA_NT; t++) {
+                const float sg = bf16_to_f32(s[n[t] * ng + g]);
+                const __m256 sv = _mm256_set1_ps(sg);
+                const __m256 cz = _mm256_set1_ps(bf16_to_f32(z[n[t] * ng + g]) - 8.f * sg);  /* the zero-point term */
+                for (int r = 0; r < rt; r++) {
+                    const int64_t o = ((tile + r) * ng + g) * 8;
+                    __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[t][r]),
+                                                           _mm256_mul_ps(_mm256_load_ps(xst + o), sv)),
+                                             _mm256_mul_ps(_mm256_load_ps(dxt + o), cz));
+                    if (g == 0) {
+                        if (bias) v = _mm256_add_ps(v, _mm256_set1_ps(bias[n[t]]));
+                        if (accumulate) {
+                            float yin[8];
+                            for (int m = 0; m < 8; m++) {
+                                const int64_t row = (tile + r) * 8 + m;
+                                yin[m] = row < M ? y[row * N + n[t]] : 0.f;
+                            }
+                            v = _mm256_add_ps(_mm256_loadu_ps(yin), v);
+                        }
+                    } else {
+                        v = _mm256_add_ps(run[t][r], v);
+                    }
+                    run[t][r] = v;
+                }
+            }
+        }
+        for (int r = 0; r < rt; r++) pa_store(run, r, (tile + r) * 8, M, n0, N, y);
+    }
+}
+
+/* xq [M, K] int8, xs [M, K / G] (pf_quantize_rows with C = G); w [N, K / 2] uint8, s, z [N, K / G] bfloat16 (the
+   int4 layout); y [M, N] (+)= the product (+ bias). scratch: at least pf_w4_gemm_scratch(M, K, G, nthreads) bytes,
+   64-byte aligned. */
+int pf_w4_gemm_avx2(const int8_t* xq, const float* xs, int64_t M, int64_t K, int64_t G, const uint8_t* w,
+                    const uint16_t* s, const uint16_t* z, int64_t N, const float* bias, float* y, int accumulate,
+                    void* scratch, int nthreads) {
+    if (K <= 0 || G <= 0 || G % 32 || K % G || K % 64 || M <= 0 || N <= 0 || nthreads <= 0 ||
+        ((uintptr_t)scratch & 63))
+        return -1;
+    const int64_t tiles = (M + 7) / 8, ng = K / G;
+    int32_t* xt = (int32_t*)scratch;                          /* per tile [K/4][8] dwords */
+    float* xst = (float*)((char*)scratch + tiles * K * 8);    /* per tile [ng][8]: the rows' group scales */
+    float* dxt = xst + tiles * ng * 8;                        /* per tile [ng][8]: scale x the group's code sum */
+    uint8_t* cw_all = (uint8_t*)(dxt + tiles * ng * 8);       /* per thread PA_NT x K codes */
+    const int64_t tiles_per_pass = pg_tiles_per_pass(K, PA_RT);
+    const int64_t panels = (N + PA_NT - 1) / PA_NT;
+#pragma omp parallel num_threads(nthreads)
+    {
+        uint8_t* cw = cw_all + (int64_t)omp_get_thread_num() * PA_NT * K;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            int32_t* xtt = xt + t * (K / 4) * 8;
+            const int rows = M - t * 8 < 8 ? (int)(M - t * 8) : 8;
+            for (int64_t k4 = 0; k4 < K / 4; k4++) {
+                for (int m = 0; m < rows; m++) memcpy(xtt + k4 * 8 + m, xq + (t * 8 + m) * K + 4 * k4, 4);
+                for (int m = rows; m < 8; m++) xtt[k4 * 8 + m] = 0;
+            }
+            for (int64_t g = 0; g < ng; g++)
+                for (int m = 0; m < 8; m++) {
+                    float d = 0.f, dsum = 0.f;
+                    if (m < rows) {
+                        const int8_t* q = xq + (t * 8 + m) * K + g * G;
+                        int32_t sum = 0;
+                        for (int64_t k = 0; k < G; k++) sum += q[k];
+                        d = xs[(t * 8 + m) * ng + g];
+                        dsum = d * (float)sum;
+                    }
+                    xst[(t * ng + g) * 8 + m] = d;
+                    dxt[(t * ng + g) * 8 + m] = dsum;
+                }
+        }
+        for (int64_t t0 = 0; t0 < tiles; t0 += tiles_per_pass) {
+            const int64_t t1 = t0 + tiles_per_pass < tiles ? t0 + tiles_per_pass : tiles;
+#pragma omp for schedule(guided, 8)
+            for (int64_t p = 0; p < panels; p++)
+                pw_panel(w, s, z, N, K, G, p * PA_NT, xt, xst, dxt, t0, t1, M, bias, y, accumulate, cw);
         }
     }
     return 0;

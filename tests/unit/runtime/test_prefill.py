@@ -62,9 +62,10 @@ def test_no_prefill_kernel_off_the_dq_backend_or_without_its_helpers(monkeypatch
     machine = Machine("cpu", dq_available=True, cpu_flags=AMX)
     # int4 takes the matrix engine as int8 does (measured faster per shape, requantization included)
     assert make_plan(CFG, machine, quantization="int4", lm_head="int8").prefill_kernel == "int8mm"
-    # but not AVX2's int8 GEMM (requantized int4 measured no faster than the int4 decode kernels)
+    # and on AVX2 alone the AVX2 GEMMs: int4 weights on their own codes (pf_w4_gemm_avx2), not requantized
     avx2 = Machine("cpu", dq_available=True, cpu_flags=AVX2_ONLY)
-    assert make_plan(CFG, avx2, quantization="int4", lm_head="int8").prefill_kernel == "none"
+    plan4 = make_plan(CFG, avx2, quantization="int4", lm_head="int8")
+    assert plan4.prefill_kernel == "int8avx2" and any("pf_w4_gemm_avx2" in n for n in plan4.notes)
     assert make_plan(CFG, avx2, quantization="int8", lm_head="int8").prefill_kernel == "int8avx2"
     assert make_plan(CFG, machine, quantization="int8", kernels="aten").prefill_kernel == "none"
     assert make_plan(CFG, machine, quantization="none").prefill_kernel == "none"
@@ -270,6 +271,56 @@ def test_own_gemms_fall_back_to_int_mm_where_their_code_cannot_run(gemm, monkeyp
                        prefill._int8mm(x, codes, ws, None, None, 128, "int8mm"))
 
 
+needs_avx2_gemm = pytest.mark.skipif(not prefill.cpu_flags() >= prefill.AVX2_FLAGS,
+                                     reason="pf_w4_gemm_avx2 needs AVX2 and FMA, which this CPU lacks")
+
+
+@needs_kernels
+@needs_avx2_gemm
+@pytest.mark.parametrize(("m", "n", "k", "group"), [
+    (1, 4, 64, 32),        # the smallest: one row, one panel, one group of 32
+    (5, 7, 128, 32),       # a partial row tile, a partial weight panel (its stores one by one)
+    (24, 31, 896, 128),    # whole row tiles (one register pass of 2 and a lone one), a last panel of 3 outputs
+    (16, 64, 4864, 128),   # the 0.5B's down projection at PREFILL_MIN_ROWS rows
+    (70, 13, 512, 256),    # row tiles 2 + 2 + ... + 1, groups of 256 (8 int16 sums of 32 values each)
+    (9, 5, 192, 64),       # groups of 64
+    (520, 12, 4864, 128),  # more rows than one pass keeps in L2 (two passes)
+])
+def test_int4_avx2_gemm_takes_the_decode_kernels_integer_sums(m, n, k, group):
+    """pf_w4_gemm_avx2 quantizes the activations as the decode kernels do (per row and group) and multiplies the
+    stored codes: each group's integer sum is theirs, so the outputs agree to float rounding (summation order), with
+    and without bias, RMSNorm and a residual; the extreme codes (0 and 15 against |x| = 127) do not wrap in int16."""
+    from model_runtime import ckernels
+
+    torch.manual_seed(m * 100 + n)
+    x = torch.randn(m, k) * torch.linspace(0.1, 4, k)
+    x[0, 0] = 60.0
+    if m > 3:
+        x[3] = 0.0  # an all-zero row: scale 0
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    packed[0] = 0xFF  # every code 15: the largest int16 pair sums against codes of +-127
+    packed[-1] = 0x00
+    s = (torch.rand(n, k // group) * 0.02 + 0.001).to(torch.bfloat16)
+    z = (torch.randn(n, k // group) * 0.01).to(torch.bfloat16)
+    lin = Int4Linear(packed, s, z, None, torch.float32, keep_codes=True, backend="dq")
+    args = (lin._packed, lin._dq_scales, lin._dq_zeros)
+    norm = (torch.rand(k) + 0.5, 1e-6)
+    for bias in (None, torch.randn(n)):
+        for nm in (None, norm):
+            for resid in (None, torch.randn(m, n)):
+                got = prefill.linear_w4("int8avx2", x, *args, group, bias, None if resid is None else resid.clone(),
+                                        nm)
+                want = ckernels.linear_w4(x, *args, bias, group, norm=None if nm is None else nm[0],
+                                          eps=0.0 if nm is None else nm[1],
+                                          out=None if resid is None else resid.clone())
+                scale = float(want.abs().max())
+                assert torch.allclose(got, want, rtol=0, atol=2e-6 * scale), (bias is None, nm is None, resid is None)
+    w = kernels.dequantize_int4(kernels.unpack_nibbles(packed), s, z)
+    ref = x.double() @ w.double().t()
+    got = prefill.linear_w4("int8avx2", x, *args, group, None).double()
+    assert (got - ref).norm() / ref.norm() < 0.03  # and near the float product (activations rounded to 8 bits)
+
+
 @needs_kernels
 def test_int8mm_refuses_weight_scales_chunked_otherwise_than_the_activations():
     codes = torch.randint(-127, 128, (8, 1024), dtype=torch.int8)
@@ -317,8 +368,8 @@ def test_int8_prefill_gemm_gives_the_same_greedy_tokens_as_the_dq_kernels(tiny_q
 
 
 @needs_kernels
-@pytest.mark.parametrize("kernel", [_where_it_runs(k) for k in prefill.INT8_GEMMS])  # (bf16: test_prefill_gemms_match_...)
-def test_int4_prefill_gemm_follows_the_exact_int4_math(tiny_qwen2_dir, kernel, monkeypatch):
+@pytest.mark.parametrize("kernel", [_where_it_runs(k) for k in ("int8mm", "int8vnni")])  # (int8avx2: the next test;
+def test_int4_prefill_gemm_follows_the_exact_int4_math(tiny_qwen2_dir, kernel, monkeypatch):  # bf16: ..._match_...)
     """int4 on the random tiny model has a near-tie at the 6th token that the dq kernels' own rounding
     (activations quantized per group of 32) tips the other way: the prefill GEMM gives the tokens of
     the exact int4 math (generic backend in float32), and logits close to the dq kernels'."""
@@ -331,6 +382,22 @@ def test_int4_prefill_gemm_follows_the_exact_int4_math(tiny_qwen2_dir, kernel, m
     scale = float(logits_exact.abs().max())
     assert torch.allclose(logits, logits_exact, atol=0.04 * scale)
     assert torch.allclose(logits, logits_dq, atol=0.04 * scale)
+
+
+@needs_kernels
+@needs_avx2_gemm
+def test_int4_avx2_prefill_gives_the_dq_kernels_tokens(tiny_qwen2_dir, monkeypatch):
+    """int4 weights on the AVX2 GEMM (their own codes, the activations quantized as the decode kernels quantize
+    them): the decode kernels' greedy tokens, the near tie that the exact int4 math tips the other way included
+    (test_int4_prefill_gemm_follows_the_exact_int4_math), and logits close to theirs. Each linear agrees with
+    theirs to float rounding (test_int4_avx2_gemm_takes_the_decode_kernels_integer_sums); through the model a
+    value on a rounding boundary can take the next code when the next linear quantizes it, hence 1% here."""
+    tokens, logits = _greedy_with(tiny_qwen2_dir, "int8avx2", monkeypatch, quantization="int4", group_size=32)
+    tokens_dq, logits_dq = _greedy_with(tiny_qwen2_dir, "none", monkeypatch, quantization="int4", group_size=32)
+    tokens_exact, _ = _greedy_with(tiny_qwen2_dir, "none", monkeypatch, quantization="int4", group_size=32,
+                                   kernels="generic", dtype="float32")
+    assert tokens == tokens_dq != tokens_exact
+    assert torch.allclose(logits, logits_dq, atol=0.02 * float(logits_dq.abs().max()))
 
 
 @needs_kernels
