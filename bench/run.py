@@ -384,7 +384,7 @@ class Bench:
         variants.append(("ours/int8-decode-kernels", "prefill_ours",
                          {"model_dir": str(ST_0P5B), "quantization": "int8", "prefill_kernel": "none"}))
         # int4 with every prompt row on the decode kernels: the plan's choice (the matrix engine, weights
-        # requantized per call) is checked against it here
+        # requantized per call; on AVX2 alone pf_w4_gemm_avx2 on their own codes) is checked against it here
         variants.append(("ours/int4-decode-kernels", "prefill_ours",
                          {"model_dir": str(ST_0P5B), "quantization": "int4", "prefill_kernel": "none"}))
         rounds: dict[str, list[dict[str, Any]]] = {}
