@@ -21,8 +21,9 @@ Linear backends (one per quantization method, like gpt-fast's one handler per mo
 Prefill (CPU, "dq" linears): a chunk of at least `prefill_min_rows` prompt rows runs on the CPU's
 matrix engine instead of the decode kernels, with the kernel `prefill_kernel` names (prefill.py:
 "int8mm" = torch._int_mm on AMX-INT8; "int8vnni" = the same int8 GEMM on our AVX512-VNNI kernel (no AMX);
-"int8avx2" = the same on our AVX2 kernel (int8 weights on CPUs with neither); "bf16" = weights dequantized to bf16
-and oneDNN's bf16 GEMM; "none" = decode kernels for every row, as for int4 weights on AVX2-only CPUs).
+"int8avx2" = our AVX2 GEMMs on CPUs with neither (int8 weights: the same int8 GEMM; int4 weights: their own
+codes, not requantized); "bf16" = weights dequantized to bf16 and oneDNN's bf16 GEMM; "none" = decode kernels for
+every row, as on CPUs without AVX2).
 DISTILLERY_PREFILL overrides.
 Documented fallback: int4 on a GPU without tinygemm (T4, sm75: no bf16) or with shapes tinygemm cannot
 take runs the "generic" int4 path in fp16 (compiled when compilation is on); the plan's `notes` say why.
@@ -330,8 +331,9 @@ def _prefill_choice(backend: str, head: str, quantization: str, machine: Machine
     """The prompt-chunk GEMM of the dq linears, from the CPU's matrix engines (prefill.choose_kernel), for int8
     and, with a matrix engine, int4 alike: measured per 0.5B layer shape at 256 rows on an AVX512-VNNI Xeon (bench
     `prefill`'s kernel table), torch._int_mm beats the dq kernels for int4 too (1.07-1.65x, its per-call int4->int8
-    requantization included) and end to end (TTFT on 1,000 tokens 6.5 s vs 10.4 s); on AVX2 alone int4 keeps the
-    decode kernels (as fast there). DISTILLERY_PREFILL=none keeps prompt chunks on the decode kernels."""
+    requantization included) and end to end (TTFT on 1,000 tokens 6.5 s vs 10.4 s); on AVX2 alone int4 weights
+    take pf_w4_gemm_avx2 on their own codes ("int8avx2": requantized they were no faster than the decode kernels
+    there; their own codes ~1.3x; prefill.py). DISTILLERY_PREFILL=none keeps prompt chunks on the decode kernels."""
     if "dq" not in (backend, head):
         return "none", 0
     from model_runtime import prefill
