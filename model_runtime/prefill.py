@@ -112,7 +112,8 @@ def choose_kernel(cpu_flags: frozenset[str] | set[str], override: str | None = N
     if cpu_flags >= AVX2_FLAGS and quantization == "int4":
         # requantized to int8, int4 weights took two multiplies per 32 products here, no faster than the decode
         # kernels (Zen 1, the 0.5B's four shapes at 16 / 64 / 256 rows: 26.37 / 51.42 / 145.72 vs 26.73 / 41.94 /
-        # 149.70 ms); their own codes (pf_w4_gemm_avx2, int16 sums) take ~1.1 (the module's note)
+        # 149.70 ms); on their own codes (pf_w4_gemm_avx2, int16 sums: ~1.1 multiplies per 32) 1.2-1.5x per shape at
+        # 256 rows and 1.33x the TTFT on 1,000 tokens (Zen 1, session 19; the module's note)
         return "int8avx2", "AVX2 without AVX512-VNNI/AMX, int4 weights: pf_w4_gemm_avx2 on their own codes"
     if cpu_flags >= AVX2_FLAGS:
         return "int8avx2", "AVX2 without AVX512-VNNI/AMX: pf_w8_gemm_avx2 for prompt chunks"
