@@ -562,6 +562,20 @@ static void pa_store(const __m256 run[PA_NT][PA_RT], int r, int64_t m0, int64_t 
     }
 }
 
+/* one chunk's (or group's) v for 8 rows from row0, output n, into the running sum *run: the first takes the bias and,
+   with accumulate, y's values (a residual) instead (rows past M read as 0) */
+static inline __m256 pa_fold(__m256 v, int first, const __m256* run, const float* bias, int accumulate, const float* y,
+                             int64_t row0, int64_t M, int64_t N, int64_t n) {
+    if (!first) return _mm256_add_ps(*run, v);
+    if (bias) v = _mm256_add_ps(v, _mm256_set1_ps(bias[n]));
+    if (accumulate) {
+        float yin[8];
+        for (int m = 0; m < 8; m++) yin[m] = row0 + m < M ? y[(row0 + m) * N + n] : 0.f;
+        v = _mm256_add_ps(_mm256_loadu_ps(yin), v);
+    }
+    return v;
+}
+
 static void pa_panel(const int8_t* w, int64_t N, int64_t K, int64_t C, int64_t nc, int64_t n0, const int32_t* xt,
         const float* xst, int64_t t0, int64_t t1, int64_t M, const float* ws, int64_t ws_stride, const float* bias,
         float* y, int accumulate) {
@@ -587,25 +601,23 @@ static void pa_panel(const int8_t* w, int64_t N, int64_t K, int64_t C, int64_t n
                 for (int r = 0; r < rt; r++) {
                     __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[t][r]),
                                                            _mm256_load_ps(xst + ((tile + r) * nc + c) * 8)), wsv);
-                    if (c == 0) {
-                        if (bias) v = _mm256_add_ps(v, _mm256_set1_ps(bias[n[t]]));
-                        if (accumulate) {
-                            float yin[8];
-                            for (int m = 0; m < 8; m++) {
-                                const int64_t row = (tile + r) * 8 + m;
-                                yin[m] = row < M ? y[row * N + n[t]] : 0.f;
-                            }
-                            v = _mm256_add_ps(_mm256_loadu_ps(yin), v);
-                        }
-                    } else {
-                        v = _mm256_add_ps(run[t][r], v);
-                    }
-                    run[t][r] = v;
+                    run[t][r] = pa_fold(v, c == 0, &run[t][r], bias, accumulate, y, (tile + r) * 8, M, N, n[t]);
                 }
             }
         }
         for (int r = 0; r < rt; r++) pa_store(run, r, (tile + r) * 8, M, n0, N, y);
     }
+}
+
+/* activation tile t (rows 8t.. of xq [M, K], past M zeros) -> xtt [K/4][8] dwords: 4 codes of each row a lane; returns
+   its rows */
+static int pa_transpose_tile(const int8_t* xq, int64_t M, int64_t K, int64_t t, int32_t* xtt) {
+    const int rows = M - t * 8 < 8 ? (int)(M - t * 8) : 8;
+    for (int64_t k4 = 0; k4 < K / 4; k4++) {
+        for (int m = 0; m < rows; m++) memcpy(xtt + k4 * 8 + m, xq + (t * 8 + m) * K + 4 * k4, 4);
+        for (int m = rows; m < 8; m++) xtt[k4 * 8 + m] = 0;
+    }
+    return rows;
 }
 
 /* pf_w8_gemm's arguments (wsum unused: no unsigned offset to take off); scratch as pf_w8_gemm_scratch */
@@ -624,12 +636,7 @@ int pf_w8_gemm_avx2(const int8_t* xq, const float* xs, int64_t M, int64_t K, int
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
-            int32_t* xtt = xt + t * (K / 4) * 8;
-            const int rows = M - t * 8 < 8 ? (int)(M - t * 8) : 8;
-            for (int64_t k4 = 0; k4 < K / 4; k4++) {
-                for (int m = 0; m < rows; m++) memcpy(xtt + k4 * 8 + m, xq + (t * 8 + m) * K + 4 * k4, 4);
-                for (int m = rows; m < 8; m++) xtt[k4 * 8 + m] = 0;
-            }
+            const int rows = pa_transpose_tile(xq, M, K, t, xt + t * (K / 4) * 8);
             for (int64_t c = 0; c < nc; c++)
                 for (int m = 0; m < 8; m++) xst[(t * nc + c) * 8 + m] = m < rows ? xs[(t * 8 + m) * nc + c] : 0.f;
         }
@@ -728,20 +735,7 @@ static void pw_panel(const uint8_t* w, const uint16_t* s, const uint16_t* z, int
                     __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[t][r]),
                                                            _mm256_mul_ps(_mm256_load_ps(xst + o), sv)),
                                              _mm256_mul_ps(_mm256_load_ps(dxt + o), cz));
-                    if (g == 0) {
-                        if (bias) v = _mm256_add_ps(v, _mm256_set1_ps(bias[n[t]]));
-                        if (accumulate) {
-                            float yin[8];
-                            for (int m = 0; m < 8; m++) {
-                                const int64_t row = (tile + r) * 8 + m;
-                                yin[m] = row < M ? y[row * N + n[t]] : 0.f;
-                            }
-                            v = _mm256_add_ps(_mm256_loadu_ps(yin), v);
-                        }
-                    } else {
-                        v = _mm256_add_ps(run[t][r], v);
-                    }
-                    run[t][r] = v;
+                    run[t][r] = pa_fold(v, g == 0, &run[t][r], bias, accumulate, y, (tile + r) * 8, M, N, n[t]);
                 }
             }
         }
@@ -770,12 +764,7 @@ int pf_w4_gemm_avx2(const int8_t* xq, const float* xs, int64_t M, int64_t K, int
         uint8_t* cw = cw_all + (int64_t)omp_get_thread_num() * PA_NT * K;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
-            int32_t* xtt = xt + t * (K / 4) * 8;
-            const int rows = M - t * 8 < 8 ? (int)(M - t * 8) : 8;
-            for (int64_t k4 = 0; k4 < K / 4; k4++) {
-                for (int m = 0; m < rows; m++) memcpy(xtt + k4 * 8 + m, xq + (t * 8 + m) * K + 4 * k4, 4);
-                for (int m = rows; m < 8; m++) xtt[k4 * 8 + m] = 0;
-            }
+            const int rows = pa_transpose_tile(xq, M, K, t, xt + t * (K / 4) * 8);
             for (int64_t g = 0; g < ng; g++)
                 for (int m = 0; m < 8; m++) {
                     float d = 0.f, dsum = 0.f;
