@@ -240,6 +240,16 @@ def _check(t: Tensor, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> 
                          f"{t.dtype} {tuple(t.shape)}")
 
 
+def _check_w4(w: Tensor, s: Tensor, z: Tensor, group: int, k: int | None = None) -> tuple[int, int]:
+    """int4 weights in the dq layout (w [N, K/2] uint8, bf16 scales / zeros [N, K/group]; K from w unless given):
+    refused unless so; returns (N, K)."""
+    n, k = w.shape[0], w.shape[1] * 2 if k is None else k
+    _check(w, torch.uint8, (n, k // 2), "w")
+    _check(s, torch.bfloat16, (n, k // group), "scales")
+    _check(z, torch.bfloat16, (n, k // group), "zeros")
+    return n, k
+
+
 @functools.cache
 def _runs_own(gemm: str) -> bool:
     """Whether this CPU runs our GEMM `gemm` (OWN_GEMM_FLAGS; elsewhere it multiplies on _int_mm: the same bytes)."""
@@ -275,10 +285,7 @@ def w4_to_i8(w: Tensor, s: Tensor, z: Tensor, group: int, chunk: int = CHUNK_K,
              out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """int4 (dq layout [N, K/2], bf16 scales/zeros [N, K/group]) -> (int8 codes [N, K], float32 scales
     [ceil(K / chunk), N]): each chunk of `chunk` values of a row ~ its codes * its scale."""
-    n, k = w.shape[0], w.shape[1] * 2
-    _check(w, torch.uint8, (n, k // 2), "w")
-    _check(s, torch.bfloat16, (n, k // group), "scales")
-    _check(z, torch.bfloat16, (n, k // group), "zeros")
+    n, k = _check_w4(w, s, z, group)
     nc = _n_chunks(k, chunk)
     codes, ws = out if out is not None else (torch.empty((n, k), dtype=torch.int8), torch.empty((nc, n)))
     _check(ws, torch.float32, (nc, n), "channel scales")
@@ -290,10 +297,7 @@ def w4_to_i8(w: Tensor, s: Tensor, z: Tensor, group: int, chunk: int = CHUNK_K,
 
 def w4_to_bf16(w: Tensor, s: Tensor, z: Tensor, group: int, out: Tensor | None = None) -> Tensor:
     """int4 (dq layout) -> bfloat16 [N, K]: dequantize_int4's float32 values rounded to bfloat16."""
-    n, k = w.shape[0], w.shape[1] * 2
-    _check(w, torch.uint8, (n, k // 2), "w")
-    _check(s, torch.bfloat16, (n, k // group), "scales")
-    _check(z, torch.bfloat16, (n, k // group), "zeros")
+    n, k = _check_w4(w, s, z, group)
     y = out if out is not None else torch.empty((n, k), dtype=torch.bfloat16)
     if load().pf_w4_to_bf16(w.data_ptr(), s.data_ptr(), z.data_ptr(), n, k, group, y.data_ptr(),
                             torch.get_num_threads()) != 0:
@@ -420,10 +424,7 @@ def _w4_gemm(x: Tensor, w: Tensor, s: Tensor, z: Tensor, group: int, bias: Tenso
     """int4 weights' own codes on AVX2 (pf_w4_gemm_avx2): x quantized per row and group as the decode kernels
     quantize it (the same codes and scales), each group's integer sum theirs too; y (+)= the product (+ bias)."""
     m, k = x.shape
-    n = w.shape[0]
-    _check(w, torch.uint8, (n, k // 2), "w")
-    _check(s, torch.bfloat16, (n, k // group), "scales")
-    _check(z, torch.bfloat16, (n, k // group), "zeros")
+    n, _ = _check_w4(w, s, z, group, k)
     if bias is not None:
         _check(bias, torch.float32, (n,), "bias")
     q, xs = quantize_rows(x, group, (_scratch.get("xq", (m, k), torch.int8),
