@@ -558,6 +558,11 @@ class Reconciler:
         decision: Decision | None = None
         served = dm
         if dm.spec.rollout.steps:
+            if not isinstance(live_in, Unset):
+                # The rollout decides on the child's revisions: an event's copy may be older than what an
+                # earlier reconcile acted on (by a late one, a restored stable spec would look ready and the
+                # hold on the stable revision would lift while Knative still routes to the candidate).
+                live = await self._get_isvc(namespace, name, retry)
             decision, previous = await self._rollout(body, dm, live, namespace, name, previous, retry)
             served = self._served_model(dm, decision)
         desired = render_inference_service(served, self.settings)

@@ -114,6 +114,29 @@ async def test_an_abandoned_candidate_serves_nothing_while_the_stable_spec_is_re
     assert rollout["phase"] == "Idle" and "candidateRevision" not in rollout
 
 
+async def test_an_old_copy_of_the_child_from_a_late_event_never_lifts_the_hold() -> None:
+    client, clock = MemoryClient(), Clock()
+    reconciler = Reconciler(client, RenderSettings(), clock=clock)
+    client.put(DM, dm_object())
+    await reconciler.reconcile(stored(client), trigger="create")
+    set_revisions(client, "r1-predictor-00001", "r1-predictor-00001")
+    before_the_candidate = copy.deepcopy(client.objects[(ISVC.plural, NS, NAME)])
+    await client.patch(DM, NS, NAME, {"spec": {"quantization": {"method": "int8"}}})
+    await reconciler.reconcile(stored(client), trigger="update")
+    set_revisions(client, "r1-predictor-00002", "r1-predictor-00001")
+    await reconciler.reconcile(stored(client), trigger="child")
+    await client.patch(DM, NS, NAME, {"spec": {"quantization": {"method": "int4"}}})  # abandoned
+    await reconciler.reconcile(stored(client), trigger="update")
+    assert client.objects[(ISVC.plural, NS, NAME)]["spec"]["predictor"]["canaryTrafficPercent"] == 0
+    # A watch event delivered late carries the child as it was before the candidate's revision existed: by
+    # that copy nothing would be restoring, yet -00002 is still Knative's latest ready revision.
+    await reconciler.reconcile_child("MODIFIED", before_the_candidate)
+    assert client.objects[(ISVC.plural, NS, NAME)]["spec"]["predictor"]["canaryTrafficPercent"] == 0
+    assert stored(client)["status"]["rollout"]["candidateRevision"] == "r1-predictor-00002"
+    await reconciler.reconcile(stored(client), trigger="rollout")  # the next tick still holds
+    assert client.objects[(ISVC.plural, NS, NAME)]["spec"]["predictor"]["canaryTrafficPercent"] == 0
+
+
 async def test_a_failed_status_write_neither_counts_nor_announces_the_rollout_twice() -> None:
     client, clock = MemoryClient(), Clock()
     reconciler = Reconciler(client, RenderSettings(), clock=clock)
