@@ -65,16 +65,19 @@ async def test_a_stale_copy_never_takes_a_second_step() -> None:
     assert [reason for _, _, reason, _ in client.events].count("RolloutStep") == 1
 
 
-async def rolling_out(client: MemoryClient, reconciler: Reconciler) -> None:
-    """int4 (revision -00001) rolling out int8, whose revision -00002 is ready at step 1."""
+async def rolling_out(client: MemoryClient, reconciler: Reconciler) -> dict[str, Any]:
+    """int4 (revision -00001) rolling out int8, whose revision -00002 is ready at step 1. Returns the child as it
+    was before the candidate's revision existed (what a late watch event may still carry)."""
     client.put(DM, dm_object())
     await reconciler.reconcile(stored(client), trigger="create")
     set_revisions(client, "r1-predictor-00001", "r1-predictor-00001")
+    before_the_candidate = copy.deepcopy(client.objects[(ISVC.plural, NS, NAME)])
     await client.patch(DM, NS, NAME, {"spec": {"quantization": {"method": "int8"}}})
     await reconciler.reconcile(stored(client), trigger="update")
     set_revisions(client, "r1-predictor-00002", "r1-predictor-00001")
     await reconciler.reconcile(stored(client), trigger="child")
     assert stored(client)["status"]["rollout"]["candidateRevision"] == "r1-predictor-00002"
+    return before_the_candidate
 
 
 async def test_a_new_candidate_mid_rollout_never_takes_the_previous_candidates_revision() -> None:
@@ -117,14 +120,7 @@ async def test_an_abandoned_candidate_serves_nothing_while_the_stable_spec_is_re
 async def test_an_old_copy_of_the_child_from_a_late_event_never_lifts_the_hold() -> None:
     client, clock = MemoryClient(), Clock()
     reconciler = Reconciler(client, RenderSettings(), clock=clock)
-    client.put(DM, dm_object())
-    await reconciler.reconcile(stored(client), trigger="create")
-    set_revisions(client, "r1-predictor-00001", "r1-predictor-00001")
-    before_the_candidate = copy.deepcopy(client.objects[(ISVC.plural, NS, NAME)])
-    await client.patch(DM, NS, NAME, {"spec": {"quantization": {"method": "int8"}}})
-    await reconciler.reconcile(stored(client), trigger="update")
-    set_revisions(client, "r1-predictor-00002", "r1-predictor-00001")
-    await reconciler.reconcile(stored(client), trigger="child")
+    before_the_candidate = await rolling_out(client, reconciler)
     await client.patch(DM, NS, NAME, {"spec": {"quantization": {"method": "int4"}}})  # abandoned
     await reconciler.reconcile(stored(client), trigger="update")
     assert client.objects[(ISVC.plural, NS, NAME)]["spec"]["predictor"]["canaryTrafficPercent"] == 0
