@@ -557,19 +557,20 @@ class Reconciler:
         outcome = Outcome("unchanged")
         decision: Decision | None = None
         served = dm
+        reread = False  # the event's copy replaced by a fresh read already
         if dm.spec.rollout.steps:
             if not isinstance(live_in, Unset):
                 # The rollout decides on the child's revisions: an event's copy may be older than what an
                 # earlier reconcile acted on (by a late one, a restored stable spec would look ready and the
                 # hold on the stable revision would lift while Knative still routes to the candidate).
-                live = await self._get_isvc(namespace, name, retry)
+                live, reread = await self._get_isvc(namespace, name, retry), True
             decision, previous = await self._rollout(body, dm, live, namespace, name, previous, retry)
             served = self._served_model(dm, decision)
         desired = render_inference_service(served, self.settings)
         desired["metadata"]["ownerReferences"] = [owner_reference(body)]
         uid = meta.get("uid")
 
-        if live is not None and not isvc_in_sync(desired, live, uid):
+        if live is not None and not reread and not isvc_in_sync(desired, live, uid):
             # The event's copy may be stale: decide on a fresh read before writing.
             live = await self._get_isvc(namespace, name, retry)
         try:
