@@ -529,6 +529,136 @@ static inline __attribute__((always_inline)) void w4z_tile128(const uint8_t* wr,
     for (int j = 0; j < mt; j++) r[j] = hsum_ps(accf[j]) + e[j];
 }
 
+/* int4, G % 128 == 0, W4Q_MIN_ROWS+ activation rows (a batched decode step; a small prompt chunk riding in one):
+   as w8q_panel for int8, the activation rows transposed so that one vpdpbusd adds 8 rows' partial dot products
+   against one 8-code broadcast of a weight row, where w4z_tile128 paid a fold, a conversion and an FMA per row per
+   group (and a 4-row tile read each weight row twice at 8 rows). Bit-identical to it: lanes 2m, 2m + 1 of acc[p]
+   hold exactly row m's integer lanes 2p, 2p + 1 of the 256-bit kernels (lane l of a 128-value chunk: values
+   4l..4l+3 of each 32), and the float steps (the scale and zero-point products, an FMA per group, the sum of the
+   zero-point terms, hsum_ps's tree) are the same operations in the same order, on 8 rows at once.
+   A weight row is unpacked once a pass into codes in the order of its bytes' nibbles (u, per 128-value chunk: low
+   nibbles = values 0..31, 64..95, then high = 32..63, 96..127), each 8 of them one 64-bit broadcast; xt (per tile
+   [K/8][16] dwords, in u's order) holds in lane 2m + h row m's 4 codes of half h of the same 8 values. */
+#define W4Q_NT 2  /* weight rows a pass: 3 measured the same, 4 slower (their accumulators spill) */
+#define W4Q_AHEAD 2
+/* from 5 rows (the 0.5B's four int4 shapes x 24, cold, alternating builds, medians: 4 rows 13.6 / 20.0 ms on
+   w4z_tile128 vs 17.3 / 25.4 here, 5 rows 18.6 / 22.2 vs 17.6 / 21.1, 6 rows 20.1 vs 17.5, 8 rows 25.7 vs 17.1, 12
+   rows 38.4 vs 31.0, 16 rows 51.7 vs 33.2): a tile costs the same whatever its rows */
+#define W4Q_MIN_ROWS 5
+static inline __attribute__((always_inline)) void w4q_unpack(const uint8_t* wr, int64_t K, uint8_t* u,
+                                                             const uint8_t* pf) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    for (int64_t i = 0; i < K; i += 128) {
+        _mm_prefetch((const char*)(pf + i / 2), _MM_HINT_T1);
+        const __m512i b = _mm512_loadu_si512((const void*)(wr + i / 2));
+        _mm512_store_si512((void*)(u + i), _mm512_and_si512(b, low4));
+        _mm512_store_si512((void*)(u + i + 64), _mm512_and_si512(_mm512_srli_epi16(b, 4), low4));
+    }
+}
+
+/* W4Q_NT unpacked weight rows (u, [W4Q_NT][K]; their bf16 scales s and zeros z, row stride ng) against one tile of 8
+   activation rows (xt; xg: per group 16 lanes of scales, then 16 of scale x code sum): res[t] lane 2m = row m's
+   output for weight row t, before the bias */
+static inline __attribute__((always_inline)) void w4q_panel(const uint8_t* u, int64_t K, const __m512i* xt,
+        const float* xg, const uint16_t* s, const uint16_t* z, int64_t G, int64_t ng, __m512* res) {
+    __m512 f[W4Q_NT][4], e[W4Q_NT];
+    for (int t = 0; t < W4Q_NT; t++) {
+        for (int p = 0; p < 4; p++) f[t][p] = _mm512_setzero_ps();
+        e[t] = _mm512_setzero_ps();
+    }
+    for (int64_t g = 0; g < ng; g++) {
+        __m512i a[W4Q_NT][4];
+        for (int t = 0; t < W4Q_NT; t++)
+            for (int p = 0; p < 4; p++) a[t][p] = _mm512_setzero_si512();
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32)
+            for (int p = 0; p < 4; p++) {
+                const __m512i xv = _mm512_load_si512((const void*)(xt + k / 8 + p));
+                for (int t = 0; t < W4Q_NT; t++)
+                    a[t][p] = _mm512_dpbusd_epi32(a[t][p], _mm512_set1_epi64(*(const i64_unaligned*)(u + t * K + k + 8 * p)),
+                                                  xv);
+            }
+        const __m512 xs = _mm512_load_ps(xg + g * 32), dx = _mm512_load_ps(xg + g * 32 + 16);
+        for (int t = 0; t < W4Q_NT; t++) {
+            const float sv = bf16_to_f32(s[t * ng + g]);
+            const float cv = bf16_to_f32(z[t * ng + g]) - 8.f * sv;  /* w4z_row_scales' z - 8 s */
+            const __m512 scv = _mm512_mul_ps(xs, _mm512_set1_ps(sv));
+            for (int p = 0; p < 4; p++) f[t][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[t][p]), scv, f[t][p]);
+            e[t] = _mm512_add_ps(e[t], _mm512_mul_ps(dx, _mm512_set1_ps(cv)));
+        }
+    }
+    for (int t = 0; t < W4Q_NT; t++) {
+        /* hsum_ps of lanes l = 2p + h: (l0 + l4) + (l2 + l6), (l1 + l5) + (l3 + l7), then the two */
+        const __m512 v = _mm512_add_ps(_mm512_add_ps(f[t][0], f[t][2]), _mm512_add_ps(f[t][1], f[t][3]));
+        res[t] = _mm512_add_ps(_mm512_add_ps(v, _mm512_permute_ps(v, 0xB1)), e[t]);
+    }
+}
+
+/* The W4Q path of linear_w4_avx512: q, the activation codes in their natural order, xs / xsum per row and group */
+static int linear_w4q_avx512(const int8_t* q, const float* xs, const int32_t* xsum, int64_t M, int64_t K, int64_t G,
+                             const uint8_t* w, const uint16_t* s, const uint16_t* z, const float* bias, int64_t N,
+                             float* y, int nthreads, int accumulate) {
+    static const int64_t vbase[4] = {0, 64, 32, 96};  /* the values of u's quarters of a chunk */
+    const int64_t ng = K / G, tiles = (M + 7) / 8;
+    __m512i* xt = NULL;
+    float* xst = NULL;
+    if (posix_memalign((void**)&xt, 64, (size_t)(tiles * K * 8)) != 0) xt = NULL;
+    if (posix_memalign((void**)&xst, 64, sizeof(float) * (size_t)(tiles * ng * 32)) != 0) xst = NULL;
+    if (!xt || !xst) {
+        free(xt);
+        free(xst);
+        return -1;
+    }
+    uint32_t* xd = (uint32_t*)xt;
+    for (int64_t tile = 0; tile < tiles; tile++)
+        for (int64_t j = 0; j < K / 8; j++) {  /* slot j: chunk j / 16, quarter (j / 4) % 4, 8 values (j % 4) */
+            const int64_t v = (j / 16) * 128 + vbase[(j / 4) % 4] + 8 * (j % 4);
+            for (int64_t l = 0; l < 16; l++) {
+                const int64_t m = tile * 8 + l / 2;
+                uint32_t c = 0;  /* a row past M: x = 0 (its outputs are not written) */
+                if (m < M) memcpy(&c, q + m * K + v + 4 * (l % 2), 4);
+                xd[(tile * (K / 8) + j) * 16 + l] = c;
+            }
+        }
+    for (int64_t tile = 0; tile < tiles; tile++)  /* per tile and group: 16 lanes of xs, then 16 of xs * code sum */
+        for (int64_t g = 0; g < ng; g++)
+            for (int64_t l = 0; l < 16; l++) {
+                const int64_t m = tile * 8 + l / 2;
+                float* o = xst + (tile * ng + g) * 32;
+                o[l] = m < M ? xs[m * ng + g] : 0.f;
+                o[16 + l] = m < M ? xs[m * ng + g] * (float)xsum[m * ng + g] : 0.f;
+            }
+    /* the weights W4Q_AHEAD panels on are asked into L2 while a panel is unpacked, as w8q_panel's */
+    const int64_t np = (N + W4Q_NT - 1) / W4Q_NT;
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
+    for (int64_t p = 0; p < np; p++) {
+        const int64_t n0 = p * W4Q_NT, nt = N - n0 < W4Q_NT ? N - n0 : W4Q_NT;
+        const int64_t nf = p + W4Q_AHEAD < np - 1 ? n0 + W4Q_AHEAD * W4Q_NT : n0;  /* a full panel */
+        uint8_t u[W4Q_NT * K] __attribute__((aligned(64)));
+        uint16_t sp[W4Q_NT * ng], zp[W4Q_NT * ng];
+        for (int64_t t = 0; t < W4Q_NT; t++) {  /* a last panel short of W4Q_NT rows repeats its last row */
+            const int64_t n = n0 + (t < nt ? t : nt - 1);
+            w4q_unpack(w + n * (K / 2), K, u + t * K, w + (nf + t) * (K / 2));
+            memcpy(sp + t * ng, s + n * ng, sizeof(uint16_t) * (size_t)ng);
+            memcpy(zp + t * ng, z + n * ng, sizeof(uint16_t) * (size_t)ng);
+        }
+        _mm_prefetch((const char*)(s + nf * ng), _MM_HINT_T0);
+        _mm_prefetch((const char*)(z + nf * ng), _MM_HINT_T0);
+        for (int64_t tile = 0; tile < tiles; tile++) {
+            __m512 res[W4Q_NT];
+            float out[16] __attribute__((aligned(64)));
+            w4q_panel(u, K, xt + tile * (K / 8), xst + tile * ng * 32, sp, zp, G, ng, res);
+            const int64_t mt = M - tile * 8 < 8 ? M - tile * 8 : 8;
+            for (int64_t t = 0; t < nt; t++) {
+                _mm512_store_ps(out, res[t]);
+                for (int64_t m = 0; m < mt; m++) out_store(y + (tile * 8 + m) * N + n0 + t, out[2 * m], bias, n0 + t, accumulate);
+            }
+        }
+    }
+    free(xt);
+    free(xst);
+    return 0;
+}
+
 /* Up to 8 activation rows per pass over a weight row (32 vector registers hold their accumulators) */
 #define ZTILE_SWITCH(call)                                                                                   \
     switch (mt) {                                                                                            \
@@ -692,6 +822,11 @@ static int linear_w4_avx512(const float* x, int64_t M, int64_t K, int64_t G, con
     scratch_t sc;
     if (scratch_init(&sc, M, K, ng) != 0) return -1;
     quantize_rows(x, M, K, G, norm_w, eps, sc.tmp, sc.q, sc.scale, sc.qsum, nthreads);
+    if (M >= W4Q_MIN_ROWS && G % 128 == 0) {
+        const int rc = linear_w4q_avx512(sc.q, sc.scale, sc.qsum, M, K, G, w, s, z, bias, N, y, nthreads, accumulate);
+        free(sc.buf);
+        return rc;
+    }
     zorder_rows(sc.q, M, K);
     const int8_t* xz = sc.q;
     const float* xs = sc.scale;
@@ -745,7 +880,7 @@ static int linear_w4_avx512(const float* x, int64_t M, int64_t K, int64_t G, con
                     w4z_row_scales(s + n * ng, z + n * ng, xs + (m0 + j) * ng, dx + (m0 + j) * ng, ng, sc4 + j * ng,
                                    ex4 + j * ng);
 #define W4T(T) w4z_tile128(w + n * (K / 2), xz + m0 * K, sc4, ex4, K, G, ng, T, r, w + nf * (K / 2))
-                switch (mt) {  /* tiles of 4 rows: measured faster here than 8 up to a batch of 8 */
+                switch (mt) {  /* tiles of 4 rows: measured faster here than 8 (2..4 rows; more take linear_w4q_avx512) */
                     case 4: W4T(4); break;
                     case 3: W4T(3); break;
                     case 2: W4T(2); break;

@@ -234,15 +234,18 @@ def test_every_instruction_set_gives_the_avx2_results_bit_for_bit(n: int, k: int
         assert rel_err(outs[isas[0]][1] - residual, normed @ wd.T + bias) < 0.015
 
 
+@pytest.mark.parametrize(("k", "group"), [(896, None), (896, 128), (512, 256)])
 @pytest.mark.parametrize("n", [37, 40])
 @pytest.mark.parametrize("m", [9, 16, 17, 26])
-def test_int8_batches_past_one_row_tile_give_the_avx2_results_and_each_row_its_own(m: int, n: int) -> None:
-    """Batches of more than 8 rows (a prompt chunk on the dq kernels) take the AVX-512 batch kernel two tiles of 8
-    rows at a time (an odd last tile beside a padding one, a short last tile, weight rows past the last group of 4
-    included): every set gives the AVX2 bytes, and every row its one-row result."""
+def test_batches_past_one_row_tile_give_the_avx2_results_and_each_row_its_own(m: int, n: int, k: int,
+                                                                              group: int | None) -> None:
+    """Batches of more than 8 rows (a prompt chunk on the dq kernels) take the AVX-512 batch kernels in tiles of 8
+    rows (int8: two at a time, an odd last tile beside a padding one; int4: one after another over a panel of weight
+    rows; a short last tile, weight rows past the last full panel included): every set gives the AVX2 bytes, and
+    every row its one-row result."""
     loaded = ckernels._load()
-    run, wd, norm, bias = _isa_case(n, 896, None)
-    x, residual = torch.randn(m, 896) * 2, torch.randn(m, n)
+    run, wd, norm, bias = _isa_case(n, k, group)
+    x, residual = torch.randn(m, k) * 2, torch.randn(m, n)
     outs = {}
     for isa in loaded.available_isas():
         with loaded.using_isa(isa):
