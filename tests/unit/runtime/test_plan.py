@@ -133,6 +133,21 @@ def test_one_int8_row_takes_the_256_bit_vnni_kernels_under_avx512() -> None:
     assert make_plan(CFG, pinned, quantization="int4", lm_head="int8").dq_row_isa == ("", "")  # forced / compared
 
 
+def test_the_plan_names_the_batch_kernels_row_tile_where_they_have_one() -> None:
+    """decode_row_tile: 8 where the decoder's int8 / int4 linears take the AVX-512 batch kernels (8 activation rows a
+    pass), 0 where every row costs (AVX2 / AVX-VNNI kernels, PyTorch's, float weights, no integer kernels)."""
+    avx512 = Machine("cpu", dq_available=True, dq_isa="avx512vnni", cpu_flags=frozenset({"avx2", "avx512f",
+                                                                                         "avx512_vnni"}))
+    avx2 = Machine("cpu", dq_available=True, dq_isa="avx2", cpu_flags=frozenset({"avx2"}))
+    for q in ("int8", "int4"):
+        assert make_plan(CFG, avx512, quantization=q, lm_head="int8").decode_row_tile == 8
+        assert make_plan(CFG, avx512, quantization=q, lm_head="int8").describe()["decode_row_tile"] == 8
+        assert make_plan(CFG, avx512, quantization=q, lm_head="int8", kernels="aten").decode_row_tile == 0
+        assert make_plan(CFG, avx2, quantization=q, lm_head="int8").decode_row_tile == 0
+        assert make_plan(CFG, CPU_NO_DQ, quantization=q, lm_head="int8").decode_row_tile == 0
+    assert make_plan(CFG, avx512, quantization="none").decode_row_tile == 0
+
+
 @needs_dq
 def test_building_a_model_routes_one_row_calls_as_its_plan_says(tiny_qwen2_dir) -> None:
     """load_model applies the plan's row_isas to the (process-wide) kernels: what this CPU's plan says is what a

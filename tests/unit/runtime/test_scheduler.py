@@ -166,6 +166,25 @@ def test_a_long_prompt_takes_a_few_tokens_a_step_beside_decoding_streams(loaded)
     assert engine._prefill_plan(decoding=4) == [(long, 60)]
 
 
+def test_a_long_prompt_fills_the_batch_kernels_row_tile_unless_its_step_tokens_are_set(loaded):
+    """long_prefill_step_tokens None: where the plan's batch kernels take rows a tile at a time (decode_row_tile 8),
+    a long prompt beside d decode rows takes the rows that fill their last tile, a tile more when that is under half
+    of one (the step costs the decode rows' tiles, or one more); without a tile, the default 8; set, it is the cap."""
+    engine = Engine(loaded, EngineConfig(max_batch_size=4, max_model_len=4096, max_num_batched_tokens=64,
+                                         prefill_chunk=512, long_prefill_token_threshold=512))
+    long = SimpleNamespace(prompt=[1] * 2000, pos=0)
+    engine._prefilling = [long]
+    engine._row_tile = 8
+    taken = {d: engine._prefill_plan(decoding=d)[0][1] for d in (1, 3, 4, 5, 7, 8, 12, 13)}
+    assert taken == {1: 7, 3: 5, 4: 4, 5: 11, 7: 9, 8: 8, 12: 4, 13: 11}
+    assert all((d + n) % 8 == 0 for d, n in taken.items())
+    assert engine._prefill_plan(decoding=0) == [(long, 512)]  # nothing decoding: no cap
+    engine._row_tile = 0
+    assert engine._prefill_plan(decoding=4) == [(long, 8)]
+    engine._row_tile, engine.config.long_prefill_step_tokens = 8, 6
+    assert engine._prefill_plan(decoding=4) == [(long, 6)]
+
+
 def test_chunked_and_unchunked_prefill_give_the_same_greedy_tokens(loaded):
     outputs = []
     for budget in (7, 512):  # 7: every prompt in 7-token chunks (riding with decode rows when there are some)
