@@ -96,7 +96,7 @@ class EngineConfig:
     # the step's budget is max(max_num_batched_tokens, prefill_chunk): a lone prompt goes in big chunks
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     # while sequences decode, a prompt of more than long_prefill_token_threshold tokens takes at most
-    # long_prefill_step_tokens of the budget per step (0: no cap); DEFAULT_LONG_PREFILL_TOKEN_THRESHOLD says why
+    # long_prefill_step_tokens of the budget per step (threshold 0: no cap); DEFAULT_LONG_PREFILL_TOKEN_THRESHOLD says why
     long_prefill_token_threshold: int = DEFAULT_LONG_PREFILL_TOKEN_THRESHOLD
     # None: the plan's (Engine._long_prompt_tokens: what fills the batch kernels' row tile where they have one)
     long_prefill_step_tokens: int | None = None
