@@ -253,11 +253,14 @@ class Engine:
         # prefill_min_rows rows run on the matrix engine, fewer on the decode kernels; int4 differs between
         # the two), so a prompt's positions come out as a prefill of the whole of it would compute them
         kernel_plan = getattr(loaded, "plan", None)
-        self._prefix_recompute = max(1, int(getattr(kernel_plan, "prefill_min_rows", 0) or 0)
-                                     if getattr(kernel_plan, "prefill_kernel", "none") != "none" else 1)
+        # rows from which a step's linears run on the prompt GEMM (a prompt chunk and the decode rows it rides with);
+        # 0: never
+        self._gemm_rows = (max(1, int(getattr(kernel_plan, "prefill_min_rows", 0) or 0))
+                           if getattr(kernel_plan, "prefill_kernel", "none") != "none" else 0)
+        self._prefix_recompute = self._gemm_rows or 1
+        self._row_tile = int(getattr(kernel_plan, "decode_row_tile", 0) or 0)  # _long_prompt_tokens
         use_compile = config.compile
         plan = getattr(loaded, "plan", None)
-        self._row_tile = int(getattr(plan, "decode_row_tile", 0) or 0)  # _long_prompt_tokens
         if use_compile is None and plan is not None:
             use_compile = plan.compile  # the KernelPlan decided it (flag, environment, device)
         if use_compile is None:
@@ -530,31 +533,39 @@ class Engine:
         left = max(1, budget - decoding)
         plan: list[tuple[_Request, int]] = []
         long_at = self.config.long_prefill_token_threshold
+        rows = decoding  # the step's rows so far
         for req in self._prefilling:
             if left <= 0:
                 break
             req_cap = cap
             if decoding and long_at > 0 and len(req.prompt) > long_at:
-                req_cap = min(cap, self._long_prompt_tokens(decoding))
+                req_cap = min(cap, self._long_prompt_tokens(rows))
             tokens = min(len(req.prompt) - req.pos, req_cap, left)
             plan.append((req, tokens))
             left -= tokens
+            rows += tokens
         return plan
 
-    def _long_prompt_tokens(self, decoding: int) -> int:
-        """A long prompt's tokens in a step beside `decoding` decode rows: long_prefill_step_tokens when set; else,
-        where the plan's batch kernels take activation rows a tile at a time (KernelPlan.decode_row_tile), the rows
-        that fill the decode rows' last tile, or a tile more when that is under half a tile: the step then costs what
-        the decode rows' own tiles cost, or one tile more, as DEFAULT_LONG_PREFILL_STEP_TOKENS' 8 rows would (measured
-        on the Zen 4, 0.5B int4, 4 streams beside a 2,000-token prompt: 8 tokens a step made 12-row steps of 58-66 ms
-        against 24 ms for the 4 rows alone; 4 tokens fill their tile); else DEFAULT_LONG_PREFILL_STEP_TOKENS."""
+    def _long_prompt_tokens(self, rows: int) -> int:
+        """A long prompt's tokens in a step that already has `rows` rows (decode rows, earlier prompts' chunks):
+        long_prefill_step_tokens when set; else, where the plan's batch kernels take activation rows a tile at a time
+        (KernelPlan.decode_row_tile), the rows that fill the last tile, or a tile more when that is under half a tile,
+        kept below the rows from which the step would run on the prompt GEMM instead: the step then costs what its
+        other rows' tiles cost, or one tile more, as DEFAULT_LONG_PREFILL_STEP_TOKENS' 8 rows would (measured on the
+        Zen 4, 0.5B int4, 4 streams beside a 2,000-token prompt: 8 tokens a step made 12-row steps of 58-66 ms
+        against 24 ms for the 4 rows alone; 4 tokens fill their tile). DEFAULT_LONG_PREFILL_STEP_TOKENS where there is
+        no tile, where any prompt row puts the step on the prompt GEMM, and where less than half a tile would fit
+        below it (a long prompt still moves at least that fast)."""
         if self.config.long_prefill_step_tokens is not None:
             return max(1, self.config.long_prefill_step_tokens)
-        tile = self._row_tile
-        if tile <= 1:
+        tile, gemm = self._row_tile, self._gemm_rows
+        if tile <= 1 or (gemm and rows + 1 >= gemm):
             return DEFAULT_LONG_PREFILL_STEP_TOKENS
-        fill = -decoding % tile
-        return fill if fill >= tile // 2 else fill + tile
+        fill = -rows % tile
+        tokens = fill if fill >= tile // 2 else fill + tile
+        if gemm:
+            tokens = min(tokens, gemm - 1 - rows)
+        return tokens if tokens >= tile // 2 else DEFAULT_LONG_PREFILL_STEP_TOKENS
 
     def _admit(self) -> list[_Request]:
         admitted = []

@@ -635,14 +635,21 @@ static int linear_w4q_avx512(const int8_t* q, const float* xs, const int32_t* xs
         const int64_t nf = p + W4Q_AHEAD < np - 1 ? n0 + W4Q_AHEAD * W4Q_NT : n0;  /* a full panel */
         uint8_t u[W4Q_NT * K] __attribute__((aligned(64)));
         uint16_t sp[W4Q_NT * ng], zp[W4Q_NT * ng];
+        const int64_t nf_last = nf + W4Q_NT - 1 < N ? nf + W4Q_NT - 1 : N - 1;
         for (int64_t t = 0; t < W4Q_NT; t++) {  /* a last panel short of W4Q_NT rows repeats its last row */
             const int64_t n = n0 + (t < nt ? t : nt - 1);
-            w4q_unpack(w + n * (K / 2), K, u + t * K, w + (nf + t) * (K / 2));
+            w4q_unpack(w + n * (K / 2), K, u + t * K, w + (nf + t < N ? nf + t : N - 1) * (K / 2));
             memcpy(sp + t * ng, s + n * ng, sizeof(uint16_t) * (size_t)ng);
             memcpy(zp + t * ng, z + n * ng, sizeof(uint16_t) * (size_t)ng);
         }
-        _mm_prefetch((const char*)(s + nf * ng), _MM_HINT_T0);
-        _mm_prefetch((const char*)(z + nf * ng), _MM_HINT_T0);
+        /* every cache line of that panel's scales and zeros (as the one-row kernel's, which measured the lines past
+           the first left to demand misses) */
+        for (int64_t o = nf * ng; o < (nf_last + 1) * ng; o += 32) {
+            _mm_prefetch((const char*)(s + o), _MM_HINT_T0);
+            _mm_prefetch((const char*)(z + o), _MM_HINT_T0);
+        }
+        _mm_prefetch((const char*)(s + (nf_last + 1) * ng - 1), _MM_HINT_T0);
+        _mm_prefetch((const char*)(z + (nf_last + 1) * ng - 1), _MM_HINT_T0);
         for (int64_t tile = 0; tile < tiles; tile++) {
             __m512 res[W4Q_NT];
             float out[16] __attribute__((aligned(64)));

@@ -9,6 +9,7 @@ same greedy tokens.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from types import SimpleNamespace
 
@@ -166,23 +167,36 @@ def test_a_long_prompt_takes_a_few_tokens_a_step_beside_decoding_streams(loaded)
     assert engine._prefill_plan(decoding=4) == [(long, 60)]
 
 
-def test_a_long_prompt_fills_the_batch_kernels_row_tile_unless_its_step_tokens_are_set(loaded):
+def test_a_long_prompt_fills_the_batch_kernels_row_tile_unless_its_step_tokens_are_set(loaded, monkeypatch):
     """long_prefill_step_tokens None: where the plan's batch kernels take rows a tile at a time (decode_row_tile 8),
-    a long prompt beside d decode rows takes the rows that fill their last tile, a tile more when that is under half
-    of one (the step costs the decode rows' tiles, or one more); without a tile, the default 8; set, it is the cap."""
-    engine = Engine(loaded, EngineConfig(max_batch_size=4, max_model_len=4096, max_num_batched_tokens=64,
-                                         prefill_chunk=512, long_prefill_token_threshold=512))
-    long = SimpleNamespace(prompt=[1] * 2000, pos=0)
-    engine._prefilling = [long]
-    engine._row_tile = 8
-    taken = {d: engine._prefill_plan(decoding=d)[0][1] for d in (1, 3, 4, 5, 7, 8, 12, 13)}
-    assert taken == {1: 7, 3: 5, 4: 4, 5: 11, 7: 9, 8: 8, 12: 4, 13: 11}
-    assert all((d + n) % 8 == 0 for d, n in taken.items())
-    assert engine._prefill_plan(decoding=0) == [(long, 512)]  # nothing decoding: no cap
-    engine._row_tile = 0
-    assert engine._prefill_plan(decoding=4) == [(long, 8)]
-    engine._row_tile, engine.config.long_prefill_step_tokens = 8, 6
-    assert engine._prefill_plan(decoding=4) == [(long, 6)]
+    a long prompt takes the rows that fill the step's last tile (decode rows and earlier prompts' chunks counted), a
+    tile more when that is under half of one, kept below the rows from which the step runs on the prompt GEMM
+    (prefill_min_rows); the default 8 where no half tile fits below them, where there is no tile, and with nothing
+    decoding no cap; set, long_prefill_step_tokens is the cap."""
+    def engine_with(**plan_fields):
+        monkeypatch.setattr(loaded, "plan", dataclasses.replace(loaded.plan, **plan_fields))
+        return Engine(loaded, EngineConfig(max_batch_size=4, max_model_len=4096, max_num_batched_tokens=64,
+                                           prefill_chunk=512, long_prefill_token_threshold=512))
+
+    long, other, short = (SimpleNamespace(prompt=[1] * n, pos=0) for n in (2000, 1500, 20))
+
+    def taken(engine, decoding, prompts=(long,)):
+        engine._prefilling = list(prompts)
+        return [n for _, n in engine._prefill_plan(decoding=decoding)]
+
+    tiles = engine_with(decode_row_tile=8, prefill_kernel="none", prefill_min_rows=0)
+    assert {d: taken(tiles, d)[0] for d in (1, 3, 4, 5, 7, 8, 13)} == {1: 7, 3: 5, 4: 4, 5: 11, 7: 9, 8: 8, 13: 11}
+    assert taken(tiles, 4, (long, other)) == [4, 8]  # the second fills a tile of its own
+    assert taken(tiles, 0) == [512]  # nothing decoding: no cap
+    gemm = engine_with(decode_row_tile=8, prefill_kernel="int8vnni", prefill_min_rows=16)
+    assert {d: taken(gemm, d)[0] for d in (1, 4, 5, 7, 8, 12, 15, 20)} == \
+        {1: 7, 4: 4, 5: 10, 7: 8, 8: 7, 12: 8, 15: 8, 20: 8}
+    assert taken(gemm, 4, (long, other)) == [4, 7]
+    assert taken(gemm, 4, (short, long)) == [20, 8]  # 24 rows: on the prompt GEMM whatever the long prompt takes
+    assert taken(engine_with(decode_row_tile=0, prefill_kernel="none", prefill_min_rows=0), 4) == [8]
+    explicit = engine_with(decode_row_tile=8, prefill_kernel="none", prefill_min_rows=0)
+    explicit.config.long_prefill_step_tokens = 6
+    assert taken(explicit, 4) == [6]
 
 
 def test_chunked_and_unchunked_prefill_give_the_same_greedy_tokens(loaded):
