@@ -331,7 +331,7 @@ def row_isas(machine: Machine) -> tuple[str, str]:
 def decode_row_tile(backend: str, quantization: str, machine: Machine) -> int:
     """Activation rows the decoder's batch kernels compute in one pass over the weights: on AVX512-VNNI, int8 from 4
     rows and int4 from 5 take tiles of 8 rows (a tile costs about the same whatever its rows: the 0.5B's int4 linears
-    17.1-17.6 ms at 5-8 rows, 31.0 at 12, 33.2 at 16; int8 layers 22.75 ms at 8 rows, 32.41 at 16). Elsewhere
+    17.1-19.9 ms at 5-8 rows, 31.0 at 12, 33.2 at 16; int8 layers 22.75 ms at 8 rows, 32.41 at 16). Elsewhere
     (AVX2's kernels: 1-4 rows a pass, compute-bound from a few rows on the CPUs measured) every row costs: 0.
     The engine fills a tile with a long prompt's rows (Engine._long_prompt_tokens)."""
     if backend != "dq" or quantization not in ("int8", "int4") or machine.dq_isa != "avx512vnni":
