@@ -248,19 +248,18 @@ class Engine:
         # test hook: called with (logits [B, V], request ids) before sampling; may edit logits in place
         self.logits_hook: Callable[[Tensor, list[str]], None] | None = None
         self.prefix_cache = self._make_prefix_cache(config, spare_bytes)
+        plan = getattr(loaded, "plan", None)
+        # rows from which a step's linears run on the prompt GEMM (a prompt chunk and the decode rows it rides with);
+        # 0: never
+        self._gemm_rows = (max(1, int(getattr(plan, "prefill_min_rows", 0) or 0))
+                           if getattr(plan, "prefill_kernel", "none") != "none" else 0)
         # prompt tokens a cache hit still computes: at least the last one (its logits give the first token),
         # and as many as make a chunk take the same prefill kernel as a whole prompt (prompt chunks of >=
         # prefill_min_rows rows run on the matrix engine, fewer on the decode kernels; int4 differs between
         # the two), so a prompt's positions come out as a prefill of the whole of it would compute them
-        kernel_plan = getattr(loaded, "plan", None)
-        # rows from which a step's linears run on the prompt GEMM (a prompt chunk and the decode rows it rides with);
-        # 0: never
-        self._gemm_rows = (max(1, int(getattr(kernel_plan, "prefill_min_rows", 0) or 0))
-                           if getattr(kernel_plan, "prefill_kernel", "none") != "none" else 0)
         self._prefix_recompute = self._gemm_rows or 1
-        self._row_tile = int(getattr(kernel_plan, "decode_row_tile", 0) or 0)  # _long_prompt_tokens
+        self._row_tile = int(getattr(plan, "decode_row_tile", 0) or 0)  # _long_prompt_tokens
         use_compile = config.compile
-        plan = getattr(loaded, "plan", None)
         if use_compile is None and plan is not None:
             use_compile = plan.compile  # the KernelPlan decided it (flag, environment, device)
         if use_compile is None:

@@ -67,6 +67,18 @@ static inline void w4_prefetch_group(const uint8_t* pf, uint64_t g0, uint64_t gb
     for (uint64_t o = (g0 + 63) & ~(uint64_t)63; o < g0 + gb; o += 64) _mm_prefetch((const char*)(pf + o), _MM_HINT_T0);
 }
 
+/* An int4 kernel's prefetch of len group scales and zeros from element `from` on (a few later weight rows'): every
+   cache line they touch, the last one included (only the first line of a 4864-wide row's 76 B left the rest to demand
+   misses: the 0.5B's down projection at one row +5-10% GB/s with all of them, three A/B runs) */
+static inline void w4_prefetch_params(const uint16_t* s, const uint16_t* z, int64_t from, int64_t len) {
+    for (int64_t o = from; o < from + len; o += 32) {
+        _mm_prefetch((const char*)(s + o), _MM_HINT_T0);
+        _mm_prefetch((const char*)(z + o), _MM_HINT_T0);
+    }
+    _mm_prefetch((const char*)(s + from + len - 1), _MM_HINT_T0);
+    _mm_prefetch((const char*)(z + from + len - 1), _MM_HINT_T0);
+}
+
 /* One row: x [K] -> q [K] int8 with one scale (amax / 127) per block of B values, and the code sum
    of each block. Rounds to nearest-even (cvtps), like lrintf; B % 32 == 0. */
 static void quantize_row(const float* x, int64_t K, int64_t B, int8_t* q, float* scale, int32_t* qsum) {
@@ -642,14 +654,7 @@ static int linear_w4q_avx512(const int8_t* q, const float* xs, const int32_t* xs
             memcpy(sp + t * ng, s + n * ng, sizeof(uint16_t) * (size_t)ng);
             memcpy(zp + t * ng, z + n * ng, sizeof(uint16_t) * (size_t)ng);
         }
-        /* every cache line of that panel's scales and zeros (as the one-row kernel's, which measured the lines past
-           the first left to demand misses) */
-        for (int64_t o = nf * ng; o < (nf_last + 1) * ng; o += 32) {
-            _mm_prefetch((const char*)(s + o), _MM_HINT_T0);
-            _mm_prefetch((const char*)(z + o), _MM_HINT_T0);
-        }
-        _mm_prefetch((const char*)(s + (nf_last + 1) * ng - 1), _MM_HINT_T0);
-        _mm_prefetch((const char*)(z + (nf_last + 1) * ng - 1), _MM_HINT_T0);
+        w4_prefetch_params(s, z, nf * ng, (nf_last + 1 - nf) * ng);  /* that panel's scales and zeros */
         for (int64_t tile = 0; tile < tiles; tile++) {
             __m512 res[W4Q_NT];
             float out[16] __attribute__((aligned(64)));
@@ -847,16 +852,7 @@ static int linear_w4_avx512(const float* x, int64_t M, int64_t K, int64_t G, con
         for (int64_t p = 0; p < N2; p++) {
             const int64_t n = 2 * p, n1 = n + 1 < N ? n + 1 : n;
             const int64_t nf = n + ahead + 1 < N ? n + ahead : n;
-            /* every cache line of that pair's group scales and zeros: a 4864-wide row has 76 B of each, over two
-               lines, and prefetching only the first left the rest to demand misses (down projection of the 0.5B:
-               +5-10% GB/s, three A/B runs); rows nf and nf + 1, the last one only at the end */
-            const int64_t pf_len = (nf + 1 < N ? 2 : 1) * ng;
-            for (int64_t o = 0; o < pf_len; o += 32) {
-                _mm_prefetch((const char*)(s + nf * ng + o), _MM_HINT_T0);
-                _mm_prefetch((const char*)(z + nf * ng + o), _MM_HINT_T0);
-            }
-            _mm_prefetch((const char*)(s + nf * ng + pf_len - 1), _MM_HINT_T0);
-            _mm_prefetch((const char*)(z + nf * ng + pf_len - 1), _MM_HINT_T0);
+            w4_prefetch_params(s, z, nf * ng, (nf + 1 < N ? 2 : 1) * ng);  /* rows nf and nf + 1 (the last: nf) */
             float sc0[ng], ex0[ng], sc1[ng], ex1[ng], r[2];
             w4z_row_scales(s + n * ng, z + n * ng, xs, dx, ng, sc0, ex0);
             w4z_row_scales(s + n1 * ng, z + n1 * ng, xs, dx, ng, sc1, ex1);
