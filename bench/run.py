@@ -77,6 +77,9 @@ class Settings:
     guidellm_prompt_tokens: int = 256
     guidellm_output_tokens: int = 128
     guidellm_min_seconds: float = 60.0
+    # the levels run this many times, in turn (guidellm_run.run_guidellm_sweep: one 60-s run moves by ~8% on the
+    # 2-vCPU VM); the ratio is that of the levels' means, each round's kept beside it
+    guidellm_rounds: int = 2
     # itl_long_prefill: decoding streams while a ~2,000-token prompt is prefilled beside them
     itl_modes: tuple[str, ...] = ("int4",)
     itl_streams: int = 4
@@ -92,7 +95,7 @@ class Settings:
     @classmethod
     def quick(cls) -> Settings:
         return cls(single_tokens=16, repeats=1, conc_tokens=8, levels=(1, 4), big_tokens=8, overload_tokens=4,
-                   ppl_max_tokens=256, ppl_window=128, bandwidth_mib=128, guidellm_seconds=10.0,
+                   ppl_max_tokens=256, ppl_window=128, bandwidth_mib=128, guidellm_seconds=10.0, guidellm_rounds=1,
                    prefix_modes=("int8",), prefix_tokens=8, prefill_rounds=1, prefill_repeats=1)
 
 
@@ -325,7 +328,7 @@ class Bench:
         out: dict[str, Any] = {"model": SMALL, "mode": "int8", "max_batch_size": users}
         self.results["guidellm"] = self._with_small_server(key, cmd, port, out, lambda base: run_guidellm_sweep(
             base, ST_0P5B, REPO_ROOT / ".cache" / "bench" / "guidellm", levels=self.s.guidellm_levels,
-            seconds=max(self.s.guidellm_seconds, self.s.guidellm_min_seconds),
+            rounds=self.s.guidellm_rounds, seconds=max(self.s.guidellm_seconds, self.s.guidellm_min_seconds),
             prompt_tokens=self.s.guidellm_prompt_tokens, output_tokens=self.s.guidellm_output_tokens))
 
     def itl_long_prefill(self) -> None:
@@ -501,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     # a slow CPU needs longer: on a 2-vCPU Zen 1, 8 users of 285-token prompts finished no request in 60 s
     parser.add_argument("--guidellm-seconds", type=float, default=None,
                         help="seconds of each guidellm level (default: the larger of 30 and 60)")
+    parser.add_argument("--guidellm-rounds", type=int, default=None,
+                        help="times each guidellm level runs, the levels in turn (default 2; --quick: 1)")
     ns = parser.parse_args(argv)
     settings = Settings.quick() if ns.quick else Settings()
     settings.ours_modes = tuple(m.strip() for m in ns.ours_modes.split(",") if m.strip())
@@ -512,6 +517,10 @@ def main(argv: list[str] | None = None) -> int:
         if ns.guidellm_seconds <= 0:
             raise SystemExit(f"--guidellm-seconds: must be > 0 (got {ns.guidellm_seconds})")
         settings.guidellm_seconds = settings.guidellm_min_seconds = ns.guidellm_seconds
+    if ns.guidellm_rounds is not None:
+        if ns.guidellm_rounds < 1:
+            raise SystemExit(f"--guidellm-rounds: must be >= 1 (got {ns.guidellm_rounds})")
+        settings.guidellm_rounds = ns.guidellm_rounds
     sections = parse_sections(ns.only)
     results: dict[str, Any] = {}
     if ns.only and ns.out.exists():

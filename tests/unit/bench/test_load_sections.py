@@ -44,6 +44,28 @@ def test_guidellm_sweep_reports_the_most_over_the_fewest_users(monkeypatch, tmp_
     assert "error" not in out
 
 
+def test_guidellm_sweep_rounds_take_the_levels_in_turn_and_average_them(monkeypatch, tmp_path: Path) -> None:
+    calls = []
+    rates = iter([40.0, 120.0, 50.0, 160.0])  # round 0: 1u, 8u; round 1: 1u, 8u
+
+    def fake(base_url, tokenizer_dir, out_dir, *, streams, seconds, prompt_tokens, output_tokens, seed):
+        calls.append((streams, out_dir.name, seed))
+        return {"output_tokens_per_s": next(rates), "ttft_ms_median": 100.0 * streams + seed % 100,
+                "itl_ms_median": 20.0}
+
+    monkeypatch.setattr(guidellm_run, "run_guidellm", fake)
+    out = guidellm_run.run_guidellm_sweep("http://x", tmp_path, tmp_path, levels=(1, 8), rounds=2)
+    # the levels alternate (a slow stretch of the machine lands on both), each run its own prompts and report
+    assert calls == [(1, "1u", 1001), (8, "8u", 1008), (1, "1u-r1", 1101), (8, "8u-r1", 1108)]
+    assert out["output_tokens_per_s"] == {"1": 45.0, "8": 140.0}
+    assert out["output_tokens_per_s_8u_over_1u"] == round(140.0 / 45.0, 2)  # the means' ratio, not a round's
+    assert out["output_tokens_per_s_8u_over_1u_per_round"] == [3.0, 3.2]
+    assert out["ttft_ms_median"] == {"1": 101.0, "8": 808.0}
+    assert out["rounds"] == 2 and [len(r) for r in out["runs"].values()] == [2, 2]
+    with pytest.raises(ValueError, match="rounds"):
+        guidellm_run.run_guidellm_sweep("http://x", tmp_path, tmp_path, rounds=0)
+
+
 def test_guidellm_sweep_carries_a_levels_error(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(guidellm_run, "run_guidellm", lambda *a, streams, **k: (
         {"error": "guidellm exit 1"} if streams == 8 else {"output_tokens_per_s": 30.0}))
