@@ -171,13 +171,15 @@ def test_server_under_test_measures_and_stops_a_server(tmp_path: object) -> None
 
     import psutil
 
-    from bench.procs import ServerUnderTest, free_port
+    from bench.procs import SERVING_RSS_INTERVAL_S, ServerUnderTest, free_port
 
     port = free_port()
     cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
     server = ServerUnderTest("unit-http-server", cmd, f"http://127.0.0.1:{port}/", threads=1, ready_timeout_s=30)
     with server:
         assert server.alive() and server.load_s is not None and server.rss_after_load_mb
+        # sampled slowly while it serves: the sampler's process-table scans would take CPU from the server
+        assert server._monitor is not None and server._monitor.interval_s == SERVING_RSS_INTERVAL_S >= 0.5
         pid = server._proc.pid  # type: ignore[union-attr]
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert server.peak_rss_mb and server.peak_rss_mb >= server.rss_after_load_mb
