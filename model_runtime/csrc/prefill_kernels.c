@@ -458,13 +458,15 @@ PG_TARGET static int64_t pg_tile_codes(const int8_t* x0, int64_t K, uint64_t* xt
             u[m + 1] = _mm512_unpackhi_epi64(r[m], r[m + 1]);
         }
         for (int h = 0; h < 2; h++) {  /* h = 0: the even qwords (u[0], u[2], u[4], u[6]); 1: the odd */
-            const __m512i a_lo = _mm512_shuffle_i64x2(u[h], u[2 + h], 0x44), a_hi = _mm512_shuffle_i64x2(u[h], u[2 + h], 0xEE);
-            const __m512i b_lo = _mm512_shuffle_i64x2(u[4 + h], u[6 + h], 0x44), b_hi = _mm512_shuffle_i64x2(u[4 + h], u[6 + h], 0xEE);
+            const __m512i a_lo = _mm512_shuffle_i64x2(u[h], u[2 + h], 0x44);
+            const __m512i a_hi = _mm512_shuffle_i64x2(u[h], u[2 + h], 0xEE);
+            const __m512i b_lo = _mm512_shuffle_i64x2(u[4 + h], u[6 + h], 0x44);
+            const __m512i b_hi = _mm512_shuffle_i64x2(u[4 + h], u[6 + h], 0xEE);
             /* qword 2i + h of every row, rows in order: lane i of u[h], u[2 + h], u[4 + h], u[6 + h] */
-            _mm512_store_si512((void*)(xt8 + (k8 + 0 + h) * 8), _mm512_xor_si512(_mm512_shuffle_i64x2(a_lo, b_lo, 0x88), flip));
-            _mm512_store_si512((void*)(xt8 + (k8 + 2 + h) * 8), _mm512_xor_si512(_mm512_shuffle_i64x2(a_lo, b_lo, 0xDD), flip));
-            _mm512_store_si512((void*)(xt8 + (k8 + 4 + h) * 8), _mm512_xor_si512(_mm512_shuffle_i64x2(a_hi, b_hi, 0x88), flip));
-            _mm512_store_si512((void*)(xt8 + (k8 + 6 + h) * 8), _mm512_xor_si512(_mm512_shuffle_i64x2(a_hi, b_hi, 0xDD), flip));
+            const __m512i q[4] = {_mm512_shuffle_i64x2(a_lo, b_lo, 0x88), _mm512_shuffle_i64x2(a_lo, b_lo, 0xDD),
+                                  _mm512_shuffle_i64x2(a_hi, b_hi, 0x88), _mm512_shuffle_i64x2(a_hi, b_hi, 0xDD)};
+            for (int i = 0; i < 4; i++)
+                _mm512_store_si512((void*)(xt8 + (k8 + 2 * i + h) * 8), _mm512_xor_si512(q[i], flip));
         }
     }
     return k8;
@@ -498,7 +500,7 @@ PG_TARGET int pf_w8_gemm(const int8_t* xq, const float* xs, int64_t M, int64_t K
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
             /* dwords 2m, 2m + 1 of a tile's k8-th 16 are row m's codes 8 k8 .. 8 k8 + 7: one 8-byte move (little
-               endian: the low dword is the first four codes); a whole tile 64 codes a row at a time (pg_tile_codes) */
+               endian: the low dword is the first four codes); whole tiles 64 codes a row at a time: pg_tile_codes */
             uint64_t* xt8 = (uint64_t*)(xt + t * (K / 8) * 16);
             const int rows = M - t * 8 < 8 ? (int)(M - t * 8) : 8;
             const int64_t k8_done = rows == 8 ? pg_tile_codes(xq + t * 8 * K, K, xt8) : 0;
