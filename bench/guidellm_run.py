@@ -112,9 +112,13 @@ def run_guidellm_sweep(base_url: str, tokenizer_dir: Path, out_dir: Path, *, lev
     the ratio of the means (their spread is the run's noise).
 
     Each run draws its synthetic prompts from its own seed: guidellm's default seed repeats the same prompts run
-    after run, and the server's prefix cache would then serve a later run's first prompts from an earlier one's."""
+    after run, and the server's prefix cache would then serve a later run's first prompts from an earlier one's.
+    A failed run leaves its level's means None (so the ratio), the other rounds' ratios stay in the per-round list,
+    and the error names the level."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, not {rounds}")
+    if len(set(levels)) != len(levels):
+        raise ValueError(f"each number of users once, not {levels}")
     runs: dict[str, list[dict[str, Any]]] = {str(n): [] for n in levels}
     for r in range(rounds):
         for n in levels:

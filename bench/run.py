@@ -576,10 +576,12 @@ def print_report(results: dict[str, Any]) -> None:
               f"healthy after {over.get('healthy_after')} {over.get('error') or ''}")
     gl = results.get("guidellm")
     if gl:
-        ratio = next((v for k, v in gl.items() if k.startswith("output_tokens_per_s_")), None)
-        print(f"guidellm ({gl.get('mode')}, users {gl.get('levels')}, {gl.get('seconds')} s each, "
+        levels = gl.get("levels") or [0]
+        key = f"output_tokens_per_s_{max(levels)}u_over_{min(levels)}u"
+        print(f"guidellm ({gl.get('mode')}, users {levels}, {gl.get('seconds')} s each, {gl.get('rounds', 1)} round(s), "
               f"{gl.get('prompt_tokens')}+{gl.get('output_tokens')} tokens): output tok/s "
-              f"{gl.get('output_tokens_per_s')} (most/fewest users {ratio}), TTFT median ms {gl.get('ttft_ms_median')}, "
+              f"{gl.get('output_tokens_per_s')} (most/fewest users {gl.get(key)}, per round {gl.get(key + '_per_round')}), "
+              f"TTFT median ms {gl.get('ttft_ms_median')}, "
               f"ITL median ms {gl.get('itl_ms_median')} {gl.get('error') or ''}")
     for mode, il in (results.get("itl_long_prefill") or {}).items():
         during = il.get("during_prefill") or {}

@@ -64,6 +64,18 @@ def test_guidellm_sweep_rounds_take_the_levels_in_turn_and_average_them(monkeypa
     assert out["rounds"] == 2 and [len(r) for r in out["runs"].values()] == [2, 2]
     with pytest.raises(ValueError, match="rounds"):
         guidellm_run.run_guidellm_sweep("http://x", tmp_path, tmp_path, rounds=0)
+    with pytest.raises(ValueError, match="once"):
+        guidellm_run.run_guidellm_sweep("http://x", tmp_path, tmp_path, levels=(1, 8, 1))
+
+
+def test_guidellm_sweep_keeps_the_good_rounds_of_a_level_that_failed_once(monkeypatch, tmp_path: Path) -> None:
+    runs = iter([{"output_tokens_per_s": 40.0}, {"output_tokens_per_s": 120.0},
+                 {"output_tokens_per_s": 50.0}, {"error": "guidellm exit 1"}])
+    monkeypatch.setattr(guidellm_run, "run_guidellm", lambda *a, **k: next(runs))
+    out = guidellm_run.run_guidellm_sweep("http://x", tmp_path, tmp_path, levels=(1, 8), rounds=2)
+    assert out["output_tokens_per_s"] == {"1": 45.0, "8": None} and out["output_tokens_per_s_8u_over_1u"] is None
+    assert out["output_tokens_per_s_8u_over_1u_per_round"] == [3.0, None]
+    assert out["error"] == "8 users: guidellm exit 1"
 
 
 def test_guidellm_sweep_carries_a_levels_error(monkeypatch, tmp_path: Path) -> None:
