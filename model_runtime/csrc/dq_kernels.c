@@ -605,21 +605,30 @@ static inline __attribute__((always_inline)) void w4q_panel(const uint8_t* u, in
     }
 }
 
+/* The batch kernels' transposed activation tiles and their per-tile scales: both 64-byte aligned, or neither
+   (returns -1, nothing left allocated) */
+static int tile_buffers(size_t xt_bytes, size_t xst_floats, void** xt, float** xst) {
+    *xt = NULL;
+    *xst = NULL;
+    if (posix_memalign(xt, 64, xt_bytes) != 0) *xt = NULL;
+    if (posix_memalign((void**)xst, 64, sizeof(float) * xst_floats) != 0) *xst = NULL;
+    if (*xt && *xst) return 0;
+    free(*xt);
+    free(*xst);
+    *xt = NULL;
+    *xst = NULL;
+    return -1;
+}
+
 /* The W4Q path of linear_w4_avx512: q, the activation codes in their natural order, xs / xsum per row and group */
 static int linear_w4q_avx512(const int8_t* q, const float* xs, const int32_t* xsum, int64_t M, int64_t K, int64_t G,
                              const uint8_t* w, const uint16_t* s, const uint16_t* z, const float* bias, int64_t N,
                              float* y, int nthreads, int accumulate) {
     static const int64_t vbase[4] = {0, 64, 32, 96};  /* the values of u's quarters of a chunk */
     const int64_t ng = K / G, tiles = (M + 7) / 8;
-    __m512i* xt = NULL;
-    float* xst = NULL;
-    if (posix_memalign((void**)&xt, 64, (size_t)(tiles * K * 8)) != 0) xt = NULL;
-    if (posix_memalign((void**)&xst, 64, sizeof(float) * (size_t)(tiles * ng * 32)) != 0) xst = NULL;
-    if (!xt || !xst) {
-        free(xt);
-        free(xst);
-        return -1;
-    }
+    __m512i* xt;
+    float* xst;
+    if (tile_buffers((size_t)(tiles * K * 8), (size_t)(tiles * ng * 32), (void**)&xt, &xst) != 0) return -1;
     uint32_t* xd = (uint32_t*)xt;
     for (int64_t tile = 0; tile < tiles; tile++)
         for (int64_t j = 0; j < K / 8; j++) {  /* slot j: chunk j / 16, quarter (j / 4) % 4, 8 values (j % 4) */
@@ -742,14 +751,10 @@ static int linear_w8_avx512(const float* x, int64_t M, int64_t K, int64_t B, con
     const int64_t tiles = (M + 7) / 8;
     const int pairs = tiles > 1;  /* past 8 rows: w8q2_panel, tiles in pairs (an odd last one with a padding tile) */
     const int64_t alloc_tiles = pairs ? (tiles + 1) / 2 * 2 : tiles;
-    uint32_t* xt = NULL;
-    float* xst = NULL;
-    if (posix_memalign((void**)&xt, 64, (size_t)(alloc_tiles * K * 8)) != 0) xt = NULL;
-    if (posix_memalign((void**)&xst, 64, sizeof(float) * (size_t)(alloc_tiles * nb * 16)) != 0) xst = NULL;
-    if (!xt || !xst) {
+    uint32_t* xt;
+    float* xst;
+    if (tile_buffers((size_t)(alloc_tiles * K * 8), (size_t)(alloc_tiles * nb * 16), (void**)&xt, &xst) != 0) {
         free(own_sums);
-        free(xt);
-        free(xst);
         free(sc.buf);
         return -1;
     }
